@@ -1,0 +1,85 @@
+"""Small models the tests build, save and export; importable for --arch (tests.model_zoo:NAME)."""
+
+from __future__ import annotations
+
+import torch
+from nmn.torch import YatNMN
+from torch import nn
+
+# One entry per YatNMN option yatdeploy folds; values are constructor keyword arguments.
+YATNMN_OPTIONS: dict[str, dict] = {
+    "default": {},
+    "no_alpha": {"alpha": False},
+    "constant_alpha_sqrt2": {"constant_alpha": True},
+    "constant_alpha_value": {"constant_alpha": 2.5},
+    "epsilon_1e-3": {"epsilon": 1e-3},
+    "learnable_epsilon": {"learnable_epsilon": True, "epsilon": 1e-2},
+    "no_bias": {"bias": False},
+    "softplus_bias": {"softplus_bias": True},
+    "constant_bias": {"constant_bias": 0.25},
+    "scalar_bias": {"scalar_bias": True},
+    "weight_normalized": {"weight_normalized": True},
+    "spherical": {"spherical": True},
+    "spherical_weight_normalized": {"spherical": True, "weight_normalized": True},
+    "lazy": {"lazy": True},
+    "compute_dtype_float64": {"dtype": torch.float64},
+}
+
+
+def perturb(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Move alpha, bias and the learnable eps away from their initial values, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "alpha":
+                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+            elif leaf == "epsilon_param":
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+            elif leaf == "bias":
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    return module
+
+
+def yat_mlp(options: dict | None = None, in_features: int = 16, hidden: int = 12, out_features: int = 5) -> nn.Module:
+    """YatNMN → LayerNorm → YatNMN → Linear, with `options` on both Yat layers."""
+    options = options or {}
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        YatNMN(in_features, hidden, **options),
+        nn.LayerNorm(hidden),
+        YatNMN(hidden, hidden, **options),
+        nn.Linear(hidden, out_features),
+    )
+    return perturb(model).eval()
+
+
+def build_mlp() -> nn.Module:
+    """The --arch entry point for yat_mlp's default architecture (weights come from the state_dict)."""
+    return yat_mlp()
+
+
+def build_wrong_mlp() -> nn.Module:
+    """An architecture that does not fit yat_mlp's state_dict (other hidden width, one layer more)."""
+    model = yat_mlp(hidden=10)
+    model.append(nn.ReLU())
+    model.append(nn.Linear(5, 3))
+    return model
+
+
+class CustomNet(nn.Module):
+    """A user-defined module class: not on the unpickling allowlist."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.yat = YatNMN(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.yat(x) * 2
+
+
+class PatchedYat(YatNMN):
+    """A YatNMN subclass whose forward differs: its math can't be folded into YatGemm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1

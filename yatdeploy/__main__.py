@@ -1,0 +1,5 @@
+import sys
+
+from yatdeploy.cli import main
+
+sys.exit(main())

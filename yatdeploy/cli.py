@@ -1,0 +1,270 @@
+"""The `yatdeploy` command line: export, validate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from yatdeploy import __version__, dtypes
+from yatdeploy.errors import YatDeployError
+
+EXIT_OK = 0
+EXIT_VALIDATION_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERNAL = 3
+
+_DESCRIPTION = """\
+Deploy PyTorch Yat (nmn) models through ONNX. Every nmn YatNMN layer becomes one yat.YatGemm node,
+and the model carries YatGemm as an ONNX function, so a plain onnxruntime runs it.
+
+exit status: 0 success, 1 validation failed, 2 bad input (message on stderr), 3 internal error"""
+
+
+def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("loading the PyTorch model")
+    group.add_argument(
+        "--arch", metavar="MODULE:CALLABLE",
+        help="build the model with this callable, then load MODEL as its state_dict",
+    )
+    group.add_argument(
+        "--trust-pickle", action="store_true",
+        help="unpickle MODEL without the torch.nn/nmn class allowlist: only for files you trust, "
+             "since unpickling can run code from the file",
+    )
+
+
+def _add_tolerance_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation")
+    group.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5 for float32)")
+    group.add_argument("--rtol", type=float, help="relative tolerance (default 1e-4 for float32)")
+    group.add_argument(
+        "--inputs", nargs="+", default=[], metavar="FILE",
+        help="also compare on these inputs: .npy arrays, or .npz files whose every array is one batch",
+    )
+    group.add_argument("--report", metavar="FILE", help="write the validation report as JSON")
+    group.add_argument("--seed", type=int, default=0, help="seed of the random input batches (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="yatdeploy", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"yatdeploy {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    export = commands.add_parser(
+        "export", parents=[common], help="export a PyTorch Yat model to ONNX and validate it",
+        description="Export MODEL (torch.save'd module, state_dict with --arch, TorchScript, or .pt2) to ONNX, "
+                    "then validate the result against PyTorch.",
+    )
+    export.add_argument("model", metavar="MODEL", help="the PyTorch model file")
+    export.add_argument("-o", "--output", metavar="FILE", help="the ONNX file to write (default: MODEL with .onnx)")
+    export.add_argument(
+        "--input-shape", required=True, metavar="B,D1,...",
+        help="shape of the example input, batch first, e.g. 1,784; the batch stays dynamic",
+    )
+    export.add_argument(
+        "--dtype", choices=dtypes.NAMES,
+        help="export in this dtype (casts the model); default: the model's parameter dtype",
+    )
+    export.add_argument("--static-batch", action="store_true", help="fix the batch dimension to the example's")
+    export.add_argument("--no-validate", action="store_true", help="skip the validation after export")
+    _add_model_source_args(export)
+    _add_tolerance_args(export)
+
+    validate = commands.add_parser(
+        "validate", parents=[common], help="compare an ONNX export with its PyTorch model",
+        description="Run the PyTorch model and every available ONNX backend on random batches (and --inputs), "
+                    "and compare output names, shapes, dtypes and values. Exits 1 when they disagree.",
+    )
+    validate.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
+    validate.add_argument("--against", required=True, metavar="MODEL", help="the PyTorch model file")
+    validate.add_argument(
+        "--input-shape", metavar="B,D1,...",
+        help="per-sample input shape (default: recorded at export, or the model's static dims)",
+    )
+    validate.add_argument(
+        "--batches", default="1,7,32", metavar="N,N,...", help="batch sizes of the random inputs (default 1,7,32)"
+    )
+    validate.add_argument(
+        "--backend", action="append", metavar="NAME",
+        help="validate on this backend only (repeatable; default: every available one; known: ort-function)",
+    )
+    _add_model_source_args(validate)
+    _add_tolerance_args(validate)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="train, export and validate the bundled digits model",
+        description="Train a small Yat MLP on scikit-learn's bundled digits data (no download), save it, "
+                    "export it, validate it, and compare test accuracy in PyTorch and ONNX Runtime.",
+    )
+    demo.add_argument("--out", default="yatdeploy-demo", metavar="DIR", help="where to write (default ./yatdeploy-demo)")
+    demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for data split and training (default 0)")
+    return parser
+
+
+def _tolerance(args: argparse.Namespace, dtype: str):
+    from yatdeploy.validate import DEFAULT_TOLERANCES, Tolerance
+
+    default = DEFAULT_TOLERANCES[dtype]
+    for name in ("atol", "rtol"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise YatDeployError(f"--{name} {value}: must be a number >= 0")
+    return Tolerance(
+        atol=default.atol if args.atol is None else args.atol,
+        rtol=default.rtol if args.rtol is None else args.rtol,
+    )
+
+
+def _print_report(report, args: argparse.Namespace) -> int:
+    from yatdeploy.validate import format_report
+
+    print(format_report(report))
+    if args.report:
+        report.write_json(args.report)
+        print(f"\nreport written to {args.report}")
+    return EXIT_OK if report.passed else EXIT_VALIDATION_FAILED
+
+
+def cmd_export(args: argparse.Namespace, progress) -> int:
+    from yatdeploy.export import ExportOptions, export_model, parse_shape
+    from yatdeploy.loading import load_model
+    from yatdeploy.validate import validate
+
+    shape = parse_shape(args.input_shape)
+    output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
+    if output.resolve() == Path(args.model).resolve():
+        raise YatDeployError(f"-o {output} would overwrite the model file")
+    started = time.perf_counter()
+    progress.say(f"loading {args.model}")
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    progress.say(f"exporting ({loaded.format})")
+    result = export_model(
+        loaded, output, ExportOptions(shape, dtype=args.dtype, dynamic_batch=not args.static_batch), progress
+    )
+    export_seconds = time.perf_counter() - started
+    print(f"wrote {result.path}: {result.yat_gemm_nodes} YatGemm node(s) for {result.yat_layers} YatNMN layer(s), "
+          f"{result.dtype}, outputs {', '.join(result.output_names)} ({export_seconds:.1f} s)")
+    for note in result.notes:
+        print(f"note: {note}")
+    if args.no_validate:
+        return EXIT_OK
+    progress.say("validating")
+    report = validate(
+        result.path, loaded, input_files=args.inputs, tolerance=_tolerance(args, result.dtype),
+        seed=args.seed, progress=progress,
+    )
+    status = _print_report(report, args)
+    if status != EXIT_OK:
+        print(f"\n{result.path} was written but does not match PyTorch", file=sys.stderr)
+    return status
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or any(b <= 0 for b in batches):
+        raise YatDeployError(f"--batches {text!r}: expected comma-separated positive integers, e.g. 1,7,32")
+    return batches
+
+
+def cmd_validate(args: argparse.Namespace, progress) -> int:
+    from yatdeploy import runtime
+    from yatdeploy.export import parse_shape
+    from yatdeploy.loading import load_model
+    from yatdeploy.validate import load_onnx, validate
+
+    for name in args.backend or []:
+        runtime.get_backend(name)
+    batches = _parse_batches(args.batches)
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    model = load_onnx(args.onnx_model)
+    from yatdeploy import dtypes as dt
+    from yatdeploy.validate import _onnx_input
+
+    try:
+        dtype = dt.by_onnx(_onnx_input(model).type.tensor_type.elem_type).name
+    except KeyError:
+        raise YatDeployError(f"{args.onnx_model}: the model's input is not of a floating type") from None
+    progress.say(f"loading {args.against}")
+    loaded = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
+    report = validate(
+        args.onnx_model, loaded, input_shape=shape, input_files=args.inputs, batches=batches,
+        tolerance=_tolerance(args, dtype), backend_names=args.backend, seed=args.seed, progress=progress,
+    )
+    return _print_report(report, args)
+
+
+def cmd_demo(args: argparse.Namespace, progress) -> int:
+    from yatdeploy.demo import run_demo
+    from yatdeploy.validate import format_report
+
+    if args.epochs <= 0:
+        raise YatDeployError(f"--epochs {args.epochs}: must be positive")
+    started = time.perf_counter()
+    result = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=progress)
+    print(format_report(result.report))
+    print()
+    print(f"test accuracy on {result.test_size} held-out digits:")
+    print(f"  PyTorch              {result.torch_accuracy:.2%}")
+    print(f"  ONNX Runtime (CPU)   {result.onnx_accuracy:.2%}")
+    print(f"  same prediction on   {result.predictions_agree}/{result.test_size} images")
+    print(f"\nfiles in {args.out}/: model.pt, model.onnx, digits_test.npz, validation.json "
+          f"({time.perf_counter() - started:.1f} s)")
+    print(f"next: yatdeploy validate {result.onnx_path} --against {result.model_path} --inputs {result.test_inputs_path}")
+    agree = result.report.passed and result.predictions_agree == result.test_size
+    return EXIT_OK if agree else EXIT_VALIDATION_FAILED
+
+
+def _quiet_libraries(debug: bool) -> None:
+    if debug:
+        return
+    warnings.filterwarnings("ignore")
+    for name in ("torch", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries(args.debug)
+    from yatdeploy.progress import Progress
+
+    progress = Progress(enabled=not args.quiet)
+    handlers = {"export": cmd_export, "validate": cmd_validate, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args, progress)
+    except YatDeployError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"yatdeploy {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: say so, keep the traceback behind --debug
+        if args.debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"yatdeploy {args.command}: internal error: {type(exc).__name__}: {first} "
+              "(run with --debug for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

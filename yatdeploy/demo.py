@@ -1,0 +1,116 @@
+"""The bundled default job: train a small Yat MLP on scikit-learn's digits, then export and validate it.
+
+The digits data ships inside scikit-learn, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from nmn.torch import YatNMN
+from torch import nn
+
+from yatdeploy import runtime
+from yatdeploy.export import INPUT_NAME, ExportOptions, ExportResult, export_model
+from yatdeploy.loading import load_model
+from yatdeploy.progress import Progress
+from yatdeploy.validate import ValidationReport, validate
+
+DIGITS_FEATURES = 64
+DIGITS_CLASSES = 10
+
+
+@dataclass
+class DemoResult:
+    model_path: Path
+    onnx_path: Path
+    test_inputs_path: Path
+    torch_accuracy: float
+    onnx_accuracy: float
+    predictions_agree: int
+    test_size: int
+    export: ExportResult
+    report: ValidationReport
+
+
+def build_demo_model() -> nn.Module:
+    """Two YatNMN layers with an ordinary LayerNorm between them; no activation is needed."""
+    return nn.Sequential(
+        YatNMN(DIGITS_FEATURES, 64),
+        nn.LayerNorm(64),
+        YatNMN(64, DIGITS_CLASSES),
+    )
+
+
+def load_digits_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    features, labels = load_digits(return_X_y=True)
+    features = (features / 16.0).astype(np.float32)
+    return train_test_split(features, labels, test_size=0.25, random_state=seed, stratify=labels)
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, progress: Progress) -> None:
+    torch.manual_seed(seed)
+    inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(inputs))
+        total = 0.0
+        for start in range(0, len(inputs), 64):
+            batch = order[start : start + 64]
+            loss = nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(batch)
+        if epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == epochs:
+            progress.say(f"  epoch {epoch + 1:>3}/{epochs}  loss {total / len(inputs):.4f}")
+    model.eval()
+
+
+def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, progress: Progress | None = None) -> DemoResult:
+    progress = progress or Progress()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x_train, x_test, y_train, y_test = load_digits_split(seed)
+
+    progress.say(f"[1/4] training a Yat MLP on scikit-learn digits ({len(x_train)} train / {len(x_test)} test images)")
+    torch.manual_seed(seed)
+    model = build_demo_model()
+    train(model, x_train, y_train, epochs, seed, progress)
+    model_path = out / "model.pt"
+    torch.save(model, model_path)
+    test_inputs_path = out / "digits_test.npz"
+    np.savez(test_inputs_path, **{INPUT_NAME: x_test})
+
+    progress.say(f"[2/4] exporting {model_path}")
+    loaded = load_model(model_path)
+    onnx_path = out / "model.onnx"
+    export = export_model(loaded, onnx_path, ExportOptions(input_shape=(1, DIGITS_FEATURES)), progress)
+
+    progress.say("[3/4] validating against PyTorch")
+    report = validate(onnx_path, loaded, input_files=[test_inputs_path], progress=progress)
+    report.write_json(out / "validation.json")
+
+    progress.say("[4/4] measuring test accuracy")
+    with torch.inference_mode():
+        torch_pred = loaded.module(torch.from_numpy(x_test)).argmax(dim=1).numpy()
+    session = runtime.create_session(onnx_path, runtime.get_backend("ort-function"))
+    onnx_pred = runtime.run(session, {INPUT_NAME: x_test})[0].argmax(axis=1)
+    return DemoResult(
+        model_path=model_path,
+        onnx_path=onnx_path,
+        test_inputs_path=test_inputs_path,
+        torch_accuracy=float((torch_pred == y_test).mean()),
+        onnx_accuracy=float((onnx_pred == y_test).mean()),
+        predictions_agree=int((torch_pred == onnx_pred).sum()),
+        test_size=len(y_test),
+        export=export,
+        report=report,
+    )

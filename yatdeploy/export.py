@@ -1,0 +1,253 @@
+"""Stage 3, export: rewritten torch module → ONNX with bare YatGemm nodes, then attach, check, save."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from yatdeploy import __version__, dtypes
+from yatdeploy.attach import attach_yat_gemm_function, yat_gemm_nodes
+from yatdeploy.errors import InputSpecError, YatDeployError
+from yatdeploy.loading import LoadedModel
+from yatdeploy.ops.onnx_function import FUNCTION_OPSET
+from yatdeploy.ops.onnx_schema import yat_gemm_op
+from yatdeploy.progress import Progress
+from yatdeploy.rewrite import RewriteResult, count_yat_layers, rewrite_yat_layers
+from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+INPUT_NAME = "input"
+BATCH_DIM_NAME = "batch"
+OPSET = FUNCTION_OPSET
+
+# Metadata keys written into every export and read back by `yatdeploy validate`.
+META_PREFIX = "yatdeploy."
+META_INPUT_SHAPE = META_PREFIX + "input_shape"
+META_DTYPE = META_PREFIX + "dtype"
+META_SOURCE_SHA256 = META_PREFIX + "source_sha256"
+META_SOURCE_FORMAT = META_PREFIX + "source_format"
+META_YAT_LAYERS = META_PREFIX + "yat_layers"
+
+
+@dataclass
+class ExportOptions:
+    input_shape: tuple[int, ...]
+    dtype: str | None = None  # None: the dtype of the model's first floating parameter
+    dynamic_batch: bool = True
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    model: onnx.ModelProto
+    input_shape: tuple[int, ...]
+    dtype: str
+    output_names: list[str]
+    rewrite: RewriteResult | None
+    yat_gemm_nodes: int
+    yat_layers: int
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InputSpecError(f"--input-shape {text!r}: expected comma-separated positive integers, e.g. 1,784") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise InputSpecError(f"--input-shape {text!r}: expected comma-separated positive integers, e.g. 1,784")
+    return shape
+
+
+def model_dtype(module: nn.Module) -> str:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            try:
+                return dtypes.by_torch(tensor.dtype).name
+            except KeyError:
+                break
+    return "float32"
+
+
+def prepare_module(loaded: LoadedModel, dtype: str) -> nn.Module:
+    """The reference module in the export dtype (a cast copy when the dtype differs)."""
+    module = loaded.module
+    target = dtypes.by_name(dtype).torch
+    if loaded.layers_are_identifiable and model_dtype(module) != dtype:
+        import copy
+
+        module = copy.deepcopy(module).to(target)
+    return module
+
+
+def example_input(shape: Sequence[int], dtype: str, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=torch.float32).to(dtypes.by_name(dtype).torch)
+
+
+def run_reference(module: nn.Module, x: torch.Tensor, what: str) -> list[torch.Tensor]:
+    try:
+        with torch.inference_mode():
+            out = module(x)
+    except Exception as exc:
+        raise InputSpecError(
+            f"the model can't run on an input of shape {tuple(x.shape)} and dtype {x.dtype}: {str(exc).splitlines()[0]}",
+            f"check {what}",
+        ) from exc
+    outputs = list(out) if isinstance(out, (tuple, list)) else [out]
+    if not all(isinstance(o, torch.Tensor) for o in outputs):
+        raise YatDeployError("the model returns something other than a tensor or a tuple of tensors")
+    return outputs
+
+
+def _translate_yat_gemm(x, w, b, eps: float, alpha: float):
+    return yat_gemm_op()(
+        x, w, b, eps=eps, alpha=alpha, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION
+    )
+
+
+def _torch_export_to_onnx(
+    module_or_program: object, x: torch.Tensor, output_names: list[str], dynamic_batch: bool
+) -> onnx.ModelProto:
+    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM_NAME, min=1, max=1 << 20)},) if dynamic_batch else None
+    if isinstance(module_or_program, torch.export.ExportedProgram):
+        dynamic_shapes = None  # a saved program keeps the shapes it was exported with
+    table = {torch.ops.yatdeploy.yat_gemm.default: _translate_yat_gemm}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = io.StringIO()
+        try:
+            from contextlib import redirect_stdout
+
+            with redirect_stdout(captured):
+                program = torch.onnx.export(
+                    module_or_program,
+                    (x,),
+                    dynamo=True,
+                    opset_version=OPSET,
+                    input_names=[INPUT_NAME],
+                    output_names=output_names,
+                    dynamic_shapes=dynamic_shapes,
+                    custom_translation_table=table,
+                    optimize=False,
+                    verbose=False,
+                    report=False,
+                )
+        except Exception as exc:
+            raise YatDeployError(
+                f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}",
+                "run with --debug for the exporter's full message",
+            ) from exc
+    return program.model_proto
+
+
+def _package_versions() -> dict[str, str]:
+    versions = {"yatdeploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
+    for dist in ("nmn", "onnxscript"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def _set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in props.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            model.metadata_props.add(key=key, value=value)
+
+
+def save_atomically(model: onnx.ModelProto, path: Path) -> None:
+    """Write next to the target and rename, so a failed write never clobbers an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save_model(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions, progress: Progress) -> ExportResult:
+    output = Path(output)
+    dtype = options.dtype or model_dtype(loaded.module)
+    notes: list[str] = []
+    reference = prepare_module(loaded, dtype)
+    x = example_input(options.input_shape, dtype)
+    with progress.step("checking the model runs on the example input"):
+        outputs = run_reference(reference, x, "--input-shape and --dtype")
+    output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+
+    rewrite: RewriteResult | None = None
+    target: object
+    if loaded.layers_are_identifiable:
+        with progress.step("rewriting YatNMN layers to YatGemm"):
+            rewrite = rewrite_yat_layers(reference)
+        target = rewrite.module
+        yat_layers = len(rewrite.yat_layers)
+        if rewrite.decomposed_layers:
+            notes.append(
+                "exported through ordinary ONNX ops (no YatGemm form yet): " + ", ".join(rewrite.decomposed_layers)
+            )
+    else:
+        yat_layers = count_yat_layers(loaded.module)
+        target = loaded.program if loaded.program is not None else loaded.module
+        if yat_layers:
+            notes.append(
+                f"{loaded.format} keeps no YatNMN options, so its {yat_layers} YatNMN layer(s) export as ordinary "
+                "ONNX ops; save the model with torch.save(model) to get YatGemm nodes"
+            )
+
+    with progress.step(f"exporting to ONNX (opset {OPSET}, {'dynamic' if options.dynamic_batch else 'static'} batch)"):
+        model = _torch_export_to_onnx(target, x, output_names, options.dynamic_batch and loaded.program is None)
+    with progress.step("attaching the YatGemm function"):
+        attach_yat_gemm_function(model)
+    nodes = len(yat_gemm_nodes(model))
+    if loaded.layers_are_identifiable and nodes != yat_layers:
+        raise YatDeployError(f"export wrote {nodes} YatGemm nodes for {yat_layers} YatNMN layers")
+    _set_metadata(
+        model,
+        {
+            **{f"{META_PREFIX}version.{k}": v for k, v in _package_versions().items()},
+            META_SOURCE_SHA256: loaded.sha256,
+            META_SOURCE_FORMAT: loaded.format,
+            META_INPUT_SHAPE: ",".join(map(str, options.input_shape)),
+            META_DTYPE: dtype,
+            META_YAT_LAYERS: str(yat_layers),
+        },
+    )
+    model.producer_name = "yatdeploy"
+    model.producer_version = __version__
+    with progress.step("checking the model (onnx.checker, full check)"):
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise YatDeployError(f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    with progress.step(f"saving {output}"):
+        save_atomically(model, output)
+    return ExportResult(
+        path=output,
+        model=model,
+        input_shape=options.input_shape,
+        dtype=dtype,
+        output_names=output_names,
+        rewrite=rewrite,
+        yat_gemm_nodes=nodes,
+        yat_layers=yat_layers,
+        notes=notes,
+    )

@@ -1,0 +1,1 @@
+"""YatGemm in each of its forms, all derived from yatdeploy.spec.YAT_GEMM."""

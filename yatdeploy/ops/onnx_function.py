@@ -1,0 +1,78 @@
+"""YatGemm as an ONNX function written with onnxscript, for runtimes without yatdeploy's kernels.
+
+The body's arithmetic type depends on the node dtype (float32 accumulation and saturation for
+16-bit types), and an ONNX function can't branch on a type, so one body is built per precision
+class: `native` for float and double, `float32-accumulated` per 16-bit type. A model carries one
+`yat.YatGemm` function, so its YatGemm nodes must all belong to one class.
+
+The body always reads B. ONNX Runtime rejects a function body that touches a missing optional
+input, even inside an untaken If branch, and the optional-slot tricks (Gemm's C) have no bfloat16
+CPU kernel; yatdeploy's exporter therefore always writes B (zeros for a bias-free layer).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import onnx
+import torch
+from onnx import TensorProto
+from onnxscript import opset20 as op
+from onnxscript import script
+from onnxscript.values import OnnxFunction
+
+from yatdeploy import dtypes
+from yatdeploy.ops.onnx_schema import yat_opset
+from yatdeploy.spec import DEFAULT_EPS, YAT_GEMM
+
+# Must equal the exported model's opset, or the inliner sees two default opsets.
+FUNCTION_OPSET = 20
+
+
+def _native() -> OnnxFunction:
+    @script(yat_opset(), default_opset=op)
+    def YatGemm(X, W, B, eps: float = DEFAULT_EPS, alpha: float = 1.0):
+        dot = op.MatMul(X, op.Transpose(W, perm=[1, 0]))
+        z = dot + B
+        x_sq = op.ReduceSumSquare(X, [-1], keepdims=1)
+        w_sq = op.ReduceSumSquare(W, [1], keepdims=0)
+        dist = op.Max(x_sq + w_sq - op.CastLike(2.0, X) * dot, op.CastLike(0.0, X))
+        return z * z / (dist + op.CastLike(eps, X)) * op.CastLike(alpha, X)
+
+    return YatGemm
+
+
+def _float32_accumulated(finite_max: float) -> OnnxFunction:
+    @script(yat_opset(), default_opset=op)
+    def YatGemm(X, W, B, eps: float = DEFAULT_EPS, alpha: float = 1.0):
+        x = op.Cast(X, to=TensorProto.FLOAT)
+        w = op.Cast(W, to=TensorProto.FLOAT)
+        dot = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+        z = dot + op.Cast(B, to=TensorProto.FLOAT)
+        x_sq = op.ReduceSumSquare(x, [-1], keepdims=1)
+        w_sq = op.ReduceSumSquare(w, [1], keepdims=0)
+        dist = op.Max(x_sq + w_sq - 2.0 * dot, 0.0)
+        y = z * z / (dist + eps) * alpha
+        return op.CastLike(op.Clip(y, -finite_max, finite_max), X)
+
+    return YatGemm
+
+
+@functools.cache
+def function_for(elem_type: int) -> OnnxFunction:
+    """The onnxscript function whose body computes YatGemm for nodes of `elem_type`."""
+    if elem_type not in YAT_GEMM.dtypes:
+        raise ValueError(f"YatGemm admits no {TensorProto.DataType.Name(elem_type)}")
+    if elem_type in YAT_GEMM.float32_accumulated:
+        return _float32_accumulated(float(torch.finfo(dtypes.by_onnx(elem_type).torch).max))
+    return _native()
+
+
+def precision_class(elem_type: int) -> str:
+    if elem_type in YAT_GEMM.float32_accumulated:
+        return f"float32-accumulated {dtypes.by_onnx(elem_type).name}"
+    return "native"
+
+
+def function_proto_for(elem_type: int) -> onnx.FunctionProto:
+    return function_for(elem_type).to_function_proto()

@@ -1,0 +1,223 @@
+"""Stage 2, rewrite: swap every nmn YatNMN layer for a module that calls the YatGemm op.
+
+What is fixed at inference is folded here, at export time, into the op's inputs and attributes:
+alpha (learnable, constant or none), eps (constant or softplus of the learnable parameter), the bias
+(learnable, softplus, scalar, constant or none), weight normalisation and the spherical kernel
+normalisation; spherical input normalisation stays as ordinary ops in front of the node.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from nmn.torch import YatNMN
+from torch import Tensor, nn
+
+from yatdeploy import dtypes
+from yatdeploy.errors import UnsupportedLayerError
+from yatdeploy.ops.torch_op import yat_gemm
+
+# nmn adds this to norms before dividing (spherical and weight_normalized modes).
+_NMN_NORM_EPS = 1e-8
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# Attributes nmn >= 0.3.3 sets on every YatNMN; a pickle from an older nmn lacks some of them, and
+# its formula differs (see docs/yatgemm.md), so such a layer is refused rather than mis-exported.
+_REQUIRED_STATE = (
+    "_constant_alpha_value", "_constant_bias_value", "softplus_bias", "scalar_bias", "learnable_epsilon",
+    "spherical", "weight_normalized", "tie_kernel_bank", "epsilon", "dtype", "use_alpha",
+)
+
+
+class YatGemmLayer(nn.Module):
+    """The export form of one YatNMN layer: optional input normalisation, then one YatGemm."""
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor,
+        *,
+        eps: float,
+        alpha: float,
+        alpha_in_compute_dtype: bool,
+        normalize_input: bool,
+        compute_dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.eps = eps
+        self.alpha = alpha
+        self.alpha_in_compute_dtype = alpha_in_compute_dtype
+        self.normalize_input = normalize_input
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        if self.normalize_input:
+            work = x.float() if x.dtype in _SIXTEEN_BIT else x
+            work = work / (torch.linalg.vector_norm(work, dim=-1, keepdim=True) + _NMN_NORM_EPS)
+            x = work.to(x.dtype)
+        alpha = self.alpha
+        if self.alpha_in_compute_dtype:
+            # nmn casts a learnable alpha to the compute dtype before it upcasts to float32.
+            alpha = float(torch.tensor(alpha, dtype=x.dtype))
+        return yat_gemm(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps, alpha)
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.weight.shape
+        return (
+            f"in_features={in_features}, out_features={out_features}, eps={self.eps:g}, alpha={self.alpha:g}, "
+            f"normalize_input={self.normalize_input}"
+        )
+
+
+@dataclass
+class FoldedLayer:
+    path: str
+    in_features: int
+    out_features: int
+    options: dict[str, object]
+
+
+@dataclass
+class RewriteResult:
+    module: nn.Module
+    yat_layers: list[FoldedLayer] = field(default_factory=list)
+    # Paths of nmn layers that are exported through ordinary ONNX ops (conv, attention, embed).
+    decomposed_layers: list[str] = field(default_factory=list)
+
+
+def is_nmn_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("nmn.")
+
+
+def _finite_scalar(path: str, option: str, value: float) -> float:
+    if not math.isfinite(value) or abs(value) > torch.finfo(torch.float32).max:
+        raise UnsupportedLayerError(path, option, f"value {value} is not a finite float32 attribute")
+    return value
+
+
+def fold_yatnmn(layer: YatNMN, path: str) -> tuple[YatGemmLayer, FoldedLayer]:
+    """Fold one YatNMN's options into YatGemm inputs and attributes."""
+    if type(layer).forward is not YatNMN.forward:
+        raise UnsupportedLayerError(
+            path, "forward", f"{type(layer).__qualname__} overrides YatNMN.forward; its math is not known"
+        )
+    for name in _REQUIRED_STATE:
+        if not hasattr(layer, name):
+            raise UnsupportedLayerError(
+                path, name, "the layer was pickled by an nmn release older than 0.3.3, whose formula differs"
+            )
+    compute_dtype = layer.dtype
+    if compute_dtype is not None and compute_dtype not in {t.torch for t in dtypes.FLOAT_TYPES}:
+        raise UnsupportedLayerError(path, "dtype", f"{compute_dtype} is not a floating type YatGemm admits")
+
+    with torch.no_grad():
+        weight = layer.weight.detach()
+        if layer.tie_kernel_bank:
+            weight = weight[layer._kernel_slice]
+        fold_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        weight = weight.to(fold_dtype)
+        if layer.spherical:
+            weight = weight / (torch.linalg.vector_norm(weight, dim=-1, keepdim=True) + _NMN_NORM_EPS)
+        if layer.weight_normalized:
+            weight = weight / (torch.sqrt(torch.sum(weight**2, dim=-1, keepdim=True)) + _NMN_NORM_EPS)
+        out_features, in_features = weight.shape
+
+        options: dict[str, object] = {}
+        if layer._constant_bias_value is not None:
+            bias = torch.full((out_features,), float(layer._constant_bias_value), dtype=fold_dtype)
+            options["bias"] = f"constant {layer._constant_bias_value:g}"
+        elif layer.bias is not None:
+            bias = layer.bias.detach()
+            if layer.softplus_bias:
+                bias = F.softplus(bias)
+            bias = bias.to(fold_dtype).expand(out_features).clone()
+            options["bias"] = ("softplus " if layer.softplus_bias else "") + (
+                "scalar" if layer.scalar_bias else "learnable"
+            )
+        else:
+            bias = torch.zeros(out_features, dtype=fold_dtype)
+            options["bias"] = "none"
+
+        if layer.learnable_epsilon and layer.epsilon_param is not None:
+            eps = float(F.softplus(layer.epsilon_param.detach().to(torch.promote_types(fold_dtype, layer.epsilon_param.dtype))))
+            options["eps"] = f"learnable {eps:.6g}"
+        else:
+            eps = float(layer.epsilon)
+            options["eps"] = f"{eps:g}"
+        _finite_scalar(path, "epsilon", eps)
+        if not eps > 0:
+            raise UnsupportedLayerError(path, "epsilon", f"eps must be > 0, got {eps}")
+
+        alpha_in_compute_dtype = False
+        if layer._constant_alpha_value is not None:
+            alpha = float(layer._constant_alpha_value)
+            options["alpha"] = f"constant {alpha:g}"
+        elif layer.alpha is not None:
+            alpha = float(layer.alpha.detach().reshape(-1)[0])
+            alpha_in_compute_dtype = True
+            options["alpha"] = f"learnable {alpha:g}"
+        else:
+            alpha = 1.0
+            options["alpha"] = "none"
+        _finite_scalar(path, "alpha", alpha)
+
+    for tensor_name, tensor in (("weight", weight), ("bias", bias)):
+        if not torch.isfinite(tensor).all():
+            raise UnsupportedLayerError(path, tensor_name, "holds NaN or infinite values")
+    if layer.spherical:
+        options["spherical"] = True
+    if layer.weight_normalized:
+        options["weight_normalized"] = True
+    if compute_dtype is not None:
+        options["dtype"] = str(compute_dtype)
+
+    export_layer = YatGemmLayer(
+        weight.contiguous(),
+        bias.contiguous(),
+        eps=eps,
+        alpha=alpha,
+        alpha_in_compute_dtype=alpha_in_compute_dtype,
+        normalize_input=bool(layer.spherical),
+        compute_dtype=compute_dtype,
+    )
+    return export_layer, FoldedLayer(path, in_features, out_features, options)
+
+
+def count_yat_layers(module: nn.Module) -> int:
+    """YatNMN layers in a module, including compiled (TorchScript) ones, which keep the class name."""
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, YatNMN) or getattr(sub, "original_name", None) == "YatNMN":
+            count += 1
+    return count
+
+
+def rewrite_yat_layers(model: nn.Module) -> RewriteResult:
+    """Return a copy of `model` whose YatNMN layers call YatGemm; the input model is left untouched."""
+    model = copy.deepcopy(model)
+    result = RewriteResult(module=model)
+    replacements: list[tuple[str, nn.Module]] = []
+    for path, sub in model.named_modules():
+        if any(path.startswith(done + ".") for done, _ in replacements):
+            continue
+        if isinstance(sub, YatNMN):
+            export_layer, folded = fold_yatnmn(sub, path)
+            replacements.append((path, export_layer))
+            result.yat_layers.append(folded)
+        elif is_nmn_layer(sub) and not isinstance(sub, YatGemmLayer):
+            result.decomposed_layers.append(path)
+    for path, export_layer in replacements:
+        if path == "":
+            result.module = export_layer
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, name, export_layer)
+    return result

@@ -1,0 +1,97 @@
+"""The YatGemm operator, specified once.
+
+Everything else that describes the op (the torch custom op, the ONNX schema, the onnxscript
+function, the kernels and the TensorRT plugin fields) is derived from the objects in this module.
+docs/yatgemm.md is the prose form of the same specification.
+
+    Y = alpha * (X·Wᵀ + B)² / (max(|X|² + |W|² − 2·X·Wᵀ, 0) + eps)
+
+computed per output unit n over the last axis of X. 16-bit inputs are computed with float32
+accumulation and the result is clamped to the finite range of the input dtype before the cast back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnx import TensorProto
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: str
+    doc: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    name: str
+    kind: type  # float or str
+    default: float | str
+    doc: str
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    domain: str
+    version: int
+    doc: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    attributes: tuple[AttributeSpec, ...]
+    # ONNX element types admitted for every tensor of the op (one type variable "T").
+    dtypes: tuple[int, ...]
+    # Element types that are computed in float32 and saturated back to their finite range.
+    float32_accumulated: tuple[int, ...]
+
+    def attribute(self, name: str) -> AttributeSpec:
+        for attribute in self.attributes:
+            if attribute.name == name:
+                return attribute
+        raise KeyError(name)
+
+
+YAT_DOMAIN = "yat"
+# TensorRT's ONNX parser reads these node attributes to pick a registered plugin over the
+# model-local function. The namespace must not contain '.', and "", "trt", "tensorrt" are reserved.
+PLUGIN_NAMESPACE = "yat"
+PLUGIN_VERSION = "1"
+
+DEFAULT_EPS = 1e-5
+
+YAT_GEMM = OpSpec(
+    name="YatGemm",
+    domain=YAT_DOMAIN,
+    version=1,
+    doc=(
+        "Yat product dense layer: Y = alpha * (X·Wᵀ + B)² / (max(|X|² + |W|² − 2·X·Wᵀ, 0) + eps). "
+        "float16 and bfloat16 are computed with float32 accumulation and clamped to the dtype's "
+        "finite range."
+    ),
+    inputs=(
+        TensorSpec("X", "[..., K]", "Input rows; any number of leading dimensions."),
+        TensorSpec("W", "[N, K]", "Weights, one row per output unit (torch.nn.Linear layout)."),
+        TensorSpec("B", "[N]", "Bias added inside the square; absent means zero.", optional=True),
+    ),
+    outputs=(TensorSpec("Y", "[..., N]", "Yat scores, in the dtype of X."),),
+    attributes=(
+        AttributeSpec("eps", float, DEFAULT_EPS, "Added to the squared distance; must be > 0."),
+        AttributeSpec("alpha", float, 1.0, "Output scale."),
+        AttributeSpec(
+            "plugin_namespace", str, PLUGIN_NAMESPACE,
+            "Read by TensorRT's ONNX parser to choose the registered plugin; ignored by the math.",
+        ),
+        AttributeSpec(
+            "plugin_version", str, PLUGIN_VERSION,
+            "Read by TensorRT's ONNX parser to choose the registered plugin; ignored by the math.",
+        ),
+    ),
+    dtypes=(TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16),
+    float32_accumulated=(TensorProto.FLOAT16, TensorProto.BFLOAT16),
+)
+
+# Attributes that change the result, in the order the torch op takes them.
+MATH_ATTRIBUTES = ("eps", "alpha")
