@@ -51,6 +51,10 @@ def yat_mlp(options: dict | None = None, in_features: int = 16, hidden: int = 12
         YatNMN(hidden, hidden, **options),
         nn.Linear(hidden, out_features),
     )
+    if options.get("dtype") is not None:
+        # A YatNMN with a compute dtype outputs that dtype; the ordinary layers after it must take it.
+        model[1].to(options["dtype"])
+        model[3].to(options["dtype"])
     return perturb(model).eval()
 
 

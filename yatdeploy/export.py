@@ -116,9 +116,32 @@ def _translate_yat_gemm(x, w, b, eps: float, alpha: float):
     )
 
 
+def _torchscript_to_onnx(
+    module: torch.jit.ScriptModule, x: torch.Tensor, output_names: list[str], dynamic_batch: bool
+) -> onnx.ModelProto:
+    # torch.export can't take a ScriptModule; the TorchScript-based exporter is the one that reads it.
+    axes = {name: {0: BATCH_DIM_NAME} for name in [INPUT_NAME, *output_names]} if dynamic_batch else None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module, (x,), buffer, dynamo=False, opset_version=OPSET,
+                input_names=[INPUT_NAME], output_names=output_names, dynamic_axes=axes,
+            )
+        except Exception as exc:
+            raise YatDeployError(
+                f"torch.onnx.export (TorchScript) failed: {str(exc).strip().splitlines()[0]}",
+                "run with --debug for the exporter's full message",
+            ) from exc
+    return onnx.load_from_string(buffer.getvalue())
+
+
 def _torch_export_to_onnx(
     module_or_program: object, x: torch.Tensor, output_names: list[str], dynamic_batch: bool
 ) -> onnx.ModelProto:
+    if isinstance(module_or_program, torch.jit.ScriptModule):
+        return _torchscript_to_onnx(module_or_program, x, output_names, dynamic_batch)
     dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM_NAME, min=1, max=1 << 20)},) if dynamic_batch else None
     if isinstance(module_or_program, torch.export.ExportedProgram):
         dynamic_shapes = None  # a saved program keeps the shapes it was exported with

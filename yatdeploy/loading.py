@@ -120,6 +120,12 @@ def _unpickle(path: Path, trust_pickle: bool) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
+        if "persistent_load" in text:
+            raise ModelLoadError(
+                f"{path}: a whole module in torch.save's legacy (non-zip) format, which weights-only "
+                "loading can't read",
+                _WAYS_ON,
+            ) from exc
         if "Unsupported global" in text or "weights_only" in text.lower() and "global" in text.lower():
             offending = _unsafe_globals(path)
             named = ", ".join(offending) if offending else "a class outside torch.nn and nmn"

@@ -1,0 +1,156 @@
+"""End to end: a torch.save'd model → `export_model` → a plain onnxruntime, against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from nmn.torch import MultiHeadYatAttention, YatConv1D, YatConv2D, YatConvTranspose2D, YatNMN
+from torch import nn
+
+from tests.model_zoo import YATNMN_OPTIONS, perturb, yat_mlp
+from yatdeploy import runtime
+from yatdeploy.attach import yat_gemm_nodes
+from yatdeploy.export import META_SOURCE_SHA256, ExportOptions, export_model
+from yatdeploy.loading import file_sha256, load_model
+from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
+from yatdeploy.validate import validate
+
+
+def _max_rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float((np.abs(got.astype(np.float64) - want) / np.maximum(np.abs(want), 1e-6)).max())
+
+
+def _plain_ort(path):
+    return runtime.create_session(path, runtime.get_backend("ort-function"))
+
+
+@pytest.mark.parametrize("option", sorted(YATNMN_OPTIONS))
+def test_every_yatnmn_option_exports_to_one_node_per_layer(option, save_whole, tmp_path, progress):
+    model = yat_mlp(YATNMN_OPTIONS[option])
+    source = save_whole(model)
+    result = export_model(load_model(source), tmp_path / "m.onnx", ExportOptions((1, 16)), progress)
+
+    onnx_model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(onnx_model, full_check=True)
+    nodes = yat_gemm_nodes(onnx_model)
+    assert len(nodes) == result.yat_gemm_nodes == 2
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_namespace"].decode() == PLUGIN_NAMESPACE
+        assert attrs["plugin_version"].decode() == PLUGIN_VERSION
+        assert attrs["eps"] > 0
+    assert [(f.domain, f.name) for f in onnx_model.functions] == [(YAT_GEMM.domain, YAT_GEMM.name)]
+
+    session = _plain_ort(tmp_path / "m.onnx")
+    for batch in (1, 7):
+        x = torch.randn(batch, 16, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            want = model(x).double().numpy()
+        got = runtime.run(session, {"input": x.numpy()})[0]
+        assert got.shape == want.shape
+        assert _max_rel_err(got, want) <= 1e-4, option
+
+
+def test_metadata_records_versions_and_the_source_hash(save_whole, tmp_path, progress):
+    source = save_whole(yat_mlp())
+    export_model(load_model(source), tmp_path / "m.onnx", ExportOptions((1, 16)), progress)
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert meta[META_SOURCE_SHA256] == file_sha256(source)
+    assert meta["yatdeploy.version.torch"] == torch.__version__
+    assert meta["yatdeploy.version.nmn"].startswith("0.3")
+    assert meta["yatdeploy.input_shape"] == "1,16"
+
+
+def test_batch_is_dynamic_by_default_and_static_on_request(save_whole, tmp_path, progress):
+    loaded = load_model(save_whole(yat_mlp()))
+    export_model(loaded, tmp_path / "dyn.onnx", ExportOptions((1, 16)), progress)
+    export_model(loaded, tmp_path / "static.onnx", ExportOptions((3, 16), dynamic_batch=False), progress)
+    dyn = onnx.load(str(tmp_path / "dyn.onnx")).graph.input[0].type.tensor_type.shape.dim
+    static = onnx.load(str(tmp_path / "static.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert dyn[0].dim_param == "batch" and dyn[1].dim_value == 16
+    assert static[0].dim_value == 3
+
+
+def test_leading_dimensions_export(save_whole, tmp_path, progress):
+    torch.manual_seed(0)
+    model = perturb(nn.Sequential(YatNMN(8, 6), nn.LayerNorm(6), YatNMN(6, 3))).eval()
+    export_model(load_model(save_whole(model)), tmp_path / "m.onnx", ExportOptions((2, 5, 8)), progress)
+    x = torch.randn(4, 5, 8)
+    got = runtime.run(_plain_ort(tmp_path / "m.onnx"), {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert _max_rel_err(got, model(x).double().numpy()) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+def test_other_dtypes_export_and_validate(dtype, save_whole, tmp_path, progress):
+    torch.manual_seed(0)
+    # Only Yat layers: ONNX Runtime's CPU provider has no bfloat16 LayerNorm or Gemm.
+    model = perturb(nn.Sequential(YatNMN(16, 12), YatNMN(12, 5, spherical=True))).eval()
+    loaded = load_model(save_whole(model))
+    result = export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16), dtype=dtype), progress)
+    assert result.dtype == dtype
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert report.passed, report.failures()
+    assert report.dtype == dtype
+
+
+def test_a_backend_that_cannot_run_a_dtype_is_a_validation_failure(save_whole, tmp_path, progress):
+    loaded = load_model(save_whole(yat_mlp()))
+    export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16), dtype="bfloat16"), progress)
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert not report.passed
+    assert any("can't load the model" in line and "Gemm" in line for line in report.failures())
+
+
+@pytest.mark.parametrize(
+    "layers,shape",
+    [
+        (lambda: nn.Sequential(YatConv2D(1, 3, 3), nn.Flatten(), YatNMN(3 * 6 * 6, 4)), (1, 1, 8, 8)),
+        (lambda: nn.Sequential(YatConvTranspose2D(2, 3, 3), nn.Flatten(), nn.Linear(3 * 7 * 7, 4)), (1, 2, 5, 5)),
+        (lambda: nn.Sequential(YatConv1D(2, 4, 3), nn.Flatten(), YatNMN(4 * 8, 3)), (1, 2, 10)),
+        (lambda: nn.Sequential(MultiHeadYatAttention(8, 2), YatNMN(8, 3)), (1, 5, 8)),
+    ],
+    ids=["YatConv2D", "YatConvTranspose2D", "YatConv1D", "MultiHeadYatAttention"],
+)
+def test_other_nmn_layers_export_as_ordinary_ops_and_validate(layers, shape, save_whole, tmp_path, progress):
+    torch.manual_seed(0)
+    model = perturb(layers()).eval()
+    loaded = load_model(save_whole(model))
+    result = export_model(loaded, tmp_path / "m.onnx", ExportOptions(shape), progress)
+    assert result.yat_gemm_nodes == sum(isinstance(m, YatNMN) for m in model.modules())
+    assert any("ordinary ONNX ops" in note for note in result.notes)
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert report.passed, report.failures()
+
+
+def test_a_model_with_several_outputs_gets_numbered_output_names(tmp_path, progress):
+    from yatdeploy.loading import LoadedModel
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = YatNMN(6, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.body(x)
+            return h, self.head(h)
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    loaded = LoadedModel(model, tmp_path / "src.pt", "pickled module", "0" * 64)
+    result = export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 6)), progress)
+    assert result.output_names == ["output_0", "output_1"]
+    assert [o.name for o in onnx.load(str(tmp_path / "m.onnx")).graph.output] == ["output_0", "output_1"]
+
+
+def test_a_failed_export_leaves_an_existing_file_alone(save_whole, tmp_path, progress):
+    from yatdeploy.errors import YatDeployError
+
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"previous export")
+    with pytest.raises(YatDeployError):
+        export_model(load_model(save_whole(yat_mlp())), target, ExportOptions((1, 99)), progress)
+    assert target.read_bytes() == b"previous export"

@@ -1,0 +1,194 @@
+"""Loading model files: the allowlist, the ways on for other pickles, archives, and broken files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from tests.model_zoo import CustomNet, yat_mlp
+from yatdeploy.errors import ModelLoadError
+from yatdeploy.export import ExportOptions, export_model
+from yatdeploy.loading import (
+    EXPORTED_PROGRAM,
+    PICKLED_MODULE,
+    STATE_DICT,
+    TORCHSCRIPT,
+    load_model,
+)
+from yatdeploy.validate import validate
+
+
+def test_a_whole_module_of_torch_nn_and_nmn_layers_loads_without_flags(save_whole):
+    model = yat_mlp({"constant_alpha": True, "learnable_epsilon": True})
+    loaded = load_model(save_whole(model))
+    assert loaded.format == PICKLED_MODULE and loaded.layers_are_identifiable
+    assert not loaded.module.training
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), model(x))
+
+
+def test_the_legacy_non_zip_format(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save(yat_mlp(), path, _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelLoadError, match="legacy .*--trust-pickle"):
+        load_model(path)
+    assert load_model(path, trust_pickle=True).format == PICKLED_MODULE
+    torch.save(yat_mlp().state_dict(), path, _use_new_zipfile_serialization=False)
+    assert load_model(path, arch="tests.model_zoo:build_mlp").format == STATE_DICT
+
+
+def test_a_user_class_is_refused_and_the_ways_on_are_named(save_whole):
+    path = save_whole(CustomNet())
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "tests.model_zoo.CustomNet" in message
+    assert "--trust-pickle" in message and "--arch" in message
+
+
+def test_trust_pickle_loads_a_user_class(save_whole):
+    loaded = load_model(save_whole(CustomNet()), trust_pickle=True)
+    assert isinstance(loaded.module, CustomNet)
+
+
+class _Payload:
+    """Unpickling this would create a file: the allowlist must stop it before it runs."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_a_malicious_pickle_runs_no_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.ones(1), "payload": _Payload(str(marker))}, path)
+    with pytest.raises(ModelLoadError, match="not a torch.nn or nmn layer"):
+        load_model(path)
+    assert not marker.exists()
+    path.write_bytes(pickle.dumps(_Payload(str(marker)), protocol=2))
+    with pytest.raises(ModelLoadError):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_a_state_dict_needs_arch(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(yat_mlp().state_dict(), path)
+    with pytest.raises(ModelLoadError, match="state_dict.*--arch"):
+        load_model(path)
+
+
+def test_a_state_dict_with_arch_loads_the_weights(tmp_path):
+    model = yat_mlp()
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_model(path, arch="tests.model_zoo:build_mlp")
+    assert loaded.format == STATE_DICT
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.module.state_dict()[key], value)
+
+
+def test_a_state_dict_that_does_not_fit_arch_names_the_keys(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(yat_mlp().state_dict(), path)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(path, arch="tests.model_zoo:build_wrong_mlp")
+    message = str(info.value)
+    assert "unexpected keys" not in message or "5.weight" not in message
+    assert "missing keys: 5.bias, 5.weight" in message
+    assert "shape mismatch: 0.bias (file (12,), --arch (10,))" in message
+
+
+@pytest.mark.parametrize(
+    "arch,message",
+    [
+        ("no_colon", "expected 'module:callable'"),
+        ("tests.no_such_module:build", "cannot import"),
+        ("tests.model_zoo:missing", "has no attribute"),
+        ("tests.model_zoo:YATNMN_OPTIONS", "not callable"),
+    ],
+)
+def test_bad_arch_values_are_explained(tmp_path, arch, message):
+    path = tmp_path / "weights.pt"
+    torch.save(yat_mlp().state_dict(), path)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path, arch=arch)
+
+
+def test_a_torchscript_archive_exports_and_validates(tmp_path, progress):
+    model = yat_mlp()
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(model, torch.randn(2, 16)), path)
+    loaded = load_model(path)
+    assert loaded.format == TORCHSCRIPT and not loaded.layers_are_identifiable
+    result = export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16)), progress)
+    assert result.yat_gemm_nodes == 0 and "torch.save(model)" in result.notes[0]
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert report.passed, report.failures()
+
+
+def test_a_torch_export_program_exports_and_validates(tmp_path, progress):
+    model = yat_mlp()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.randn(2, 16),), dynamic_shapes=({0: batch},))
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    loaded = load_model(path)
+    assert loaded.format == EXPORTED_PROGRAM
+    export_model(loaded, tmp_path / "m.onnx", ExportOptions((2, 16)), progress)
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert report.passed, report.failures()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "not a PyTorch model file"),
+        (b"hello, this is text\n", "not a PyTorch model file"),
+        (b"PK\x03\x04 truncated zip", "not a PyTorch model file"),
+    ],
+)
+def test_files_that_are_not_models_are_named(tmp_path, content, message):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_a_truncated_model_file_is_called_corrupt(save_whole):
+    path = save_whole(yat_mlp())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="corrupt|not a PyTorch model file"):
+        load_model(path)
+
+
+def test_a_zip_that_no_torch_function_wrote_is_named(tmp_path):
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    with pytest.raises(ModelLoadError, match="not one written by torch.save"):
+        load_model(path)
+
+
+def test_missing_files_and_folders(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(tmp_path / "absent.pt")
+    with pytest.raises(ModelLoadError, match="not a file"):
+        load_model(tmp_path)
+
+
+def test_a_pickle_of_something_else_is_named(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(ModelLoadError, match="holds a list"):
+        load_model(path)
