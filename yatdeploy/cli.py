@@ -114,14 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _tolerance(args: argparse.Namespace, dtype: str):
-    from yatdeploy.validate import DEFAULT_TOLERANCES, Tolerance
-
-    default = DEFAULT_TOLERANCES[dtype]
+def _check_tolerance_args(args: argparse.Namespace) -> None:
     for name in ("atol", "rtol"):
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise YatDeployError(f"--{name} {value}: must be a number >= 0")
+
+
+def _tolerance(args: argparse.Namespace, dtype: str):
+    from yatdeploy.validate import DEFAULT_TOLERANCES, Tolerance
+
+    default = DEFAULT_TOLERANCES[dtype]
     return Tolerance(
         atol=default.atol if args.atol is None else args.atol,
         rtol=default.rtol if args.rtol is None else args.rtol,
@@ -144,6 +147,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
     from yatdeploy.validate import validate
 
     shape = parse_shape(args.input_shape)
+    _check_tolerance_args(args)
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     if output.resolve() == Path(args.model).resolve():
         raise YatDeployError(f"-o {output} would overwrite the model file")
@@ -186,20 +190,14 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
     from yatdeploy import runtime
     from yatdeploy.export import parse_shape
     from yatdeploy.loading import load_model
-    from yatdeploy.validate import load_onnx, validate
+    from yatdeploy.validate import input_dtype, load_onnx, validate
 
     for name in args.backend or []:
         runtime.get_backend(name)
     batches = _parse_batches(args.batches)
+    _check_tolerance_args(args)
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    model = load_onnx(args.onnx_model)
-    from yatdeploy import dtypes as dt
-    from yatdeploy.validate import _onnx_input
-
-    try:
-        dtype = dt.by_onnx(_onnx_input(model).type.tensor_type.elem_type).name
-    except KeyError:
-        raise YatDeployError(f"{args.onnx_model}: the model's input is not of a floating type") from None
+    dtype = input_dtype(load_onnx(args.onnx_model))
     progress.say(f"loading {args.against}")
     loaded = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
     report = validate(

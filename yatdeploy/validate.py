@@ -124,18 +124,20 @@ class ValidationReport:
 
 
 def compare(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> tuple[float, float, int]:
-    """Max abs error, max rel error (over |expected| > atol) and how many elements break the tolerance."""
+    """Max abs error, max rel error (over |expected| > atol) and how many elements break the tolerance.
+
+    Non-finite values must match exactly: NaN with NaN, and an infinity with the same infinity.
+    """
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
-    both_nan = np.isnan(a) & np.isnan(e)
-    same_inf = np.isinf(a) & np.isinf(e) & (np.sign(a) == np.sign(e))
-    exact = both_nan | same_inf
+    finite = np.isfinite(a) & np.isfinite(e)
+    exact = (np.isnan(a) & np.isnan(e)) | (np.isinf(a) & np.isinf(e) & (np.sign(a) == np.sign(e)))
     with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.where(exact, 0.0, np.abs(a - e))
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    bad = int(np.count_nonzero(~(diff <= tol.atol + tol.rtol * np.abs(np.where(exact, 0.0, e)))))
+        diff = np.where(finite, np.abs(a - e), np.where(exact, 0.0, np.inf))
+    within = exact | (finite & (diff <= tol.atol + tol.rtol * np.abs(np.where(finite, e, 0.0))))
+    bad = int(np.count_nonzero(~within))
     max_abs = float(diff.max()) if diff.size else 0.0
-    significant = (np.abs(e) > tol.atol) & ~exact
+    significant = finite & (np.abs(e) > tol.atol)
     max_rel = float((diff[significant] / np.abs(e[significant])).max()) if significant.any() else 0.0
     return max_abs, max_rel, bad
 
@@ -146,6 +148,15 @@ def _onnx_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     if len(inputs) != 1:
         raise OnnxModelError(f"the model has {len(inputs)} inputs; yatdeploy validates single-input models")
     return inputs[0]
+
+
+def input_dtype(model: onnx.ModelProto) -> str:
+    """The CLI name of the model input's dtype; the input must be of a floating type YatGemm admits."""
+    graph_input = _onnx_input(model)
+    try:
+        return dtypes.by_onnx(graph_input.type.tensor_type.elem_type).name
+    except KeyError:
+        raise OnnxModelError(f"the model's input '{graph_input.name}' is not of a floating type") from None
 
 
 def _metadata(model: onnx.ModelProto) -> dict[str, str]:
@@ -279,10 +290,7 @@ def validate(
     onnx_path = Path(onnx_path)
     model = load_onnx(onnx_path)
     graph_input = _onnx_input(model)
-    try:
-        dtype = dtypes.by_onnx(graph_input.type.tensor_type.elem_type).name
-    except KeyError:
-        raise OnnxModelError(f"{onnx_path}: input '{graph_input.name}' is not of a floating type") from None
+    dtype = input_dtype(model)
     tol = tolerance or DEFAULT_TOLERANCES[dtype]
     sample_shape = resolve_input_shape(model, input_shape)
     cases = random_cases(sample_shape, dtype, batches, seed) + load_input_cases(input_files, sample_shape, dtype)

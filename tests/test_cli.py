@@ -1,0 +1,141 @@
+"""The command line: exit codes, one-line errors without tracebacks, reports, help."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.model_zoo import PatchedYat, yat_mlp
+from tests.test_validate import tamper_first_yat_weight
+from yatdeploy.cli import EXIT_OK, EXIT_USAGE, EXIT_VALIDATION_FAILED, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "yatdeploy", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+@pytest.fixture
+def model_file(save_whole) -> Path:
+    return save_whole(yat_mlp())
+
+
+def test_export_then_validate(model_file, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    report = tmp_path / "report.json"
+    args = ["export", "-q", str(model_file), "-o", str(out), "--input-shape", "1,16", "--report", str(report)]
+    assert main(args) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "2 YatGemm node(s) for 2 YatNMN layer(s)" in printed
+    assert "ort-function" in printed and "PASSED" in printed
+    assert json.loads(report.read_text())["passed"] is True
+
+    assert main(["validate", "-q", str(out), "--against", str(model_file), "--batches", "1,7"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "random batch 7" in printed and "max rel err" in printed
+
+
+def test_validate_exits_1_and_names_the_output_when_weights_changed(model_file, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "-q", str(model_file), "-o", str(out), "--input-shape", "1,16", "--no-validate"]) == EXIT_OK
+    tamper_first_yat_weight(out)
+    capsys.readouterr()
+    assert main(["validate", "-q", str(out), "--against", str(model_file)]) == EXIT_VALIDATION_FAILED
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "output 'output'" in printed
+
+
+def test_default_output_path_is_next_to_the_model(model_file, capsys):
+    assert main(["export", "-q", str(model_file), "--input-shape", "1,16", "--no-validate"]) == EXIT_OK
+    assert model_file.with_suffix(".onnx").is_file()
+
+
+def _single_error(stderr: str) -> str:
+    """The one error line among the progress lines, and no traceback."""
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("yatdeploy ") and " error: " in line]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def _error_line(capsys) -> str:
+    return _single_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "make_args,message",
+    [
+        (lambda t, m: ["export", str(t / "absent.pt"), "--input-shape", "1,16"], "no such file"),
+        (lambda t, m: ["export", str(m), "--input-shape", "1,99"], "can't run on an input of shape (1, 99)"),
+        (lambda t, m: ["export", str(m), "--input-shape", "a,b"], "expected comma-separated positive integers"),
+        (lambda t, m: ["export", str(m), "--input-shape", "0,16"], "expected comma-separated positive integers"),
+        (lambda t, m: ["export", str(m), "--input-shape", "1,16", "-o", str(m)], "would overwrite the model"),
+        (lambda t, m: ["export", str(m), "--input-shape", "1,16", "--atol", "-1"], "--atol -1.0: must be"),
+        (lambda t, m: ["validate", str(t / "x.onnx"), "--against", str(m)], "no such file"),
+        (lambda t, m: ["validate", str(m), "--against", str(m)], "not an ONNX model"),
+        (lambda t, m: ["validate", str(m), "--against", str(m), "--backend", "nope"], "unknown backend 'nope'"),
+        (lambda t, m: ["validate", str(m), "--against", str(m), "--batches", "1,x"], "--batches '1,x'"),
+        (lambda t, m: ["demo", "--epochs", "0"], "--epochs 0: must be positive"),
+    ],
+    ids=["missing", "wrong-shape", "bad-shape", "zero-dim", "overwrite", "atol", "missing-onnx", "not-onnx",
+         "backend", "batches", "epochs"],
+)
+def test_errors_are_one_line_with_exit_2(model_file, tmp_path, capsys, make_args, message):
+    assert main(make_args(tmp_path, model_file)) == EXIT_USAGE
+    line = _error_line(capsys)
+    assert line.startswith("yatdeploy ") and message in line
+
+
+def test_corrupt_and_unknown_files(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 not a model")
+    assert main(["export", str(garbage), "--input-shape", "1,4"]) == EXIT_USAGE
+    assert "not a PyTorch model file" in _error_line(capsys)
+    state = tmp_path / "weights.pt"
+    torch.save(yat_mlp().state_dict(), state)
+    assert main(["export", str(state), "--input-shape", "1,16"]) == EXIT_USAGE
+    assert "pass --arch" in _error_line(capsys)
+
+
+def test_an_unsupported_layer_option_names_layer_and_option(save_whole, capsys):
+    path = save_whole(torch.nn.Sequential(PatchedYat(4, 2)))
+    assert main(["export", "-q", str(path), "--input-shape", "1,4", "--trust-pickle"]) == EXIT_USAGE
+    line = _error_line(capsys)
+    assert "layer '0': option forward can't be exported" in line
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["export", "--debug", str(tmp_path / "absent.pt"), "--input-shape", "1,4"]) == EXIT_USAGE
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_real_process_errors_cleanly_and_exports(model_file, tmp_path):
+    failed = _run_cli("export", str(tmp_path / "absent.pt"), "--input-shape", "1,16")
+    assert failed.returncode == EXIT_USAGE
+    assert "no such file" in _single_error(failed.stderr)
+    done = _run_cli("export", str(model_file), "-o", str(tmp_path / "m.onnx"), "--input-shape", "1,16")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "PASSED" in done.stdout
+    assert "exporting to ONNX" in done.stderr  # progress goes to stderr
+    assert "torchvision" not in done.stderr  # library chatter is kept out without --debug
+
+
+@pytest.mark.parametrize("command", [[], ["export"], ["validate"], ["demo"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: yatdeploy" in text
+    if command == ["export"]:
+        assert "--input-shape" in text and "--trust-pickle" in text and "--arch" in text
