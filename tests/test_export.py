@@ -6,7 +6,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from nmn.torch import MultiHeadYatAttention, YatConv1D, YatConv2D, YatConvTranspose2D, YatNMN
+from nmn.torch import (
+    MultiHeadYatAttention,
+    YatConv1D,
+    YatConv2D,
+    YatConv3D,
+    YatConvTranspose1D,
+    YatConvTranspose2D,
+    YatNMN,
+)
 from torch import nn
 
 from tests.model_zoo import YATNMN_OPTIONS, perturb, yat_mlp
@@ -110,9 +118,11 @@ def test_a_backend_that_cannot_run_a_dtype_is_a_validation_failure(save_whole, t
         (lambda: nn.Sequential(YatConv2D(1, 3, 3), nn.Flatten(), YatNMN(3 * 6 * 6, 4)), (1, 1, 8, 8)),
         (lambda: nn.Sequential(YatConvTranspose2D(2, 3, 3), nn.Flatten(), nn.Linear(3 * 7 * 7, 4)), (1, 2, 5, 5)),
         (lambda: nn.Sequential(YatConv1D(2, 4, 3), nn.Flatten(), YatNMN(4 * 8, 3)), (1, 2, 10)),
+        (lambda: nn.Sequential(YatConv3D(1, 2, 2), nn.Flatten(), YatNMN(2 * 3 * 3 * 3, 3)), (1, 1, 4, 4, 4)),
+        (lambda: nn.Sequential(YatConvTranspose1D(2, 3, 3), nn.Flatten(), YatNMN(3 * 7, 3)), (1, 2, 5)),
         (lambda: nn.Sequential(MultiHeadYatAttention(8, 2), YatNMN(8, 3)), (1, 5, 8)),
     ],
-    ids=["YatConv2D", "YatConvTranspose2D", "YatConv1D", "MultiHeadYatAttention"],
+    ids=["YatConv2D", "YatConvTranspose2D", "YatConv1D", "YatConv3D", "YatConvTranspose1D", "MultiHeadYatAttention"],
 )
 def test_other_nmn_layers_export_as_ordinary_ops_and_validate(layers, shape, save_whole, tmp_path, progress):
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 
 import pytest
-
 import torch
 
 from yatdeploy import dtypes

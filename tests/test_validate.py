@@ -153,3 +153,13 @@ def test_a_static_batch_export_is_validated_at_its_batch(save_whole, tmp_path, p
     report = validate(tmp_path / "s.onnx", loaded)
     assert report.passed
     assert {tuple(c.shape) for c in report.backends[0].comparisons} == {(3, 5)}
+
+
+def test_a_run_time_failure_of_onnx_runtime_is_named(exported):
+    from yatdeploy import runtime
+    from yatdeploy.errors import OnnxModelError
+
+    _, path = exported
+    session = runtime.create_session(path, runtime.get_backend("ort-function"))
+    with pytest.raises(OnnxModelError, match="ONNX Runtime failed to run the model"):
+        runtime.run(session, {"input": np.ones((2, 15), np.float32)})

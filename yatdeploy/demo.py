@@ -5,6 +5,7 @@ The digits data ships inside scikit-learn, so nothing is downloaded.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def load_digits_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, progress: Progress) -> None:
     torch.manual_seed(seed)
+    started = time.perf_counter()
     inputs, labels = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
@@ -71,6 +73,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
             total += float(loss) * len(batch)
         if epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == epochs:
             progress.say(f"  epoch {epoch + 1:>3}/{epochs}  loss {total / len(inputs):.4f}")
+    progress.say(f"  trained in {time.perf_counter() - started:.1f} s")
     model.eval()
 
 

@@ -162,7 +162,7 @@ def _torch_export_to_onnx(
                     output_names=output_names,
                     dynamic_shapes=dynamic_shapes,
                     custom_translation_table=table,
-                    optimize=False,
+                    optimize=True,
                     verbose=False,
                     report=False,
                 )

@@ -93,5 +93,8 @@ def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run a session on numpy inputs of any admitted dtype, bfloat16 included."""
     ort_feeds = {name: _to_ort_value(array) for name, array in feeds.items()}
-    outputs = session.run_with_ort_values(None, ort_feeds)
+    try:
+        outputs = session.run_with_ort_values(None, ort_feeds)
+    except Exception as exc:
+        raise OnnxModelError(f"ONNX Runtime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
     return [_from_ort_value(v) for v in outputs]

@@ -40,10 +40,11 @@ class Tolerance:
 
 # Defaults per dtype: float32's are the documented CLI defaults; 16-bit ones allow one or two ulps
 # after the float32-accumulated YatGemm and the ordinary layers around it. float64 is bounded by
-# YatGemm's attributes, which ONNX stores as float32 (alpha and eps round at ~6e-8 relative).
+# YatGemm's float32 attributes (alpha and eps round at ~6e-8 relative) and by the spherical mode's
+# ~2e-8/|x| distance difference (docs/yatgemm.md), which grows where the distance is small.
 DEFAULT_TOLERANCES = {
     "float32": Tolerance(atol=1e-5, rtol=1e-4),
-    "float64": Tolerance(atol=1e-9, rtol=1e-6),
+    "float64": Tolerance(atol=1e-8, rtol=1e-5),
     "float16": Tolerance(atol=1e-3, rtol=1e-2),
     "bfloat16": Tolerance(atol=1e-2, rtol=5e-2),
 }
@@ -336,7 +337,11 @@ def validate(
                 report.comparisons.append(OutputComparison("session", "*", [], "", None, None, False, exc.message))
                 continue
             for case, want in zip(cases, expected):
-                got = runtime.run(session, {graph_input.name: case.array})
+                try:
+                    got = runtime.run(session, {graph_input.name: case.array})
+                except OnnxModelError as exc:
+                    report.comparisons.append(OutputComparison(case.name, "*", [], "", None, None, False, exc.message))
+                    continue
                 report.comparisons.extend(_compare_case(case, output_names, got, want, tol))
     return ValidationReport(
         model=str(onnx_path),
