@@ -163,3 +163,17 @@ def test_a_run_time_failure_of_onnx_runtime_is_named(exported):
     session = runtime.create_session(path, runtime.get_backend("ort-function"))
     with pytest.raises(OnnxModelError, match="ONNX Runtime failed to run the model"):
         runtime.run(session, {"input": np.ones((2, 15), np.float32)})
+
+
+def test_output_names_are_checked_for_yatdeploy_exports(exported):
+    loaded, path = exported
+    assert validate(path, loaded).checks[1].name == "output names"
+    model = onnx.load(str(path))
+    old = model.graph.output[0].name
+    model.graph.output[0].name = "logits"
+    for node in model.graph.node:
+        node.output[:] = ["logits" if o == old else o for o in node.output]
+    onnx.save(model, str(path))
+    report = validate(path, loaded)
+    assert not report.passed
+    assert "output names: logits; PyTorch's outputs map to output" in report.failures()

@@ -110,6 +110,11 @@ def run_reference(module: nn.Module, x: torch.Tensor, what: str) -> list[torch.T
     return outputs
 
 
+def output_names_for(count: int) -> list[str]:
+    """The names yatdeploy gives a model's outputs: `output`, or `output_0`, `output_1`, ..."""
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
 def _translate_yat_gemm(x, w, b, eps: float, alpha: float):
     return yat_gemm_op()(
         x, w, b, eps=eps, alpha=alpha, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION
@@ -214,7 +219,7 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
     x = example_input(options.input_shape, dtype)
     with progress.step("checking the model runs on the example input"):
         outputs = run_reference(reference, x, "--input-shape and --dtype")
-    output_names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    output_names = output_names_for(len(outputs))
 
     rewrite: RewriteResult | None = None
     target: object

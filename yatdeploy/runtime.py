@@ -15,7 +15,11 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError:  # neither the cpu nor the gpu extra is installed
+    ort = None
 
 from yatdeploy.errors import OnnxModelError, YatDeployError
 
@@ -32,6 +36,8 @@ class Backend:
 
     def availability(self) -> str | None:
         """None when usable here, otherwise why not."""
+        if ort is None:
+            return "onnxruntime is not installed (pip install 'yatdeploy[cpu]' or 'yatdeploy[gpu]')"
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
         if missing:
             return f"ONNX Runtime here lacks {', '.join(missing)}"
@@ -58,7 +64,7 @@ def available_backends() -> list[Backend]:
     return [b for b in BACKENDS.values() if b.availability() is None]
 
 
-def create_session(model: str | Path | bytes, backend: Backend, intra_op_threads: int = 0) -> ort.InferenceSession:
+def create_session(model: str | Path | bytes, backend: Backend, intra_op_threads: int = 0) -> "ort.InferenceSession":
     reason = backend.availability()
     if reason:
         raise YatDeployError(f"backend {backend.name} is not available: {reason}")
@@ -72,7 +78,7 @@ def create_session(model: str | Path | bytes, backend: Backend, intra_op_threads
         raise OnnxModelError(f"ONNX Runtime ({backend.name}) can't load the model: {str(exc).strip().splitlines()[0]}") from exc
 
 
-def _to_ort_value(array: np.ndarray) -> ort.OrtValue:
+def _to_ort_value(array: np.ndarray) -> "ort.OrtValue":
     if array.dtype == ml_dtypes.bfloat16:
         # ONNX Runtime's numpy bridge has no bfloat16; hand it the raw 16-bit pattern.
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
@@ -81,7 +87,7 @@ def _to_ort_value(array: np.ndarray) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
 
-def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
+def _from_ort_value(value: "ort.OrtValue") -> np.ndarray:
     if value.element_type() == _BFLOAT16:
         shape = tuple(value.shape())
         count = int(np.prod(shape, dtype=np.int64))
@@ -90,7 +96,7 @@ def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
     return value.numpy()
 
 
-def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def run(session: "ort.InferenceSession", feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run a session on numpy inputs of any admitted dtype, bfloat16 included."""
     ort_feeds = {name: _to_ort_value(array) for name, array in feeds.items()}
     try:

@@ -22,6 +22,7 @@ from yatdeploy.export import (
     BATCH_DIM_NAME,
     META_INPUT_SHAPE,
     META_SOURCE_SHA256,
+    output_names_for,
     prepare_module,
     run_reference,
 )
@@ -320,6 +321,13 @@ def validate(
             [_to_numpy(t) for t in run_reference(reference, _to_torch(c.array, dtype), "the input shape")]
             for c in cases
         ]
+
+    if recorded_sha:
+        # A yatdeploy export: its output names follow from the PyTorch outputs.
+        want_names = output_names_for(len(expected[0]))
+        checks.append(Check("output names", output_names == want_names,
+                            f"{', '.join(output_names)}" + ("" if output_names == want_names
+                                                             else f"; PyTorch's outputs map to {', '.join(want_names)}")))
 
     reports: list[BackendReport] = []
     names = list(backend_names) if backend_names else list(runtime.BACKENDS)
