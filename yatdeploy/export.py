@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tempfile
 import warnings
 from collections.abc import Sequence
+from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -84,8 +86,6 @@ def prepare_module(loaded: LoadedModel, dtype: str) -> nn.Module:
     module = loaded.module
     target = dtypes.by_name(dtype).torch
     if loaded.layers_are_identifiable and model_dtype(module) != dtype:
-        import copy
-
         module = copy.deepcopy(module).to(target)
     return module
 
@@ -153,11 +153,9 @@ def _torch_export_to_onnx(
     table = {torch.ops.yatdeploy.yat_gemm.default: _translate_yat_gemm}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        captured = io.StringIO()
         try:
-            from contextlib import redirect_stdout
-
-            with redirect_stdout(captured):
+            # The exporter prints its capture strategies to stdout; the CLI's stdout is the report.
+            with redirect_stdout(io.StringIO()):
                 program = torch.onnx.export(
                     module_or_program,
                     (x,),
