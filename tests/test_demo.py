@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from yatdeploy.cli import EXIT_OK, main
 
@@ -19,10 +20,10 @@ def test_demo_trains_exports_validates_and_agrees(tmp_path, capsys):
     cases = [c["case"] for c in report["backends"][0]["comparisons"]]
     assert "digits_test.npz[input]" in cases
 
-    lines = {line.split()[0]: line for line in captured.out.splitlines() if line.strip().startswith(("PyTorch", "ONNX"))}
-    torch_acc = float(lines["PyTorch"].split()[-1].rstrip("%"))
-    onnx_acc = float(lines["ONNX"].split()[-1].rstrip("%"))
-    assert torch_acc == onnx_acc and torch_acc > 85.0
+    torch_acc = float(re.search(r"PyTorch\s+([\d.]+)%", captured.out).group(1))
+    onnx_acc, backend = re.search(r"ONNX Runtime\s+([\d.]+)%\s+\(backend ([\w-]+)\)", captured.out).groups()
+    assert torch_acc == float(onnx_acc) and torch_acc > 85.0
+    assert backend == "ort-cpu"  # the fused kernels, built by the install
     assert "same prediction on   450/450 images" in captured.out
 
 

@@ -46,3 +46,20 @@ def test_every_function_body_declares_the_math_attributes_with_spec_defaults():
 
 def test_dtype_table_covers_the_spec():
     assert {dtypes.by_onnx(t).name for t in YAT_GEMM.dtypes} == {"float32", "float64", "float16", "bfloat16"}
+
+
+def test_spec_type_numbers_are_onnx_numbers():
+    from onnx import TensorProto
+
+    from yatdeploy import spec
+
+    assert (spec.ONNX_FLOAT, spec.ONNX_DOUBLE, spec.ONNX_FLOAT16, spec.ONNX_BFLOAT16) == (
+        TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def test_the_cpp_header_carries_the_spec():
+    from yatdeploy.spec import cpp_header
+
+    header = cpp_header()
+    assert 'kOpName = "YatGemm"' in header and 'kDomain = "yat"' in header
+    assert "kDefaultEps = 1e-05f" in header and "kRequiredInputCount = 2" in header

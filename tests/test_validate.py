@@ -40,10 +40,14 @@ def test_a_faithful_export_passes_on_every_batch(exported):
     loaded, path = exported
     report = validate(path, loaded)
     assert report.passed
-    backend = report.backends[0]
-    assert backend.name == "ort-function" and backend.available
-    assert [c.case for c in backend.comparisons] == ["random batch 1", "random batch 7", "random batch 32"]
-    assert all(c.max_rel_err <= 1e-4 for c in backend.comparisons)
+    ran = {b.name: b for b in report.backends if b.available}
+    assert set(ran) == {"ort-cpu", "ort-function"}  # no CUDA here
+    for backend in ran.values():
+        assert [c.case for c in backend.comparisons] == ["random batch 1", "random batch 7", "random batch 32"]
+        assert all(c.max_rel_err <= 1e-4 for c in backend.comparisons)
+    assert ran["ort-cpu"].yat_gemm_kernel_runs == {"CPUExecutionProvider": 2}
+    assert ran["ort-function"].yat_gemm_kernel_runs == {}
+    assert "inlined ONNX function" in ran["ort-function"].yat_gemm_execution
     assert report.checks[0].passed and "2 YatGemm nodes for 2 YatNMN layers" in report.checks[0].detail
 
 

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument(
         "--backend", action="append", metavar="NAME",
-        help="validate on this backend only (repeatable; default: every available one; known: ort-function)",
+        help="validate on this backend (repeatable; default: every available one): "
+             "ort-cpu, ort-cuda, ort-function",
     )
     _add_model_source_args(validate)
     _add_tolerance_args(validate)
@@ -219,7 +220,7 @@ def cmd_demo(args: argparse.Namespace, progress) -> int:
     print()
     print(f"test accuracy on {result.test_size} held-out digits:")
     print(f"  PyTorch              {result.torch_accuracy:.2%}")
-    print(f"  ONNX Runtime (CPU)   {result.onnx_accuracy:.2%}")
+    print(f"  ONNX Runtime         {result.onnx_accuracy:.2%}   (backend {result.backend})")
     print(f"  same prediction on   {result.predictions_agree}/{result.test_size} images")
     print(f"\nfiles in {args.out}/: model.pt, model.onnx, digits_test.npz, validation.json "
           f"({time.perf_counter() - started:.1f} s)")

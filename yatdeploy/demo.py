@@ -33,6 +33,7 @@ class DemoResult:
     onnx_accuracy: float
     predictions_agree: int
     test_size: int
+    backend: str
     export: ExportResult
     report: ValidationReport
 
@@ -104,7 +105,8 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, progress: 
     progress.say("[4/4] measuring test accuracy")
     with torch.inference_mode():
         torch_pred = loaded.module(torch.from_numpy(x_test)).argmax(dim=1).numpy()
-    session = runtime.create_session(onnx_path, runtime.get_backend("ort-function"))
+    backend = runtime.default_backend()
+    session = runtime.create_session(onnx_path, backend)
     onnx_pred = runtime.run(session, {INPUT_NAME: x_test})[0].argmax(axis=1)
     return DemoResult(
         model_path=model_path,
@@ -114,6 +116,7 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, progress: 
         onnx_accuracy=float((onnx_pred == y_test).mean()),
         predictions_agree=int((torch_pred == onnx_pred).sum()),
         test_size=len(y_test),
+        backend=backend.name,
         export=export,
         report=report,
     )

@@ -12,9 +12,18 @@ accumulation and the result is clamped to the finite range of the input dtype be
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from onnx import TensorProto
+# ONNX element types, by their numbers in onnx.proto (tests/test_spec.py checks them against onnx).
+# This module imports nothing outside the standard library: the native build runs it as a script
+# to generate the C++ header that the kernels and the TensorRT plugin include.
+ONNX_FLOAT = 1
+ONNX_FLOAT16 = 10
+ONNX_DOUBLE = 11
+ONNX_BFLOAT16 = 16
 
 
 @dataclass(frozen=True)
@@ -89,9 +98,48 @@ YAT_GEMM = OpSpec(
             "Read by TensorRT's ONNX parser to choose the registered plugin; ignored by the math.",
         ),
     ),
-    dtypes=(TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16),
-    float32_accumulated=(TensorProto.FLOAT16, TensorProto.BFLOAT16),
+    dtypes=(ONNX_FLOAT, ONNX_DOUBLE, ONNX_FLOAT16, ONNX_BFLOAT16),
+    float32_accumulated=(ONNX_FLOAT16, ONNX_BFLOAT16),
 )
 
 # Attributes that change the result, in the order the torch op takes them.
 MATH_ATTRIBUTES = ("eps", "alpha")
+
+
+def cpp_header(spec: OpSpec = YAT_GEMM) -> str:
+    """The C++ form of the spec's constants, for the kernels and the TensorRT plugin."""
+    eps = spec.attribute("eps")
+    alpha = spec.attribute("alpha")
+    lines = [
+        "// Generated from yatdeploy/spec.py by the native build. Do not edit.",
+        "#pragma once",
+        "",
+        "namespace yat::spec {",
+        f'inline constexpr const char* kOpName = "{spec.name}";',
+        f'inline constexpr const char* kDomain = "{spec.domain}";',
+        f"inline constexpr int kVersion = {spec.version};",
+        f"inline constexpr float kDefaultEps = {float(eps.default)!r}f;",
+        f"inline constexpr float kDefaultAlpha = {float(alpha.default)!r}f;",
+        f'inline constexpr const char* kPluginNamespace = "{PLUGIN_NAMESPACE}";',
+        f'inline constexpr const char* kPluginVersion = "{PLUGIN_VERSION}";',
+        f"inline constexpr int kInputCount = {len(spec.inputs)};",
+        f"inline constexpr int kRequiredInputCount = {sum(not t.optional for t in spec.inputs)};",
+        "}  // namespace yat::spec",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write the YatGemm spec as a C++ header.")
+    parser.add_argument("--cpp-header", required=True, type=Path, help="the header file to write")
+    args = parser.parse_args(argv)
+    text = cpp_header()
+    if not args.cpp_header.exists() or args.cpp_header.read_text() != text:
+        args.cpp_header.parent.mkdir(parents=True, exist_ok=True)
+        args.cpp_header.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -76,10 +76,16 @@ class BackendReport:
     available: bool
     reason: str | None = None
     comparisons: list[OutputComparison] = field(default_factory=list)
+    # How YatGemm ran, from ONNX Runtime's profiler: {provider: kernel runs}; empty = inlined function.
+    yat_gemm_kernel_runs: dict[str, int] = field(default_factory=dict)
+    yat_gemm_execution: str | None = None
+    # None when YatGemm ran as this backend intends; otherwise what went wrong.
+    execution_problem: str | None = None
 
     @property
     def passed(self) -> bool:
-        return self.available and bool(self.comparisons) and all(c.passed for c in self.comparisons)
+        return (self.available and bool(self.comparisons) and all(c.passed for c in self.comparisons)
+                and self.execution_problem is None)
 
 
 @dataclass
@@ -107,6 +113,8 @@ class ValidationReport:
     def failures(self) -> list[str]:
         lines = [f"{c.name}: {c.detail}" for c in self.checks if not c.passed]
         for backend in self.backends:
+            if backend.execution_problem:
+                lines.append(f"{backend.name}: {backend.execution_problem}")
             for comp in backend.comparisons:
                 if not comp.passed:
                     lines.append(f"{backend.name}: output '{comp.output}' on {comp.case}: {comp.problem}")
@@ -340,7 +348,7 @@ def validate(
             continue
         with progress.step(f"running {backend.name}"):
             try:
-                session = runtime.create_session(onnx_path, backend)
+                session = runtime.create_session(model, backend)
             except OnnxModelError as exc:
                 report.comparisons.append(OutputComparison("session", "*", [], "", None, None, False, exc.message))
                 continue
@@ -351,6 +359,7 @@ def validate(
                     report.comparisons.append(OutputComparison(case.name, "*", [], "", None, None, False, exc.message))
                     continue
                 report.comparisons.extend(_compare_case(case, output_names, got, want, tol))
+            _check_yat_gemm_execution(report, session, model, {graph_input.name: cases[0].array}, nodes)
     return ValidationReport(
         model=str(onnx_path),
         against=str(loaded.path),
@@ -360,6 +369,29 @@ def validate(
         backends=reports,
         warnings=warnings,
     )
+
+
+def _check_yat_gemm_execution(
+    report: BackendReport, session: runtime.Session, model: onnx.ModelProto, feeds: dict, nodes: int
+) -> None:
+    """Profile one run: did YatGemm execute as the library kernel the session was set up for?"""
+    if nodes == 0:
+        report.yat_gemm_execution = "no YatGemm nodes"
+        return
+    try:
+        runs = runtime.yat_gemm_kernel_runs(model, session.backend, feeds)
+    except OnnxModelError as exc:
+        report.execution_problem = f"profiling failed: {exc.message}"
+        return
+    report.yat_gemm_kernel_runs = runs
+    report.yat_gemm_execution = runtime.describe_kernel_runs(runs)
+    if session.uses_library and sum(runs.values()) < nodes:
+        report.execution_problem = (f"the custom-op library was registered but the profiler saw "
+                                    f"{sum(runs.values())} YatGemm kernel runs for {nodes} nodes")
+    elif not session.uses_library and runs:
+        report.execution_problem = "YatGemm ran as a kernel although no library was registered"
+    elif not session.uses_library and session.backend.library is not None:
+        report.execution_problem = f"the library was not used: {session.reason}"
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
@@ -389,6 +421,8 @@ def format_report(report: ValidationReport) -> str:
             lines.append(f"\n  {backend.name}: skipped ({backend.reason})")
             continue
         lines.append(f"\n  {backend.name}: {backend.description}")
+        if backend.yat_gemm_execution:
+            lines.append(f"    {backend.yat_gemm_execution}")
         header = f"    {'output':<12} {'input case':<22} {'shape':<14} {'max abs err':>12} {'max rel err':>12}  result"
         lines.append(header)
         for comp in backend.comparisons:

@@ -1,0 +1,152 @@
+// CPU kernels of yat.YatGemm: float, double, float16, bfloat16 (every dtype the op admits, because
+// ONNX Runtime never falls back from a registered library to the model's function).
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "yat_gemm_cpu.h"
+#include "yat_gemm_ort.h"
+#include "yat_gemm_spec.h"
+
+namespace yat {
+namespace {
+
+using Ort::Custom::Tensor;
+
+ParallelFor OrtParallelFor(OrtKernelContext* context) {
+  return [context](int64_t count, const std::function<void(int64_t)>& task) {
+    if (count <= 1) {
+      for (int64_t i = 0; i < count; ++i) task(i);
+      return;
+    }
+    auto trampoline = [](void* data, size_t index) {
+      (*static_cast<const std::function<void(int64_t)>*>(data))(static_cast<int64_t>(index));
+    };
+    Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(
+        context, trampoline, static_cast<size_t>(count), 0, const_cast<std::function<void(int64_t)>*>(&task)));
+  };
+}
+
+// W as a constant initializer, if it is one: lets a kernel prepare W once per session.
+const OrtValue* ConstantWeight(const OrtApi* api, const OrtKernelInfo* info) {
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  Ort::Status status{api->KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value)};
+  return status.IsOK() && is_constant ? value : nullptr;
+}
+
+template <typename T>
+struct NativeKernel {  // float and double
+  NativeKernel(const OrtApi* api, const OrtKernelInfo* info) : attributes_(Attributes::Read(info)) {
+    if (const OrtValue* w = ConstantWeight(api, info)) {
+      Ort::ConstValue value(w);
+      const auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
+      if (shape.size() == 2) {
+        constant_w_ = value.GetTensorData<T>();
+        w_sq_.resize(static_cast<size_t>(shape[0]));
+        RowSquaredNorms(constant_w_, shape[0], shape[1], w_sq_.data());
+      }
+    }
+  }
+
+  Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
+                      std::optional<const Tensor<T>*> b, Tensor<T>& y) {
+    int64_t m = 0, k = 0, n = 0;
+    std::vector<int64_t> y_shape;
+    const std::vector<int64_t>* b_shape = b.has_value() && *b ? &(*b)->Shape() : nullptr;
+    if (Ort::Status status = CheckShapes(x.Shape(), w.Shape(), b_shape, &m, &k, &n, &y_shape); !status.IsOK()) {
+      return status;
+    }
+    T* out = y.Allocate(y_shape);
+    if (m == 0 || n == 0) return Ort::Status{nullptr};
+    std::vector<T> w_sq_run;
+    const T* w_sq = w_sq_.data();
+    if (w.Data() != constant_w_) {  // W is not the initializer seen at session creation
+      w_sq_run.resize(static_cast<size_t>(n));
+      RowSquaredNorms(w.Data(), n, k, w_sq_run.data());
+      w_sq = w_sq_run.data();
+    }
+    const Problem problem{m, k, n, attributes_.eps, attributes_.alpha};
+    YatGemm(problem, x.Data(), w.Data(), b_shape ? (*b)->Data() : nullptr, w_sq, out, OrtParallelFor(context));
+    return Ort::Status{nullptr};
+  }
+
+  Attributes attributes_;
+  const T* constant_w_ = nullptr;
+  std::vector<T> w_sq_;
+};
+
+template <typename T, Half kType>
+struct HalfKernel {  // Ort::Float16_t and Ort::BFloat16_t: float32 arithmetic
+  HalfKernel(const OrtApi* api, const OrtKernelInfo* info) : attributes_(Attributes::Read(info)) {
+    if (const OrtValue* w = ConstantWeight(api, info)) {
+      Ort::ConstValue value(w);
+      const auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
+      if (shape.size() == 2) {
+        constant_w_ = value.GetTensorData<T>();
+        Prepare(constant_w_, shape[0], shape[1], &w_float_, &w_sq_);
+      }
+    }
+  }
+
+  static void Prepare(const T* w, int64_t n, int64_t k, std::vector<float>* w_float, std::vector<float>* w_sq) {
+    const auto* bits = reinterpret_cast<const uint16_t*>(w);
+    w_float->resize(static_cast<size_t>(n * k));
+    for (int64_t i = 0; i < n * k; ++i) (*w_float)[static_cast<size_t>(i)] = HalfToFloat(kType, bits[i]);
+    w_sq->resize(static_cast<size_t>(n));
+    RowSquaredNorms(w_float->data(), n, k, w_sq->data());
+  }
+
+  Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
+                      std::optional<const Tensor<T>*> b, Tensor<T>& y) {
+    int64_t m = 0, k = 0, n = 0;
+    std::vector<int64_t> y_shape;
+    const std::vector<int64_t>* b_shape = b.has_value() && *b ? &(*b)->Shape() : nullptr;
+    if (Ort::Status status = CheckShapes(x.Shape(), w.Shape(), b_shape, &m, &k, &n, &y_shape); !status.IsOK()) {
+      return status;
+    }
+    T* out = y.Allocate(y_shape);
+    if (m == 0 || n == 0) return Ort::Status{nullptr};
+    std::vector<float> w_float_run, w_sq_run;
+    const std::vector<float>* w_float = &w_float_;
+    const std::vector<float>* w_sq = &w_sq_;
+    if (w.Data() != constant_w_) {
+      Prepare(w.Data(), n, k, &w_float_run, &w_sq_run);
+      w_float = &w_float_run;
+      w_sq = &w_sq_run;
+    }
+    std::vector<float> b_float;
+    if (b_shape) {
+      const auto* bits = reinterpret_cast<const uint16_t*>((*b)->Data());
+      b_float.resize(static_cast<size_t>(n));
+      for (int64_t j = 0; j < n; ++j) b_float[static_cast<size_t>(j)] = HalfToFloat(kType, bits[j]);
+    }
+    const Problem problem{m, k, n, attributes_.eps, attributes_.alpha};
+    YatGemmHalf(kType, problem, reinterpret_cast<const uint16_t*>(x.Data()), w_float->data(),
+                b_shape ? b_float.data() : nullptr, w_sq->data(), reinterpret_cast<uint16_t*>(out),
+                OrtParallelFor(context));
+    return Ort::Status{nullptr};
+  }
+
+  Attributes attributes_;
+  const T* constant_w_ = nullptr;
+  std::vector<float> w_float_;
+  std::vector<float> w_sq_;
+};
+
+constexpr const char* kCpu = "CPUExecutionProvider";
+
+}  // namespace
+
+OpList CreateCpuKernels() {
+  OpList ops;
+  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<NativeKernel<float>>(spec::kOpName, kCpu, spec::kVersion));
+  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<NativeKernel<double>>(spec::kOpName, kCpu, spec::kVersion));
+  ops.emplace_back(
+      Ort::Custom::CreateLiteCustomOp<HalfKernel<Ort::Float16_t, Half::kFloat16>>(spec::kOpName, kCpu, spec::kVersion));
+  ops.emplace_back(
+      Ort::Custom::CreateLiteCustomOp<HalfKernel<Ort::BFloat16_t, Half::kBFloat16>>(spec::kOpName, kCpu, spec::kVersion));
+  return ops;
+}
+
+}  // namespace yat

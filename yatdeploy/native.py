@@ -1,0 +1,73 @@
+"""Where the native build put things: the ONNX Runtime custom-op libraries and their build facts.
+
+The build (CMake, run by the package install) installs them into `yatdeploy/_native/` of the
+installed package; an editable install keeps them in site-packages while the Python sources stay in
+the checkout, so they are looked up through the distribution's file list as well.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+CPU_LIBRARY = "libyatdeploy_ort.so"
+CUDA_LIBRARY = "libyatdeploy_ort_cuda.so"
+BUILD_INFO = "build_info.json"
+ENV_LIBRARY_DIR = "YATDEPLOY_NATIVE_DIR"  # overrides the lookup (a build folder, say)
+
+
+def _installed(name: str) -> Path | None:
+    override = os.environ.get(ENV_LIBRARY_DIR)
+    if override:
+        path = Path(override) / name
+        return path.resolve() if path.is_file() else None
+    beside = Path(__file__).parent / "_native" / name
+    if beside.is_file():
+        return beside.resolve()
+    # Every yatdeploy distribution on the path, not just the first: a stale metadata folder in a
+    # checkout can come before the installed one.
+    for dist in metadata.distributions(name="yatdeploy"):
+        for entry in dist.files or []:
+            if entry.name == name and entry.parent.name == "_native":
+                path = Path(str(entry.locate()))
+                if path.is_file():
+                    return path.resolve()
+    return None
+
+
+def ort_library_path() -> Path | None:
+    """The CPU custom-op library (float, double, float16, bfloat16 kernels), if built."""
+    return _installed(CPU_LIBRARY)
+
+
+def ort_cuda_library_path() -> Path | None:
+    """The library with CUDA kernels as well (built when nvcc was present), if built."""
+    return _installed(CUDA_LIBRARY)
+
+
+@functools.cache
+def build_info() -> dict:
+    path = _installed(BUILD_INFO)
+    if path is None:
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+@functools.cache
+def preload_dependencies() -> None:
+    """Load the BLAS the library links against, so it resolves wherever the library was installed."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return
+    lib_dir = Path(scipy_openblas32.get_lib_dir())
+    for candidate in sorted(lib_dir.glob("libscipy_openblas*.so*")):
+        ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
+        return
