@@ -1,4 +1,4 @@
-"""The `yatdeploy` command line: export, validate, demo."""
+"""The `yatdeploy` command line: export, validate, demo, doctor."""
 
 from __future__ import annotations
 
@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="yatdeploy-demo", metavar="DIR", help="where to write (default ./yatdeploy-demo)")
     demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data split and training (default 0)")
+    doctor = commands.add_parser(
+        "doctor", parents=[common], help="show what this installation can do",
+        description="Versions, the built custom-op libraries, CUDA kernels, GPUs and which backends work.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the same as JSON")
     return parser
 
 
@@ -229,6 +234,16 @@ def cmd_demo(args: argparse.Namespace, progress) -> int:
     return EXIT_OK if agree else EXIT_VALIDATION_FAILED
 
 
+def cmd_doctor(args: argparse.Namespace, progress) -> int:
+    import json
+
+    from yatdeploy.doctor import collect, format_text
+
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else format_text(report))
+    return EXIT_OK
+
+
 def _quiet_libraries(debug: bool) -> None:
     if debug:
         return
@@ -245,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from yatdeploy.progress import Progress
 
     progress = Progress(enabled=not args.quiet)
-    handlers = {"export": cmd_export, "validate": cmd_validate, "demo": cmd_demo}
+    handlers = {"export": cmd_export, "validate": cmd_validate, "demo": cmd_demo, "doctor": cmd_doctor}
     try:
         return handlers[args.command](args, progress)
     except YatDeployError as exc:
@@ -256,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`yatdeploy doctor | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # a bug of ours: say so, keep the traceback behind --debug
         if args.debug:
             traceback.print_exc()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass

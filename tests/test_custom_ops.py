@@ -1,0 +1,303 @@
+"""yatdeploy's ONNX Runtime custom-op library: built by the install, registered, and right."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from yatdeploy import dtypes, native, runtime
+from yatdeploy.attach import attach_yat_gemm_function
+from yatdeploy.cli import main
+from yatdeploy.ops.torch_op import yat_gemm_reference
+from yatdeploy.spec import ONNX_DOUBLE, ONNX_FLOAT, ONNX_FLOAT16, YAT_GEMM
+
+CPU_LIB = runtime.get_backend("ort-cpu")
+FUNCTION = runtime.get_backend("ort-function")
+CUDA_BACKEND = runtime.get_backend("ort-cuda")
+needs_gpu = pytest.mark.skipif(
+    CUDA_BACKEND.availability() is not None, reason=f"ort-cuda unavailable: {CUDA_BACKEND.availability()}"
+)
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def _initializer(array: np.ndarray, name: str) -> onnx.TensorProto:
+    if array.dtype == ml_dtypes.bfloat16:
+        return helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, array.tobytes(), raw=True)
+    return numpy_helper.from_array(array, name)
+
+
+def yat_gemm_model(w, b, x_shape, *, eps=1e-5, alpha=1.0, w_as_input=False, with_function=True) -> onnx.ModelProto:
+    elem = next(t.onnx for t in dtypes.FLOAT_TYPES if t.numpy == w.dtype)
+    n, k = w.shape
+    inputs = ["X", "W"] + (["B"] if b is not None else [])
+    node = helper.make_node(YAT_GEMM.name, inputs, ["Y"], domain=YAT_GEMM.domain, eps=eps, alpha=alpha)
+    graph_inputs = [helper.make_tensor_value_info("X", elem, x_shape)]
+    initializers = [] if b is None else [_initializer(b, "B")]
+    if w_as_input:
+        graph_inputs.append(helper.make_tensor_value_info("W", elem, [n, k]))
+    else:
+        initializers.append(_initializer(w, "W"))
+    graph = helper.make_graph([node], "yat_gemm", graph_inputs,
+                              [helper.make_tensor_value_info("Y", elem, [*x_shape[:-1], n])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    if with_function:
+        attach_yat_gemm_function(model)
+    else:
+        model.opset_import.append(helper.make_opsetid(YAT_GEMM.domain, YAT_GEMM.version))
+    return model
+
+
+def _random(shape, dtype, rng, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32).astype(dtypes.by_name(dtype).numpy)
+
+
+def _reference(x, w, b, eps, alpha, dtype):
+    """The spec's semantics in float64 (float32 for the 16-bit types, as the spec computes them).
+
+    eps and alpha are float32 attributes, so the reference takes them rounded the same way.
+    """
+    t = torch.float32 if dtype in ("float16", "bfloat16") else torch.float64
+    as_t = lambda a: None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64)).to(t)  # noqa: E731
+    y = yat_gemm_reference(as_t(x), as_t(w), as_t(b), float(np.float32(eps)), float(np.float32(alpha)))
+    if dtype in ("float16", "bfloat16"):
+        limit = float(torch.finfo(dtypes.by_name(dtype).torch).max)
+        y = y.clamp(-limit, limit)
+    return y.double().numpy()
+
+
+def _rel_errors(got, want):
+    got = got.astype(np.float64)
+    return np.abs(got - want) / np.maximum(np.abs(want), 1e-3)
+
+
+def _max_rel(got, want):
+    return float(_rel_errors(got, want).max())
+
+
+def _assert_close(got, want, dtype):
+    errors = _rel_errors(got, want)
+    if dtype == "float32":
+        # Typical error: float32's dot product cancels where x·w + b ≈ 0, so a few outputs near zero
+        # carry larger relative errors in any float32 implementation.
+        assert float(np.percentile(errors, 99)) <= TOLERANCE[dtype] and float(errors.max()) <= 10 * TOLERANCE[dtype]
+    else:
+        assert float(errors.max()) <= TOLERANCE[dtype]
+
+
+def test_the_install_built_the_library_and_doctor_reports_it(capsys):
+    path = native.ort_library_path()
+    assert path is not None and path.is_absolute() and path.is_file()
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ort_custom_ops_library"] == str(path)
+    assert isinstance(report["cuda_kernels_built"], bool)
+    if shutil.which("nvcc"):
+        # The build turns the CUDA kernels on whenever nvcc is present (compile-only on a CPU machine).
+        assert report["cuda_kernels_built"] is True
+        assert native.ort_cuda_library_path() is not None
+    assert report["backends"]["ort-cpu"]["available"] is True
+
+
+def test_doctor_text(capsys):
+    assert main(["doctor"]) == 0
+    text = capsys.readouterr().out
+    assert "custom-op library" in text and "ort-cpu" in text and "GPU:" in text
+
+
+def test_the_library_loads_and_runs_in_a_fresh_process(tmp_path):
+    rng = np.random.default_rng(0)
+    model = yat_gemm_model(_random((4, 8), "float32", rng), _random((4,), "float32", rng), ["m", 8])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    script = textwrap.dedent(f"""
+        import numpy as np, onnxruntime as ort
+        from yatdeploy import native
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(native.ort_library_path()))
+        session = ort.InferenceSession({str(tmp_path / "m.onnx")!r}, options, providers=["CPUExecutionProvider"])
+        print(session.run(None, {{"X": np.ones((2, 8), np.float32)}})[0].shape)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(2, 4)"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_the_kernel_runs_on_the_cpu_provider_for_every_dtype(dtype):
+    rng = np.random.default_rng(1)
+    model = yat_gemm_model(_random((6, 16), dtype, rng), _random((6,), dtype, rng), ["m", 16])
+    x = _random((3, 16), dtype, rng)
+    runs = runtime.yat_gemm_kernel_runs(model, CPU_LIB, {"X": x})
+    assert runs == {"CPUExecutionProvider": 1}
+    assert runtime.yat_gemm_kernel_runs(model, FUNCTION, {"X": x}) == {}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 64, 32), (7, 33, 5), (300, 96, 130), (4, 1, 3), (5, 8, 1), (1, 1, 1)],
+    ids=["batch1", "odd", "several-tiles", "K=1", "N=1", "1x1x1"],
+)
+def test_numerics_against_the_spec(dtype, m, k, n):
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
+    x, w, b = _random((m, k), dtype, rng), _random((n, k), dtype, rng, 0.5), _random((n,), dtype, rng, 0.1)
+    session = runtime.create_session(yat_gemm_model(w, b, ["m", k], eps=1e-3, alpha=1.25), CPU_LIB)
+    assert session.uses_library
+    got = runtime.run(session, {"X": x})[0]
+    assert got.dtype == dtypes.by_name(dtype).numpy and got.shape == (m, n)
+    _assert_close(got, _reference(x, w, b, 1e-3, 1.25, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_leading_dimensions(dtype):
+    rng = np.random.default_rng(5)
+    x, w, b = _random((2, 3, 8), dtype, rng), _random((4, 8), dtype, rng), _random((4,), dtype, rng)
+    got = runtime.run(runtime.create_session(yat_gemm_model(w, b, ["b", "t", 8]), CPU_LIB), {"X": x})[0]
+    assert got.shape == (2, 3, 4)
+    assert _max_rel(got, _reference(x, w, b, 1e-5, 1.0, dtype)) <= TOLERANCE[dtype]
+
+
+def test_an_empty_batch():
+    rng = np.random.default_rng(6)
+    w, b = _random((4, 8), "float32", rng), _random((4,), "float32", rng)
+    got = runtime.run(runtime.create_session(yat_gemm_model(w, b, ["m", 8]), CPU_LIB), {"X": np.zeros((0, 8), np.float32)})
+    assert got[0].shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_a_missing_bias_is_zero(dtype):
+    rng = np.random.default_rng(7)
+    x, w = _random((3, 8), dtype, rng), _random((4, 8), dtype, rng)
+    # Without B the function can't run (docs/yatgemm.md), so this node exists for the library only.
+    model = yat_gemm_model(w, None, ["m", 8], with_function=False)
+    got = runtime.run(runtime.create_session(model, CPU_LIB), {"X": x})[0]
+    assert _max_rel(got, _reference(x, w, None, 1e-5, 1.0, dtype)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_weights_given_at_run_time_are_prepared_per_run(dtype):
+    rng = np.random.default_rng(8)
+    b = _random((5,), dtype, rng)
+    session = runtime.create_session(yat_gemm_model(_random((5, 12), dtype, rng), b, ["m", 12], w_as_input=True),
+                                     CPU_LIB)
+    x = _random((4, 12), dtype, rng)
+    for seed in (1, 2):  # two different W through one session
+        w = _random((5, 12), dtype, np.random.default_rng(seed))
+        got = runtime.run(session, {"X": x, "W": w})[0]
+        assert _max_rel(got, _reference(x, w, b, 1e-5, 1.0, dtype)) <= TOLERANCE[dtype]
+
+
+def test_x_close_to_w_stays_within_the_cancellation_bound():
+    rng = np.random.default_rng(9)
+    w = _random((6, 64), "float32", rng)
+    x = (w + 1e-3 * rng.standard_normal(w.shape)).astype(np.float32)
+    eps = 1e-5
+    got = runtime.run(runtime.create_session(yat_gemm_model(w, np.zeros(6, np.float32), ["m", 64], eps=eps), CPU_LIB),
+                      {"X": x})[0].astype(np.float64)
+    assert np.isfinite(got).all() and (got >= 0).all()
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    implied_dist = np.einsum("ik,ik->i", x64, w64) ** 2 / np.diag(got) - eps
+    true_dist = ((x64 - w64) ** 2).sum(axis=1)
+    bound = 16 * np.finfo(np.float32).eps * ((x64**2).sum(1) + (w64**2).sum(1))
+    assert (np.abs(implied_dist - true_dist) <= bound).all()
+
+
+def test_16bit_results_saturate():
+    w = np.full((1, 4), 100.0, np.float16)
+    got = runtime.run(runtime.create_session(yat_gemm_model(w, np.zeros(1, np.float16), ["m", 4]), CPU_LIB),
+                      {"X": w.copy()})[0]
+    assert got.item() == np.finfo(np.float16).max
+
+
+def test_shapes_that_do_not_fit_are_named():
+    rng = np.random.default_rng(10)
+    model = yat_gemm_model(_random((3, 4), "float32", rng), _random((3,), "float32", rng), ["m", "k"])
+    session = runtime.create_session(model, CPU_LIB)
+    with pytest.raises(Exception, match=r"YatGemm: X \[2, 5\] and W \[3, 4\] do not fit"):
+        runtime.run(session, {"X": np.ones((2, 5), np.float32)})
+
+
+def test_attribute_defaults_come_from_the_spec():
+    rng = np.random.default_rng(11)
+    w, b, x = _random((3, 8), "float32", rng), _random((3,), "float32", rng), _random((2, 8), "float32", rng)
+    model = yat_gemm_model(w, b, ["m", 8])
+    del model.graph.node[0].attribute[:]  # no eps, no alpha on the node
+    got = runtime.run(runtime.create_session(model, CPU_LIB), {"X": x})[0]
+    assert _max_rel(got, _reference(x, w, b, YAT_GEMM.attribute("eps").default, 1.0, "float32")) <= 1e-5
+
+
+class TestRouting:
+    """Which path a session takes, and the one line that says why."""
+
+    def test_cpu_library_serves_every_dtype(self):
+        for elem in YAT_GEMM.dtypes:
+            use, why = runtime.library_decision(CPU_LIB, {elem}, YAT_GEMM.version)
+            assert use and "CPUExecutionProvider kernel" in why
+
+    def test_double_on_cuda_runs_on_the_libraries_cpu_kernels(self):
+        use, why = runtime.library_decision(CUDA_BACKEND, {ONNX_FLOAT, ONNX_DOUBLE}, YAT_GEMM.version)
+        if native.ort_cuda_library_path() is None:
+            pytest.skip("the CUDA library was not built (no nvcc)")
+        assert use and "float64 YatGemm nodes run on the library's CPU kernels" in why
+
+    def test_a_dtype_without_a_kernel_is_routed_to_the_function(self):
+        cuda_only = runtime.Backend("cuda-only", "test", (runtime.CUDA,), "cuda")
+        if cuda_only.library_path() is None:
+            pytest.skip("the CUDA library was not built (no nvcc)")
+        use, why = runtime.library_decision(cuda_only, {ONNX_DOUBLE, ONNX_FLOAT16}, YAT_GEMM.version)
+        assert not use
+        assert why == "the library has no float64 YatGemm kernel: YatGemm runs as the model's ONNX function"
+
+    def test_another_op_version_is_routed_to_the_function(self):
+        use, why = runtime.library_decision(CPU_LIB, {ONNX_FLOAT}, 2)
+        assert not use and "version 2" in why
+
+    def test_a_missing_library_is_routed_to_the_function(self, monkeypatch):
+        monkeypatch.setattr(native, "ort_library_path", lambda: None)
+        use, why = runtime.library_decision(CPU_LIB, {ONNX_FLOAT}, YAT_GEMM.version)
+        assert not use and "was not built" in why
+        assert "was not built" in CPU_LIB.availability()
+
+    def test_no_yat_nodes_needs_no_library(self):
+        assert runtime.library_decision(CPU_LIB, set(), None) == (
+            False, "the model has no YatGemm nodes; the custom-op library is not needed")
+
+    def test_the_reason_is_logged_once_per_session(self, caplog):
+        rng = np.random.default_rng(12)
+        model = yat_gemm_model(_random((3, 8), "float64", rng), _random((3,), "float64", rng), ["m", 8])
+        with caplog.at_level("INFO", logger="yatdeploy.runtime"):
+            runtime.create_session(model, FUNCTION)
+        assert [r.getMessage() for r in caplog.records] == [
+            "ort-function: YatGemm runs as the model's ONNX function (backend ort-function)"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cuda_kernel_numerics_and_execution(dtype):
+    rng = np.random.default_rng(13)
+    x, w, b = _random((300, 96), dtype, rng), _random((130, 96), dtype, rng, 0.5), _random((130,), dtype, rng, 0.1)
+    model = yat_gemm_model(w, b, ["m", 96], eps=1e-3, alpha=1.25)
+    assert runtime.yat_gemm_kernel_runs(model, CUDA_BACKEND, {"X": x}) == {"CUDAExecutionProvider": 1}
+    got = runtime.run(runtime.create_session(model, CUDA_BACKEND), {"X": x})[0]
+    _assert_close(got, _reference(x, w, b, 1e-3, 1.25, dtype), dtype)
+
+
+@needs_gpu
+def test_cuda_kernel_keeps_the_distance_accurate_when_x_is_close_to_w():
+    rng = np.random.default_rng(14)
+    w = _random((6, 256), "float32", rng)
+    x = (w + 1e-2 * rng.standard_normal(w.shape)).astype(np.float32)
+    got = runtime.run(runtime.create_session(yat_gemm_model(w, np.zeros(6, np.float32), ["m", 256]), CUDA_BACKEND),
+                      {"X": x})[0].astype(np.float64)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    exact = np.einsum("ik,ik->i", x64, w64) ** 2 / (((x64 - w64) ** 2).sum(1) + 1e-5)
+    np.testing.assert_allclose(np.diag(got), exact, rtol=1e-4)  # direct distance: no cancellation

@@ -1,0 +1,63 @@
+"""`yatdeploy doctor`: what this installation can do."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from yatdeploy import __version__, native, runtime
+
+_DISTRIBUTIONS = ("torch", "nmn", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-gpu", "numpy",
+                  "scipy-openblas32", "tensorrt")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict:
+    cpu_library = native.ort_library_path()
+    cuda_library = native.ort_cuda_library_path()
+    info = native.build_info()
+    gpus = runtime.gpu_count()
+    return {
+        "yatdeploy": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {dist: _version(dist) for dist in _DISTRIBUTIONS},
+        "onnxruntime_providers": runtime.ort.get_available_providers() if runtime.ort is not None else [],
+        "ort_custom_ops_library": str(cpu_library) if cpu_library else None,
+        "ort_custom_ops_cuda_library": str(cuda_library) if cuda_library else None,
+        "cuda_kernels_built": bool(info.get("cuda_kernels_built", False)) and cuda_library is not None,
+        "cuda_architectures": info.get("cuda_architectures"),
+        "ort_headers_api_version": info.get("ort_api_version"),
+        "gpu": {"present": gpus > 0, "count": gpus},
+        "backends": {
+            b.name: {"available": b.availability() is None, "reason": b.availability(), "description": b.description}
+            for b in runtime.BACKENDS.values()
+        },
+    }
+
+
+def format_text(report: dict) -> str:
+    lines = [f"yatdeploy {report['yatdeploy']} on Python {report['python']} ({report['platform']})", "", "packages:"]
+    for dist, version in report["versions"].items():
+        lines.append(f"  {dist:<18} {version or 'not installed'}")
+    lines += ["", "native build:"]
+    lines.append(f"  custom-op library      {report['ort_custom_ops_library'] or 'not built'}")
+    cuda = report["ort_custom_ops_cuda_library"] or "not built"
+    if report["cuda_kernels_built"]:
+        cuda += f" (architectures {report['cuda_architectures']})"
+    lines.append(f"  with CUDA kernels      {cuda}")
+    lines.append(f"  ORT headers API        {report['ort_headers_api_version'] or '-'}")
+    gpu = report["gpu"]
+    lines += ["", f"GPU: {gpu['count']} NVIDIA GPU(s) visible" if gpu["present"] else "GPU: none visible"]
+    lines.append(f"ONNX Runtime providers: {', '.join(report['onnxruntime_providers']) or '-'}")
+    lines += ["", "backends:"]
+    for name, backend in report["backends"].items():
+        state = "available" if backend["available"] else f"unavailable: {backend['reason']}"
+        lines.append(f"  {name:<13} {state}")
+    return "\n".join(lines)
