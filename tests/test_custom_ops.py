@@ -30,6 +30,18 @@ needs_gpu = pytest.mark.skipif(
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12, "float16": 2e-3, "bfloat16": 1.6e-2}
 
+HAS_AVX512 = "avx512f" in open("/proc/cpuinfo").read().split()
+
+
+@pytest.fixture(params=["avx512", "blas"])
+def float_kernel(request, monkeypatch):
+    """Both float32 CPU paths: the AVX-512 micro-kernel (where the CPU has it) and OpenBLAS."""
+    if request.param == "avx512" and not HAS_AVX512:
+        pytest.skip("this CPU has no AVX-512F; the library uses its OpenBLAS path")
+    if request.param == "blas":
+        monkeypatch.setenv("YATDEPLOY_CPU_KERNEL", "blas")
+    return request.param
+
 
 def _initializer(array: np.ndarray, name: str) -> onnx.TensorProto:
     if array.dtype == ml_dtypes.bfloat16:
@@ -142,11 +154,19 @@ def test_the_kernel_runs_on_the_cpu_provider_for_every_dtype(dtype):
     assert runtime.yat_gemm_kernel_runs(model, FUNCTION, {"X": x}) == {}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
-@pytest.mark.parametrize(
-    "m,k,n", [(1, 64, 32), (7, 33, 5), (300, 96, 130), (4, 1, 3), (5, 8, 1), (1, 1, 1)],
-    ids=["batch1", "odd", "several-tiles", "K=1", "N=1", "1x1x1"],
+SHAPES = pytest.mark.parametrize(
+    "m,k,n", [(1, 64, 32), (7, 33, 5), (300, 96, 130), (4, 1, 3), (5, 8, 1), (1, 1, 1), (70, 40, 600)],
+    ids=["batch1", "odd", "several-tiles", "K=1", "N=1", "1x1x1", "several-panel-groups"],
 )
+
+
+@SHAPES
+def test_float32_numerics_on_both_cpu_paths(float_kernel, m, k, n):
+    test_numerics_against_the_spec("float32", m, k, n)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+@SHAPES
 def test_numerics_against_the_spec(dtype, m, k, n):
     rng = np.random.default_rng(m * 1000 + k * 10 + n)
     x, w, b = _random((m, k), dtype, rng), _random((n, k), dtype, rng, 0.5), _random((n,), dtype, rng, 0.1)
@@ -174,7 +194,7 @@ def test_an_empty_batch():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
-def test_a_missing_bias_is_zero(dtype):
+def test_a_missing_bias_is_zero(dtype, float_kernel):
     rng = np.random.default_rng(7)
     x, w = _random((3, 8), dtype, rng), _random((4, 8), dtype, rng)
     # Without B the function can't run (docs/yatgemm.md), so this node exists for the library only.
@@ -184,7 +204,7 @@ def test_a_missing_bias_is_zero(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_weights_given_at_run_time_are_prepared_per_run(dtype):
+def test_weights_given_at_run_time_are_prepared_per_run(dtype, float_kernel):
     rng = np.random.default_rng(8)
     b = _random((5,), dtype, rng)
     session = runtime.create_session(yat_gemm_model(_random((5, 12), dtype, rng), b, ["m", 12], w_as_input=True),
@@ -196,7 +216,7 @@ def test_weights_given_at_run_time_are_prepared_per_run(dtype):
         assert _max_rel(got, _reference(x, w, b, 1e-5, 1.0, dtype)) <= TOLERANCE[dtype]
 
 
-def test_x_close_to_w_stays_within_the_cancellation_bound():
+def test_x_close_to_w_stays_within_the_cancellation_bound(float_kernel):
     rng = np.random.default_rng(9)
     w = _random((6, 64), "float32", rng)
     x = (w + 1e-3 * rng.standard_normal(w.shape)).astype(np.float32)

@@ -1,9 +1,13 @@
 // CPU kernels of yat.YatGemm: float, double, float16, bfloat16 (every dtype the op admits, because
 // ONNX Runtime never falls back from a registered library to the model's function).
+#include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <vector>
 
+#include "yat_gemm_avx512.h"
 #include "yat_gemm_cpu.h"
 #include "yat_gemm_ort.h"
 #include "yat_gemm_spec.h"
@@ -35,18 +39,39 @@ const OrtValue* ConstantWeight(const OrtApi* api, const OrtKernelInfo* info) {
   return status.IsOK() && is_constant ? value : nullptr;
 }
 
+// float32 uses the AVX-512 micro-kernel where the CPU has it, unless YATDEPLOY_CPU_KERNEL=blas asks for
+// the OpenBLAS path (which the tests use to check both).
+bool UseAvx512ForFloat() {
+  const char* choice = std::getenv("YATDEPLOY_CPU_KERNEL");
+  if (choice != nullptr && std::string(choice) == "blas") return false;
+  return CpuHasAvx512();
+}
+
 template <typename T>
 struct NativeKernel {  // float and double
-  NativeKernel(const OrtApi* api, const OrtKernelInfo* info) : attributes_(Attributes::Read(info)) {
+  static constexpr bool kIsFloat = std::is_same_v<T, float>;
+
+  NativeKernel(const OrtApi* api, const OrtKernelInfo* info)
+      : attributes_(Attributes::Read(info)), avx512_(kIsFloat && UseAvx512ForFloat()) {
     if (const OrtValue* w = ConstantWeight(api, info)) {
       Ort::ConstValue value(w);
       const auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
       if (shape.size() == 2) {
         constant_w_ = value.GetTensorData<T>();
-        w_sq_.resize(static_cast<size_t>(shape[0]));
-        RowSquaredNorms(constant_w_, shape[0], shape[1], w_sq_.data());
+        Prepare(constant_w_, shape[0], shape[1], &w_sq_, &packed_);
       }
     }
+  }
+
+  void Prepare(const T* w, int64_t n, int64_t k, std::vector<T>* w_sq, PackedWeights* packed) const {
+    if constexpr (kIsFloat) {
+      if (avx512_) {
+        PackWeights(w, n, k, packed);
+        return;
+      }
+    }
+    w_sq->resize(static_cast<size_t>(n));
+    RowSquaredNorms(w, n, k, w_sq->data());
   }
 
   Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
@@ -60,20 +85,31 @@ struct NativeKernel {  // float and double
     T* out = y.Allocate(y_shape);
     if (m == 0 || n == 0) return Ort::Status{nullptr};
     std::vector<T> w_sq_run;
-    const T* w_sq = w_sq_.data();
+    PackedWeights packed_run;
+    const std::vector<T>* w_sq = &w_sq_;
+    const PackedWeights* packed = &packed_;
     if (w.Data() != constant_w_) {  // W is not the initializer seen at session creation
-      w_sq_run.resize(static_cast<size_t>(n));
-      RowSquaredNorms(w.Data(), n, k, w_sq_run.data());
-      w_sq = w_sq_run.data();
+      Prepare(w.Data(), n, k, &w_sq_run, &packed_run);
+      w_sq = &w_sq_run;
+      packed = &packed_run;
     }
     const Problem problem{m, k, n, attributes_.eps, attributes_.alpha};
-    YatGemm(problem, x.Data(), w.Data(), b_shape ? (*b)->Data() : nullptr, w_sq, out, OrtParallelFor(context));
+    const T* bias = b_shape ? (*b)->Data() : nullptr;
+    if constexpr (kIsFloat) {
+      if (avx512_) {
+        YatGemmAvx512(problem, x.Data(), *packed, bias, out, OrtParallelFor(context));
+        return Ort::Status{nullptr};
+      }
+    }
+    YatGemm(problem, x.Data(), w.Data(), bias, w_sq->data(), out, OrtParallelFor(context));
     return Ort::Status{nullptr};
   }
 
   Attributes attributes_;
+  bool avx512_;
   const T* constant_w_ = nullptr;
   std::vector<T> w_sq_;
+  PackedWeights packed_;  // float with AVX-512 only
 };
 
 template <typename T, Half kType>
