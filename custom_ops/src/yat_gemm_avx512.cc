@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <thread>
 
 // Only the functions marked with this attribute use AVX-512; nothing else in this file (and no
 // template shared with other files) is compiled for it, so the library still loads on older CPUs.
@@ -103,9 +104,19 @@ void PackWeights(const float* w, int64_t n, int64_t k, PackedWeights* out) {
 }
 
 void YatGemmAvx512(const Problem& p, const float* x, const PackedWeights& w, const float* b, float* y,
-                   const ParallelFor& parallel_for) {
+                   const ParallelFor& pool_for) {
+  // Below this many multiply-adds, waking pool threads costs more than the second core saves.
+  constexpr int64_t kSerialWork = int64_t{4} << 20;
+  const ParallelFor serial_for = [](int64_t count, const std::function<void(int64_t)>& task) {
+    for (int64_t i = 0; i < count; ++i) task(i);
+  };
+  const ParallelFor& parallel_for = p.m * p.n * p.k < kSerialWork ? serial_for : pool_for;
   const int64_t row_tasks = (p.m + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t panel_tasks = (w.panels + kPanelsPerTask - 1) / kPanelsPerTask;
+  // Few rows: one task per thread, each a contiguous range of panels (a task costs a pool round trip).
+  const int64_t workers = std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+  const int64_t panels_per_task =
+      row_tasks < workers ? std::max<int64_t>(1, (w.panels + workers - 1) / workers) : kPanelsPerTask;
+  const int64_t panel_tasks = (w.panels + panels_per_task - 1) / panels_per_task;
   // |x|² once per row, not once per task that reads the row.
   std::vector<float> x_sq_all(static_cast<size_t>(p.m));
   const auto row_norms = [&](int64_t task) {
@@ -120,8 +131,8 @@ void YatGemmAvx512(const Problem& p, const float* x, const PackedWeights& w, con
   parallel_for(row_tasks * panel_tasks, [&](int64_t task) {
     const int64_t row0 = (task / panel_tasks) * kRowsPerTask;
     const int64_t rows = std::min(kRowsPerTask, p.m - row0);
-    const int64_t first_panel = (task % panel_tasks) * kPanelsPerTask;
-    const int64_t last_panel = std::min(w.panels, first_panel + kPanelsPerTask);
+    const int64_t first_panel = (task % panel_tasks) * panels_per_task;
+    const int64_t last_panel = std::min(w.panels, first_panel + panels_per_task);
     const float* x_sq = x_sq_all.data() + row0;
     for (int64_t panel = first_panel; panel < last_panel; ++panel) {
       const int64_t col0 = panel * kPanel;
