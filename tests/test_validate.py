@@ -45,7 +45,8 @@ def test_a_faithful_export_passes_on_every_batch(exported):
     for backend in ran.values():
         assert [c.case for c in backend.comparisons] == ["random batch 1", "random batch 7", "random batch 32"]
         assert all(c.max_rel_err <= 1e-4 for c in backend.comparisons)
-    assert ran["ort-cpu"].yat_gemm_kernel_runs == {"CPUExecutionProvider": 2}
+    # 2 YatGemm nodes, 3 input cases: every run of every node was the library's kernel.
+    assert ran["ort-cpu"].yat_gemm_kernel_runs == {"CPUExecutionProvider": 6}
     assert ran["ort-function"].yat_gemm_kernel_runs == {}
     assert "inlined ONNX function" in ran["ort-function"].yat_gemm_execution
     assert report.checks[0].passed and "2 YatGemm nodes for 2 YatNMN layers" in report.checks[0].detail
@@ -181,3 +182,18 @@ def test_output_names_are_checked_for_yatdeploy_exports(exported):
     report = validate(path, loaded)
     assert not report.passed
     assert "output names: logits; PyTorch's outputs map to output" in report.failures()
+
+
+def test_a_library_backend_that_falls_back_to_the_function_is_reported(exported):
+    loaded, path = exported
+    model = onnx.load(str(path))
+    for opset in model.opset_import:
+        if opset.domain == "yat":
+            opset.version = 2  # a YatGemm version the library does not implement
+    onnx.save(model, str(path))
+    report = validate(path, loaded, backend_names=["ort-cpu"])
+    backend = report.backends[0]
+    assert all(c.passed for c in backend.comparisons)  # the function still gives the right answers
+    assert backend.yat_gemm_kernel_runs == {}
+    assert not report.passed
+    assert "ort-cpu: the library was not used: the model imports YatGemm version 2" in report.failures()[0]

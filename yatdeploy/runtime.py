@@ -226,28 +226,32 @@ def run(session: Session, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return [_from_ort_value(v) for v in outputs]
 
 
-def yat_gemm_kernel_runs(
-    model: str | Path | bytes | onnx.ModelProto, backend: Backend, feeds: Mapping[str, np.ndarray]
-) -> dict[str, int]:
-    """Run once under ONNX Runtime's profiler: how many YatGemm kernel runs each provider made.
+def profiled_kernel_runs(session: Session) -> dict[str, int]:
+    """End a session's profiling (create_session(profile_to=...)): YatGemm kernel runs per provider.
 
     An inlined function leaves no YatGemm node in the profile (its nodes are the function's body),
     so an empty result means the library's kernel did not run.
     """
-    with tempfile.TemporaryDirectory(prefix="yatdeploy-profile-") as folder:
-        session = create_session(model, backend, profile_to=Path(folder) / "profile")
-        run(session, feeds)
-        profile = Path(session.inner.end_profiling())
-        events = json.loads(profile.read_text())
+    profile = Path(session.inner.end_profiling())
+    events = json.loads(profile.read_text())
     runs: dict[str, int] = {}
     for event in events:
         args = event.get("args", {})
-        if event.get("cat") == "Node" and args.get("op_name") == YAT_GEMM.name and event.get("name", "").endswith(
-            "_kernel_time"
-        ):
+        if (event.get("cat") == "Node" and args.get("op_name") == YAT_GEMM.name
+                and event.get("name", "").endswith("_kernel_time")):
             provider = args.get("provider", "?")
             runs[provider] = runs.get(provider, 0) + 1
     return runs
+
+
+def yat_gemm_kernel_runs(
+    model: str | Path | bytes | onnx.ModelProto, backend: Backend, feeds: Mapping[str, np.ndarray]
+) -> dict[str, int]:
+    """Run once under ONNX Runtime's profiler: how many YatGemm kernel runs each provider made."""
+    with tempfile.TemporaryDirectory(prefix="yatdeploy-profile-") as folder:
+        session = create_session(model, backend, profile_to=Path(folder) / "profile")
+        run(session, feeds)
+        return profiled_kernel_runs(session)
 
 
 def describe_kernel_runs(runs: Mapping[str, int]) -> str:
