@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +90,24 @@ def interleaved_medians(sessions: dict[str, ort.InferenceSession], x: np.ndarray
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _cpu() -> dict:
+    fields: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return {"cpu": fields.get("model name", platform.processor()), "cpu_family": fields.get("cpu family"),
+            "cpu_model": fields.get("model"), "avx512f": "avx512f" in fields.get("flags", "").split()}
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -124,15 +145,17 @@ def main() -> int:
               f"{timings['function_ms']:>12.3f} {case['library_vs_matmul']:>11.3f} {case['function_vs_matmul']:>10.3f} "
               f"{case['function_vs_library']:>7.2f}", flush=True)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     result = {
         "date": dt.date.today().isoformat(),
         "command": "python " + shlex.join(sys.argv),
-        "machine": {"cpu": cpu, "logical_cpus": len(__import__("os").sched_getaffinity(0)),
+        "commit": _git_commit(),
+        "machine": {**_cpu(), "logical_cpus": len(os.sched_getaffinity(0)),
                     "platform": platform.platform(), "python": platform.python_version()},
+        # The library's float32 path: its AVX-512 micro-kernel, or OpenBLAS (custom_ops/README.md).
+        "float32_cpu_path": "blas" if os.environ.get("YATDEPLOY_CPU_KERNEL") == "blas" or not _cpu()["avx512f"]
+        else "avx512",
         "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
-                     "blas": "scipy-openblas32 " + __import__("importlib.metadata").metadata.version("scipy-openblas32")},
+                     "blas": "scipy-openblas32 " + metadata.version("scipy-openblas32")},
         "threads": args.threads,
         "library": str(library),
         "cases": cases,
