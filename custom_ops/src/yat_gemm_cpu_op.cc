@@ -76,25 +76,21 @@ struct NativeKernel {  // float and double
 
   Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
                       std::optional<const Tensor<T>*> b, Tensor<T>& y) {
-    int64_t m = 0, k = 0, n = 0;
-    std::vector<int64_t> y_shape;
-    const std::vector<int64_t>* b_shape = b.has_value() && *b ? &(*b)->Shape() : nullptr;
-    if (Ort::Status status = CheckShapes(x.Shape(), w.Shape(), b_shape, &m, &k, &n, &y_shape); !status.IsOK()) {
-      return status;
-    }
-    T* out = y.Allocate(y_shape);
-    if (m == 0 || n == 0) return Ort::Status{nullptr};
+    Dims d;
+    const T* bias = nullptr;
+    T* out = nullptr;
+    if (Ort::Status status = BeginCompute(x, w, b, y, &d, &bias, &out); !status.IsOK()) return status;
+    if (d.m == 0 || d.n == 0) return Ort::Status{nullptr};
     std::vector<T> w_sq_run;
     PackedWeights packed_run;
     const std::vector<T>* w_sq = &w_sq_;
     const PackedWeights* packed = &packed_;
     if (w.Data() != constant_w_) {  // W is not the initializer seen at session creation
-      Prepare(w.Data(), n, k, &w_sq_run, &packed_run);
+      Prepare(w.Data(), d.n, d.k, &w_sq_run, &packed_run);
       w_sq = &w_sq_run;
       packed = &packed_run;
     }
-    const Problem problem{m, k, n, attributes_.eps, attributes_.alpha};
-    const T* bias = b_shape ? (*b)->Data() : nullptr;
+    const Problem problem{d.m, d.k, d.n, attributes_.eps, attributes_.alpha};
     if constexpr (kIsFloat) {
       if (avx512_) {
         YatGemmAvx512(problem, x.Data(), *packed, bias, out, OrtParallelFor(context));
@@ -135,31 +131,28 @@ struct HalfKernel {  // Ort::Float16_t and Ort::BFloat16_t: float32 arithmetic
 
   Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
                       std::optional<const Tensor<T>*> b, Tensor<T>& y) {
-    int64_t m = 0, k = 0, n = 0;
-    std::vector<int64_t> y_shape;
-    const std::vector<int64_t>* b_shape = b.has_value() && *b ? &(*b)->Shape() : nullptr;
-    if (Ort::Status status = CheckShapes(x.Shape(), w.Shape(), b_shape, &m, &k, &n, &y_shape); !status.IsOK()) {
-      return status;
-    }
-    T* out = y.Allocate(y_shape);
-    if (m == 0 || n == 0) return Ort::Status{nullptr};
+    Dims d;
+    const T* bias = nullptr;
+    T* out = nullptr;
+    if (Ort::Status status = BeginCompute(x, w, b, y, &d, &bias, &out); !status.IsOK()) return status;
+    if (d.m == 0 || d.n == 0) return Ort::Status{nullptr};
     std::vector<float> w_float_run, w_sq_run;
     const std::vector<float>* w_float = &w_float_;
     const std::vector<float>* w_sq = &w_sq_;
     if (w.Data() != constant_w_) {
-      Prepare(w.Data(), n, k, &w_float_run, &w_sq_run);
+      Prepare(w.Data(), d.n, d.k, &w_float_run, &w_sq_run);
       w_float = &w_float_run;
       w_sq = &w_sq_run;
     }
     std::vector<float> b_float;
-    if (b_shape) {
-      const auto* bits = reinterpret_cast<const uint16_t*>((*b)->Data());
-      b_float.resize(static_cast<size_t>(n));
-      for (int64_t j = 0; j < n; ++j) b_float[static_cast<size_t>(j)] = HalfToFloat(kType, bits[j]);
+    if (bias != nullptr) {
+      const auto* bits = reinterpret_cast<const uint16_t*>(bias);
+      b_float.resize(static_cast<size_t>(d.n));
+      for (int64_t j = 0; j < d.n; ++j) b_float[static_cast<size_t>(j)] = HalfToFloat(kType, bits[j]);
     }
-    const Problem problem{m, k, n, attributes_.eps, attributes_.alpha};
+    const Problem problem{d.m, d.k, d.n, attributes_.eps, attributes_.alpha};
     YatGemmHalf(kType, problem, reinterpret_cast<const uint16_t*>(x.Data()), w_float->data(),
-                b_shape ? b_float.data() : nullptr, w_sq->data(), reinterpret_cast<uint16_t*>(out),
+                bias != nullptr ? b_float.data() : nullptr, w_sq->data(), reinterpret_cast<uint16_t*>(out),
                 OrtParallelFor(context));
     return Ort::Status{nullptr};
   }

@@ -23,18 +23,15 @@ struct CudaKernel {
 
   Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
                       std::optional<const Tensor<T>*> b, Tensor<T>& y) {
-    int64_t m = 0, k = 0, n = 0;
-    std::vector<int64_t> y_shape;
-    const std::vector<int64_t>* b_shape = b.has_value() && *b ? &(*b)->Shape() : nullptr;
-    if (Ort::Status status = CheckShapes(x.Shape(), w.Shape(), b_shape, &m, &k, &n, &y_shape); !status.IsOK()) {
-      return status;
-    }
-    if (k > std::numeric_limits<int32_t>::max() || n > std::numeric_limits<int32_t>::max()) {
+    Dims d;
+    const T* bias = nullptr;
+    T* out = nullptr;
+    if (Ort::Status status = BeginCompute(x, w, b, y, &d, &bias, &out); !status.IsOK()) return status;
+    if (d.k > std::numeric_limits<int32_t>::max() || d.n > std::numeric_limits<int32_t>::max()) {
       return Ort::Status("YatGemm (CUDA): K and N must fit in 32 bits", ORT_INVALID_ARGUMENT);
     }
-    T* out = y.Allocate(y_shape);
-    const cuda::GemmArgs args{x.Data(), w.Data(), b_shape ? (*b)->Data() : nullptr, out, m, static_cast<int32_t>(k),
-                              static_cast<int32_t>(n), attributes_.eps, attributes_.alpha};
+    const cuda::GemmArgs args{x.Data(), w.Data(), bias, out, d.m, static_cast<int32_t>(d.k), static_cast<int32_t>(d.n),
+                              attributes_.eps, attributes_.alpha};
     auto stream = static_cast<cudaStream_t>(Ort::KernelContext(context).GetGPUComputeStream());
     const cudaError_t error = cuda::LaunchYatGemm(kType, args, stream);
     if (error != cudaSuccess) {

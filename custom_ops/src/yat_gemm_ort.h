@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "onnxruntime_lite_custom_op.h"
@@ -18,6 +19,27 @@ struct Attributes {
 // Checks X [..., K], W [N, K], B [N]; fills m, k, n and the output shape.
 Ort::Status CheckShapes(const std::vector<int64_t>& x, const std::vector<int64_t>& w, const std::vector<int64_t>* b,
                         int64_t* m, int64_t* k, int64_t* n, std::vector<int64_t>* y);
+
+struct Dims {
+  int64_t m = 0;  // rows of X: the product of its leading dimensions
+  int64_t k = 0;
+  int64_t n = 0;
+};
+
+// The common start of every kernel's Compute: checks the operands, allocates Y, and gives the
+// dimensions and B's data (null when the node has no B).
+template <typename T>
+Ort::Status BeginCompute(const Ort::Custom::Tensor<T>& x, const Ort::Custom::Tensor<T>& w,
+                         const std::optional<const Ort::Custom::Tensor<T>*>& b, Ort::Custom::Tensor<T>& y, Dims* dims,
+                         const T** bias, T** out) {
+  const std::vector<int64_t>* b_shape = b.has_value() && *b ? &(*b)->Shape() : nullptr;
+  std::vector<int64_t> y_shape;
+  Ort::Status status = CheckShapes(x.Shape(), w.Shape(), b_shape, &dims->m, &dims->k, &dims->n, &y_shape);
+  if (!status.IsOK()) return status;
+  *bias = b_shape ? (*b)->Data() : nullptr;
+  *out = y.Allocate(y_shape);
+  return Ort::Status{nullptr};
+}
 
 using OpList = std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>;
 
