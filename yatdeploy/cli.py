@@ -1,4 +1,4 @@
-"""The `yatdeploy` command line: export, validate, demo, doctor."""
+"""The `yatdeploy` command line: export, validate, demo, serve, bench, doctor."""
 
 from __future__ import annotations
 
@@ -112,6 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="yatdeploy-demo", metavar="DIR", help="where to write (default ./yatdeploy-demo)")
     demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data split and training (default 0)")
+    serve = commands.add_parser(
+        "serve", parents=[common], help="serve models over HTTP (Open Inference Protocol, KServe v2)",
+        description="Serve one .onnx file (under its file stem) or a Triton-style model repository folder "
+                    "with FastAPI and uvicorn, speaking the Open Inference Protocol (KServe v2) with Triton's "
+                    "binary tensor extension, with dynamic batching and Prometheus metrics on /metrics.",
+    )
+    serve.add_argument("path", metavar="MODEL_OR_REPOSITORY", help="an .onnx file or a model repository folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--backend", help="ort-cpu, ort-cuda or ort-function (default: the fastest that works)")
+    serve.add_argument("--max-batch-size", type=int, help="dynamic batching limit (default: config.pbtxt, else 64)")
+    serve.add_argument("--max-queue-delay-us", type=int,
+                       help="longest wait for a fuller batch, in µs (default: config.pbtxt, else 0)")
+    serve.add_argument("--max-queue-size", type=int,
+                       help="queued requests per model before 503 (default: config.pbtxt, else 256)")
+    serve.add_argument("--no-batching", action="store_true", help="run every request on its own")
+    serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (default 64 MB)")
+    serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="debug logs one JSON line per request")
+
     doctor = commands.add_parser(
         "doctor", parents=[common], help="show what this installation can do",
         description="Versions, the built custom-op libraries, CUDA kernels, GPUs and which backends work.",
@@ -234,6 +255,28 @@ def cmd_demo(args: argparse.Namespace, progress) -> int:
     return EXIT_OK if agree else EXIT_VALIDATION_FAILED
 
 
+def cmd_serve(args: argparse.Namespace, progress) -> int:
+    from yatdeploy.serving.app import Settings
+    from yatdeploy.serving.server import serve
+
+    for flag in ("max_batch_size", "max_queue_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise YatDeployError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    if args.max_queue_delay_us is not None and args.max_queue_delay_us < 0:
+        raise YatDeployError(f"--max-queue-delay-us {args.max_queue_delay_us}: must be >= 0")
+    if not 0 < args.port < 65536:
+        raise YatDeployError(f"--port {args.port}: not a port number")
+    settings = Settings(
+        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
+        dynamic_batching=not args.no_batching,
+    )
+    serve(args.path, host=args.host, port=args.port, backend=args.backend, settings=settings,
+          intra_op_threads=args.threads, log_level=args.log_level, progress=progress)
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace, progress) -> int:
     import json
 
@@ -260,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from yatdeploy.progress import Progress
 
     progress = Progress(enabled=not args.quiet)
-    handlers = {"export": cmd_export, "validate": cmd_validate, "demo": cmd_demo, "doctor": cmd_doctor}
+    handlers = {"export": cmd_export, "validate": cmd_validate, "demo": cmd_demo, "serve": cmd_serve,
+                "doctor": cmd_doctor}
     try:
         return handlers[args.command](args, progress)
     except YatDeployError as exc:

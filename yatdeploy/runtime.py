@@ -168,6 +168,7 @@ def create_session(
     backend: Backend,
     *,
     intra_op_threads: int = 0,
+    allow_spinning: bool = True,
     profile_to: Path | None = None,
 ) -> Session:
     reason = backend.availability()
@@ -180,6 +181,8 @@ def create_session(
     options = ort.SessionOptions()
     options.log_severity_level = _ORT_LOG_ERRORS_ONLY
     options.intra_op_num_threads = intra_op_threads
+    if not allow_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if use_library:
         native.preload_dependencies()
         options.register_custom_ops_library(str(backend.library_path()))

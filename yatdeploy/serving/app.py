@@ -1,0 +1,188 @@
+"""The HTTP service: Open Inference Protocol routes over FastAPI, one DynamicBatcher per model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from yatdeploy import __version__
+from yatdeploy.errors import OnnxModelError
+from yatdeploy.serving.batching import DynamicBatcher
+from yatdeploy.serving.metrics import Metrics
+from yatdeploy.serving.model import ServedModel
+from yatdeploy.serving.protocol import HEADER_LENGTH, ProtocolError, encode_response, parse_request
+
+log = logging.getLogger("yatdeploy.serving")
+
+SERVER_NAME = "yatdeploy"
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration"]
+
+
+@dataclass
+class Settings:
+    max_body_bytes: int = 64 << 20
+    # None: each model's own (config.pbtxt or the default).
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    max_queue_size: int | None = None
+    dynamic_batching: bool = True
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(413, f"the request body of {declared} bytes exceeds the limit of {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(413, f"the request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(models: list[ServedModel], settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    by_name = {m.name: m for m in models}
+    batchers: dict[str, DynamicBatcher] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for model in models:
+            source = model.source
+            batcher = DynamicBatcher(
+                model, metrics,
+                max_batch_size=(settings.max_batch_size or source.max_batch_size) if settings.dynamic_batching else 1,
+                max_queue_delay_s=(settings.max_queue_delay_us if settings.max_queue_delay_us is not None
+                                   else source.max_queue_delay_us) / 1e6,
+                max_queue_size=settings.max_queue_size or source.max_queue_size,
+            )
+            batcher.start()
+            batchers[model.name] = batcher
+        yield
+        # uvicorn has drained the in-flight requests by now.
+        for batcher in batchers.values():
+            await batcher.stop()
+
+    app = FastAPI(title="yatdeploy inference service", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.metrics = metrics
+    app.state.batchers = batchers
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, exc: ProtocolError) -> Response:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail))
+
+    def model_for(name: str, version: str | None) -> ServedModel:
+        model = by_name.get(name)
+        if model is None:
+            raise ProtocolError(404, f"unknown model '{name}'")
+        if version is not None and version != model.version:
+            raise ProtocolError(404, f"model '{name}' has no version '{version}' (served: {model.version})")
+        return model
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return _json({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        is_ready = len(batchers) == len(models)
+        return _json({"ready": is_ready}, 200 if is_ready else 503)
+
+    @app.get("/v2")
+    async def server_metadata() -> Response:
+        return _json({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> Response:
+        return _json(model_for(name, version).metadata())
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        model = model_for(name, version)
+        is_ready = model.name in batchers
+        return _json({"name": model.name, "ready": is_ready}, 200 if is_ready else 503)
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None) -> Response:
+        return _json(model_for(name, version).config())
+
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(name: str, version: str | None = None) -> Response:
+        model = model_for(name, version)
+        return _json({"model_stats": [metrics.stats_json(model.name, model.version)]})
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        started = time.perf_counter()
+        model = model_for(name, version)
+        try:
+            body = await _read_body(request, settings.max_body_bytes)
+            parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
+            feeds, batch = model.check(parsed)
+            result = await batchers[model.name].submit(feeds, batch)
+        except ProtocolError as exc:
+            metrics.record_request(model.name, model.version, False, time.perf_counter() - started)
+            _log_request(model, None, exc.status, started)
+            raise
+        except OnnxModelError as exc:
+            metrics.record_request(model.name, model.version, False, time.perf_counter() - started)
+            _log_request(model, None, 500, started)
+            return _error(500, exc.message)
+        wanted = {o.name: o.binary for o in parsed.outputs} if parsed.outputs is not None else None
+        outputs = [
+            (info.name, array, wanted[info.name] if wanted is not None else parsed.binary_default)
+            for info, array in zip(model.outputs, result.outputs)
+            if wanted is None or info.name in wanted
+        ]
+        content, header_length = encode_response(model.name, model.version, parsed.id, outputs)
+        total = time.perf_counter() - started
+        metrics.record_request(model.name, model.version, True, total, result.queue_s, result.compute_s)
+        _log_request(model, parsed.id, 200, started, batch, result.queue_s, result.compute_s)
+        if header_length is None:
+            return Response(content, media_type="application/json")
+        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _log_request(model: ServedModel, request_id: str | None, status: int, started: float, batch: int = 0,
+                 queue_s: float = 0.0, compute_s: float = 0.0) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(orjson.dumps({
+            "model": model.name, "version": model.version, "id": request_id, "status": status, "batch": batch,
+            "queue_us": round(queue_s * 1e6), "compute_us": round(compute_s * 1e6),
+            "total_us": round((time.perf_counter() - started) * 1e6),
+        }).decode())

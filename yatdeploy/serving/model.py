@@ -1,0 +1,117 @@
+"""A served model: an ONNX Runtime session behind the protocol, with its signature and checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from yatdeploy import dtypes, runtime
+from yatdeploy.serving.protocol import InferRequest, ProtocolError, datatype_of
+from yatdeploy.serving.repository import ModelSource
+
+PLATFORM = "onnxruntime_onnx"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for a dynamic dimension, the batch one included
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    dims = value.type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+    datatype = datatype_of(dtypes.by_onnx(value.type.tensor_type.elem_type).numpy)
+    return TensorInfo(value.name, datatype, shape)
+
+
+class ServedModel:
+    def __init__(self, source: ModelSource, backend: runtime.Backend, intra_op_threads: int = 0) -> None:
+        self.name = source.name
+        self.version = source.version
+        self.source = source
+        self.max_batch_size = source.max_batch_size
+        proto = onnx.load(str(source.path))
+        initializers = {i.name for i in proto.graph.initializer}
+        self.inputs = [_tensor_info(v) for v in proto.graph.input if v.name not in initializers]
+        self.outputs = [_tensor_info(v) for v in proto.graph.output]
+        # Spinning pool threads would take the event loop's core between requests.
+        self.session = runtime.create_session(proto, backend, intra_op_threads=intra_op_threads, allow_spinning=False)
+        self.backend = backend
+        self.batchable = all(t.shape and t.shape[0] == -1 for t in [*self.inputs, *self.outputs])
+
+    def metadata(self) -> dict:
+        return {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": PLATFORM,
+            "inputs": [t.as_json() for t in self.inputs],
+            "outputs": [t.as_json() for t in self.outputs],
+            "parameters": {
+                "backend": self.backend.name,
+                "yat_gemm": "custom-op library kernel" if self.session.uses_library else "ONNX function",
+                "max_batch_size": self.max_batch_size if self.batchable else 0,
+            },
+        }
+
+    def config(self) -> dict:
+        """The model's configuration in Triton's JSON form (what perf_analyzer reads)."""
+        batch = self.max_batch_size if self.batchable else 0
+        strip = 1 if batch else 0
+
+        def tensor(t: TensorInfo) -> dict:
+            return {"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": list(t.shape[strip:])}
+
+        return {
+            "name": self.name,
+            "platform": PLATFORM,
+            "backend": "onnxruntime",
+            "max_batch_size": batch,
+            "input": [tensor(t) for t in self.inputs],
+            "output": [tensor(t) for t in self.outputs],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": self.source.max_queue_delay_us,
+                "default_queue_policy": {"max_queue_size": self.source.max_queue_size},
+            },
+        }
+
+    def check(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
+        """The session feeds and the request's batch size; a 400 naming the problem otherwise."""
+        known = {t.name: t for t in self.inputs}
+        for name in request.inputs:
+            if name not in known:
+                raise ProtocolError(400, f"model '{self.name}' has no input '{name}' (inputs: {', '.join(known)})")
+        batch = None
+        for info in self.inputs:
+            if info.name not in request.inputs:
+                raise ProtocolError(400, f"input '{info.name}' is missing")
+            array = request.inputs[info.name]
+            if request.input_datatypes[info.name] != info.datatype:
+                raise ProtocolError(400, f"input '{info.name}': datatype {request.input_datatypes[info.name]}, "
+                                         f"the model takes {info.datatype}")
+            if len(array.shape) != len(info.shape) or any(
+                want != -1 and got != want for got, want in zip(array.shape, info.shape)
+            ):
+                raise ProtocolError(400, f"input '{info.name}': shape {list(array.shape)}, the model takes "
+                                         f"{list(info.shape)}")
+            if batch is None:
+                batch = array.shape[0] if array.shape else 1
+            elif array.shape and array.shape[0] != batch:
+                raise ProtocolError(400, "inputs disagree on the batch size")
+        if request.outputs is not None:
+            names = {t.name for t in self.outputs}
+            for out in request.outputs:
+                if out.name not in names:
+                    raise ProtocolError(400, f"model '{self.name}' has no output '{out.name}'")
+        if self.batchable and batch is not None and batch > self.max_batch_size:
+            raise ProtocolError(400, f"batch size {batch} exceeds the model's max_batch_size {self.max_batch_size}")
+        return dict(request.inputs), int(batch or 1)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return runtime.run(self.session, feeds)

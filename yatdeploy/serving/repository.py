@@ -1,0 +1,164 @@
+"""Model repositories: a single .onnx file, or a Triton-style folder, read and written.
+
+    <repo>/<model>/config.pbtxt
+    <repo>/<model>/<version>/model.onnx
+
+The config is Triton's ModelConfig in protobuf text format, so the same folder can be handed to Triton
+Inference Server; yatdeploy reads the fields it shares with Triton (max_batch_size, dynamic_batching's
+max_queue_delay_microseconds and default_queue_policy.max_queue_size).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from yatdeploy.errors import YatDeployError
+from yatdeploy.serving.protocol import DATATYPES, datatype_of
+
+CONFIG = "config.pbtxt"
+MODEL_FILE = "model.onnx"
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_QUEUE_SIZE = 256
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class ModelSource:
+    name: str
+    version: str
+    path: Path
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_queue_delay_us: int = 0
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+
+
+def model_config_pb2():
+    """Triton's ModelConfig protobuf module, as shipped in tritonclient (without its gRPC extra)."""
+    try:
+        import tritonclient
+    except ImportError:
+        raise YatDeployError("reading config.pbtxt needs tritonclient", "pip install 'yatdeploy[service]'") from None
+    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location("yatdeploy_triton_model_config_pb2", path)
+    if spec is None or spec.loader is None or not path.is_file():
+        raise YatDeployError(f"tritonclient has no {path.name}; reinstall tritonclient")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_config(path: Path):
+    from google.protobuf import text_format
+
+    config = model_config_pb2().ModelConfig()
+    try:
+        text_format.Parse(path.read_text(), config)
+    except text_format.ParseError as exc:
+        raise YatDeployError(f"{path}: not a valid Triton model config: {exc}") from None
+    return config
+
+
+def discover(path: str | Path) -> list[ModelSource]:
+    """The models at `path`: one .onnx file (served under its stem), or a Triton-style repository."""
+    path = Path(path)
+    if not path.exists():
+        raise YatDeployError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".onnx":
+            raise YatDeployError(f"{path}: expected an .onnx file or a model repository folder")
+        return [ModelSource(path.stem, "1", path)]
+    sources = []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        versions = sorted((int(v.name), v) for v in folder.iterdir() if v.is_dir() and v.name.isdigit()
+                          and (v / MODEL_FILE).is_file())
+        if not versions:
+            continue
+        version, version_dir = versions[-1]  # Triton's default policy: the latest version
+        source = ModelSource(folder.name, str(version), version_dir / MODEL_FILE)
+        if (folder / CONFIG).is_file():
+            config = parse_config(folder / CONFIG)
+            if config.name and config.name != folder.name:
+                raise YatDeployError(f"{folder / CONFIG}: name {config.name!r} differs from its folder {folder.name!r}")
+            if config.max_batch_size > 0:
+                source.max_batch_size = config.max_batch_size
+            if config.HasField("dynamic_batching"):
+                source.max_queue_delay_us = int(config.dynamic_batching.max_queue_delay_microseconds)
+                queue = config.dynamic_batching.default_queue_policy.max_queue_size
+                if queue > 0:
+                    source.max_queue_size = int(queue)
+        sources.append(source)
+    if not sources:
+        raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE})")
+    return sources
+
+
+_TRITON_TYPES = {name: "TYPE_" + ("STRING" if name == "BYTES" else name) for name in DATATYPES}
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int]:
+    dims = value.type.tensor_type.shape.dim[1:]  # without the batch dimension
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+
+
+def _tensor_entries(values) -> str:
+    from yatdeploy import dtypes
+
+    entries = []
+    for value in values:
+        datatype = datatype_of(dtypes.by_onnx(value.type.tensor_type.elem_type).numpy)
+        dims = ", ".join(str(d) for d in _dims(value))
+        entries.append(f'  {{\n    name: "{value.name}"\n    data_type: {_TRITON_TYPES[datatype]}\n    dims: [ {dims} ]\n  }}')
+    return ",\n".join(entries)
+
+
+def config_text(name: str, model: onnx.ModelProto, *, op_library: Path | None, max_batch_size: int,
+                max_queue_delay_us: int = 0, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    lines = [
+        f'name: "{name}"',
+        'backend: "onnxruntime"',
+        f"max_batch_size: {max_batch_size}",
+        "input [\n" + _tensor_entries(inputs) + "\n]",
+        "output [\n" + _tensor_entries(model.graph.output) + "\n]",
+        "dynamic_batching {\n"
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
+        f"  default_queue_policy {{ max_queue_size: {max_queue_size} }}\n"
+        "}",
+        "instance_group [ { kind: KIND_CPU, count: 1 } ]",
+    ]
+    if op_library is not None:
+        # Triton's ONNX Runtime backend registers this library in every session of the model.
+        lines.append(f'model_operations {{ op_library_filename: "{op_library}" }}')
+    return "\n".join(lines) + "\n"
+
+
+def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *, op_library: Path | None,
+                     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, version: int = 1) -> Path:
+    """Copy an exported model into `<repository>/<name>/<version>/model.onnx` with its config.pbtxt."""
+    if not _NAME.match(name):
+        raise YatDeployError(f"model name {name!r}: use letters, digits, '_', '.' and '-' only")
+    if max_batch_size < 1:
+        raise YatDeployError(f"--max-batch-size {max_batch_size}: must be at least 1")
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    first = model.graph.input[0].type.tensor_type.shape.dim[0]
+    if not first.dim_param:
+        raise YatDeployError("a repository model needs a dynamic batch dimension (export without --static-batch)")
+    folder = Path(repository) / name
+    (folder / str(version)).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, folder / str(version) / MODEL_FILE)
+    config = config_text(name, model, op_library=op_library, max_batch_size=max_batch_size)
+    (folder / CONFIG).write_text(config)
+    if _has_tritonclient():  # check it against Triton's own schema when that is at hand
+        parse_config(folder / CONFIG)
+    return folder
+
+
+def _has_tritonclient() -> bool:
+    return importlib.util.find_spec("tritonclient") is not None
