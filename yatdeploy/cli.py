@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--static-batch", action="store_true", help="fix the batch dimension to the example's")
     export.add_argument("--no-validate", action="store_true", help="skip the validation after export")
+    export.add_argument(
+        "--repository", metavar="DIR",
+        help="also write DIR/<name>/1/model.onnx and a config.pbtxt for Triton or `yatdeploy serve`",
+    )
+    export.add_argument("--name", help="model name in the repository (default: the output file's stem)")
+    export.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size in config.pbtxt (default 64)")
     _add_model_source_args(export)
     _add_tolerance_args(export)
 
@@ -190,6 +196,13 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
           f"{result.dtype}, outputs {', '.join(result.output_names)} ({export_seconds:.1f} s)")
     for note in result.notes:
         print(f"note: {note}")
+    if args.repository:
+        from yatdeploy import native
+        from yatdeploy.serving.repository import write_repository
+
+        folder = write_repository(args.repository, args.name or result.path.stem, result.path,
+                                  op_library=native.ort_library_path(), max_batch_size=args.max_batch_size)
+        print(f"wrote model repository entry {folder}")
     if args.no_validate:
         return EXIT_OK
     progress.say("validating")

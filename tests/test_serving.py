@@ -1,0 +1,295 @@
+"""The inference service, run for real on 127.0.0.1 and spoken to with the real tritonclient."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the service extra is not installed")
+httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
+
+from tests.model_zoo import yat_mlp  # noqa: E402
+from yatdeploy import runtime  # noqa: E402
+from yatdeploy.cli import main  # noqa: E402
+from yatdeploy.serving.repository import discover, parse_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`yatdeploy serve` in its own process, on a free port of 127.0.0.1."""
+
+    def __init__(self, path: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "yatdeploy", "serve", str(path), "--port", str(self.port), "--threads", "1", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
+            try:
+                if urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=1).status == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server did not become ready in 60 s")
+
+    def stop(self) -> str:
+        self.process.terminate()
+        try:
+            out, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            out, _ = self.process.communicate()
+        return out
+
+    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://{self.url}{path}", data=body, headers=headers or {}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://{self.url}{path}", timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    torch.save(yat_mlp(), folder / "mlp.pt")
+    assert main(["export", "-q", str(folder / "mlp.pt"), "-o", str(folder / "mlp.onnx"), "--input-shape", "1,16",
+                 "--no-validate", "--repository", str(folder / "repo"), "--name", "mlp"]) == 0
+    assert main(["export", "-q", str(folder / "mlp.pt"), "-o", str(folder / "mlp16.onnx"), "--input-shape", "1,16",
+                 "--dtype", "float16", "--no-validate"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    running = Server(exported / "mlp.onnx", "--max-body-mb", "1", "--max-queue-delay-us", "2000")
+    yield running
+    running.stop()
+
+
+def reference(path: Path, x: np.ndarray) -> np.ndarray:
+    session = runtime.create_session(path, runtime.get_backend("ort-cpu"))
+    return runtime.run(session, {"input": x})[0]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_infer_with_tritonclient(server, exported, binary):
+    client = httpclient.InferenceServerClient(server.url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mlp")
+    metadata = client.get_model_metadata("mlp")
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 16]}]
+    assert metadata["parameters"]["yat_gemm"] == "custom-op library kernel"
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    result = client.infer("mlp", [tensor], outputs=[httpclient.InferRequestedOutput("output", binary_data=binary)],
+                          request_id="r-1")
+    np.testing.assert_allclose(result.as_numpy("output"), reference(exported / "mlp.onnx", x), rtol=1e-6)
+    assert result.get_response()["id"] == "r-1"
+
+
+def test_fp16_model(exported):
+    server16 = Server(exported / "mlp16.onnx")
+    try:
+        client = httpclient.InferenceServerClient(server16.url)
+        x = np.random.default_rng(1).standard_normal((2, 16)).astype(np.float16)
+        for binary in (True, False):
+            tensor = httpclient.InferInput("input", list(x.shape), "FP16")
+            tensor.set_data_from_numpy(x, binary_data=binary)
+            got = client.infer("mlp16", [tensor]).as_numpy("output")
+            assert got.dtype == np.float16
+            np.testing.assert_allclose(got, reference(exported / "mlp16.onnx", x), rtol=1e-3)
+    finally:
+        server16.stop()
+
+
+def _json_request(data, shape=(1, 16), datatype="FP32", name="input") -> bytes:
+    return json.dumps({"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}]}).encode()
+
+
+@pytest.mark.parametrize(
+    "path,body,headers,status,message",
+    [
+        ("/v2/models/mlp/infer", _json_request([0.0] * 16, name="x"), {}, 400, "has no input 'x'"),
+        ("/v2/models/mlp/infer", _json_request([0.0] * 15, shape=(1, 15)), {}, 400, "shape [1, 15]"),
+        ("/v2/models/mlp/infer", _json_request([0] * 16, datatype="INT32"), {}, 400, "datatype INT32"),
+        ("/v2/models/mlp/infer", _json_request([0.0] * 15), {}, 400, "15 values for shape [1, 16]"),
+        ("/v2/models/mlp/infer", _json_request([0.0] * 17), {}, 400, "17 values for shape [1, 16]"),
+        ("/v2/models/mlp/infer", b'{"inputs": [', {}, 400, "malformed JSON"),
+        ("/v2/models/mlp/infer", _json_request([0.0] * 16, shape=(65, 16)), {}, 400, "16 values for shape [65, 16]"),
+        ("/v2/models/nope/infer", _json_request([0.0] * 16), {}, 404, "unknown model 'nope'"),
+        ("/v2/models/mlp/infer", b"x" * (2 << 20), {}, 413, "exceeds the limit"),
+    ],
+    ids=["name", "shape", "datatype", "too-little", "too-much", "malformed", "batch-data", "unknown", "oversized"],
+)
+def test_bad_requests_get_an_error_naming_the_problem(server, path, body, headers, status, message):
+    got_status, payload = server.post(path, body, headers)
+    assert got_status == status and message in payload["error"], payload
+    assert server.get("/v2/health/ready")[0] == 200  # and the server keeps serving
+
+
+def test_truncated_binary_payload(server):
+    header = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32",
+                                     "parameters": {"binary_data_size": 64}}]}).encode()
+    body = header + np.zeros(10, np.float32).tobytes()
+    status, payload = server.post("/v2/models/mlp/infer", body, {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400 and "ends after 40 of its 64 binary bytes" in payload["error"]
+    status, payload = server.post("/v2/models/mlp/infer", body, {"Inference-Header-Content-Length": "99999"})
+    assert status == 400 and "Inference-Header-Content-Length is 99999" in payload["error"]
+
+
+def test_a_batch_larger_than_max_batch_size_is_refused(server):
+    x = np.zeros((65, 16), np.float32)
+    status, payload = server.post("/v2/models/mlp/infer", _json_request(x.ravel().tolist(), shape=x.shape))
+    assert status == 400 and "exceeds the model's max_batch_size 64" in payload["error"]
+
+
+def test_32_concurrent_clients_each_get_their_own_answer(server, exported):
+    inputs = [np.full((1, 16), i / 8.0 - 2.0, np.float32) for i in range(32)]
+    expected = reference(exported / "mlp.onnx", np.concatenate(inputs))
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(32)
+
+    def client_thread(i: int) -> None:
+        try:
+            client = httpclient.InferenceServerClient(server.url)
+            tensor = httpclient.InferInput("input", [1, 16], "FP32")
+            tensor.set_data_from_numpy(inputs[i])
+            barrier.wait(timeout=30)
+            for _ in range(5):
+                results[i] = client.infer("mlp", [tensor]).as_numpy("output")
+                np.testing.assert_allclose(results[i][0], expected[i], rtol=1e-5)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+    assert len(results) == 32
+    stats = httpclient.InferenceServerClient(server.url).get_inference_statistics("mlp")["model_stats"][0]
+    assert stats["execution_count"] < stats["inference_count"]  # some requests were batched together
+
+
+def test_metrics_move(server):
+    def count(text: bytes, metric: str) -> float:
+        for line in text.decode().splitlines():
+            if line.startswith(metric + "{") and 'model="mlp"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = server.get("/metrics")[1]
+    client = httpclient.InferenceServerClient(server.url)
+    tensor = httpclient.InferInput("input", [2, 16], "FP32")
+    tensor.set_data_from_numpy(np.ones((2, 16), np.float32))
+    client.infer("mlp", [tensor])
+    server.post("/v2/models/mlp/infer", b"{")
+    after = server.get("/metrics")[1]
+    # Triton's names, with the _total suffix Prometheus' client gives every counter.
+    for name, grew in (("nv_inference_request_success_total", 1), ("nv_inference_request_failure_total", 1)):
+        assert count(after, name) == count(before, name) + grew, name
+    assert count(after, "nv_inference_count_total") >= count(before, "nv_inference_count_total") + 2
+    assert "yatdeploy_queue_duration_seconds_bucket" in after.decode()
+
+
+def test_the_repository_round_trips(exported):
+    config = parse_config(exported / "repo" / "mlp" / "config.pbtxt")  # Triton's own ModelConfig schema
+    assert config.name == "mlp" and config.backend == "onnxruntime" and config.max_batch_size == 64
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [16])]
+    assert config.model_operations.op_library_filename[0].endswith("libyatdeploy_ort.so")
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    [source] = discover(exported / "repo")
+    assert (source.name, source.version, source.max_batch_size) == ("mlp", "1", 64)
+    served = Server(exported / "repo")
+    try:
+        client = httpclient.InferenceServerClient(served.url)
+        assert client.get_model_config("mlp")["max_batch_size"] == 64
+        tensor = httpclient.InferInput("input", [1, 16], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+        assert client.infer("mlp", [tensor]).as_numpy("output").shape == (1, 5)
+    finally:
+        served.stop()
+
+
+def test_a_full_queue_answers_503(exported):
+    from yatdeploy.serving.batching import DynamicBatcher
+    from yatdeploy.serving.metrics import Metrics
+    from yatdeploy.serving.model import ServedModel
+    from yatdeploy.serving.protocol import ProtocolError
+
+    model = ServedModel(discover(exported / "mlp.onnx")[0], runtime.get_backend("ort-cpu"))
+
+    async def scenario():
+        batcher = DynamicBatcher(model, Metrics(), max_batch_size=8, max_queue_delay_s=0, max_queue_size=1)
+        feeds = {"input": np.zeros((1, 16), np.float32)}
+        first = asyncio.ensure_future(batcher.submit(feeds, 1))  # the worker is not started: it stays queued
+        await asyncio.sleep(0)
+        with pytest.raises(ProtocolError) as info:
+            await batcher.submit(feeds, 1)
+        assert info.value.status == 503 and "queue of 1 requests is full" in info.value.message
+        batcher.start()
+        result = await first  # once started, the queued request is served
+        assert result.outputs[0].shape == (1, 5)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_shutdown_drains_in_flight_requests(exported):
+    # A 0.3 s batching delay keeps every request in flight long enough to be caught by the SIGTERM.
+    served = Server(exported / "mlp.onnx", "--max-queue-delay-us", "300000")
+    client = httpclient.InferenceServerClient(served.url, concurrency=8)
+    tensor = httpclient.InferInput("input", [1, 16], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
+    pending = [client.async_infer("mlp", [tensor]) for _ in range(8)]
+    time.sleep(0.1)
+    served.process.terminate()
+    answers = [p.get_result(timeout=30).as_numpy("output") for p in pending]
+    assert all(a.shape == (1, 5) for a in answers)
+    log = served.stop()
+    assert "Application shutdown complete" in log
+
+
+def test_serve_refuses_bad_paths(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "absent.onnx")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["serve", str(tmp_path / "empty")]) == 2
+    assert "no models" in capsys.readouterr().err
