@@ -293,3 +293,36 @@ def test_serve_refuses_bad_paths(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["serve", str(tmp_path / "empty")]) == 2
     assert "no models" in capsys.readouterr().err
+
+
+def test_bench_against_a_live_server(server, exported, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = ["bench", "-q", f"http://{server.url}", "--model", "mlp", "--concurrency", "1,4", "--rate", "200",
+            "--duration", "1", "--warmup", "0.2", "--onnx", str(exported / "mlp.onnx"), "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "c=1" in printed and "c=4" in printed and "r=200/s" in printed and "server overhead" in printed
+    import csv
+
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    assert [r["Concurrency"] for r in rows] == ["1", "4", ""]
+    for row in rows:
+        assert float(row["Inferences/Second"]) > 0 and int(row["Errors"]) == 0
+        assert 0 < int(row["p50 latency"]) <= int(row["p90 latency"]) <= int(row["p99 latency"])
+        assert row["Server Compute Infer"] != ""  # from the statistics extension
+    assert rows[2]["Request Rate"] == "200"
+    html = (out / "bench.html").read_text()
+    assert html.count("<svg") == 2 and "p99" in html and "inferences/s" in html
+    report = json.loads((out / "bench.json").read_text())
+    assert report["in_process_p50_us"] > 0 and report["server_overhead_p50_us"] is not None
+    assert report["steps"][0]["requests"] > 10
+
+
+def test_bench_json_payload_and_errors(server, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "-q", f"http://{server.url}", "--model", "mlp", "--concurrency", "2", "--duration", "0.5",
+                 "--warmup", "0", "--json-payload", "--out", str(out)]) == 0
+    assert main(["bench", "-q", f"http://{server.url}", "--model", "nope", "--out", str(out)]) == 2
+    assert "HTTP Error 404" in capsys.readouterr().err
+    assert main(["bench", "-q", "ftp://x", "--model", "mlp"]) == 2
+    assert main(["bench", "-q", f"http://{server.url}", "--model", "mlp", "--concurrency", "0"]) == 2

@@ -139,6 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="debug logs one JSON line per request")
 
+    bench = commands.add_parser(
+        "bench", parents=[common], help="load-test an Open Inference Protocol endpoint (ours or Triton's)",
+        description="Closed loop over a list of concurrencies (and/or open loop at fixed request rates) against "
+                    "any KServe v2 endpoint. Reports throughput, p50/p90/p95/p99 latency and errors per step; "
+                    "writes bench.csv (perf_analyzer's columns), bench.html (plots) and bench.json to --out.",
+    )
+    bench.add_argument("url", metavar="URL", help="the server, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--model", required=True, help="the model's name")
+    bench.add_argument("--concurrency", default="1,4,16,32", help="closed-loop concurrencies (default 1,4,16,32)")
+    bench.add_argument("--rate", default="", help="open-loop request rates per second, e.g. 200,800 (default none)")
+    bench.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (default 5)")
+    bench.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step (default 1)")
+    bench.add_argument("--batch", type=int, default=1, help="batch size of every request (default 1)")
+    bench.add_argument("--json-payload", action="store_true", help="send JSON tensors instead of binary ones")
+    bench.add_argument("--max-inflight", type=int, default=256, help="open-loop connection limit (default 256)")
+    bench.add_argument("--onnx", metavar="FILE", help="the model's .onnx: also time it in-process, for the overhead")
+    bench.add_argument("--out", default="yatdeploy-bench", metavar="DIR", help="output folder (default ./yatdeploy-bench)")
+
     doctor = commands.add_parser(
         "doctor", parents=[common], help="show what this installation can do",
         description="Versions, the built custom-op libraries, CUDA kernels, GPUs and which backends work.",
@@ -290,6 +308,44 @@ def cmd_serve(args: argparse.Namespace, progress) -> int:
     return EXIT_OK
 
 
+def _numbers(text: str, flag: str, kind=int) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = [-1]
+    if any(v <= 0 for v in values):
+        raise YatDeployError(f"{flag} {text!r}: expected comma-separated positive numbers")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace, progress) -> int:
+    from yatdeploy.serving.bench import format_steps, run_bench, write_outputs
+
+    concurrencies = _numbers(args.concurrency, "--concurrency")
+    rates = _numbers(args.rate, "--rate", float)
+    if not concurrencies and not rates:
+        raise YatDeployError("nothing to run: give --concurrency and/or --rate")
+    if args.duration <= 0 or args.warmup < 0 or args.batch < 1:
+        raise YatDeployError("--duration must be > 0, --warmup >= 0 and --batch >= 1")
+    onnx = Path(args.onnx) if args.onnx else None
+    if onnx is not None and not onnx.is_file():
+        raise YatDeployError(f"--onnx {onnx}: no such file")
+    result = run_bench(args.url, args.model, concurrencies=concurrencies, rates=rates, seconds=args.duration,
+                       warmup=args.warmup, batch=args.batch, binary=not args.json_payload,
+                       max_inflight=args.max_inflight, onnx=onnx, progress=progress)
+    print(format_steps(result.steps))
+    if result.in_process_p50_us is not None:
+        print(f"\nin-process ONNX Runtime p50 {result.in_process_p50_us / 1e3:.3f} ms; server overhead at the lowest "
+              f"concurrency {result.server_overhead_p50_us / 1e3:.3f} ms")
+    paths = write_outputs(result, Path(args.out))
+    print(f"\nwritten: {', '.join(str(p) for p in paths)}")
+    errors = sum(s.errors for s in result.steps)
+    if errors:
+        first = next(s.first_error for s in result.steps if s.first_error)
+        print(f"{errors} request(s) failed; first: {first}", file=sys.stderr)
+    return EXIT_OK if errors == 0 else EXIT_VALIDATION_FAILED
+
+
 def cmd_doctor(args: argparse.Namespace, progress) -> int:
     import json
 
@@ -317,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     progress = Progress(enabled=not args.quiet)
     handlers = {"export": cmd_export, "validate": cmd_validate, "demo": cmd_demo, "serve": cmd_serve,
-                "doctor": cmd_doctor}
+                "bench": cmd_bench, "doctor": cmd_doctor}
     try:
         return handlers[args.command](args, progress)
     except YatDeployError as exc:

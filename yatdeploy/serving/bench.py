@@ -1,0 +1,397 @@
+"""`yatdeploy bench`: a load generator for any Open Inference Protocol endpoint (ours or Triton's).
+
+Closed loop: N clients, each sending its next request when the last one answers, for each N in a
+list of concurrencies. Open loop: requests sent at a fixed rate whatever the answers, latency counted
+from each request's scheduled time so that queueing is not hidden. Payloads are binary tensors by
+default. Warm-up requests are excluded. The report has throughput, p50/p90/p95/p99 latency and errors
+per step, the server's queue and compute time from its statistics endpoint when it has one, and, given
+the ONNX file, the in-process ONNX Runtime time of the same batch, so the server's overhead is a figure
+of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import statistics
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from yatdeploy.errors import YatDeployError
+from yatdeploy.serving.protocol import DATATYPES, HEADER_LENGTH
+
+# perf_analyzer's CSV columns (latencies in µs), then ours.
+CSV_COLUMNS = [
+    "Concurrency", "Inferences/Second", "Client Send", "Network+Server Send/Recv", "Server Queue",
+    "Server Compute Input", "Server Compute Infer", "Server Compute Output", "Client Recv",
+    "p50 latency", "p90 latency", "p95 latency", "p99 latency", "Requests", "Errors", "Request Rate",
+]
+
+
+@dataclass
+class Step:
+    concurrency: int | None  # closed loop
+    rate: float | None  # open loop, requests/s
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    batch: int = 1
+    latencies_us: list[float] = field(default_factory=list, repr=False)
+    server_queue_us: float | None = None
+    server_compute_us: float | None = None
+    first_error: str | None = None
+
+    @property
+    def inferences_per_second(self) -> float:
+        return (self.requests - self.errors) * self.batch / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies_us, q)) if self.latencies_us else None
+
+    def summary(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "latencies_us"}
+        data.update({"inferences_per_second": self.inferences_per_second,
+                     **{f"p{q}_us": self.percentile(q) for q in (50, 90, 95, 99)}})
+        return data
+
+
+class Endpoint:
+    """A v2 endpoint: its model's signature, a prepared request, raw HTTP/1.1 keep-alive connections."""
+
+    def __init__(self, url: str, model: str, batch: int, binary: bool, seed: int = 0) -> None:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise YatDeployError(f"{url}: expected http://HOST:PORT")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.base = f"http://{self.host}:{self.port}"
+        self.model = model
+        self.batch = batch
+        metadata = self.get_json(f"/v2/models/{model}")
+        body, header_length = self._payload(metadata, batch, binary, seed)
+        head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Length: {len(body)}\r\n")
+        if header_length is not None:
+            head += f"{HEADER_LENGTH}: {header_length}\r\nContent-Type: application/octet-stream\r\n"
+        else:
+            head += "Content-Type: application/json\r\n"
+        self.request = head.encode() + b"\r\n" + body
+
+    def get_json(self, path: str) -> dict:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=10) as response:
+                return json.loads(response.read())
+        except OSError as exc:
+            raise YatDeployError(f"{self.base}{path}: {exc}") from None
+
+    @staticmethod
+    def _payload(metadata: dict, batch: int, binary: bool, seed: int) -> tuple[bytes, int | None]:
+        rng = np.random.default_rng(seed)
+        inputs, blobs = [], []
+        for tensor in metadata.get("inputs", []):
+            shape = list(tensor["shape"])
+            if shape and shape[0] == -1:
+                shape[0] = batch
+            if any(d < 0 for d in shape):
+                raise YatDeployError(f"input '{tensor['name']}' has dynamic dimensions {tensor['shape']} beyond the "
+                                     "batch; the load generator can't pick them")
+            dtype = DATATYPES.get(tensor["datatype"])
+            if dtype is None:
+                raise YatDeployError(f"input '{tensor['name']}': unsupported datatype {tensor['datatype']}")
+            array = rng.standard_normal(shape).astype(np.float32).astype(dtype)
+            entry = {"name": tensor["name"], "shape": shape, "datatype": tensor["datatype"]}
+            if binary:
+                blob = array.tobytes()
+                entry["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                entry["data"] = array.astype(np.float64).ravel().tolist()
+            inputs.append(entry)
+        header = {"inputs": inputs}
+        if binary:
+            header["parameters"] = {"binary_data_output": True}
+        text = json.dumps(header).encode()
+        return (text + b"".join(blobs), len(text)) if binary else (text, None)
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        writer.write(self.request)
+        await writer.drain()
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection")
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        await reader.readexactly(length)
+        return status
+
+    def server_stats(self) -> tuple[int, int, int] | None:
+        """(successful requests, queue ns, compute ns) from the statistics extension, if served."""
+        try:
+            stats = self.get_json(f"/v2/models/{self.model}/stats")["model_stats"][0]["inference_stats"]
+            return int(stats["success"]["count"]), int(stats["queue"]["ns"]), int(stats["compute_infer"]["ns"])
+        except (YatDeployError, KeyError, IndexError, TypeError, ValueError):
+            return None
+
+
+def _with_server_stats(endpoint: Endpoint, step: Step, before, after) -> None:
+    if before is None or after is None or after[0] <= before[0]:
+        return
+    count = after[0] - before[0]
+    step.server_queue_us = (after[1] - before[1]) / count / 1e3
+    step.server_compute_us = (after[2] - before[2]) / count / 1e3
+
+
+async def closed_loop(endpoint: Endpoint, concurrency: int, seconds: float, warmup: float) -> Step:
+    step = Step(concurrency=concurrency, rate=None, batch=endpoint.batch)
+    connections = [await endpoint.connect() for _ in range(concurrency)]
+    start = time.perf_counter()
+    measure_from = start + warmup
+    stop = measure_from + seconds
+
+    async def client(reader, writer) -> None:
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= stop:
+                return
+            try:
+                status = await endpoint.send(reader, writer)
+                ok = status == 200
+                if not ok and step.first_error is None:
+                    step.first_error = f"HTTP {status}"
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                ok = False
+                step.first_error = step.first_error or f"{type(exc).__name__}: {exc}"
+                reader, writer = await endpoint.connect()
+            if t0 >= measure_from:
+                step.requests += 1
+                step.errors += 0 if ok else 1
+                if ok:
+                    step.latencies_us.append((time.perf_counter() - t0) * 1e6)
+
+    before = None
+
+    async def snapshot() -> None:
+        nonlocal before
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        before = await asyncio.to_thread(endpoint.server_stats)
+
+    await asyncio.gather(snapshot(), *(client(r, w) for r, w in connections))
+    step.seconds = time.perf_counter() - measure_from
+    _with_server_stats(endpoint, step, before, await asyncio.to_thread(endpoint.server_stats))
+    for _, writer in connections:
+        writer.close()
+    return step
+
+
+async def open_loop(endpoint: Endpoint, rate: float, seconds: float, warmup: float, max_inflight: int) -> Step:
+    step = Step(concurrency=None, rate=rate, batch=endpoint.batch)
+    idle: asyncio.Queue = asyncio.Queue()
+    opened = 0
+    start = time.perf_counter()
+    measure_from = start + warmup
+    total = int((warmup + seconds) * rate)
+    tasks = []
+
+    async def one(scheduled: float) -> None:
+        nonlocal opened
+        if idle.empty() and opened < max_inflight:
+            opened += 1
+            idle.put_nowait(await endpoint.connect())
+        reader, writer = await idle.get()
+        try:
+            status = await endpoint.send(reader, writer)
+            ok = status == 200
+            if not ok and step.first_error is None:
+                step.first_error = f"HTTP {status}"
+            idle.put_nowait((reader, writer))
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            ok = False
+            step.first_error = step.first_error or f"{type(exc).__name__}: {exc}"
+            idle.put_nowait(await endpoint.connect())
+        if scheduled >= measure_from:
+            step.requests += 1
+            step.errors += 0 if ok else 1
+            if ok:
+                step.latencies_us.append((time.perf_counter() - scheduled) * 1e6)
+
+    before = None
+    for i in range(total):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if before is None and scheduled >= measure_from:
+            before = await asyncio.to_thread(endpoint.server_stats)
+        tasks.append(asyncio.create_task(one(scheduled)))
+    await asyncio.gather(*tasks)
+    step.seconds = seconds
+    _with_server_stats(endpoint, step, before, await asyncio.to_thread(endpoint.server_stats))
+    while not idle.empty():
+        idle.get_nowait()[1].close()
+    return step
+
+
+def in_process_p50_us(onnx_path: Path, batch: int, repeat: int = 200) -> float:
+    """The same model and batch in ONNX Runtime in this process: the floor the server adds to."""
+    from yatdeploy import runtime
+    from yatdeploy.serving.model import ServedModel
+    from yatdeploy.serving.repository import discover
+
+    model = ServedModel(discover(onnx_path)[0], runtime.default_backend())
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for t in model.inputs:
+        shape = [batch if (i == 0 and d == -1) else d for i, d in enumerate(t.shape)]
+        feeds[t.name] = rng.standard_normal(shape).astype(np.float32).astype(DATATYPES[t.datatype])
+    for _ in range(20):
+        model.run(feeds)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        model.run(feeds)
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def write_csv(steps: list[Step], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for s in steps:
+            p = [s.percentile(q) for q in (50, 90, 95, 99)]
+            network = None
+            if p[0] is not None and s.server_queue_us is not None and s.server_compute_us is not None:
+                network = max(0.0, statistics.fmean(s.latencies_us) - s.server_queue_us - s.server_compute_us)
+
+            def cell(value):
+                return "" if value is None else str(int(round(value)))
+
+            writer.writerow([
+                s.concurrency if s.concurrency is not None else "", f"{s.inferences_per_second:.2f}", "",
+                cell(network), cell(s.server_queue_us), "", cell(s.server_compute_us), "", "",
+                *[cell(v) for v in p], s.requests, s.errors, "" if s.rate is None else f"{s.rate:g}",
+            ])
+
+
+def _polyline(points: list[tuple[float, float]], x_max: float, y_max: float, width: int, height: int) -> str:
+    return " ".join(f"{40 + x / x_max * (width - 60):.1f},{height - 30 - y / y_max * (height - 50):.1f}"
+                    for x, y in points)
+
+
+def _chart(title: str, x_label: str, series: dict[str, list[tuple[float, float]]], unit: str) -> str:
+    width, height = 560, 320
+    xs = [x for pts in series.values() for x, _ in pts] or [1]
+    ys = [y for pts in series.values() for _, y in pts] or [1]
+    x_max, y_max = max(xs) or 1, (max(ys) or 1) * 1.1
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><text x="{width / 2}" y="14" text-anchor="middle" font-size="13">{title}</text>',
+             f'<line x1="40" y1="{height - 30}" x2="{width - 20}" y2="{height - 30}" stroke="#444"/>',
+             f'<line x1="40" y1="20" x2="40" y2="{height - 30}" stroke="#444"/>',
+             f'<text x="{width / 2}" y="{height - 5}" text-anchor="middle">{x_label}</text>',
+             f'<text x="4" y="30">{y_max:.4g} {unit}</text>']
+    for i, (name, points) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
+                     f'points="{_polyline(points, x_max, y_max, width, height)}"/>')
+        parts.append(f'<text x="{width - 110}" y="{34 + 14 * i}" fill="{color}">{name}</text>')
+        for x, _ in points:
+            parts.append(f'<text x="{40 + x / x_max * (width - 60):.1f}" y="{height - 18}" '
+                         f'text-anchor="middle">{x:g}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def write_plot(steps: list[Step], path: Path, title: str) -> None:
+    x_of = [(s.concurrency if s.concurrency is not None else s.rate or 0) for s in steps]
+    x_label = "concurrency" if steps and steps[0].concurrency is not None else "request rate (1/s)"
+    latency = {f"p{q}": [(x, (s.percentile(q) or 0) / 1e3) for x, s in zip(x_of, steps)] for q in (50, 90, 95, 99)}
+    throughput = {"inferences/s": [(x, s.inferences_per_second) for x, s in zip(x_of, steps)]}
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+            f"<h2>{title}</h2>{_chart('latency', x_label, latency, 'ms')}"
+            f"{_chart('throughput', x_label, throughput, '/s')}</body></html>\n")
+    path.write_text(html)
+
+
+def format_steps(steps: list[Step]) -> str:
+    lines = [f"{'step':>10} {'infer/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+             f"{'queue ms':>9} {'compute ms':>10} {'errors':>7}"]
+    for s in steps:
+        label = f"c={s.concurrency}" if s.concurrency is not None else f"r={s.rate:g}/s"
+
+        def ms(v):
+            return f"{v / 1e3:.3f}" if v is not None else "-"
+
+        lines.append(f"{label:>10} {s.inferences_per_second:>10.1f} {ms(s.percentile(50)):>8} "
+                     f"{ms(s.percentile(90)):>8} {ms(s.percentile(95)):>8} {ms(s.percentile(99)):>8} "
+                     f"{ms(s.server_queue_us):>9} {ms(s.server_compute_us):>10} {s.errors:>7}")
+    return "\n".join(lines)
+
+
+@dataclass
+class BenchResult:
+    url: str
+    model: str
+    batch: int
+    binary: bool
+    steps: list[Step]
+    in_process_p50_us: float | None = None
+
+    @property
+    def server_overhead_p50_us(self) -> float | None:
+        """Server p50 at the lowest closed-loop concurrency minus the in-process p50."""
+        closed = [s for s in self.steps if s.concurrency is not None and s.latencies_us]
+        if self.in_process_p50_us is None or not closed:
+            return None
+        return min(closed, key=lambda s: s.concurrency).percentile(50) - self.in_process_p50_us
+
+    def to_json(self) -> dict:
+        return {"url": self.url, "model": self.model, "batch": self.batch, "binary": self.binary,
+                "in_process_p50_us": self.in_process_p50_us, "server_overhead_p50_us": self.server_overhead_p50_us,
+                "steps": [s.summary() for s in self.steps]}
+
+
+def run_bench(url: str, model: str, *, concurrencies: list[int], rates: list[float], seconds: float, warmup: float,
+              batch: int, binary: bool, max_inflight: int, onnx: Path | None, progress) -> BenchResult:
+    endpoint = Endpoint(url, model, batch, binary)
+    steps: list[Step] = []
+
+    async def all_steps() -> None:
+        for concurrency in concurrencies:
+            with progress.step(f"closed loop, {concurrency} client(s), {warmup:g} s warm-up + {seconds:g} s"):
+                steps.append(await closed_loop(endpoint, concurrency, seconds, warmup))
+        for rate in rates:
+            with progress.step(f"open loop, {rate:g} requests/s, {warmup:g} s warm-up + {seconds:g} s"):
+                steps.append(await open_loop(endpoint, rate, seconds, warmup, max_inflight))
+
+    asyncio.run(all_steps())
+    result = BenchResult(url, model, batch, binary, steps)
+    if onnx is not None:
+        with progress.step("timing the same model and batch in-process"):
+            result.in_process_p50_us = in_process_p50_us(onnx, batch)
+    return result
+
+
+def write_outputs(result: BenchResult, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, plot_path, json_path = folder / "bench.csv", folder / "bench.html", folder / "bench.json"
+    write_csv(result.steps, csv_path)
+    write_plot(result.steps, plot_path, f"{result.model} at {result.url}, batch {result.batch}")
+    json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return [csv_path, plot_path, json_path]
