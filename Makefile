@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install system-deps clean
 
 demo: $(STAMP)
 	$(BIN)/yatdeploy demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -23,5 +23,19 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard custom_ops/CMakeLists.txt cus
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[cpu,service,test]'
 	touch $(STAMP)
 
+# Debian tools the tests use: docker-compose validates docker-compose.yml (no Docker engine needed) and
+# prometheus scrapes a live server. Installed when missing and apt can; otherwise their tests skip.
+SYSTEM_TOOLS := docker-compose prometheus
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else \
+	    echo "note:$$missing not installed and apt-get is not usable here; their tests will skip"; \
+	  fi; \
+	fi
+
 clean:
-	rm -rf $(VENV) yatdeploy-demo build *.egg-info
+	rm -rf $(VENV) yatdeploy-demo yatdeploy-bench build *.egg-info
