@@ -326,3 +326,25 @@ def test_bench_json_payload_and_errors(server, tmp_path, capsys):
     assert "HTTP Error 404" in capsys.readouterr().err
     assert main(["bench", "-q", "ftp://x", "--model", "mlp"]) == 2
     assert main(["bench", "-q", f"http://{server.url}", "--model", "mlp", "--concurrency", "0"]) == 2
+
+
+def test_a_per_model_backend_from_config_and_the_debug_log(exported, tmp_path):
+    import shutil as sh
+
+    repo = tmp_path / "repo"
+    sh.copytree(exported / "repo", repo)
+    config = repo / "mlp" / "config.pbtxt"
+    config.write_text(config.read_text() + 'parameters { key: "yatdeploy_backend" value: { string_value: "ort-function" } }\n')
+    parse_config(config)  # still a valid Triton config
+    served = Server(repo, "--log-level", "debug")
+    try:
+        client = httpclient.InferenceServerClient(served.url)
+        assert client.get_model_metadata("mlp")["parameters"]["backend"] == "ort-function"
+        assert client.get_model_metadata("mlp")["parameters"]["yat_gemm"] == "ONNX function"
+        tensor = httpclient.InferInput("input", [2, 16], "FP32")
+        tensor.set_data_from_numpy(np.ones((2, 16), np.float32))
+        client.infer("mlp", [tensor], request_id="logged")
+    finally:
+        log = served.stop()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(e["id"] == "logged" and e["status"] == 200 and e["batch"] == 2 and e["model"] == "mlp" for e in lines)

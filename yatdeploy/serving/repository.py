@@ -22,6 +22,8 @@ from yatdeploy.errors import YatDeployError
 from yatdeploy.serving.protocol import DATATYPES, datatype_of
 
 CONFIG = "config.pbtxt"
+# A free-form ModelConfig parameter, which Triton ignores, naming yatdeploy's backend for the model.
+BACKEND_PARAMETER = "yatdeploy_backend"
 MODEL_FILE = "model.onnx"
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_SIZE = 256
@@ -36,6 +38,8 @@ class ModelSource:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_queue_delay_us: int = 0
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    # yatdeploy's backend for this model (config.pbtxt parameter BACKEND_PARAMETER); None: the server's.
+    backend: str | None = None
 
 
 def model_config_pb2():
@@ -92,6 +96,8 @@ def discover(path: str | Path) -> list[ModelSource]:
                 queue = config.dynamic_batching.default_queue_policy.max_queue_size
                 if queue > 0:
                     source.max_queue_size = int(queue)
+            if BACKEND_PARAMETER in config.parameters:
+                source.backend = config.parameters[BACKEND_PARAMETER].string_value
         sources.append(source)
     if not sources:
         raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE})")

@@ -16,12 +16,14 @@ def load_models(path: str | Path, backend_name: str | None, intra_op_threads: in
     from yatdeploy.serving.model import ServedModel
     from yatdeploy.serving.repository import discover
 
-    backend = runtime.get_backend(backend_name) if backend_name else runtime.default_backend()
-    reason = backend.availability()
-    if reason:
-        raise YatDeployError(f"backend {backend.name} is not available: {reason}")
     models = []
     for source in discover(path):
+        # --backend for every model, else the model's config.pbtxt, else the fastest that works here.
+        name = backend_name or source.backend
+        backend = runtime.get_backend(name) if name else runtime.default_backend()
+        reason = backend.availability()
+        if reason:
+            raise YatDeployError(f"model {source.name}: backend {backend.name} is not available: {reason}")
         with progress.step(f"loading {source.name} (version {source.version}) on {backend.name}"):
             models.append(ServedModel(source, backend, intra_op_threads))
     return models
