@@ -51,6 +51,14 @@ class Step:
     def inferences_per_second(self) -> float:
         return (self.requests - self.errors) * self.batch / self.seconds if self.seconds else 0.0
 
+    def record(self, ok: bool, since: float) -> None:
+        """One measured request, its latency counted from `since` (a perf_counter reading)."""
+        self.requests += 1
+        if ok:
+            self.latencies_us.append((time.perf_counter() - since) * 1e6)
+        else:
+            self.errors += 1
+
     def percentile(self, q: float) -> float | None:
         return float(np.percentile(self.latencies_us, q)) if self.latencies_us else None
 
@@ -149,6 +157,23 @@ class Endpoint:
             return None
 
 
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def _exchange(endpoint: Endpoint, connection: Connection, step: Step) -> tuple[bool, Connection]:
+    """One request: whether it succeeded, and a connection fit for the next one."""
+    reader, writer = connection
+    try:
+        status = await endpoint.send(reader, writer)
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        step.first_error = step.first_error or f"{type(exc).__name__}: {exc}"
+        writer.close()
+        return False, await endpoint.connect()
+    if status != 200 and step.first_error is None:
+        step.first_error = f"HTTP {status}"
+    return status == 200, connection
+
+
 def _with_server_stats(endpoint: Endpoint, step: Step, before, after) -> None:
     if before is None or after is None or after[0] <= before[0]:
         return
@@ -164,25 +189,15 @@ async def closed_loop(endpoint: Endpoint, concurrency: int, seconds: float, warm
     measure_from = start + warmup
     stop = measure_from + seconds
 
-    async def client(reader, writer) -> None:
+    async def client(connection: Connection) -> None:
         while True:
             t0 = time.perf_counter()
             if t0 >= stop:
+                connection[1].close()
                 return
-            try:
-                status = await endpoint.send(reader, writer)
-                ok = status == 200
-                if not ok and step.first_error is None:
-                    step.first_error = f"HTTP {status}"
-            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-                ok = False
-                step.first_error = step.first_error or f"{type(exc).__name__}: {exc}"
-                reader, writer = await endpoint.connect()
+            ok, connection = await _exchange(endpoint, connection, step)
             if t0 >= measure_from:
-                step.requests += 1
-                step.errors += 0 if ok else 1
-                if ok:
-                    step.latencies_us.append((time.perf_counter() - t0) * 1e6)
+                step.record(ok, t0)
 
     before = None
 
@@ -191,11 +206,9 @@ async def closed_loop(endpoint: Endpoint, concurrency: int, seconds: float, warm
         await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
         before = await asyncio.to_thread(endpoint.server_stats)
 
-    await asyncio.gather(snapshot(), *(client(r, w) for r, w in connections))
+    await asyncio.gather(snapshot(), *(client(c) for c in connections))
     step.seconds = time.perf_counter() - measure_from
     _with_server_stats(endpoint, step, before, await asyncio.to_thread(endpoint.server_stats))
-    for _, writer in connections:
-        writer.close()
     return step
 
 
@@ -213,22 +226,10 @@ async def open_loop(endpoint: Endpoint, rate: float, seconds: float, warmup: flo
         if idle.empty() and opened < max_inflight:
             opened += 1
             idle.put_nowait(await endpoint.connect())
-        reader, writer = await idle.get()
-        try:
-            status = await endpoint.send(reader, writer)
-            ok = status == 200
-            if not ok and step.first_error is None:
-                step.first_error = f"HTTP {status}"
-            idle.put_nowait((reader, writer))
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-            ok = False
-            step.first_error = step.first_error or f"{type(exc).__name__}: {exc}"
-            idle.put_nowait(await endpoint.connect())
+        ok, connection = await _exchange(endpoint, await idle.get(), step)
+        idle.put_nowait(connection)
         if scheduled >= measure_from:
-            step.requests += 1
-            step.errors += 0 if ok else 1
-            if ok:
-                step.latencies_us.append((time.perf_counter() - scheduled) * 1e6)
+            step.record(ok, scheduled)  # from the scheduled time: a late send is the server's delay too
 
     before = None
     for i in range(total):
