@@ -13,7 +13,8 @@ def test_demo_trains_exports_validates_and_agrees(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--epochs", "8"]) == EXIT_OK
     captured = capsys.readouterr()
     assert "epoch   8/8" in captured.err  # progress while it works
-    for name in ("model.pt", "model.onnx", "digits_test.npz", "validation.json"):
+    for name in ("model.pt", "model.onnx", "digits_test.npz", "validation.json", "repository/model/config.pbtxt",
+                 "repository/model/1/model.onnx"):
         assert (out / name).is_file(), name
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"] is True

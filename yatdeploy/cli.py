@@ -279,7 +279,7 @@ def cmd_demo(args: argparse.Namespace, progress) -> int:
     print(f"  PyTorch              {result.torch_accuracy:.2%}")
     print(f"  ONNX Runtime         {result.onnx_accuracy:.2%}   (backend {result.backend})")
     print(f"  same prediction on   {result.predictions_agree}/{result.test_size} images")
-    print(f"\nfiles in {args.out}/: model.pt, model.onnx, digits_test.npz, validation.json "
+    print(f"\nfiles in {args.out}/: model.pt, model.onnx, digits_test.npz, validation.json, repository/ "
           f"({time.perf_counter() - started:.1f} s)")
     print(f"next: yatdeploy validate {result.onnx_path} --against {result.model_path} --inputs {result.test_inputs_path}")
     agree = result.report.passed and result.predictions_agree == result.test_size

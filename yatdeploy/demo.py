@@ -98,6 +98,12 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, progress: 
     onnx_path = out / "model.onnx"
     export = export_model(loaded, onnx_path, ExportOptions(input_shape=(1, DIGITS_FEATURES)), progress)
 
+    # A model repository too, for `yatdeploy serve` and the compose stack (docker-compose.yml).
+    from yatdeploy import native
+    from yatdeploy.serving.repository import write_repository
+
+    write_repository(out / "repository", "model", onnx_path, op_library=native.ort_library_path())
+
     progress.say("[3/4] validating against PyTorch")
     report = validate(onnx_path, loaded, input_files=[test_inputs_path], progress=progress)
     report.write_json(out / "validation.json")

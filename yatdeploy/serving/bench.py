@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from yatdeploy.errors import YatDeployError
-from yatdeploy.serving.protocol import DATATYPES, HEADER_LENGTH
+from yatdeploy.serving.datatypes import DATATYPES
+from yatdeploy.serving.protocol import HEADER_LENGTH
 
 # perf_analyzer's CSV columns (latencies in µs), then ours.
 CSV_COLUMNS = [

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from yatdeploy.errors import YatDeployError
-from yatdeploy.serving.protocol import DATATYPES, datatype_of
+from yatdeploy.serving.datatypes import DATATYPES, datatype_of
 
 CONFIG = "config.pbtxt"
 # A free-form ModelConfig parameter, which Triton ignores, naming yatdeploy's backend for the model.
