@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="queued requests per model before 503 (default: config.pbtxt, else 256)")
     serve.add_argument("--no-batching", action="store_true", help="run every request on its own")
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (default 64 MB)")
-    serve.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
+    serve.add_argument("--threads", type=int,
+                       help="ONNX Runtime intra-op threads per model (default: all cores but one, which the event "
+                            "loop keeps)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="debug logs one JSON line per request")
 
@@ -303,8 +305,11 @@ def cmd_serve(args: argparse.Namespace, progress) -> int:
         max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
         dynamic_batching=not args.no_batching,
     )
+    threads = args.threads if args.threads is not None else max(1, len(os.sched_getaffinity(0)) - 1)
+    if threads < 1:
+        raise YatDeployError(f"--threads {threads}: must be at least 1")
     serve(args.path, host=args.host, port=args.port, backend=args.backend, settings=settings,
-          intra_op_threads=args.threads, log_level=args.log_level, progress=progress)
+          intra_op_threads=threads, log_level=args.log_level, progress=progress)
     return EXIT_OK
 
 
