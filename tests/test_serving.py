@@ -273,13 +273,13 @@ def test_a_full_queue_answers_503(exported):
 
 
 def test_shutdown_drains_in_flight_requests(exported):
-    # A 0.3 s batching delay keeps every request in flight long enough to be caught by the SIGTERM.
-    served = Server(exported / "mlp.onnx", "--max-queue-delay-us", "300000")
+    # A 1.5 s batching delay keeps every request in flight long enough to be caught by the SIGTERM.
+    served = Server(exported / "mlp.onnx", "--max-queue-delay-us", "1500000")
     client = httpclient.InferenceServerClient(served.url, concurrency=8)
     tensor = httpclient.InferInput("input", [1, 16], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 16), np.float32))
     pending = [client.async_infer("mlp", [tensor]) for _ in range(8)]
-    time.sleep(0.1)
+    time.sleep(0.5)
     served.process.terminate()
     answers = [p.get_result(timeout=30).as_numpy("output") for p in pending]
     assert all(a.shape == (1, 5) for a in answers)
