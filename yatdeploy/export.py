@@ -240,7 +240,7 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
             )
 
     with progress.step(f"exporting to ONNX (opset {OPSET}, {'dynamic' if options.dynamic_batch else 'static'} batch)"):
-        model = _torch_export_to_onnx(target, x, output_names, options.dynamic_batch and loaded.program is None)
+        model = _torch_export_to_onnx(target, x, output_names, options.dynamic_batch)
     with progress.step("attaching the YatGemm function"):
         attach_yat_gemm_function(model)
     nodes = len(yat_gemm_nodes(model))

@@ -92,10 +92,6 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-def available_backends() -> list[Backend]:
-    return [b for b in BACKENDS.values() if b.availability() is None]
-
-
 def default_backend() -> Backend:
     """The fastest backend that works here."""
     for name in ("ort-cuda", "ort-cpu", "ort-function"):
