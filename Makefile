@@ -18,7 +18,7 @@ bench: $(STAMP)
 install: $(STAMP)
 
 # The install also builds the native library: rebuild when its sources change.
-$(STAMP): pyproject.toml CMakeLists.txt $(wildcard custom_ops/CMakeLists.txt custom_ops/cmake/* custom_ops/src/* kernels/*) yatdeploy/spec.py
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard custom_ops/CMakeLists.txt custom_ops/cmake/* custom_ops/src/* kernels/* plugins/CMakeLists.txt plugins/*/*.cu) yatdeploy/spec.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[cpu,service,test]'
 	touch $(STAMP)

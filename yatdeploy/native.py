@@ -1,4 +1,5 @@
-"""Where the native build put things: the ONNX Runtime custom-op libraries and their build facts.
+"""Where the native build put things: the ONNX Runtime custom-op libraries, the TensorRT plugin's PTX
+and their build facts.
 
 The build (CMake, run by the package install) installs them into `yatdeploy/_native/` of the
 installed package; an editable install keeps them in site-packages while the Python sources stay in
@@ -16,6 +17,7 @@ from pathlib import Path
 
 CPU_LIBRARY = "libyatdeploy_ort.so"
 CUDA_LIBRARY = "libyatdeploy_ort_cuda.so"
+TRT_PLUGIN_PTX = "yat_gemm_plugin.ptx"
 BUILD_INFO = "build_info.json"
 ENV_LIBRARY_DIR = "YATDEPLOY_NATIVE_DIR"  # overrides the lookup (a build folder, say)
 
@@ -47,6 +49,11 @@ def ort_library_path() -> Path | None:
 def ort_cuda_library_path() -> Path | None:
     """The library with CUDA kernels as well (built when nvcc was present), if built."""
     return _installed(CUDA_LIBRARY)
+
+
+def trt_plugin_ptx_path() -> Path | None:
+    """The TensorRT plugin's kernels as PTX (plugins/yat_gemm/yat_gemm_plugin.cu), if built."""
+    return _installed(TRT_PLUGIN_PTX)
 
 
 @functools.cache
