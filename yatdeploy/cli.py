@@ -1,4 +1,4 @@
-"""The `yatdeploy` command line: export, validate, demo, serve, bench, doctor."""
+"""The `yatdeploy` command line: export, validate, build-engine, demo, serve, bench, doctor."""
 
 from __future__ import annotations
 
@@ -105,10 +105,36 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--backend", action="append", metavar="NAME",
         help="validate on this backend (repeatable; default: every available one): "
-             "ort-cpu, ort-cuda, ort-function",
+             "ort-cpu, ort-cuda, ort-function, tensorrt",
+    )
+    validate.add_argument(
+        "--engine", metavar="PLAN",
+        help="the TensorRT engine for the tensorrt backend (default: build one for the batches validated)",
     )
     _add_model_source_args(validate)
     _add_tolerance_args(validate)
+
+    engine = commands.add_parser(
+        "build-engine", parents=[common], help="build a TensorRT engine with YatGemm as yatdeploy's plugin",
+        description="Build a TensorRT engine from a yatdeploy ONNX export: every YatGemm node becomes yatdeploy's "
+                    "TensorRT plugin (its ahead-of-time PTX kernel is embedded, so the engine runs without Python, "
+                    "in trtexec or Triton). The network is strongly typed (precision is the ONNX model's), with one "
+                    "optimisation profile over the batch dimension. Needs TensorRT >= 10.15 and an NVIDIA GPU.",
+    )
+    engine.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
+    engine.add_argument("-o", "--output", metavar="PLAN", help="the engine to write (default: ONNX with .plan)")
+    engine.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine takes (default 1)")
+    engine.add_argument("--opt-batch", type=int, default=8, help="batch the kernels are tuned for (default 8)")
+    engine.add_argument("--max-batch", type=int, default=64, help="largest batch the engine takes (default 64)")
+    engine.add_argument("--timing-cache", metavar="FILE",
+                        help="TensorRT timing cache, read if present and updated (default: PLAN.timing-cache)")
+    engine.add_argument("--workspace-mb", type=int, default=4096, help="builder workspace limit (default 4096 MB)")
+    engine.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    engine.add_argument(
+        "--repository", metavar="DIR",
+        help="also write DIR/<name>/1/model.plan and a config.pbtxt (platform tensorrt_plan) for Triton or serve",
+    )
+    engine.add_argument("--name", help="model name in the repository (default: the engine file's stem)")
 
     demo = commands.add_parser(
         "demo", parents=[common], help="train, export and validate the bundled digits model",
@@ -118,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="yatdeploy-demo", metavar="DIR", help="where to write (default ./yatdeploy-demo)")
     demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data split and training (default 0)")
+    demo.add_argument("--tensorrt", action="store_true",
+                      help="also build a TensorRT engine (model.plan) and validate it against PyTorch: the first "
+                           "thing to run on a machine with TensorRT and a GPU")
     serve = commands.add_parser(
         "serve", parents=[common], help="serve models over HTTP (Open Inference Protocol, KServe v2)",
         description="Serve one .onnx file (under its file stem) or a Triton-style model repository folder "
@@ -127,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("path", metavar="MODEL_OR_REPOSITORY", help="an .onnx file or a model repository folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--backend", help="ort-cpu, ort-cuda or ort-function (default: the fastest that works)")
+    serve.add_argument("--backend", help="ort-cpu, ort-cuda, ort-function or tensorrt (default: config.pbtxt, "
+                                          "else the fastest ONNX Runtime backend that works)")
     serve.add_argument("--max-batch-size", type=int, help="dynamic batching limit (default: config.pbtxt, else 64)")
     serve.add_argument("--max-queue-delay-us", type=int,
                        help="longest wait for a fuller batch, in µs (default: config.pbtxt, else 0)")
@@ -260,11 +290,54 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
     dtype = input_dtype(load_onnx(args.onnx_model))
     progress.say(f"loading {args.against}")
     loaded = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
+    if args.engine is not None:
+        if not Path(args.engine).is_file():
+            raise YatDeployError(f"--engine {args.engine}: no such file")
+        if args.backend and "tensorrt" not in args.backend:
+            raise YatDeployError("--engine is for the tensorrt backend: add --backend tensorrt")
     report = validate(
         args.onnx_model, loaded, input_shape=shape, input_files=args.inputs, batches=batches,
-        tolerance=_tolerance(args, dtype), backend_names=args.backend, seed=args.seed, progress=progress,
+        tolerance=_tolerance(args, dtype), backend_names=args.backend, seed=args.seed, engine=args.engine,
+        progress=progress,
     )
     return _print_report(report, args)
+
+
+def cmd_build_engine(args: argparse.Namespace, progress) -> int:
+    from yatdeploy.trt.engine import BatchProfile, build_engine, prepare_model, profile_shapes
+    from yatdeploy.validate import load_onnx
+
+    source = Path(args.onnx_model)
+    output = Path(args.output) if args.output else source.with_suffix(".plan")
+    if output.resolve() == source.resolve():
+        raise YatDeployError(f"-o {output} would overwrite the ONNX model")
+    if args.workspace_mb < 1:
+        raise YatDeployError(f"--workspace-mb {args.workspace_mb}: must be at least 1")
+    profile = BatchProfile(args.min_batch, args.opt_batch, args.max_batch).check()
+    # Everything about the input is checked before TensorRT is looked for, so a bad model or profile is
+    # reported as such on any machine.
+    profile_shapes(prepare_model(load_onnx(source)), profile)
+    if args.repository:
+        from yatdeploy.serving.repository import check_model_name
+
+        check_model_name(args.name or output.stem)
+    timing_cache = Path(args.timing_cache) if args.timing_cache else output.with_name(output.name + ".timing-cache")
+    progress.say(f"building a TensorRT engine from {source}")
+    result = build_engine(source, output, profile, timing_cache=timing_cache, workspace_mb=args.workspace_mb,
+                          verbose=args.verbose, progress=progress)
+    for note in result.notes:
+        print(f"note: {note}")
+    s = result.signature
+    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB) in {result.seconds:.1f} s: "
+          f"{s.plugin_layers} YatGemm plugin layer(s), batch {profile.min}..{profile.max}, TensorRT {s.tensorrt}, "
+          f"{s.gpu}; timing cache {timing_cache}")
+    if args.repository:
+        from yatdeploy.serving.repository import write_engine_repository
+
+        folder = write_engine_repository(args.repository, args.name or output.stem, result.path)
+        print(f"wrote model repository entry {folder}")
+    print(f"next: yatdeploy validate {source} --against MODEL.pt --backend tensorrt --engine {result.path}")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace, progress) -> int:
@@ -274,14 +347,17 @@ def cmd_demo(args: argparse.Namespace, progress) -> int:
     if args.epochs <= 0:
         raise YatDeployError(f"--epochs {args.epochs}: must be positive")
     started = time.perf_counter()
-    result = run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=progress)
+    result = run_demo(args.out, epochs=args.epochs, seed=args.seed, tensorrt=args.tensorrt, progress=progress)
     print(format_report(result.report))
     print()
     print(f"test accuracy on {result.test_size} held-out digits:")
     print(f"  PyTorch              {result.torch_accuracy:.2%}")
     print(f"  ONNX Runtime         {result.onnx_accuracy:.2%}   (backend {result.backend})")
+    if result.tensorrt_accuracy is not None:
+        print(f"  TensorRT             {result.tensorrt_accuracy:.2%}   (engine {result.engine_path})")
     print(f"  same prediction on   {result.predictions_agree}/{result.test_size} images")
-    print(f"\nfiles in {args.out}/: model.pt, model.onnx, digits_test.npz, validation.json, repository/ "
+    plan = ", model.plan" if result.engine_path else ""
+    print(f"\nfiles in {args.out}/: model.pt, model.onnx{plan}, digits_test.npz, validation.json, repository/ "
           f"({time.perf_counter() - started:.1f} s)")
     print(f"next: yatdeploy validate {result.onnx_path} --against {result.model_path} --inputs {result.test_inputs_path}")
     agree = result.report.passed and result.predictions_agree == result.test_size
@@ -377,8 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from yatdeploy.progress import Progress
 
     progress = Progress(enabled=not args.quiet)
-    handlers = {"export": cmd_export, "validate": cmd_validate, "demo": cmd_demo, "serve": cmd_serve,
-                "bench": cmd_bench, "doctor": cmd_doctor}
+    handlers = {"export": cmd_export, "validate": cmd_validate, "build-engine": cmd_build_engine, "demo": cmd_demo,
+                "serve": cmd_serve, "bench": cmd_bench, "doctor": cmd_doctor}
     try:
         return handlers[args.command](args, progress)
     except YatDeployError as exc:

@@ -15,6 +15,7 @@ from nmn.torch import YatNMN
 from torch import nn
 
 from yatdeploy import runtime
+from yatdeploy.errors import YatDeployError
 from yatdeploy.export import INPUT_NAME, ExportOptions, ExportResult, export_model
 from yatdeploy.loading import load_model
 from yatdeploy.progress import Progress
@@ -36,6 +37,8 @@ class DemoResult:
     backend: str
     export: ExportResult
     report: ValidationReport
+    engine_path: Path | None = None  # with tensorrt=True
+    tensorrt_accuracy: float | None = None
 
 
 def build_demo_model() -> nn.Module:
@@ -78,8 +81,20 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
     model.eval()
 
 
-def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, progress: Progress | None = None) -> DemoResult:
+# The TensorRT engine's batch profile: single images up to the whole test set (450) in one batch.
+ENGINE_PROFILE = (1, 64, 512)
+
+
+def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: bool = False,
+             progress: Progress | None = None) -> DemoResult:
+    """tensorrt: also build model.plan with yatdeploy's plugin and validate it (needs TensorRT and a GPU)."""
     progress = progress or Progress()
+    if tensorrt:  # say so before training, not after
+        from yatdeploy.trt.engine import availability
+
+        reason = availability()
+        if reason:
+            raise YatDeployError(f"--tensorrt: {reason}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x_train, x_test, y_train, y_test = load_digits_split(seed)
@@ -103,9 +118,19 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, progress: 
     from yatdeploy.serving.repository import write_repository
 
     write_repository(out / "repository", "model", onnx_path, op_library=native.ort_library_path())
+    engine_path = None
+    if tensorrt:
+        from yatdeploy.serving.repository import write_engine_repository
+        from yatdeploy.trt.engine import BatchProfile, build_engine
+
+        engine_path = out / "model.plan"
+        progress.say(f"[2/4] building the TensorRT engine {engine_path}")
+        build_engine(onnx_path, engine_path, BatchProfile(*ENGINE_PROFILE),
+                     timing_cache=out / "model.plan.timing-cache", progress=progress)
+        write_engine_repository(out / "repository", "model_trt", engine_path)
 
     progress.say("[3/4] validating against PyTorch")
-    report = validate(onnx_path, loaded, input_files=[test_inputs_path], progress=progress)
+    report = validate(onnx_path, loaded, input_files=[test_inputs_path], engine=engine_path, progress=progress)
     report.write_json(out / "validation.json")
 
     progress.say("[4/4] measuring test accuracy")
@@ -114,6 +139,11 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, progress: 
     backend = runtime.default_backend()
     session = runtime.create_session(onnx_path, backend)
     onnx_pred = runtime.run(session, {INPUT_NAME: x_test})[0].argmax(axis=1)
+    tensorrt_accuracy = None
+    if engine_path is not None:
+        engine_session = runtime.create_engine_session(onnx_path, runtime.get_backend("tensorrt"), engine=engine_path)
+        trt_pred = runtime.run(engine_session, {INPUT_NAME: x_test})[0].argmax(axis=1)
+        tensorrt_accuracy = float((trt_pred == y_test).mean())
     return DemoResult(
         model_path=model_path,
         onnx_path=onnx_path,
@@ -125,4 +155,6 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, progress: 
         backend=backend.name,
         export=export,
         report=report,
+        engine_path=engine_path,
+        tensorrt_accuracy=tensorrt_accuracy,
     )

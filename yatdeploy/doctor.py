@@ -6,6 +6,7 @@ import platform
 from importlib import metadata
 
 from yatdeploy import __version__, native, runtime
+from yatdeploy.trt import plugin_logic
 
 _DISTRIBUTIONS = ("torch", "nmn", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-gpu", "numpy",
                   "scipy-openblas32", "tensorrt")
@@ -21,6 +22,7 @@ def _version(dist: str) -> str | None:
 def collect() -> dict:
     cpu_library = native.ort_library_path()
     cuda_library = native.ort_cuda_library_path()
+    ptx = native.trt_plugin_ptx_path()
     info = native.build_info()
     gpus = runtime.gpu_count()
     return {
@@ -34,6 +36,10 @@ def collect() -> dict:
         "cuda_kernels_built": bool(info.get("cuda_kernels_built", False)) and cuda_library is not None,
         "cuda_architectures": info.get("cuda_architectures"),
         "ort_headers_api_version": info.get("ort_api_version"),
+        # The TensorRT plugin's PTX (the plugin itself is yatdeploy.trt.plugin, registered on import).
+        "trt_plugin": str(ptx) if ptx else None,
+        "trt_plugin_ptx_arch": info.get("trt_plugin_ptx_arch") if ptx else None,
+        "trt_plugin_definition": plugin_logic.describe(),
         "gpu": {"present": gpus > 0, "count": gpus},
         "backends": {
             b.name: {"available": b.availability() is None, "reason": b.availability(), "description": b.description}
@@ -53,6 +59,10 @@ def format_text(report: dict) -> str:
         cuda += f" (architectures {report['cuda_architectures']})"
     lines.append(f"  with CUDA kernels      {cuda}")
     lines.append(f"  ORT headers API        {report['ort_headers_api_version'] or '-'}")
+    ptx = report["trt_plugin"] or "not built (no nvcc at install)"
+    if report["trt_plugin"]:
+        ptx += f" ({report['trt_plugin_ptx_arch']})"
+    lines.append(f"  TensorRT plugin PTX    {ptx}")
     gpu = report["gpu"]
     lines += ["", f"GPU: {gpu['count']} NVIDIA GPU(s) visible" if gpu["present"] else "GPU: none visible"]
     lines.append(f"ONNX Runtime providers: {', '.join(report['onnxruntime_providers']) or '-'}")

@@ -3,7 +3,9 @@
 Backends, as named on the command line:
 - `ort-cpu`: ONNX Runtime on the CPU with yatdeploy's custom-op library (fused YatGemm kernels);
 - `ort-cuda`: ONNX Runtime's CUDA provider with the library's CUDA kernels;
-- `ort-function`: plain ONNX Runtime on the CPU, YatGemm inlined from the model's ONNX function.
+- `ort-function`: plain ONNX Runtime on the CPU, YatGemm inlined from the model's ONNX function;
+- `tensorrt`: a TensorRT engine (yatdeploy.trt), YatGemm as yatdeploy's plugin; never the default,
+  since it builds an engine first unless one is given.
 
 A library is registered only when it has a kernel for every YatGemm node of the model on the
 session's providers: ONNX Runtime never falls back from a registered library to the function, so
@@ -50,6 +52,7 @@ class Backend:
     description: str
     providers: tuple[str, ...]
     library: str | None  # "cpu", "cuda" or None (function only)
+    kind: str = "onnxruntime"  # or "tensorrt"
 
     def library_path(self) -> Path | None:
         if self.library == "cpu":
@@ -63,6 +66,10 @@ class Backend:
 
     def availability(self) -> str | None:
         """None when usable here, otherwise why not."""
+        if self.kind == "tensorrt":
+            from yatdeploy.trt.engine import availability
+
+            return availability()
         if ort is None:
             return "onnxruntime is not installed (pip install 'yatdeploy[cpu]' or 'yatdeploy[gpu]')"
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
@@ -82,6 +89,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("ort-cpu", "ONNX Runtime, CPU, yatdeploy's fused YatGemm kernels", (CPU,), "cpu"),
         Backend("ort-cuda", "ONNX Runtime, CUDA, yatdeploy's fused YatGemm kernels", (CUDA, CPU), "cuda"),
         Backend("ort-function", "ONNX Runtime, CPU, YatGemm inlined from the model's ONNX function", (CPU,), None),
+        Backend("tensorrt", "TensorRT engine, YatGemm as yatdeploy's plugin (ahead-of-time PTX kernel)", (), None,
+                kind="tensorrt"),
     )
 }
 
@@ -151,12 +160,23 @@ def _load_model(model: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
 
 @dataclass
 class Session:
-    """An ONNX Runtime session, and whether YatGemm runs as the library's kernel in it."""
+    """An ONNX Runtime session (or a TensorRT engine runner), and whether YatGemm runs as our kernel in it."""
 
-    inner: ort.InferenceSession
+    inner: object  # onnxruntime.InferenceSession, or yatdeploy.trt.runner.EngineRunner
     backend: Backend
     uses_library: bool
     reason: str
+
+
+def create_engine_session(onnx_model: str | Path, backend: Backend, *, engine: str | Path | None = None,
+                          batches: tuple[int, int, int] = (1, 8, 64), progress=None) -> Session:
+    """The tensorrt backend's session: `engine`, or an engine built now for batches (min, opt, max)."""
+    from yatdeploy.progress import QUIET
+    from yatdeploy.trt.engine import BatchProfile
+    from yatdeploy.trt.runner import open_engine
+
+    runner = open_engine(onnx_model, engine, BatchProfile(*batches).check(), progress or QUIET)
+    return Session(runner, backend, True, runner.describe_yat_gemm())
 
 
 def create_session(
@@ -170,6 +190,10 @@ def create_session(
     reason = backend.availability()
     if reason:
         raise YatDeployError(f"backend {backend.name} is not available: {reason}")
+    if backend.kind == "tensorrt":
+        if not isinstance(model, (str, Path)):
+            raise YatDeployError("the tensorrt backend builds its engine from an ONNX file: pass a path")
+        return create_engine_session(model, backend)
     proto = _load_model(model)
     imports = {o.domain: o.version for o in proto.opset_import}
     use_library, why = library_decision(backend, yat_gemm_node_types(proto), imports.get(YAT_GEMM.domain))
@@ -217,6 +241,8 @@ def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
 
 def run(session: Session, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run a session on numpy inputs of any admitted dtype, bfloat16 included."""
+    if session.backend.kind == "tensorrt":
+        return session.inner.run(dict(feeds))
     ort_feeds = {name: _to_ort_value(array) for name, array in feeds.items()}
     try:
         outputs = session.inner.run_with_ort_values(None, ort_feeds)

@@ -18,7 +18,7 @@ import torch
 
 from yatdeploy import dtypes, runtime
 from yatdeploy.attach import yat_gemm_nodes
-from yatdeploy.errors import InputSpecError, OnnxModelError
+from yatdeploy.errors import InputSpecError, OnnxModelError, YatDeployError
 from yatdeploy.export import (
     BATCH_DIM_NAME,
     META_INPUT_SHAPE,
@@ -296,8 +296,10 @@ def validate(
     tolerance: Tolerance | None = None,
     backend_names: Sequence[str] | None = None,
     seed: int = 0,
+    engine: str | Path | None = None,
     progress: Progress = QUIET,
 ) -> ValidationReport:
+    """`engine`: a TensorRT engine for the tensorrt backend; without one, that backend builds its own."""
     onnx_path = Path(onnx_path)
     model = load_onnx(onnx_path)
     graph_input = _onnx_input(model)
@@ -347,6 +349,10 @@ def validate(
         reports.append(report)
         if reason:
             continue
+        if backend.kind == "tensorrt":
+            _run_tensorrt(report, backend, onnx_path, engine, cases, expected, output_names, graph_input.name, tol,
+                          nodes, progress)
+            continue
         with progress.step(f"running {backend.name}"), tempfile.TemporaryDirectory(prefix="yatdeploy-") as folder:
             try:
                 # Profiled, so that the report can say which YatGemm kernel really ran.
@@ -373,6 +379,32 @@ def validate(
         backends=reports,
         warnings=warnings,
     )
+
+
+def _run_tensorrt(report: BackendReport, backend: runtime.Backend, onnx_path: Path, engine: str | Path | None,
+                  cases: list[InputCase], expected: list[list[np.ndarray]], output_names: list[str], input_name: str,
+                  tol: Tolerance, nodes: int, progress: Progress) -> None:
+    batches = [c.array.shape[0] for c in cases]
+    try:
+        with progress.step("building a TensorRT engine" if engine is None else f"loading {engine}"):
+            session = runtime.create_engine_session(
+                onnx_path, backend, engine=engine, batches=(min(batches), max(batches), max(batches)))
+    except YatDeployError as exc:
+        report.comparisons.append(OutputComparison("engine", "*", [], "", None, None, False, exc.message))
+        return
+    with progress.step(f"running {backend.name}"):
+        for case, want in zip(cases, expected):
+            try:
+                got = runtime.run(session, {input_name: case.array})
+            except OnnxModelError as exc:
+                report.comparisons.append(OutputComparison(case.name, "*", [], "", None, None, False, exc.message))
+                continue
+            report.comparisons.extend(_compare_case(case, output_names, got, want, tol))
+    signature = session.inner.signature
+    report.yat_gemm_execution = session.reason
+    if signature.plugin_layers < nodes:
+        report.execution_problem = (f"the engine has {signature.plugin_layers} plugin layers for {nodes} YatGemm "
+                                    "nodes: the rest run the inlined ONNX function")
 
 
 def _check_yat_gemm_execution(report: BackendReport, session: runtime.Session, runs: dict[str, int],

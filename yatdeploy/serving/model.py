@@ -1,4 +1,5 @@
-"""A served model: an ONNX Runtime session behind the protocol, with its signature and checks."""
+"""A served model: an ONNX Runtime session (or a TensorRT engine) behind the protocol, with its
+signature and checks."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import numpy as np
 import onnx
 
 from yatdeploy import dtypes, runtime
+from yatdeploy.errors import YatDeployError
 from yatdeploy.serving.protocol import InferRequest, ProtocolError, datatype_of
 from yatdeploy.serving.repository import ModelSource
 
 PLATFORM = "onnxruntime_onnx"
+TENSORRT_PLATFORM = "tensorrt_plan"
 
 
 @dataclass(frozen=True)
@@ -31,34 +34,66 @@ def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(value.name, datatype, shape)
 
 
+def _signature_info(tensor) -> TensorInfo:
+    return TensorInfo(tensor.name, datatype_of(dtypes.by_name(tensor.dtype).numpy), tuple(tensor.shape))
+
+
 class ServedModel:
     def __init__(self, source: ModelSource, backend: runtime.Backend, intra_op_threads: int = 0) -> None:
         self.name = source.name
         self.version = source.version
         self.source = source
         self.max_batch_size = source.max_batch_size
-        proto = onnx.load(str(source.path))
-        initializers = {i.name for i in proto.graph.initializer}
-        self.inputs = [_tensor_info(v) for v in proto.graph.input if v.name not in initializers]
-        self.outputs = [_tensor_info(v) for v in proto.graph.output]
-        # Spinning pool threads would take the event loop's core between requests.
-        self.session = runtime.create_session(proto, backend, intra_op_threads=intra_op_threads, allow_spinning=False)
         self.backend = backend
+        if backend.kind == "tensorrt":
+            self._open_engine(source, backend)
+        else:
+            if source.path.suffix == ".plan":
+                raise YatDeployError(f"model {source.name}: {source.path.name} is a TensorRT engine; it runs on "
+                                     "the tensorrt backend only")
+            proto = onnx.load(str(source.path))
+            initializers = {i.name for i in proto.graph.initializer}
+            self.inputs = [_tensor_info(v) for v in proto.graph.input if v.name not in initializers]
+            self.outputs = [_tensor_info(v) for v in proto.graph.output]
+            # Spinning pool threads would take the event loop's core between requests.
+            self.session = runtime.create_session(proto, backend, intra_op_threads=intra_op_threads,
+                                                  allow_spinning=False)
         self.batchable = all(t.shape and t.shape[0] == -1 for t in [*self.inputs, *self.outputs])
+
+    def _open_engine(self, source: ModelSource, backend: runtime.Backend) -> None:
+        if source.path.suffix == ".plan":
+            self.session = runtime.create_engine_session(source.path, backend, engine=source.path)
+        else:  # an .onnx served on TensorRT: an engine for batches 1..max_batch_size, built now
+            batch = self.max_batch_size
+            self.session = runtime.create_engine_session(source.path, backend, batches=(1, min(8, batch), batch))
+        signature = self.session.inner.signature
+        self.inputs = [_signature_info(t) for t in signature.inputs]
+        self.outputs = [_signature_info(t) for t in signature.outputs]
+        if self.inputs[0].shape[0] == -1:
+            self.max_batch_size = min(self.max_batch_size, signature.profile.max)
+
+    @property
+    def platform(self) -> str:
+        return TENSORRT_PLATFORM if self.backend.kind == "tensorrt" else PLATFORM
 
     def metadata(self) -> dict:
         return {
             "name": self.name,
             "versions": [self.version],
-            "platform": PLATFORM,
+            "platform": self.platform,
             "inputs": [t.as_json() for t in self.inputs],
             "outputs": [t.as_json() for t in self.outputs],
             "parameters": {
                 "backend": self.backend.name,
-                "yat_gemm": "custom-op library kernel" if self.session.uses_library else "ONNX function",
+                "yat_gemm": self._yat_gemm(),
                 "max_batch_size": self.max_batch_size if self.batchable else 0,
             },
         }
+
+    def _yat_gemm(self) -> str:
+        if self.backend.kind == "tensorrt":
+            return "TensorRT plugin"
+        return "custom-op library kernel" if self.session.uses_library else "ONNX function"
 
     def config(self) -> dict:
         """The model's configuration in Triton's JSON form (what perf_analyzer reads)."""
@@ -70,8 +105,8 @@ class ServedModel:
 
         return {
             "name": self.name,
-            "platform": PLATFORM,
-            "backend": "onnxruntime",
+            "platform": self.platform,
+            "backend": "tensorrt" if self.backend.kind == "tensorrt" else "onnxruntime",
             "max_batch_size": batch,
             "input": [tensor(t) for t in self.inputs],
             "output": [tensor(t) for t in self.outputs],

@@ -1,7 +1,9 @@
 """Model repositories: a single .onnx file, or a Triton-style folder, read and written.
 
     <repo>/<model>/config.pbtxt
-    <repo>/<model>/<version>/model.onnx
+    <repo>/<model>/<version>/model.onnx        (platform onnxruntime_onnx), or
+    <repo>/<model>/<version>/model.plan        (platform tensorrt_plan: a TensorRT engine from
+                                                `yatdeploy build-engine`, with model.plan.json beside it)
 
 The config is Triton's ModelConfig in protobuf text format, so the same folder can be handed to Triton
 Inference Server; yatdeploy reads the fields it shares with Triton (max_batch_size, dynamic_batching's
@@ -25,6 +27,7 @@ CONFIG = "config.pbtxt"
 # A free-form ModelConfig parameter, which Triton ignores, naming yatdeploy's backend for the model.
 BACKEND_PARAMETER = "yatdeploy_backend"
 MODEL_FILE = "model.onnx"
+PLAN_FILE = "model.plan"
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_SIZE = 256
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -68,23 +71,40 @@ def parse_config(path: Path):
     return config
 
 
+def check_model_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise YatDeployError(f"model name {name!r}: use letters, digits, '_', '.' and '-' only")
+    return name
+
+
+def _model_file(version_dir: Path) -> Path | None:
+    for name in (MODEL_FILE, PLAN_FILE):
+        if (version_dir / name).is_file():
+            return version_dir / name
+    return None
+
+
 def discover(path: str | Path) -> list[ModelSource]:
     """The models at `path`: one .onnx file (served under its stem), or a Triton-style repository."""
     path = Path(path)
     if not path.exists():
         raise YatDeployError(f"{path}: no such file or folder")
     if path.is_file():
+        if path.suffix == ".plan":
+            return [ModelSource(path.stem, "1", path, backend="tensorrt")]
         if path.suffix != ".onnx":
-            raise YatDeployError(f"{path}: expected an .onnx file or a model repository folder")
+            raise YatDeployError(f"{path}: expected an .onnx file, a TensorRT .plan or a model repository folder")
         return [ModelSource(path.stem, "1", path)]
     sources = []
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
         versions = sorted((int(v.name), v) for v in folder.iterdir() if v.is_dir() and v.name.isdigit()
-                          and (v / MODEL_FILE).is_file())
+                          and _model_file(v) is not None)
         if not versions:
             continue
         version, version_dir = versions[-1]  # Triton's default policy: the latest version
-        source = ModelSource(folder.name, str(version), version_dir / MODEL_FILE)
+        model_file = _model_file(version_dir)
+        source = ModelSource(folder.name, str(version), model_file,
+                             backend="tensorrt" if model_file.name == PLAN_FILE else None)
         if (folder / CONFIG).is_file():
             config = parse_config(folder / CONFIG)
             if config.name and config.name != folder.name:
@@ -100,7 +120,7 @@ def discover(path: str | Path) -> list[ModelSource]:
                 source.backend = config.parameters[BACKEND_PARAMETER].string_value
         sources.append(source)
     if not sources:
-        raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE})")
+        raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE} or {PLAN_FILE})")
     return sources
 
 
@@ -115,11 +135,18 @@ def _dims(value: onnx.ValueInfoProto) -> list[int]:
 def _tensor_entries(values) -> str:
     from yatdeploy import dtypes
 
+    return _entries([(v.name, dtypes.by_onnx(v.type.tensor_type.elem_type).name, _dims(v)) for v in values])
+
+
+def _entries(tensors: list[tuple[str, str, list[int]]]) -> str:
+    """config.pbtxt tensor entries from (name, yatdeploy dtype name, dims without the batch)."""
+    from yatdeploy import dtypes
+
     entries = []
-    for value in values:
-        datatype = datatype_of(dtypes.by_onnx(value.type.tensor_type.elem_type).numpy)
-        dims = ", ".join(str(d) for d in _dims(value))
-        entries.append(f'  {{\n    name: "{value.name}"\n    data_type: {_TRITON_TYPES[datatype]}\n    dims: [ {dims} ]\n  }}')
+    for name, dtype, dims in tensors:
+        datatype = datatype_of(dtypes.by_name(dtype).numpy)
+        text = ", ".join(str(d) for d in dims)
+        entries.append(f'  {{\n    name: "{name}"\n    data_type: {_TRITON_TYPES[datatype]}\n    dims: [ {text} ]\n  }}')
     return ",\n".join(entries)
 
 
@@ -148,8 +175,7 @@ def config_text(name: str, model: onnx.ModelProto, *, op_library: Path | None, m
 def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *, op_library: Path | None,
                      max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, version: int = 1) -> Path:
     """Copy an exported model into `<repository>/<name>/<version>/model.onnx` with its config.pbtxt."""
-    if not _NAME.match(name):
-        raise YatDeployError(f"model name {name!r}: use letters, digits, '_', '.' and '-' only")
+    check_model_name(name)
     if max_batch_size < 1:
         raise YatDeployError(f"--max-batch-size {max_batch_size}: must be at least 1")
     model = onnx.load(str(onnx_path), load_external_data=False)
@@ -168,3 +194,54 @@ def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *
 
 def _has_tritonclient() -> bool:
     return importlib.util.find_spec("tritonclient") is not None
+
+
+def engine_config_text(name: str, signature, *, max_queue_delay_us: int = 0,
+                       max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
+    """config.pbtxt for a TensorRT engine (yatdeploy.trt.engine.EngineSignature)."""
+    batching = signature.inputs[0].shape[0] < 0
+    strip = 1 if batching else 0
+
+    def entries(tensors) -> str:
+        return _entries([(t.name, t.dtype, t.shape[strip:]) for t in tensors])
+
+    lines = [
+        f'name: "{name}"',
+        'platform: "tensorrt_plan"',
+        # YatGemm runs as yatdeploy's ahead-of-time plugin, whose kernel is inside the engine: Triton needs
+        # no plugin library for it (no LD_PRELOAD, no --backend-config=tensorrt,plugins=...).
+        f"max_batch_size: {signature.profile.max if batching else 0}",
+        "input [\n" + entries(signature.inputs) + "\n]",
+        "output [\n" + entries(signature.outputs) + "\n]",
+    ]
+    if batching:
+        lines.append("dynamic_batching {\n"
+                     f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
+                     f"  default_queue_policy {{ max_queue_size: {max_queue_size} }}\n"
+                     "}")
+    lines += [
+        "instance_group [ { kind: KIND_GPU, count: 1 } ]",
+        f'parameters {{ key: "{BACKEND_PARAMETER}" value {{ string_value: "tensorrt" }} }}',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_engine_repository(repository: str | Path, name: str, engine_path: str | Path, version: int = 1) -> Path:
+    """Copy an engine and its signature into `<repository>/<name>/<version>/model.plan` with a config.pbtxt."""
+    from yatdeploy.trt.engine import EngineSignature, signature_path
+
+    check_model_name(name)
+    engine_path = Path(engine_path)
+    signature = EngineSignature.read(engine_path)
+    if signature.profile.min > 1 and signature.inputs[0].shape[0] < 0:
+        raise YatDeployError(f"{engine_path}: its profile starts at batch {signature.profile.min}; Triton sends "
+                             "batches from 1 (rebuild with --min-batch 1)")
+    folder = Path(repository) / name
+    target = folder / str(version) / PLAN_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(engine_path, target)
+    shutil.copyfile(signature_path(engine_path), signature_path(target))
+    (folder / CONFIG).write_text(engine_config_text(name, signature))
+    if _has_tritonclient():
+        parse_config(folder / CONFIG)
+    return folder

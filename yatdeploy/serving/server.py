@@ -21,6 +21,9 @@ def load_models(path: str | Path, backend_name: str | None, intra_op_threads: in
         # --backend for every model, else the model's config.pbtxt, else the fastest that works here.
         name = backend_name or source.backend
         backend = runtime.get_backend(name) if name else runtime.default_backend()
+        if source.path.suffix == ".plan" and backend.kind != "tensorrt":
+            raise YatDeployError(f"model {source.name}: {source.path.name} is a TensorRT engine; it runs on the "
+                                 f"tensorrt backend, not {backend.name}")
         reason = backend.availability()
         if reason:
             raise YatDeployError(f"model {source.name}: backend {backend.name} is not available: {reason}")

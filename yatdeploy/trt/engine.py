@@ -1,0 +1,358 @@
+"""`yatdeploy build-engine`: a TensorRT engine from a yatdeploy ONNX export, YatGemm as the plugin.
+
+The pure parts (profile checks, preparing the ONNX graph for the parser, the signature file, the
+check that every YatGemm node became the plugin) import without TensorRT and are tested here; the
+build itself needs TensorRT and a GPU and says so, naming what is missing, when either is absent.
+
+Next to every engine goes `<engine>.json` (ENGINE_SIGNATURE): its input and output names, dtypes and
+shapes, the batch profile, and the versions and GPU it was built with, so that validation and serving
+can describe an engine without TensorRT.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from yatdeploy import dtypes, native, runtime
+from yatdeploy.attach import node_elem_types, yat_gemm_nodes
+from yatdeploy.errors import OnnxModelError, YatDeployError
+from yatdeploy.progress import QUIET, Progress
+from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
+from yatdeploy.trt import plugin_logic
+
+MIN_TENSORRT = (10, 15)  # ahead-of-time Python plugins (10.9) and the parser's plugin_namespace override (10.15)
+SIGNATURE_SUFFIX = ".json"
+WORKSPACE_DEFAULT_MB = 4096
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    min: int
+    opt: int
+    max: int
+
+    def check(self) -> BatchProfile:
+        if self.min < 1 or not self.min <= self.opt <= self.max:
+            raise YatDeployError(f"batch profile min {self.min}, opt {self.opt}, max {self.max}: "
+                                 "need 1 <= --min-batch <= --opt-batch <= --max-batch")
+        return self
+
+    @staticmethod
+    def covering(batches: list[int]) -> BatchProfile:
+        """The profile an engine needs to run all these batch sizes, tuned for the largest."""
+        return BatchProfile(min(batches), max(batches), max(batches)).check()
+
+
+@dataclass
+class TensorSignature:
+    name: str
+    dtype: str
+    shape: list[int]  # -1 for the batch dimension when it is dynamic
+
+
+@dataclass
+class EngineSignature:
+    inputs: list[TensorSignature]
+    outputs: list[TensorSignature]
+    profile: BatchProfile
+    yat_gemm_nodes: int
+    plugin_layers: int
+    onnx_sha256: str
+    tensorrt: str = ""
+    gpu: str = ""
+    built: dict = field(default_factory=dict)
+
+    def write(self, engine_path: Path) -> Path:
+        path = signature_path(engine_path)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @staticmethod
+    def read(engine_path: Path) -> EngineSignature:
+        path = signature_path(engine_path)
+        try:
+            raw = json.loads(path.read_text())
+            return EngineSignature(
+                inputs=[TensorSignature(**t) for t in raw["inputs"]],
+                outputs=[TensorSignature(**t) for t in raw["outputs"]],
+                profile=BatchProfile(**raw["profile"]),
+                **{k: raw[k] for k in ("yat_gemm_nodes", "plugin_layers", "onnx_sha256", "tensorrt", "gpu", "built")},
+            )
+        except FileNotFoundError:
+            raise YatDeployError(f"{path}: missing; yatdeploy writes it beside every engine it builds "
+                                 "(rebuild with `yatdeploy build-engine`)") from None
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise YatDeployError(f"{path}: not a yatdeploy engine signature ({exc})") from None
+
+
+def signature_path(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name + SIGNATURE_SUFFIX)
+
+
+# --- preparing the ONNX graph for TensorRT's parser --------------------------------------------------
+
+@dataclass
+class PreparedModel:
+    model: onnx.ModelProto
+    input: TensorSignature
+    outputs: list[TensorSignature]
+    yat_gemm_nodes: int
+    notes: list[str]
+
+
+def _signature(value: onnx.ValueInfoProto) -> TensorSignature:
+    tensor = value.type.tensor_type
+    try:
+        dtype = dtypes.by_onnx(tensor.elem_type).name
+    except KeyError:
+        dtype = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+    shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+    return TensorSignature(value.name, dtype, shape)
+
+
+def prepare_model(model: onnx.ModelProto) -> PreparedModel:
+    """A copy of `model` whose every YatGemm node the plugin can take, or an error naming the node.
+
+    The parser hands the plugin only the attributes a node has and only the inputs it has, and the plugin
+    takes exactly X, W, B, eps and alpha; so missing eps/alpha get the spec's defaults, a missing B (a
+    bias-free node written by hand) becomes zeros, and plugin_namespace/plugin_version are set so that
+    the parser picks the plugin over the model's ONNX function.
+    """
+    model = copy.deepcopy(model)
+    initializers = {i.name: i for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(graph_inputs) != 1:
+        raise OnnxModelError(f"the model has {len(graph_inputs)} inputs; build-engine handles one (a yatdeploy export)")
+    signature = _signature(graph_inputs[0])
+    supported = [t.dtype for t in plugin_logic.PLUGIN_TYPES]
+    types = node_elem_types(model)
+    notes: list[str] = []
+    nodes = yat_gemm_nodes(model)
+    for index, node in enumerate(nodes):
+        where = f"YatGemm node '{node.name or index}'"
+        dtype = dtypes.by_onnx(types[node.name]).name if node.name in types else signature.dtype
+        if dtype not in supported:
+            raise OnnxModelError(f"{where} is {dtype}; the TensorRT plugin has {', '.join(supported)} kernels "
+                                 "(export with --dtype float32, float16 or bfloat16)")
+        attrs = {a.name: a for a in node.attribute}
+        for name in MATH_ATTRIBUTES:
+            if name not in attrs:
+                node.attribute.append(helper.make_attribute(name, float(YAT_GEMM.attribute(name).default)))
+                notes.append(f"{where}: no {name} attribute, the spec's default {YAT_GEMM.attribute(name).default} used")
+        for name, value in (("plugin_namespace", PLUGIN_NAMESPACE), ("plugin_version", PLUGIN_VERSION)):
+            if name in attrs and helper.get_attribute_value(attrs[name]).decode() != value:
+                raise OnnxModelError(f"{where}: {name} is {helper.get_attribute_value(attrs[name]).decode()!r}, "
+                                     f"yatdeploy's plugin is {value!r}")
+            if name not in attrs:
+                node.attribute.append(helper.make_attribute(name, value))
+        if len(node.input) < 3 or not node.input[2]:
+            w = initializers.get(node.input[1])
+            if w is None:
+                raise OnnxModelError(f"{where} has no bias input and its weight is not a constant: the TensorRT "
+                                     "plugin takes X, W and B (re-export with yatdeploy, which always writes B)")
+            zeros = numpy_helper.from_array(np.zeros(w.dims[0], dtype=dtypes.by_name(dtype).numpy),
+                                            f"{node.input[1]}__yat_zero_bias")
+            model.graph.initializer.append(zeros)
+            while len(node.input) < 3:
+                node.input.append("")
+            node.input[2] = zeros.name
+            notes.append(f"{where}: no bias input, zeros used")
+    if signature.dtype not in supported:
+        raise OnnxModelError(f"the model's input is {signature.dtype}; TensorRT here takes {', '.join(supported)}")
+    if len(signature.shape) < 1 or any(d < 0 for d in signature.shape[1:]):
+        raise OnnxModelError(f"input '{signature.name}' has shape {signature.shape}: every dimension after the "
+                             "batch must be fixed")
+    return PreparedModel(model, signature, [_signature(o) for o in model.graph.output], len(nodes), notes)
+
+
+def profile_shapes(prepared: PreparedModel, profile: BatchProfile) -> tuple[list[int], list[int], list[int]]:
+    """Min, opt and max input shapes for the optimisation profile."""
+    profile.check()
+    batch, *rest = prepared.input.shape
+    if batch >= 0 and (profile.min, profile.max) != (batch, batch):
+        raise YatDeployError(f"the model's batch dimension is fixed at {batch} (exported with --static-batch); "
+                             f"use --min-batch {batch} --opt-batch {batch} --max-batch {batch}")
+    return [profile.min, *rest], [profile.opt, *rest], [profile.max, *rest]
+
+
+def check_plugin_layers(layer_types: list[str], yat_gemm_nodes: int) -> int:
+    """How many plugin layers the parsed network has; an error when some YatGemm node did not become one.
+
+    `layer_types` are TensorRT LayerType names. A parser that does not pick the plugin (TensorRT < 10.15,
+    or the plugin not registered) silently inlines the model's ONNX function: the engine would work, but
+    it would not run the fused kernel, and that must not pass for the plugin.
+    """
+    plugins = sum(1 for t in layer_types if t.startswith("PLUGIN"))
+    if plugins < yat_gemm_nodes:
+        raise YatDeployError(
+            f"TensorRT's parser turned {plugins} of {yat_gemm_nodes} YatGemm nodes into the plugin and inlined "
+            "the ONNX function for the rest; the fused kernel needs TensorRT >= 10.15 with the plugin registered"
+        )
+    return plugins
+
+
+# --- what this machine has -----------------------------------------------------------------------------
+
+def import_tensorrt():
+    """The tensorrt module, or an error saying how to get it."""
+    try:
+        import tensorrt
+    except Exception as exc:  # ImportError, or OSError when the wheel is there but libnvinfer is not
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise YatDeployError(
+            f"TensorRT is not installed here (import tensorrt failed: {detail})",
+            "pip install 'yatdeploy[tensorrt]' on a machine that can reach NVIDIA's package index, "
+            "with a GPU and its driver",
+        ) from None
+    version = tuple(int(p) for p in tensorrt.__version__.split(".")[:2])
+    if version < MIN_TENSORRT:
+        raise YatDeployError(f"TensorRT {tensorrt.__version__} is too old: yatdeploy's plugin needs "
+                             f"{'.'.join(map(str, MIN_TENSORRT))} or newer")
+    return tensorrt
+
+
+def availability() -> str | None:
+    """None when engines can be built and run here, otherwise why not (the first missing piece)."""
+    try:
+        import_tensorrt()
+    except YatDeployError as exc:
+        return exc.message
+    if runtime.gpu_count() == 0:
+        return "no NVIDIA GPU is visible (TensorRT builds and runs engines on the GPU)"
+    if native.trt_plugin_ptx_path() is None:
+        return "the plugin's PTX was not built (yatdeploy was installed without nvcc)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} has no CUDA (the tensorrt backend keeps its buffers in torch CUDA tensors)"
+    return None
+
+
+def require_build_environment() -> object:
+    trt = import_tensorrt()
+    if runtime.gpu_count() == 0:
+        raise YatDeployError("no NVIDIA GPU is visible: TensorRT builds an engine on the GPU that will run it")
+    plugin_logic.read_ptx()
+    return trt
+
+
+# --- building ------------------------------------------------------------------------------------------
+
+@dataclass
+class BuildResult:
+    path: Path
+    signature: EngineSignature
+    seconds: float
+    notes: list[str]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _progress_monitor(trt, progress: Progress):
+    """TensorRT's build phases as progress lines (IProgressMonitor, TensorRT >= 10)."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.started: dict[str, float] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.started[phase_name] = time.perf_counter()
+            if parent_phase is None:
+                progress.say(f"  {phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name, step):
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            if phase_name in self.started and len(self.started) <= 2:
+                progress.say(f"  {phase_name}: {time.perf_counter() - self.started[phase_name]:.1f} s")
+
+    return Monitor()
+
+
+def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfile, *,
+                 timing_cache: Path | None = None, workspace_mb: int = WORKSPACE_DEFAULT_MB,
+                 verbose: bool = False, progress: Progress = QUIET) -> BuildResult:
+    onnx_path, output = Path(onnx_path), Path(output)
+    from yatdeploy.validate import load_onnx
+
+    prepared = prepare_model(load_onnx(onnx_path))
+    shapes = profile_shapes(prepared, profile)
+    trt = require_build_environment()
+    import yatdeploy.trt.plugin  # noqa: F401  registers the plugin with TensorRT
+
+    started = time.perf_counter()
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    # TensorRT 11 is always strongly typed (the flag is gone); 10.x needs it asked for.
+    for flag in ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS"):
+        if hasattr(trt.NetworkDefinitionCreationFlag, flag):
+            flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, flag))
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    with progress.step(f"parsing {onnx_path.name}"):
+        if not parser.parse(prepared.model.SerializeToString(), str(onnx_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise OnnxModelError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors[0] if errors else 'no detail'}")
+    layer_types = [network.get_layer(i).type.name for i in range(network.num_layers)]
+    plugin_layers = check_plugin_layers(layer_types, prepared.yat_gemm_nodes)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if progress.enabled and hasattr(trt, "IProgressMonitor"):
+        config.progress_monitor = _progress_monitor(trt, progress)
+    optimisation = builder.create_optimization_profile()
+    optimisation.set_shape(prepared.input.name, *shapes)
+    config.add_optimization_profile(optimisation)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    progress.say(f"building the engine for batch {profile.min}..{profile.max} (opt {profile.opt})")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise YatDeployError("TensorRT could not build the engine (its messages are above; --verbose shows more)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    partial.write_bytes(bytes(serialized))
+    os.replace(partial, output)
+    if timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+    import torch
+
+    batch_dim = -1 if prepared.input.shape[0] < 0 else prepared.input.shape[0]
+    signature = EngineSignature(
+        inputs=[TensorSignature(prepared.input.name, prepared.input.dtype, [batch_dim, *prepared.input.shape[1:]])],
+        outputs=prepared.outputs,
+        profile=profile,
+        yat_gemm_nodes=prepared.yat_gemm_nodes,
+        plugin_layers=plugin_layers,
+        onnx_sha256=_file_sha256(onnx_path),
+        tensorrt=trt.__version__,
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+        built={"host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    )
+    signature.write(output)
+    return BuildResult(output, signature, time.perf_counter() - started, prepared.notes)
