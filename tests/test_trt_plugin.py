@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.cuda_driver import Driver, load_driver
 from yatdeploy import native
 from yatdeploy.errors import YatDeployError
 from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, YAT_GEMM
 from yatdeploy.trt import plugin_logic as logic
-
-from .cuda_driver import Driver, load_driver
 
 ROOT = Path(__file__).resolve().parents[1]
 
