@@ -266,3 +266,21 @@ def test_ptx_kernel_matches_float64_reference(driver, dtype, m, k, n, eps, alpha
     bound = rel_ref * np.abs(want) + rel_mag * magnitude
     worst = np.unravel_index(np.argmax(err - bound), err.shape)
     assert (err <= bound).all(), f"{driver.device_name} {dtype}: at {worst} got {got[worst]}, want {want[worst]}"
+
+
+def test_doctor_reports_the_plugin_ptx(capsys):
+    import json
+    import shutil
+
+    from yatdeploy.cli import main
+
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    path = native.trt_plugin_ptx_path()
+    assert report["trt_plugin"] == (str(path) if path else None)
+    if shutil.which("nvcc"):  # the build makes the PTX whenever nvcc is present
+        assert path is not None and path.is_file()
+        assert report["trt_plugin_ptx_arch"].startswith("compute_")
+    assert report["trt_plugin_definition"]["id"] == logic.PLUGIN_ID
+    assert report["trt_plugin_definition"]["fields"] == list(MATH_ATTRIBUTES)
+    assert "tensorrt" in report["backends"]
