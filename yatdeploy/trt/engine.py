@@ -111,12 +111,16 @@ class PreparedModel:
     notes: list[str]
 
 
+def _dtype_name(elem_type: int) -> str:
+    try:
+        return dtypes.by_onnx(elem_type).name
+    except KeyError:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
 def _signature(value: onnx.ValueInfoProto) -> TensorSignature:
     tensor = value.type.tensor_type
-    try:
-        dtype = dtypes.by_onnx(tensor.elem_type).name
-    except KeyError:
-        dtype = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+    dtype = _dtype_name(tensor.elem_type)
     shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
     return TensorSignature(value.name, dtype, shape)
 
@@ -141,7 +145,8 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     nodes = yat_gemm_nodes(model)
     for index, node in enumerate(nodes):
         where = f"YatGemm node '{node.name or index}'"
-        dtype = dtypes.by_onnx(types[node.name]).name if node.name in types else signature.dtype
+        elem_type = types.get(node.name)
+        dtype = signature.dtype if elem_type is None else _dtype_name(elem_type)
         if dtype not in supported:
             raise OnnxModelError(f"{where} is {dtype}; the TensorRT plugin has {', '.join(supported)} kernels "
                                  "(export with --dtype float32, float16 or bfloat16)")
