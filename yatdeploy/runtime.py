@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
@@ -34,6 +35,9 @@ except ImportError:  # neither the cpu nor the gpu extra is installed
 from yatdeploy import dtypes, native
 from yatdeploy.errors import OnnxModelError, YatDeployError
 from yatdeploy.spec import ONNX_BFLOAT16, ONNX_DOUBLE, ONNX_FLOAT, ONNX_FLOAT16, YAT_GEMM
+
+if TYPE_CHECKING:
+    from yatdeploy.trt.engine import BatchProfile
 
 log = logging.getLogger("yatdeploy.runtime")
 
@@ -169,13 +173,12 @@ class Session:
 
 
 def create_engine_session(onnx_model: str | Path, backend: Backend, *, engine: str | Path | None = None,
-                          batches: tuple[int, int, int] = (1, 8, 64), progress=None) -> Session:
-    """The tensorrt backend's session: `engine`, or an engine built now for batches (min, opt, max)."""
-    from yatdeploy.progress import QUIET
+                          profile: BatchProfile | None = None) -> Session:
+    """The tensorrt backend's session: `engine`, or an engine built now for `profile` (default 1..64)."""
     from yatdeploy.trt.engine import BatchProfile
     from yatdeploy.trt.runner import open_engine
 
-    runner = open_engine(onnx_model, engine, BatchProfile(*batches).check(), progress or QUIET)
+    runner = open_engine(onnx_model, engine, (profile or BatchProfile(1, 8, 64)).check())
     return Session(runner, backend, True, runner.describe_yat_gemm())
 
 

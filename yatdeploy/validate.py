@@ -384,11 +384,12 @@ def validate(
 def _run_tensorrt(report: BackendReport, backend: runtime.Backend, onnx_path: Path, engine: str | Path | None,
                   cases: list[InputCase], expected: list[list[np.ndarray]], output_names: list[str], input_name: str,
                   tol: Tolerance, nodes: int, progress: Progress) -> None:
-    batches = [c.array.shape[0] for c in cases]
+    from yatdeploy.trt.engine import BatchProfile
+
+    profile = BatchProfile.covering([c.array.shape[0] for c in cases])
     try:
         with progress.step("building a TensorRT engine" if engine is None else f"loading {engine}"):
-            session = runtime.create_engine_session(
-                onnx_path, backend, engine=engine, batches=(min(batches), max(batches), max(batches)))
+            session = runtime.create_engine_session(onnx_path, backend, engine=engine, profile=profile)
     except YatDeployError as exc:
         report.comparisons.append(OutputComparison("engine", "*", [], "", None, None, False, exc.message))
         return

@@ -61,11 +61,14 @@ class ServedModel:
         self.batchable = all(t.shape and t.shape[0] == -1 for t in [*self.inputs, *self.outputs])
 
     def _open_engine(self, source: ModelSource, backend: runtime.Backend) -> None:
+        from yatdeploy.trt.engine import BatchProfile
+
         if source.path.suffix == ".plan":
             self.session = runtime.create_engine_session(source.path, backend, engine=source.path)
         else:  # an .onnx served on TensorRT: an engine for batches 1..max_batch_size, built now
             batch = self.max_batch_size
-            self.session = runtime.create_engine_session(source.path, backend, batches=(1, min(8, batch), batch))
+            self.session = runtime.create_engine_session(source.path, backend,
+                                                         profile=BatchProfile(1, min(8, batch), batch))
         signature = self.session.inner.signature
         self.inputs = [_signature_info(t) for t in signature.inputs]
         self.outputs = [_signature_info(t) for t in signature.outputs]

@@ -15,7 +15,6 @@ import ml_dtypes
 import numpy as np
 
 from yatdeploy.errors import OnnxModelError, YatDeployError
-from yatdeploy.progress import QUIET, Progress
 from yatdeploy.trt.engine import BatchProfile, EngineSignature, availability, build_engine, import_tensorrt
 
 
@@ -94,8 +93,7 @@ class EngineRunner:
                 f"YatGemm node(s), TensorRT {s.tensorrt} on {s.gpu}")
 
 
-def open_engine(onnx_model: str | Path, engine: str | Path | None, profile: BatchProfile,
-                progress: Progress = QUIET) -> EngineRunner:
+def open_engine(onnx_model: str | Path, engine: str | Path | None, profile: BatchProfile) -> EngineRunner:
     """A runner for `engine`, or for an engine built now from `onnx_model` (kept in a temporary folder)."""
     if engine is not None:
         return EngineRunner(engine)
@@ -103,5 +101,5 @@ def open_engine(onnx_model: str | Path, engine: str | Path | None, profile: Batc
     if reason:
         raise YatDeployError(f"the tensorrt backend is not available: {reason}")
     folder = Path(tempfile.mkdtemp(prefix="yatdeploy-engine-"))
-    result = build_engine(onnx_model, folder / "model.plan", profile, progress=progress)
+    result = build_engine(onnx_model, folder / "model.plan", profile)
     return EngineRunner(result.path)
