@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "with FastAPI and uvicorn, speaking the Open Inference Protocol (KServe v2) with Triton's "
                     "binary tensor extension, with dynamic batching and Prometheus metrics on /metrics.",
     )
-    serve.add_argument("path", metavar="MODEL_OR_REPOSITORY", help="an .onnx file or a model repository folder")
+    serve.add_argument("path", metavar="MODEL_OR_REPOSITORY",
+                       help="an .onnx file, a TensorRT .plan from build-engine, or a model repository folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--backend", help="ort-cpu, ort-cuda, ort-function or tensorrt (default: config.pbtxt, "
