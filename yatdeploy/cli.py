@@ -305,8 +305,7 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace, progress) -> int:
-    from yatdeploy.trt.engine import BatchProfile, build_engine, prepare_model, profile_shapes
-    from yatdeploy.validate import load_onnx
+    from yatdeploy.trt.engine import BatchProfile, build_engine
 
     source = Path(args.onnx_model)
     output = Path(args.output) if args.output else source.with_suffix(".plan")
@@ -314,10 +313,9 @@ def cmd_build_engine(args: argparse.Namespace, progress) -> int:
         raise YatDeployError(f"-o {output} would overwrite the ONNX model")
     if args.workspace_mb < 1:
         raise YatDeployError(f"--workspace-mb {args.workspace_mb}: must be at least 1")
+    # build_engine checks the model and the profile before it looks for TensorRT, so a bad model or
+    # profile is reported as such on any machine.
     profile = BatchProfile(args.min_batch, args.opt_batch, args.max_batch).check()
-    # Everything about the input is checked before TensorRT is looked for, so a bad model or profile is
-    # reported as such on any machine.
-    profile_shapes(prepare_model(load_onnx(source)), profile)
     if args.repository:
         from yatdeploy.serving.repository import check_model_name
 
