@@ -16,11 +16,10 @@ import numpy as np
 import onnx
 import torch
 
-from yatdeploy import dtypes, runtime
+from yatdeploy import dtypes, graph, runtime
 from yatdeploy.attach import yat_gemm_nodes
 from yatdeploy.errors import InputSpecError, OnnxModelError, YatDeployError
 from yatdeploy.export import (
-    BATCH_DIM_NAME,
     META_INPUT_SHAPE,
     META_SOURCE_SHA256,
     output_names_for,
@@ -154,8 +153,7 @@ def compare(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> tuple[f
 
 
 def _onnx_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    inputs = graph.graph_inputs(model)
     if len(inputs) != 1:
         raise OnnxModelError(f"the model has {len(inputs)} inputs; yatdeploy validates single-input models")
     return inputs[0]
@@ -244,6 +242,28 @@ def load_input_cases(paths: Sequence[str | Path], sample_shape: Sequence[int], d
     return cases
 
 
+def _cases_for(graph_input: onnx.ValueInfoProto, random: list[InputCase], user: list[InputCase],
+               sample_shape: Sequence[int], dtype: str, seed: int) -> list[InputCase]:
+    """The cases to run: every one when the input has a batch dimension; for a fixed first dimension,
+    the random cases at that size and the user's, each of which must fit it (none is dropped)."""
+    shape = graph.dims(graph_input)
+    if not graph.has_batch_dim(shape):
+        fixed = shape[0] if shape else None
+        for case in user:
+            if fixed is not None and case.array.shape[0] != fixed:
+                raise InputSpecError(
+                    f"--inputs {case.name}: {case.array.shape[0]} rows, but the model's input "
+                    f"'{graph_input.name}' has a fixed first dimension of {fixed}",
+                    "give arrays of that many rows, or export with a dynamic batch dimension",
+                )
+        random = random_cases(sample_shape, dtype, (fixed,), seed) if fixed is not None else random[:1]
+    cases = random + user
+    empty = [c.name for c in cases if c.array.size == 0]
+    if empty:
+        raise InputSpecError(f"input case {empty[0]} holds no values: a comparison on it would compare nothing")
+    return cases
+
+
 def _to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     ftype = dtypes.by_name(dtype)
     if ftype.name == "bfloat16":
@@ -306,7 +326,8 @@ def validate(
     dtype = input_dtype(model)
     tol = tolerance or DEFAULT_TOLERANCES[dtype]
     sample_shape = resolve_input_shape(model, input_shape)
-    cases = random_cases(sample_shape, dtype, batches, seed) + load_input_cases(input_files, sample_shape, dtype)
+    cases = random_cases(sample_shape, dtype, batches, seed)
+    user_cases = load_input_cases(input_files, sample_shape, dtype)
     output_names = [o.name for o in model.graph.output]
 
     checks: list[Check] = []
@@ -321,10 +342,7 @@ def validate(
     recorded_sha = _metadata(model).get(META_SOURCE_SHA256)
     if recorded_sha and recorded_sha != loaded.sha256:
         warnings.append(f"{loaded.path} has changed since {onnx_path.name} was exported (sha256 differs)")
-    dynamic_batch = graph_input.type.tensor_type.shape.dim[0].dim_param == BATCH_DIM_NAME
-    if not dynamic_batch:
-        static = graph_input.type.tensor_type.shape.dim[0].dim_value
-        cases = [c for c in cases if c.array.shape[0] == static] or random_cases(sample_shape, dtype, (static,), seed)
+    cases = _cases_for(graph_input, cases, user_cases, sample_shape, dtype, seed)
 
     reference = prepare_module(loaded, dtype)
     with progress.step(f"running PyTorch on {len(cases)} input cases"):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from yatdeploy import dtypes, runtime
+from yatdeploy import dtypes, graph, runtime
 from yatdeploy.errors import YatDeployError
 from yatdeploy.serving.protocol import InferRequest, ProtocolError, datatype_of
 from yatdeploy.serving.repository import ModelSource
@@ -28,8 +28,7 @@ class TensorInfo:
 
 
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
-    dims = value.type.tensor_type.shape.dim
-    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+    shape = tuple(graph.dims(value))
     datatype = datatype_of(dtypes.by_onnx(value.type.tensor_type.elem_type).numpy)
     return TensorInfo(value.name, datatype, shape)
 
@@ -52,13 +51,12 @@ class ServedModel:
                 raise YatDeployError(f"model {source.name}: {source.path.name} is a TensorRT engine; it runs on "
                                      "the tensorrt backend only")
             proto = onnx.load(str(source.path))
-            initializers = {i.name for i in proto.graph.initializer}
-            self.inputs = [_tensor_info(v) for v in proto.graph.input if v.name not in initializers]
+            self.inputs = [_tensor_info(v) for v in graph.graph_inputs(proto)]
             self.outputs = [_tensor_info(v) for v in proto.graph.output]
             # Spinning pool threads would take the event loop's core between requests.
             self.session = runtime.create_session(proto, backend, intra_op_threads=intra_op_threads,
                                                   allow_spinning=False)
-        self.batchable = all(t.shape and t.shape[0] == -1 for t in [*self.inputs, *self.outputs])
+        self.batchable = all(graph.has_batch_dim(t.shape) for t in [*self.inputs, *self.outputs])
 
     def _open_engine(self, source: ModelSource, backend: runtime.Backend) -> None:
         from yatdeploy.trt.engine import BatchProfile
@@ -72,7 +70,7 @@ class ServedModel:
         signature = self.session.inner.signature
         self.inputs = [_signature_info(t) for t in signature.inputs]
         self.outputs = [_signature_info(t) for t in signature.outputs]
-        if self.inputs[0].shape[0] == -1:
+        if graph.has_batch_dim(self.inputs[0].shape):
             self.max_batch_size = min(self.max_batch_size, signature.profile.max)
 
     @property

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onnx
 
+from yatdeploy import graph
 from yatdeploy.errors import YatDeployError
 from yatdeploy.serving.datatypes import DATATYPES, datatype_of
 
@@ -128,8 +129,7 @@ _TRITON_TYPES = {name: "TYPE_" + ("STRING" if name == "BYTES" else name) for nam
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int]:
-    dims = value.type.tensor_type.shape.dim[1:]  # without the batch dimension
-    return [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
+    return graph.dims(value)[1:]  # without the batch dimension
 
 
 def _tensor_entries(values) -> str:
@@ -152,8 +152,7 @@ def _entries(tensors: list[tuple[str, str, list[int]]]) -> str:
 
 def config_text(name: str, model: onnx.ModelProto, *, op_library: Path | None, max_batch_size: int,
                 max_queue_delay_us: int = 0, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    inputs = graph.graph_inputs(model)
     lines = [
         f'name: "{name}"',
         'backend: "onnxruntime"',
@@ -179,8 +178,7 @@ def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *
     if max_batch_size < 1:
         raise YatDeployError(f"--max-batch-size {max_batch_size}: must be at least 1")
     model = onnx.load(str(onnx_path), load_external_data=False)
-    first = model.graph.input[0].type.tensor_type.shape.dim[0]
-    if not first.dim_param:
+    if not graph.model_has_batch_dim(model):
         raise YatDeployError("a repository model needs a dynamic batch dimension (export without --static-batch)")
     folder = Path(repository) / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)
@@ -199,7 +197,7 @@ def _has_tritonclient() -> bool:
 def engine_config_text(name: str, signature, *, max_queue_delay_us: int = 0,
                        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
     """config.pbtxt for a TensorRT engine (yatdeploy.trt.engine.EngineSignature)."""
-    batching = signature.inputs[0].shape[0] < 0
+    batching = graph.has_batch_dim(signature.inputs[0].shape)
     strip = 1 if batching else 0
 
     def entries(tensors) -> str:
@@ -233,7 +231,7 @@ def write_engine_repository(repository: str | Path, name: str, engine_path: str 
     check_model_name(name)
     engine_path = Path(engine_path)
     signature = EngineSignature.read(engine_path)
-    if signature.profile.min > 1 and signature.inputs[0].shape[0] < 0:
+    if signature.profile.min > 1 and graph.has_batch_dim(signature.inputs[0].shape):
         raise YatDeployError(f"{engine_path}: its profile starts at batch {signature.profile.min}; Triton sends "
                              "batches from 1 (rebuild with --min-batch 1)")
     folder = Path(repository) / name

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from yatdeploy import dtypes, native, runtime
+from yatdeploy import dtypes, graph, native, runtime
 from yatdeploy.attach import node_elem_types, yat_gemm_nodes
 from yatdeploy.errors import OnnxModelError, YatDeployError
 from yatdeploy.progress import QUIET, Progress
@@ -121,8 +121,7 @@ def _dtype_name(elem_type: int) -> str:
 def _signature(value: onnx.ValueInfoProto) -> TensorSignature:
     tensor = value.type.tensor_type
     dtype = _dtype_name(tensor.elem_type)
-    shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-    return TensorSignature(value.name, dtype, shape)
+    return TensorSignature(value.name, dtype, graph.dims(value))
 
 
 def prepare_model(model: onnx.ModelProto) -> PreparedModel:
@@ -135,10 +134,10 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     """
     model = copy.deepcopy(model)
     initializers = {i.name: i for i in model.graph.initializer}
-    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(graph_inputs) != 1:
-        raise OnnxModelError(f"the model has {len(graph_inputs)} inputs; build-engine handles one (a yatdeploy export)")
-    signature = _signature(graph_inputs[0])
+    inputs = graph.graph_inputs(model)
+    if len(inputs) != 1:
+        raise OnnxModelError(f"the model has {len(inputs)} inputs; build-engine handles one (a yatdeploy export)")
+    signature = _signature(inputs[0])
     supported = [t.dtype for t in plugin_logic.PLUGIN_TYPES]
     types = node_elem_types(model)
     notes: list[str] = []
@@ -185,7 +184,7 @@ def profile_shapes(prepared: PreparedModel, profile: BatchProfile) -> tuple[list
     """Min, opt and max input shapes for the optimisation profile."""
     profile.check()
     batch, *rest = prepared.input.shape
-    if batch >= 0 and (profile.min, profile.max) != (batch, batch):
+    if not graph.has_batch_dim(prepared.input.shape) and (profile.min, profile.max) != (batch, batch):
         raise YatDeployError(f"the model's batch dimension is fixed at {batch} (exported with --static-batch); "
                              f"use --min-batch {batch} --opt-batch {batch} --max-batch {batch}")
     return [profile.min, *rest], [profile.opt, *rest], [profile.max, *rest]
@@ -347,9 +346,8 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
 
     import torch
 
-    batch_dim = -1 if prepared.input.shape[0] < 0 else prepared.input.shape[0]
     signature = EngineSignature(
-        inputs=[TensorSignature(prepared.input.name, prepared.input.dtype, [batch_dim, *prepared.input.shape[1:]])],
+        inputs=[prepared.input],
         outputs=prepared.outputs,
         profile=profile,
         yat_gemm_nodes=prepared.yat_gemm_nodes,
