@@ -126,7 +126,7 @@ def test_a_torchscript_archive_exports_and_validates(tmp_path, progress):
     model = yat_mlp()
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.trace(model, torch.randn(2, 16)), path)
-    loaded = load_model(path)
+    loaded = load_model(path, trust_pickle=True)
     assert loaded.format == TORCHSCRIPT and not loaded.layers_are_identifiable
     result = export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16)), progress)
     assert result.yat_gemm_nodes == 0 and "torch.save(model)" in result.notes[0]
@@ -192,3 +192,180 @@ def test_a_pickle_of_something_else_is_named(tmp_path):
     torch.save([1, 2, 3], path)
     with pytest.raises(ModelLoadError, match="holds a list"):
         load_model(path)
+
+
+# --- files that would run their own code, and damaged files --------------------------------------------
+
+
+class _Marker:
+    """A pickle that, when unpickled in full, creates the file `path`: proof that the file's code ran."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _saved_program(tmp_path, name: str = "model.pt2"):
+    program = torch.export.export(yat_mlp(), (torch.randn(2, 16),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    path = tmp_path / name
+    torch.export.save(program, path)
+    return path
+
+
+def _rewrite_archive(path, change) -> None:
+    """Rewrite a zip archive entry by entry through `change(name, data) -> data`, with valid CRCs."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            archive.writestr(info, change(info.filename, data))
+
+
+def _pickled(obj) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _pickle_a_weight(marker):
+    import json
+
+    def change(name: str, data: bytes) -> bytes:
+        if name.endswith("_weights_config.json"):
+            config = json.loads(data)
+            config["config"]["0.weight"]["use_pickle"] = True
+            return json.dumps(config).encode()
+        if name.endswith("data/weights/weight_0"):
+            return _pickled(_Marker(marker))
+        return data
+
+    return change
+
+
+def _pickle_the_sample_inputs(marker):
+    def change(name: str, data: bytes) -> bytes:
+        return _pickled(_Marker(marker)) if name.endswith("data/sample_inputs/model.pt") else data
+
+    return change
+
+
+def _add_a_custom_object(marker):
+    import json
+
+    def change(name: str, data: bytes) -> bytes:
+        if name.endswith("_constants_config.json"):
+            config = json.loads(data)
+            config["config"]["hidden"] = {"path_name": "custom_obj_0", "is_param": False, "use_pickle": False,
+                                          "tensor_meta": None}
+            return json.dumps(config).encode()
+        return data
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "tamper,found",
+    [
+        (_pickle_a_weight, r"weight '0.weight' \(pickled"),
+        (_pickle_the_sample_inputs, r"sample_inputs/model.pt \(a pickle that needs full unpickling\)"),
+        (_add_a_custom_object, r"constant 'hidden' \(a custom object"),
+    ],
+    ids=["pickled-weight", "pickled-sample-inputs", "custom-object"],
+)
+@pytest.mark.parametrize("suffix", [".pt2", ".pt"])
+def test_a_torch_export_archive_that_would_run_code_is_refused(tmp_path, tamper, found, suffix):
+    marker = tmp_path / "code-ran"
+    path = _saved_program(tmp_path, "model" + suffix)
+    _rewrite_archive(path, tamper(marker))
+    with pytest.raises(ModelLoadError, match=found) as caught:
+        load_model(path)
+    assert "--trust-pickle" in str(caught.value) and "--arch" in str(caught.value)
+    assert not marker.exists()
+
+
+def test_an_aotinductor_library_in_a_program_archive_is_refused(tmp_path):
+    import zipfile
+
+    path = _saved_program(tmp_path)
+
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("model/data/aotinductor/model/model.so", b"\x7fELF")
+    with pytest.raises(ModelLoadError, match="AOTInductor compiled code"):
+        load_model(path)
+
+
+def test_export_and_validate_refuse_a_program_that_would_run_code(tmp_path, save_whole, capsys):
+    from yatdeploy.cli import EXIT_USAGE, main
+
+    marker = tmp_path / "code-ran"
+    evil = _saved_program(tmp_path, "evil.pt2")
+    _rewrite_archive(evil, _pickle_a_weight(marker))
+    assert main(["export", "-q", str(evil), "-o", str(tmp_path / "e.onnx"), "--input-shape", "2,16"]) == EXIT_USAGE
+    good = save_whole(yat_mlp())
+    assert main(["export", "-q", str(good), "-o", str(tmp_path / "g.onnx"), "--input-shape", "2,16",
+                 "--no-validate"]) == 0
+    capsys.readouterr()
+    assert main(["validate", "-q", str(tmp_path / "g.onnx"), "--against", str(evil)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loading it would run code from the file" in err[0]
+    assert not marker.exists() and not (tmp_path / "e.onnx").exists()
+
+
+def test_a_plain_program_archive_still_loads_without_flags(tmp_path):
+    path = _saved_program(tmp_path)
+    loaded = load_model(path)
+    assert loaded.format == EXPORTED_PROGRAM
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded.module(x), torch.export.load(str(path)).module()(x))
+
+
+def test_a_torchscript_archive_needs_trust(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(yat_mlp(), torch.randn(2, 16)), path)
+    with pytest.raises(ModelLoadError, match="TorchScript archive, whose code runs when the model runs") as caught:
+        load_model(path)
+    assert "--trust-pickle" in str(caught.value)
+    assert load_model(path, trust_pickle=True).format == TORCHSCRIPT
+
+
+def _flip_a_weight_byte(path, weight: torch.Tensor) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.find(weight.detach().numpy().tobytes()[:32])
+    assert at > 0
+    data[at + 5] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", ["module", "state_dict", "program", "torchscript"])
+def test_a_damaged_archive_fails_its_crc_check(tmp_path, save_whole, kind):
+    model = yat_mlp()
+    weight = model[0].weight
+    path = tmp_path / "model.pt"
+    if kind == "module":
+        torch.save(model, path)
+    elif kind == "state_dict":
+        torch.save(model.state_dict(), path)
+    elif kind == "program":
+        torch.export.save(torch.export.export(model, (torch.randn(2, 16),)), path)
+    else:
+        torch.jit.save(torch.jit.trace(model, torch.randn(2, 16)), path)
+    _flip_a_weight_byte(path, weight)
+    with pytest.raises(ModelLoadError, match="fails its CRC-32 check"):
+        load_model(path, arch="tests.model_zoo:build_mlp" if kind == "state_dict" else None, trust_pickle=True)
+
+
+def test_export_of_a_damaged_file_exits_2(tmp_path, save_whole, capsys):
+    from yatdeploy.cli import EXIT_USAGE, main
+
+    model = yat_mlp()
+    path = save_whole(model)
+    _flip_a_weight_byte(path, model[0].weight)
+    assert main(["export", "-q", str(path), "--input-shape", "1,16"]) == EXIT_USAGE
+    assert "CRC-32" in capsys.readouterr().err

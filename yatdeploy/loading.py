@@ -4,8 +4,12 @@ Formats:
 - a whole module saved with torch.save(model): unpickled with torch.load(weights_only=True) and an
   allowlist of torch.nn and nmn layer classes, so no code from the file runs;
 - a state_dict (torch.save(model.state_dict())) with --arch module:callable building the module;
-- a TorchScript archive (torch.jit.save) and a torch.export program (torch.export.save, .pt2).
-Other pickles are refused unless the user vouches for the file with --trust-pickle.
+- a torch.export program (torch.export.save, .pt2) whose weights, constants and sample inputs are
+  plain tensors: anything torch.export.load would unpickle in full (tensor subclasses, custom or opaque
+  objects) or load as native code (AOTInductor libraries) is refused;
+- a TorchScript archive (torch.jit.save), whose code runs when the model runs.
+Everything refused loads when the user vouches for the file with --trust-pickle. Every zip archive's
+CRCs are checked first, so a flipped byte is an error rather than a silently different model.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ import functools
 import hashlib
 import importlib
 import inspect
+import io
+import json
+import os
 import pickle
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +43,8 @@ _WAYS_ON = (
     "if you trust this file, pass --trust-pickle; otherwise save model.state_dict() and pass "
     "--arch module:callable naming a function that builds the model"
 )
+# torch.export archive entries that torch.export.load turns into Python objects with full unpickling.
+_PT2_OBJECT_PREFIXES = {"custom_obj_": "a custom object (TorchScript class)", "opaque_obj_": "an opaque object"}
 
 
 @dataclass
@@ -93,10 +103,7 @@ def detect_format(path: Path) -> str:
             f"{path}: not a PyTorch model file (neither a torch.save/torch.jit.save zip archive nor a pickle)",
             "expected a file written by torch.save, torch.jit.save or torch.export.save",
         )
-    try:
-        names = zipfile.ZipFile(path).namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ModelLoadError(f"{path}: corrupt archive ({exc})", "re-save the model") from exc
+    names = _checked_zip_names(path)
     if any(name.endswith("archive_format") for name in names):
         return EXPORTED_PROGRAM
     if any("/code/" in name for name in names):
@@ -106,6 +113,108 @@ def detect_format(path: Path) -> str:
     raise ModelLoadError(
         f"{path}: a zip archive but not one written by torch.save, torch.jit.save or torch.export.save"
     )
+
+
+def _checked_zip_names(path: Path) -> list[str]:
+    """The archive's entry names, after every entry's CRC-32 has been checked.
+
+    PyTorch's own zip reader skips the CRCs, so without this a damaged file loads as a different model.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: corrupt archive ({exc})", "re-save the model") from exc
+    if damaged is not None:
+        raise ModelLoadError(f"{path}: corrupt archive: entry {damaged} fails its CRC-32 check (the file was "
+                             "damaged after it was written)", "re-save or re-copy the model")
+    return names
+
+
+def _pt2_code_entries(path: Path, names: list[str]) -> list[str]:
+    """What torch.export.load would unpickle in full, or load as native code, from this archive."""
+    from torch.export.pt2_archive import constants as pt2
+
+    found: list[str] = []
+    with zipfile.ZipFile(path) as archive:
+        for name in names:
+            inner = name.split("/", 1)[1] if "/" in name else name  # below the archive's root folder
+            if inner.startswith(pt2.AOTINDUCTOR_DIR) and not name.endswith("/"):
+                found.append(f"{name} (AOTInductor compiled code)")
+            elif inner.startswith((pt2.WEIGHTS_DIR, pt2.CONSTANTS_DIR)) and inner.endswith("_config.json"):
+                found += _pickled_payloads(name, archive.read(name), path)
+            elif inner.endswith(".pt") and inner.startswith(
+                (pt2.WEIGHTS_DIR, pt2.CONSTANTS_DIR, pt2.SAMPLE_INPUTS_DIR)
+            ):
+                if not _loads_weights_only(archive.read(name)):
+                    found.append(f"{name} (a pickle that needs full unpickling)")
+    return found
+
+
+def _pickled_payloads(name: str, raw: bytes, path: Path) -> list[str]:
+    try:
+        config = json.loads(raw)["config"]
+        entries = [(str(fqn), bool(meta.get("use_pickle")), str(meta.get("path_name", "")))
+                   for fqn, meta in config.items()]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"{path}: corrupt torch.export archive ({name} is not a payload config: {exc})") from exc
+    found = []
+    for fqn, use_pickle, path_name in entries:
+        kind = "weight" if "weights" in name.rsplit("/", 1)[-1] else "constant"
+        if use_pickle:
+            found.append(f"{kind} '{fqn}' (pickled: a tensor subclass or other object)")
+        for prefix, what in _PT2_OBJECT_PREFIXES.items():
+            if path_name.startswith(prefix):
+                found.append(f"{kind} '{fqn}' ({what})")
+    return found
+
+
+def _loads_weights_only(data: bytes) -> bool:
+    try:
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # any failure means the full unpickler would be needed, or the entry is broken
+        return False
+    return True
+
+
+@contextmanager
+def _weights_only_unpickling() -> Iterator[None]:
+    """Make every torch.load inside weights-only, even where the caller asks for weights_only=False.
+
+    torch.export.load passes weights_only=False for some entries; the entries that need it are refused
+    before loading (_pt2_code_entries), and this keeps any path missed there from running the file's code.
+    """
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _load_exported_program(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
+    if not trust_pickle:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        found = _pt2_code_entries(path, names)
+        if found:
+            raise ModelLoadError(
+                f"{path}: the torch.export archive holds {'; '.join(found[:5])}"
+                + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+                + "; loading it would run code from the file",
+                _WAYS_ON,
+            )
+    try:
+        if trust_pickle:
+            return torch.export.load(str(path))
+        with _weights_only_unpickling():
+            return torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: corrupt torch.export archive ({_first_line(str(exc))})") from exc
 
 
 def _unpickle(path: Path, trust_pickle: bool) -> object:
@@ -207,13 +316,19 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
     program = None
     digest = file_sha256(path)
     if fmt == TORCHSCRIPT:
+        if not trust_pickle:
+            raise ModelLoadError(
+                f"{path}: a TorchScript archive, whose code runs when the model runs",
+                "if you trust this file, pass --trust-pickle; otherwise save model.state_dict() and pass "
+                "--arch module:callable, or save the model with torch.save(model) or torch.export.save",
+            )
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise ModelLoadError(f"{path}: corrupt TorchScript archive ({_first_line(str(exc))})") from exc
     elif fmt == EXPORTED_PROGRAM:
+        program = _load_exported_program(path, trust_pickle)
         try:
-            program = torch.export.load(str(path))
             module = program.module()
         except Exception as exc:
             raise ModelLoadError(f"{path}: corrupt torch.export archive ({_first_line(str(exc))})") from exc
