@@ -139,3 +139,60 @@ def test_help(command, capsys):
     assert "usage: yatdeploy" in text
     if command == ["export"]:
         assert "--input-shape" in text and "--trust-pickle" in text and "--arch" in text
+
+
+def test_bench_exits_4_when_requests_fail(model_file, tmp_path, capsys):
+    """Failed requests are not a failed validation: bench has an exit status of its own."""
+    pytest.importorskip("fastapi", reason="the service extra is not installed")
+    from tests.test_serving import Server
+    from yatdeploy.cli import EXIT_REQUESTS_FAILED
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "-q", str(model_file), "-o", str(out), "--input-shape", "1,16", "--no-validate"]) == EXIT_OK
+    server = Server(out, "--max-batch-size", "4")
+    try:
+        status = main(["bench", "-q", f"http://{server.url}", "--model", "m", "--concurrency", "1", "--batch", "8",
+                       "--duration", "0.3", "--warmup", "0", "--out", str(tmp_path / "bench")])
+    finally:
+        server.stop()
+    assert status == EXIT_REQUESTS_FAILED != EXIT_VALIDATION_FAILED
+    assert "request(s) failed; first:" in capsys.readouterr().err
+
+
+def test_a_failed_consistency_check_of_ours_is_an_internal_error(model_file, tmp_path, monkeypatch, capsys):
+    """Our own check on our own output failing is a bug (exit 3, asks for a report), not bad input (2)."""
+    from yatdeploy import export
+    from yatdeploy.cli import EXIT_INTERNAL
+
+    monkeypatch.setattr(export, "yat_gemm_nodes", lambda model: [])  # as if the exporter dropped the nodes
+    assert main(["export", "-q", str(model_file), "-o", str(tmp_path / "m.onnx"), "--input-shape", "1,16"]) \
+        == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert "consistency check failed: export wrote 0 YatGemm nodes for 2 YatNMN layers" in err
+    assert "please report it" in err and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("member,message", [
+    ("object", r"objs.npz\[a\]: Object arrays cannot be loaded"),
+    ("crc", r"crc.npz\[a\]: can't be read \(BadZipFile"),
+])
+def test_a_bad_npz_member_is_bad_input(model_file, tmp_path, capsys, member, message):
+    import re
+
+    import numpy as np
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "-q", str(model_file), "-o", str(out), "--input-shape", "1,16", "--no-validate"]) == EXIT_OK
+    if member == "object":
+        path = tmp_path / "objs.npz"
+        np.savez(path, a=np.array([{"a": 1}], dtype=object))
+    else:
+        path = tmp_path / "crc.npz"
+        np.savez(path, a=np.zeros((2, 16), np.float32))
+        data = bytearray(path.read_bytes())
+        data[data.find(b"\x93NUMPY") + 200] ^= 1  # inside the array's values
+        path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["validate", "-q", str(out), "--against", str(model_file), "--inputs", str(path)]) == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0])

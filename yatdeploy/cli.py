@@ -13,18 +13,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from yatdeploy import __version__, dtypes
-from yatdeploy.errors import YatDeployError
+from yatdeploy.errors import ConsistencyError, YatDeployError
 
 EXIT_OK = 0
 EXIT_VALIDATION_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
+EXIT_REQUESTS_FAILED = 4
 
 _DESCRIPTION = """\
 Deploy PyTorch Yat (nmn) models through ONNX. Every nmn YatNMN layer becomes one yat.YatGemm node,
 and the model carries YatGemm as an ONNX function, so a plain onnxruntime runs it.
 
-exit status: 0 success, 1 validation failed, 2 bad input (message on stderr), 3 internal error"""
+exit status: 0 success, 1 validation failed, 2 bad input (message on stderr), 3 internal error,
+4 bench: some requests failed"""
 
 
 def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
@@ -423,7 +425,7 @@ def cmd_bench(args: argparse.Namespace, progress) -> int:
     if errors:
         first = next(s.first_error for s in result.steps if s.first_error)
         print(f"{errors} request(s) failed; first: {first}", file=sys.stderr)
-    return EXIT_OK if errors == 0 else EXIT_VALIDATION_FAILED
+    return EXIT_OK if errors == 0 else EXIT_REQUESTS_FAILED
 
 
 def cmd_doctor(args: argparse.Namespace, progress) -> int:
@@ -461,6 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"yatdeploy {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ConsistencyError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"yatdeploy {args.command}: internal error: a consistency check failed: {exc} "
+              "(run with --debug for the traceback, and please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -33,3 +33,10 @@ class InputSpecError(YatDeployError):
 
 class OnnxModelError(YatDeployError):
     pass
+
+
+class ConsistencyError(Exception):
+    """One of yatdeploy's own checks on its own output failed: a bug of ours, not a problem with the input.
+
+    Not a YatDeployError on purpose: the CLI reports it as an internal error (exit 3), asking for a report.
+    """

@@ -19,7 +19,7 @@ from torch import nn
 
 from yatdeploy import __version__, dtypes
 from yatdeploy.attach import attach_yat_gemm_function, yat_gemm_nodes
-from yatdeploy.errors import InputSpecError, YatDeployError
+from yatdeploy.errors import ConsistencyError, InputSpecError, YatDeployError
 from yatdeploy.loading import LoadedModel
 from yatdeploy.ops.onnx_function import FUNCTION_OPSET
 from yatdeploy.ops.onnx_schema import yat_gemm_op
@@ -245,7 +245,7 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
         attach_yat_gemm_function(model)
     nodes = len(yat_gemm_nodes(model))
     if loaded.layers_are_identifiable and nodes != yat_layers:
-        raise YatDeployError(f"export wrote {nodes} YatGemm nodes for {yat_layers} YatNMN layers")
+        raise ConsistencyError(f"export wrote {nodes} YatGemm nodes for {yat_layers} YatNMN layers")
     _set_metadata(
         model,
         {
@@ -263,7 +263,7 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
         try:
             onnx.checker.check_model(model, full_check=True)
         except onnx.checker.ValidationError as exc:
-            raise YatDeployError(f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+            raise ConsistencyError(f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     with progress.step(f"saving {output}"):
         save_atomically(model, output)
     return ExportResult(

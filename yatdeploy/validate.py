@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -227,9 +227,7 @@ def load_input_cases(paths: Sequence[str | Path], sample_shape: Sequence[int], d
             loaded = np.load(path, allow_pickle=False)
         except Exception as exc:
             raise InputSpecError(f"--inputs {path}: not a .npy or .npz file ({exc})") from exc
-        named = [(path.name, loaded)] if isinstance(loaded, np.ndarray) else [
-            (f"{path.name}[{key}]", loaded[key]) for key in loaded.files
-        ]
+        named = [(path.name, loaded)] if isinstance(loaded, np.ndarray) else list(_npz_members(path, loaded))
         for name, array in named:
             if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
                 raise InputSpecError(f"--inputs {name}: dtype {array.dtype} is not numeric")
@@ -262,6 +260,19 @@ def _cases_for(graph_input: onnx.ValueInfoProto, random: list[InputCase], user: 
     if empty:
         raise InputSpecError(f"input case {empty[0]} holds no values: a comparison on it would compare nothing")
     return cases
+
+
+def _npz_members(path: Path, archive) -> Iterator[tuple[str, np.ndarray]]:
+    """Every array of an .npz, or an error naming the member that can't be read."""
+    with archive:
+        for key in archive.files:
+            try:
+                array = archive[key]
+            except ValueError as exc:  # object arrays need pickle, which is never allowed here
+                raise InputSpecError(f"--inputs {path.name}[{key}]: {exc}", "store plain numeric arrays") from exc
+            except Exception as exc:  # a damaged member: bad CRC, truncated data, a bad .npy header
+                raise InputSpecError(f"--inputs {path.name}[{key}]: can't be read ({type(exc).__name__}: {exc})") from exc
+            yield f"{path.name}[{key}]", array
 
 
 def _to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
