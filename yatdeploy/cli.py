@@ -37,8 +37,8 @@ def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--trust-pickle", action="store_true",
-        help="unpickle MODEL without the torch.nn/nmn class allowlist: only for files you trust, "
-             "since unpickling can run code from the file",
+        help="vouch for MODEL: unpickle it without the torch.nn/nmn class allowlist, load a torch.export "
+             "archive's pickled entries, run a TorchScript archive's code; only for files you trust",
     )
 
 
