@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from yatdeploy import __version__
 from yatdeploy.errors import OnnxModelError
 from yatdeploy.serving.batching import DynamicBatcher
 from yatdeploy.serving.metrics import Metrics
-from yatdeploy.serving.model import ServedModel
+from yatdeploy.serving.model import ServedModel, UnavailableModel
 from yatdeploy.serving.protocol import HEADER_LENGTH, ProtocolError, encode_response, parse_request
 
 log = logging.getLogger("yatdeploy.serving")
@@ -67,28 +70,55 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(models: list[ServedModel], settings: Settings | None = None) -> FastAPI:
+def _flush_on_signals(batchers: dict[str, DynamicBatcher]) -> None:
+    """On SIGTERM/SIGINT, before the server's own handler starts its graceful shutdown, let every batcher run
+    what it holds at once: the shutdown waits for in-flight requests, which must not wait for a batching
+    delay. Chains to the handler uvicorn installed (it restores its predecessors itself on exit)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals are the main thread's; an app run elsewhere (a test client) has none to chain to
+    loop = asyncio.get_running_loop()
+
+    def flush_all() -> None:
+        for batcher in batchers.values():
+            batcher.flush()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue
+
+        def handler(received: int, frame, previous=previous) -> None:
+            loop.call_soon_threadsafe(flush_all)
+            previous(received, frame)
+
+        signal.signal(signum, handler)
+
+
+def create_app(models: list[ServedModel], settings: Settings | None = None,
+               unavailable: list[UnavailableModel] | None = None) -> FastAPI:
+    """The service for `models`; `unavailable` ones (failed to load) are reported not ready, with the reason."""
     settings = settings or Settings()
     metrics = Metrics()
     by_name = {m.name: m for m in models}
+    failed = {m.name: m for m in unavailable or []}
     batchers: dict[str, DynamicBatcher] = {}
+    for model in models:
+        model.override_batching(max_batch_size=settings.max_batch_size, max_queue_delay_us=settings.max_queue_delay_us,
+                                max_queue_size=settings.max_queue_size, dynamic_batching=settings.dynamic_batching)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for model in models:
-            source = model.source
-            batcher = DynamicBatcher(
-                model, metrics,
-                max_batch_size=(settings.max_batch_size or source.max_batch_size) if settings.dynamic_batching else 1,
-                max_queue_delay_s=(settings.max_queue_delay_us if settings.max_queue_delay_us is not None
-                                   else source.max_queue_delay_us) / 1e6,
-                max_queue_size=settings.max_queue_size or source.max_queue_size,
-            )
+            batcher = DynamicBatcher(model, metrics, max_batch_size=model.max_batch_size,
+                                     max_queue_delay_s=model.max_queue_delay_us / 1e6,
+                                     max_queue_size=model.max_queue_size)
             batcher.start()
             batchers[model.name] = batcher
+        _flush_on_signals(batchers)
         yield
         # uvicorn has drained the in-flight requests by now.
         for batcher in batchers.values():
+            batcher.flush()
             await batcher.stop()
 
     app = FastAPI(title="yatdeploy inference service", version=__version__, lifespan=lifespan,
@@ -106,6 +136,8 @@ def create_app(models: list[ServedModel], settings: Settings | None = None) -> F
 
     def model_for(name: str, version: str | None) -> ServedModel:
         model = by_name.get(name)
+        if model is None and name in failed:
+            raise ProtocolError(503, f"model '{name}' is not ready: {failed[name].reason}")
         if model is None:
             raise ProtocolError(404, f"unknown model '{name}'")
         if version is not None and version != model.version:
@@ -118,7 +150,8 @@ def create_app(models: list[ServedModel], settings: Settings | None = None) -> F
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        is_ready = len(batchers) == len(models)
+        # As Triton's strict readiness: ready when every model of the repository is.
+        is_ready = len(batchers) == len(models) and not failed
         return _json({"ready": is_ready}, 200 if is_ready else 503)
 
     @app.get("/v2")
@@ -133,9 +166,21 @@ def create_app(models: list[ServedModel], settings: Settings | None = None) -> F
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
+        if name in failed:
+            return _json({"name": name, "ready": False, "error": f"model '{name}' is not ready: "
+                                                                f"{failed[name].reason}"}, 503)
         model = model_for(name, version)
         is_ready = model.name in batchers
         return _json({"name": model.name, "ready": is_ready}, 200 if is_ready else 503)
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> Response:
+        """Triton's repository index: every model found, READY or UNAVAILABLE with the reason."""
+        entries = [{"name": m.name, "version": m.version, "state": "READY" if m.name in batchers else "UNAVAILABLE",
+                    "reason": ""} for m in models]
+        entries += [{"name": m.name, "version": m.version, "state": "UNAVAILABLE", "reason": m.reason}
+                    for m in failed.values()]
+        return _json(sorted(entries, key=lambda e: e["name"]))
 
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")

@@ -3,7 +3,10 @@
 A batch takes what is waiting, up to max_batch_size items, and waits at most max_queue_delay for more
 (default 0: a lone request never waits). Requests are concatenated along the batch dimension and the
 outputs split back by each request's batch size, so answers are never mixed up. A full queue answers
-503 at once.
+503 at once. Only a model whose requests may be merged (ServedModel.merges_requests: a batch dimension
+and dynamic batching) is batched; any other runs each request on its own, in arrival order.
+
+On shutdown, flush() ends the waiting: what is queued runs at once, without the delay.
 """
 
 from __future__ import annotations
@@ -44,15 +47,26 @@ class DynamicBatcher:
                  max_queue_size: int) -> None:
         self.model = model
         self.metrics = metrics
-        self.max_batch_size = max(1, max_batch_size if model.batchable else 1)
+        self.max_batch_size = max(1, max_batch_size if model.merges_requests else 1)
         self.max_queue_delay_s = max(0.0, max_queue_delay_s)
         self.queue: asyncio.Queue[Pending] = asyncio.Queue(maxsize=max(1, max_queue_size))
         self._held: Pending | None = None  # taken from the queue but not fitting the last batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model.name}")
         self._task: asyncio.Task | None = None
+        self._flushing: asyncio.Future[None] | None = None  # done once flush() was called
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.model.name}")
+        loop = asyncio.get_running_loop()
+        self._flushing = self._flushing or loop.create_future()
+        self._task = loop.create_task(self._serve(), name=f"batcher-{self.model.name}")
+
+    def flush(self) -> None:
+        """Stop waiting for batches to fill: run what is queued, and all that comes later, at once."""
+        self.max_queue_delay_s = 0.0
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_future()
+        if not self._flushing.done():
+            self._flushing.set_result(None)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -62,6 +76,12 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+        left = [self._held] if self._held is not None else []
+        while not self.queue.empty():
+            left.append(self.queue.get_nowait())
+        for pending in left:  # none once the server drained its requests; answered all the same
+            if not pending.future.done():
+                pending.future.set_exception(ProtocolError(503, f"model '{self.model.name}' is shutting down"))
 
     async def submit(self, feeds: dict[str, np.ndarray], batch: int) -> Result:
         pending = Pending(feeds, batch, asyncio.get_running_loop().create_future())
@@ -81,12 +101,14 @@ class DynamicBatcher:
         try:
             return self.queue.get_nowait()
         except asyncio.QueueEmpty:
-            if timeout <= 0:
+            if timeout <= 0 or self._flushing is None or self._flushing.done():
                 return None
-        try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
-        except asyncio.TimeoutError:
-            return None
+        getter = asyncio.ensure_future(self.queue.get())
+        await asyncio.wait((getter, self._flushing), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()  # asyncio.Queue keeps an item whose getter was cancelled
+        return None
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()

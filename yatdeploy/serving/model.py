@@ -3,7 +3,7 @@ signature and checks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -11,7 +11,7 @@ import onnx
 from yatdeploy import dtypes, graph, runtime
 from yatdeploy.errors import YatDeployError
 from yatdeploy.serving.protocol import InferRequest, ProtocolError, datatype_of
-from yatdeploy.serving.repository import ModelSource
+from yatdeploy.serving.repository import DEFAULT_MAX_BATCH_SIZE, ModelSource, check_signature
 
 PLATFORM = "onnxruntime_onnx"
 TENSORRT_PLATFORM = "tensorrt_plan"
@@ -37,18 +37,31 @@ def _signature_info(tensor) -> TensorInfo:
     return TensorInfo(tensor.name, datatype_of(dtypes.by_name(tensor.dtype).numpy), tuple(tensor.shape))
 
 
+@dataclass(frozen=True)
+class UnavailableModel:
+    """A model of the repository that could not be loaded, and why: reported, never served."""
+
+    name: str
+    version: str
+    reason: str
+
+
 class ServedModel:
     def __init__(self, source: ModelSource, backend: runtime.Backend, intra_op_threads: int = 0) -> None:
         self.name = source.name
         self.version = source.version
         self.source = source
+        # 0: the first dimension is not a batch dimension (Triton's max_batch_size: 0).
         self.max_batch_size = source.max_batch_size
+        self.max_queue_delay_us = source.max_queue_delay_us
+        self.max_queue_size = source.max_queue_size
+        self._engine_max_batch: int | None = None  # a TensorRT engine's largest batch
         self.backend = backend
         if backend.kind == "tensorrt":
             self._open_engine(source, backend)
         else:
             if source.path.suffix == ".plan":
-                raise YatDeployError(f"model {source.name}: {source.path.name} is a TensorRT engine; it runs on "
+                raise YatDeployError(f"model '{source.name}': {source.path.name} is a TensorRT engine; it runs on "
                                      "the tensorrt backend only")
             proto = onnx.load(str(source.path))
             self.inputs = [_tensor_info(v) for v in graph.graph_inputs(proto)]
@@ -56,7 +69,33 @@ class ServedModel:
             # Spinning pool threads would take the event loop's core between requests.
             self.session = runtime.create_session(proto, backend, intra_op_threads=intra_op_threads,
                                                   allow_spinning=False)
-        self.batchable = all(graph.has_batch_dim(t.shape) for t in [*self.inputs, *self.outputs])
+        self._has_batch_dim = all(graph.has_batch_dim(t.shape) for t in [*self.inputs, *self.outputs])
+        if source.config is None:  # no config.pbtxt: the signature decides, as Triton's auto-complete does
+            self.max_batch_size = self.max_batch_size if self._has_batch_dim else 0
+        else:
+            shapes = check_signature(source, self.inputs, self.outputs)
+            self.inputs = [replace(t, shape=shapes[t.name]) for t in self.inputs]
+            self.outputs = [replace(t, shape=shapes[t.name]) for t in self.outputs]
+        if self._engine_max_batch is not None and self.max_batch_size > 0:
+            self.max_batch_size = min(self.max_batch_size, self._engine_max_batch)
+        self.dynamic_batching = source.dynamic_batching
+
+    @property
+    def merges_requests(self) -> bool:
+        """Whether requests are merged into one run: only along a batch dimension, with dynamic batching."""
+        return self.max_batch_size > 0 and self._has_batch_dim and self.dynamic_batching
+
+    def override_batching(self, *, max_batch_size: int | None, max_queue_delay_us: int | None,
+                          max_queue_size: int | None, dynamic_batching: bool) -> None:
+        """The server's settings (`serve --max-batch-size ...`) over the model's own; None keeps the model's.
+        They never give a batch dimension to a model without one (max_batch_size 0)."""
+        if max_batch_size is not None and self.max_batch_size > 0:
+            self.max_batch_size = min(max_batch_size, self._engine_max_batch or max_batch_size)
+        if max_queue_delay_us is not None:
+            self.max_queue_delay_us = max_queue_delay_us
+        if max_queue_size is not None:
+            self.max_queue_size = max_queue_size
+        self.dynamic_batching = self.dynamic_batching and dynamic_batching
 
     def _open_engine(self, source: ModelSource, backend: runtime.Backend) -> None:
         from yatdeploy.trt.engine import BatchProfile
@@ -64,14 +103,14 @@ class ServedModel:
         if source.path.suffix == ".plan":
             self.session = runtime.create_engine_session(source.path, backend, engine=source.path)
         else:  # an .onnx served on TensorRT: an engine for batches 1..max_batch_size, built now
-            batch = self.max_batch_size
+            batch = self.max_batch_size or DEFAULT_MAX_BATCH_SIZE
             self.session = runtime.create_engine_session(source.path, backend,
                                                          profile=BatchProfile(1, min(8, batch), batch))
         signature = self.session.inner.signature
         self.inputs = [_signature_info(t) for t in signature.inputs]
         self.outputs = [_signature_info(t) for t in signature.outputs]
         if graph.has_batch_dim(self.inputs[0].shape):
-            self.max_batch_size = min(self.max_batch_size, signature.profile.max)
+            self._engine_max_batch = signature.profile.max
 
     @property
     def platform(self) -> str:
@@ -87,7 +126,7 @@ class ServedModel:
             "parameters": {
                 "backend": self.backend.name,
                 "yat_gemm": self._yat_gemm(),
-                "max_batch_size": self.max_batch_size if self.batchable else 0,
+                "max_batch_size": self.max_batch_size,
             },
         }
 
@@ -97,25 +136,26 @@ class ServedModel:
         return "custom-op library kernel" if self.session.uses_library else "ONNX function"
 
     def config(self) -> dict:
-        """The model's configuration in Triton's JSON form (what perf_analyzer reads)."""
-        batch = self.max_batch_size if self.batchable else 0
-        strip = 1 if batch else 0
+        """The model's configuration as served, in Triton's JSON form (what perf_analyzer reads)."""
+        strip = 1 if self.max_batch_size > 0 else 0  # Triton's dims leave out a batch dimension
 
         def tensor(t: TensorInfo) -> dict:
             return {"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": list(t.shape[strip:])}
 
-        return {
+        config = {
             "name": self.name,
             "platform": self.platform,
             "backend": "tensorrt" if self.backend.kind == "tensorrt" else "onnxruntime",
-            "max_batch_size": batch,
+            "max_batch_size": self.max_batch_size,
             "input": [tensor(t) for t in self.inputs],
             "output": [tensor(t) for t in self.outputs],
-            "dynamic_batching": {
-                "max_queue_delay_microseconds": self.source.max_queue_delay_us,
-                "default_queue_policy": {"max_queue_size": self.source.max_queue_size},
-            },
         }
+        if self.dynamic_batching:
+            config["dynamic_batching"] = {
+                "max_queue_delay_microseconds": self.max_queue_delay_us,
+                "default_queue_policy": {"max_queue_size": self.max_queue_size},
+            }
+        return config
 
     def check(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
         """The session feeds and the request's batch size; a 400 naming the problem otherwise."""
@@ -136,16 +176,18 @@ class ServedModel:
             ):
                 raise ProtocolError(400, f"input '{info.name}': shape {list(array.shape)}, the model takes "
                                          f"{list(info.shape)}")
-            if batch is None:
-                batch = array.shape[0] if array.shape else 1
-            elif array.shape and array.shape[0] != batch:
+            if self.max_batch_size == 0:  # no batch dimension: one inference per request, as Triton counts
+                batch = 1
+            elif batch is None:
+                batch = array.shape[0]
+            elif array.shape[0] != batch:
                 raise ProtocolError(400, "inputs disagree on the batch size")
         if request.outputs is not None:
             names = {t.name for t in self.outputs}
             for out in request.outputs:
                 if out.name not in names:
                     raise ProtocolError(400, f"model '{self.name}' has no output '{out.name}'")
-        if self.batchable and batch is not None and batch > self.max_batch_size:
+        if self.max_batch_size > 0 and batch is not None and batch > self.max_batch_size:
             raise ProtocolError(400, f"batch size {batch} exceeds the model's max_batch_size {self.max_batch_size}")
         return dict(request.inputs), int(batch or 1)
 

@@ -6,8 +6,16 @@
                                                 `yatdeploy build-engine`, with model.plan.json beside it)
 
 The config is Triton's ModelConfig in protobuf text format, so the same folder can be handed to Triton
-Inference Server; yatdeploy reads the fields it shares with Triton (max_batch_size, dynamic_batching's
-max_queue_delay_microseconds and default_queue_policy.max_queue_size).
+Inference Server; yatdeploy reads the fields it shares with Triton, with Triton's meaning:
+
+- `max_batch_size: 0`: the first dimension is not a batch dimension; the config's dims include it and
+  requests are never merged. `max_batch_size > 0`: the model's first dimension must be a batch
+  dimension (graph.has_batch_dim), the dims leave it out and a request may carry up to that many rows.
+- `dynamic_batching { max_queue_delay_microseconds, default_queue_policy { max_queue_size } }`: requests
+  are merged along the batch dimension; without the block each request runs on its own.
+- `backend`/`platform`, `input`/`output` (names, data_type, dims) must match the model file.
+
+A config that breaks any of these makes its model unavailable (ModelSource.error), not the repository.
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import onnx
 
@@ -31,7 +41,21 @@ MODEL_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_SIZE = 256
+# The longest max_queue_delay_microseconds a config.pbtxt may ask for: a batching delay is a few
+# milliseconds at most in practice; an hour (or 2**64-1 µs) is a mistake or an attack on the queue.
+MAX_QUEUE_DELAY_US = 10_000_000
+# Triton's backend and platform names for what yatdeploy serves, by the model file each one loads.
+_TRITON_RUNTIMES = {MODEL_FILE: ("onnxruntime", "onnxruntime_onnx"), PLAN_FILE: ("tensorrt", "tensorrt_plan")}
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class ConfigTensor:
+    """An input or output as config.pbtxt declares it."""
+
+    name: str
+    datatype: str  # the protocol's name (FP32, ...) of the config's data_type
+    dims: tuple[int, ...]  # as written: without the batch dimension when max_batch_size > 0
 
 
 @dataclass
@@ -39,11 +63,27 @@ class ModelSource:
     name: str
     version: str
     path: Path
+    # Without a config.pbtxt: up to this many rows when the model has a batch dimension, else 0.
+    # With one: the config's value, 0 meaning that the first dimension is not a batch dimension.
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    # Whether requests are merged into batches (config.pbtxt: a dynamic_batching block).
+    dynamic_batching: bool = True
     max_queue_delay_us: int = 0
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     # yatdeploy's backend for this model (config.pbtxt parameter BACKEND_PARAMETER); None: the server's.
     backend: str | None = None
+    config: Path | None = None  # the config.pbtxt read, if any
+    inputs: tuple[ConfigTensor, ...] = ()  # as the config lists them (none listed: not checked)
+    outputs: tuple[ConfigTensor, ...] = ()
+    error: str | None = None  # why the model cannot be served (a bad config), None if it can be tried
+
+
+class Tensor(Protocol):
+    """A served model's input or output (model.TensorInfo)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 for a dynamic dimension, the first included
 
 
 def model_config_pb2():
@@ -67,7 +107,7 @@ def parse_config(path: Path):
     config = model_config_pb2().ModelConfig()
     try:
         text_format.Parse(path.read_text(), config)
-    except text_format.ParseError as exc:
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
         raise YatDeployError(f"{path}: not a valid Triton model config: {exc}") from None
     return config
 
@@ -107,22 +147,110 @@ def discover(path: str | Path) -> list[ModelSource]:
         source = ModelSource(folder.name, str(version), model_file,
                              backend="tensorrt" if model_file.name == PLAN_FILE else None)
         if (folder / CONFIG).is_file():
-            config = parse_config(folder / CONFIG)
-            if config.name and config.name != folder.name:
-                raise YatDeployError(f"{folder / CONFIG}: name {config.name!r} differs from its folder {folder.name!r}")
-            if config.max_batch_size > 0:
-                source.max_batch_size = config.max_batch_size
-            if config.HasField("dynamic_batching"):
-                source.max_queue_delay_us = int(config.dynamic_batching.max_queue_delay_microseconds)
-                queue = config.dynamic_batching.default_queue_policy.max_queue_size
-                if queue > 0:
-                    source.max_queue_size = int(queue)
-            if BACKEND_PARAMETER in config.parameters:
-                source.backend = config.parameters[BACKEND_PARAMETER].string_value
+            try:
+                read_config(source, folder / CONFIG)
+            except YatDeployError as exc:
+                source.error = exc.message
         sources.append(source)
     if not sources:
         raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE} or {PLAN_FILE})")
     return sources
+
+
+def _config_error(source: ModelSource, field: str, problem: str) -> YatDeployError:
+    return YatDeployError(f"model '{source.name}': {CONFIG} {field} {problem}")
+
+
+def read_config(source: ModelSource, path: Path) -> None:
+    """Set `source` from its config.pbtxt, or raise a YatDeployError naming the model and the bad field.
+
+    What can be checked without loading the model is checked here; check_signature does the rest.
+    """
+    from yatdeploy import runtime
+
+    try:
+        config = parse_config(path)
+    except YatDeployError as exc:
+        raise YatDeployError(f"model '{source.name}': {exc.message}") from None
+    source.config = path
+    if config.name and config.name != source.name:
+        raise _config_error(source, "name", f"{config.name!r} differs from its folder's, {source.name!r}")
+    if config.max_batch_size < 0:
+        raise _config_error(source, "max_batch_size", f"{config.max_batch_size}: must be 0 (the first dimension "
+                                                      "is not a batch dimension) or more")
+    source.max_batch_size = config.max_batch_size
+    backends, platforms = zip(*_TRITON_RUNTIMES.values())
+    expected = _TRITON_RUNTIMES[source.path.name]
+    for field, value, known in (("backend", config.backend, backends), ("platform", config.platform, platforms)):
+        if value and value not in known:
+            raise _config_error(source, field, f"{value!r}: yatdeploy serves {', '.join(known)}")
+        if value and value not in expected:
+            raise _config_error(source, field, f"{value!r} does not run {source.path.name}")
+    if BACKEND_PARAMETER in config.parameters:
+        source.backend = config.parameters[BACKEND_PARAMETER].string_value
+        if source.backend not in runtime.BACKENDS:
+            raise _config_error(source, f"parameters[{BACKEND_PARAMETER}]",
+                                f"{source.backend!r}: not a backend (known: {', '.join(runtime.BACKENDS)})")
+    source.dynamic_batching = config.HasField("dynamic_batching")
+    if source.dynamic_batching:
+        delay = config.dynamic_batching.max_queue_delay_microseconds
+        if delay > MAX_QUEUE_DELAY_US:
+            raise _config_error(source, "dynamic_batching.max_queue_delay_microseconds",
+                                f"{delay}: more than the limit of {MAX_QUEUE_DELAY_US} (10 s)")
+        source.max_queue_delay_us = int(delay)
+        queue = config.dynamic_batching.default_queue_policy.max_queue_size  # unsigned; 0: the default
+        if queue > 0:
+            source.max_queue_size = int(queue)
+    datatypes = {triton: name for name, triton in _TRITON_TYPES.items()}
+    pb2 = type(config).DESCRIPTOR.file.enum_types_by_name["DataType"]
+    for field, entries in (("input", config.input), ("output", config.output)):
+        tensors = []
+        for entry in entries:
+            triton_type = pb2.values_by_number[entry.data_type].name
+            if triton_type not in datatypes:
+                raise _config_error(source, f"{field} '{entry.name}' data_type", f"{triton_type}: not supported")
+            if any(d < 1 and d != graph.DYNAMIC for d in entry.dims):
+                raise _config_error(source, f"{field} '{entry.name}' dims", f"{list(entry.dims)}: each must be "
+                                                                           "at least 1, or -1 for a free one")
+            if entry.HasField("reshape"):
+                raise _config_error(source, f"{field} '{entry.name}'", "reshape: not supported by yatdeploy")
+            tensors.append(ConfigTensor(entry.name, datatypes[triton_type], tuple(int(d) for d in entry.dims)))
+        setattr(source, f"{field}s", tuple(tensors))
+
+
+def check_signature(source: ModelSource, inputs: Sequence[Tensor], outputs: Sequence[Tensor],
+                    ) -> dict[str, tuple[int, ...]]:
+    """Check the config's tensors and max_batch_size against the loaded model's; the shape served for each
+    tensor (the config's dims where they fix a dimension the model leaves free). Raises YatDeployError
+    naming the model and the field."""
+    model_batches = all(graph.has_batch_dim(t.shape) for t in [*inputs, *outputs])
+    if source.max_batch_size > 0 and not model_batches:
+        free = [t.name for t in [*inputs, *outputs] if not graph.has_batch_dim(t.shape)]
+        raise _config_error(source, "max_batch_size", f"{source.max_batch_size}: the first dimension of "
+                                                      f"{', '.join(free)} is not free, so not a batch dimension "
+                                                      "(use max_batch_size: 0)")
+    batch = (graph.DYNAMIC,) if source.max_batch_size > 0 else ()
+    shapes = {t.name: t.shape for t in [*inputs, *outputs]}
+    for field, declared, served in (("input", source.inputs, inputs), ("output", source.outputs, outputs)):
+        if not declared:  # not listed: as the model says (Triton's auto-complete)
+            continue
+        if sorted(t.name for t in declared) != sorted(t.name for t in served):
+            raise _config_error(source, f"{field} names", f"{[t.name for t in declared]}: the model's are "
+                                                          f"{[t.name for t in served]}")
+        by_name = {t.name: t for t in served}
+        for tensor in declared:
+            model = by_name[tensor.name]
+            if tensor.datatype != model.datatype:
+                raise _config_error(source, f"{field} '{tensor.name}' data_type",
+                                    f"{_TRITON_TYPES[tensor.datatype]}: the model's is {_TRITON_TYPES[model.datatype]}")
+            dims = batch + tensor.dims
+            if len(dims) != len(model.shape) or any(m != graph.DYNAMIC and d != m for d, m in zip(dims, model.shape)):
+                shown = list(model.shape[len(batch):])
+                raise _config_error(source, f"{field} '{tensor.name}' dims",
+                                    f"{list(tensor.dims)}: the model's are {shown}"
+                                    + (" (without the batch dimension, as max_batch_size > 0)" if batch else ""))
+            shapes[tensor.name] = dims
+    return shapes
 
 
 _TRITON_TYPES = {name: "TYPE_" + ("STRING" if name == "BYTES" else name) for name in DATATYPES}

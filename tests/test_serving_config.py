@@ -1,0 +1,397 @@
+"""Triton's batching semantics from config.pbtxt, bad configs and bad models, and shutdown, against the real
+server on 127.0.0.1 and the real tritonclient."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the service extra is not installed")
+httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from tests.test_serving import REPO, Server, free_port  # noqa: E402
+from yatdeploy.cli import main  # noqa: E402
+from yatdeploy.serving.repository import MAX_QUEUE_DELAY_US  # noqa: E402
+
+
+class LiveServer(Server):
+    """`yatdeploy serve` as Server starts it, but waited for until live, not ready (a repository with a bad
+    model is live and not ready), with its output in a file that can be read while it runs."""
+
+    def __init__(self, path: Path, *args: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "yatdeploy", "serve", str(path), "--port", str(self.port), "--threads", "1",
+                 *args], stdout=out, stderr=subprocess.STDOUT, env=env,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode}: {self.output()}")
+            try:
+                if urllib.request.urlopen(f"http://{self.url}/v2/health/live", timeout=1).status == 200:
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server did not come up in 60 s")
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.output()
+
+
+# --- models made with onnx.helper ------------------------------------------------------------------------
+
+def write_model(path: Path, kind: str, first_dim: str | int = "batch") -> Path:
+    """x [first_dim, 4] -> y [first_dim, 4]: "double" (y = 2x, row by row) or "centered" (y = x - mean of x
+    over its first dimension: every row of the answer depends on every row of the request)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [first_dim, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [first_dim, 4])
+    if kind == "centered":
+        nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+                 helper.make_node("Sub", ["x", "mean"], ["y"])]
+        initializers = []
+    else:
+        nodes = [helper.make_node("Mul", ["x", "two"], ["y"])]
+        initializers = [numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    model = helper.make_model(helper.make_graph(nodes, kind, [x], [y], initializers),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+REFERENCE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "double": lambda x: 2 * x,
+    "centered": lambda x: x - x.mean(axis=0, keepdims=True),
+}
+
+
+def config_text(name: str, *, max_batch_size: int = 8, dims: str = "4", batching: str = "",
+                runtime: str = 'backend: "onnxruntime"', input_name: str = "x", data_type: str = "TYPE_FP32",
+                output_dims: str | None = None, extra: str = "") -> str:
+    return (f'name: "{name}"\n{runtime}\nmax_batch_size: {max_batch_size}\n'
+            f'input [ {{ name: "{input_name}" data_type: {data_type} dims: [ {dims} ] }} ]\n'
+            f'output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {output_dims or dims} ] }} ]\n{batching}\n{extra}\n')
+
+
+def add_model(repo: Path, name: str, kind: str, config: str | None, first_dim: str | int = "batch") -> None:
+    write_model(repo / name / "1" / "model.onnx", kind, first_dim)
+    if config is not None:
+        (repo / name / "config.pbtxt").write_text(config)
+
+
+def hammer(url: str, model: str, inputs: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """One tritonclient per entry of `inputs`, each in its own thread, all starting together, each sending its
+    requests one after the other; the answers, in the same order."""
+    answers: list[list[np.ndarray]] = [[] for _ in inputs]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(inputs))
+
+    def client_thread(i: int) -> None:
+        try:
+            client = httpclient.InferenceServerClient(url)
+            barrier.wait(timeout=60)
+            for x in inputs[i]:
+                tensor = httpclient.InferInput("x", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                answers[i].append(client.infer(model, [tensor]).as_numpy("y"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors[0]
+    return answers
+
+
+def distinct_inputs(clients: int, requests: int, rows: int, seed: int) -> list[list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal((rows, 4)).astype(np.float32) + 10 * i for _ in range(requests)]
+            for i in range(clients)]
+
+
+# --- Triton's batching semantics ---------------------------------------------------------------------------
+
+DELAY = 'dynamic_batching { max_queue_delay_microseconds: 100000 }'
+
+
+@pytest.fixture(scope="module")
+def batching_server(tmp_path_factory):
+    """centered: max_batch_size 0 (its first dimension is free in the graph, but not a batch dimension) with a
+    dynamic_batching block; alone: max_batch_size 8 without one; merged: max_batch_size 8 with one. The
+    command line's 100 ms batching delay would merge any of them that were batched."""
+    repo = tmp_path_factory.mktemp("batching") / "repo"
+    add_model(repo, "centered", "centered", config_text("centered", max_batch_size=0, dims="-1, 4", batching=DELAY))
+    add_model(repo, "alone", "double", config_text("alone"))
+    add_model(repo, "merged", "double", config_text("merged", batching=DELAY))
+    running = LiveServer(repo, "--max-queue-delay-us", "100000", log=repo.parent / "server.log")
+    yield running
+    running.stop()
+
+
+def statistics(url: str, model: str) -> dict:
+    return httpclient.InferenceServerClient(url).get_inference_statistics(model)["model_stats"][0]
+
+
+def test_max_batch_size_0_never_merges_requests(batching_server):
+    inputs = distinct_inputs(clients=16, requests=4, rows=3, seed=0)
+    answers = hammer(batching_server.url, "centered", inputs)
+    for sent, got in zip(inputs, answers):
+        for x, y in zip(sent, got):
+            np.testing.assert_allclose(y, REFERENCE["centered"](x), rtol=1e-5, atol=1e-5)
+    stats = statistics(batching_server.url, "centered")
+    assert stats["execution_count"] == 64 and stats["inference_count"] == 64  # one run, one inference a request
+
+
+def test_without_dynamic_batching_each_request_runs_alone(batching_server):
+    inputs = distinct_inputs(clients=16, requests=4, rows=2, seed=1)
+    for model in ("alone", "merged"):
+        answers = hammer(batching_server.url, model, inputs)
+        for sent, got in zip(inputs, answers):
+            for x, y in zip(sent, got):
+                np.testing.assert_allclose(y, REFERENCE["double"](x), rtol=1e-6)
+    alone, merged = statistics(batching_server.url, "alone"), statistics(batching_server.url, "merged")
+    assert alone["execution_count"] == alone["inference_stats"]["success"]["count"] == 64
+    assert alone["inference_count"] == 128  # 2 rows a request
+    # The same load on the same server does merge the model with dynamic batching.
+    assert merged["execution_count"] < merged["inference_stats"]["success"]["count"] == 64
+
+
+def test_a_request_may_carry_up_to_max_batch_size_rows(batching_server):
+    client = httpclient.InferenceServerClient(batching_server.url)
+    x = np.arange(8 * 4, dtype=np.float32).reshape(8, 4)
+    tensor = httpclient.InferInput("x", [8, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("alone", [tensor]).as_numpy("y"), 2 * x)
+    tensor = httpclient.InferInput("x", [9, 4], "FP32")
+    tensor.set_data_from_numpy(np.zeros((9, 4), np.float32))
+    with pytest.raises(InferenceServerException, match="exceeds the model's max_batch_size 8"):
+        client.infer("alone", [tensor])
+    # Without a batch dimension there is no such limit: the first dimension is the model's own.
+    x = np.arange(20 * 4, dtype=np.float32).reshape(20, 4)
+    tensor = httpclient.InferInput("x", [20, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("centered", [tensor]).as_numpy("y"), REFERENCE["centered"](x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_metadata_and_config_report_what_is_served(batching_server):
+    client = httpclient.InferenceServerClient(batching_server.url)
+    centered = client.get_model_config("centered")
+    assert centered["max_batch_size"] == 0
+    assert [(t["name"], t["dims"]) for t in centered["input"]] == [("x", [-1, 4])]  # the first dim included
+    assert [(t["name"], t["dims"]) for t in centered["output"]] == [("y", [-1, 4])]
+    metadata = client.get_model_metadata("centered")
+    assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+    assert metadata["parameters"]["max_batch_size"] == 0
+    alone = client.get_model_config("alone")
+    assert alone["max_batch_size"] == 8 and alone["input"][0]["dims"] == [4] and "dynamic_batching" not in alone
+    merged = client.get_model_config("merged")
+    assert merged["max_batch_size"] == 8
+    assert merged["dynamic_batching"]["max_queue_delay_microseconds"] == 100000  # the command line's
+
+
+# --- shutdown -----------------------------------------------------------------------------------------------
+
+def test_sigterm_answers_requests_waiting_for_a_long_batching_delay(tmp_path):
+    model = write_model(tmp_path / "double.onnx", "double")
+    served = LiveServer(model, "--max-queue-delay-us", "20000000", log=tmp_path / "server.log")  # 20 s
+    inputs = distinct_inputs(clients=8, requests=1, rows=1, seed=2)
+    answers: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def client_thread(i: int) -> None:
+        try:
+            tensor = httpclient.InferInput("x", [1, 4], "FP32")
+            tensor.set_data_from_numpy(inputs[i][0])
+            answers[i] = httpclient.InferenceServerClient(served.url).infer("double", [tensor]).as_numpy("y")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_thread, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(2)  # the requests reach the server and wait in its queue for the delay
+        assert not answers and not errors
+        served.process.send_signal(signal.SIGTERM)
+        # A liveness bound for them all, well under the 20 s delay: the queue is flushed at once on SIGTERM.
+        deadline = time.monotonic() + 15
+        for t in threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert not errors, errors[0]
+        assert sorted(answers) == list(range(8))
+        for i, y in answers.items():
+            np.testing.assert_allclose(y, REFERENCE["double"](inputs[i][0]))
+        assert served.process.wait(timeout=15) == 0
+    finally:
+        log = served.stop()
+    assert "Application shutdown complete" in log
+
+
+# --- bad configs and bad models -----------------------------------------------------------------------------
+
+# model name -> (how its folder is made, what the error names besides the model)
+BAD_MODELS: dict[str, tuple[Callable[[Path, str], None], list[str]]] = {
+    "negative_batch": (lambda repo, name: add_model(repo, name, "double", config_text(name, max_batch_size=-1)),
+                       ["max_batch_size", "-1"]),
+    "unknown_backend": (lambda repo, name: add_model(repo, name, "double",
+                                                      config_text(name, runtime='backend: "pytorch"')),
+                        ["backend", "'pytorch'"]),
+    "unknown_platform": (lambda repo, name: add_model(repo, name, "double",
+                                                       config_text(name, runtime='platform: "tensorflow_savedmodel"')),
+                         ["platform", "'tensorflow_savedmodel'"]),
+    "platform_for_another_file": (lambda repo, name: add_model(repo, name, "double",
+                                                                config_text(name, runtime='platform: "tensorrt_plan"')),
+                                  ["platform", "'tensorrt_plan'", "model.onnx"]),
+    "unknown_yatdeploy_backend": (
+        lambda repo, name: add_model(repo, name, "double", config_text(
+            name, extra='parameters { key: "yatdeploy_backend" value: { string_value: "ort-gpu9" } }')),
+        ["parameters[yatdeploy_backend]", "'ort-gpu9'"]),
+    "wrong_input_name": (lambda repo, name: add_model(repo, name, "double", config_text(name, input_name="input")),
+                         ["input", "names", "'input'", "'x'"]),
+    "wrong_input_dims": (lambda repo, name: add_model(repo, name, "double", config_text(name, dims="5")),
+                         ["input 'x' dims", "[5]", "[4]"]),
+    "wrong_output_dims": (lambda repo, name: add_model(repo, name, "double", config_text(name, output_dims="4, 1")),
+                          ["output 'y' dims", "[4, 1]"]),
+    "wrong_data_type": (lambda repo, name: add_model(repo, name, "double", config_text(name, data_type="TYPE_INT32")),
+                        ["input 'x' data_type", "TYPE_INT32", "TYPE_FP32"]),
+    "batch_of_a_fixed_dim": (lambda repo, name: add_model(repo, name, "double", config_text(name), first_dim=2),
+                             ["max_batch_size", "not a batch dimension"]),
+    "an_hour_of_delay": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, batching="dynamic_batching { max_queue_delay_microseconds: 3600000000 }")),
+        ["max_queue_delay_microseconds", "3600000000", str(MAX_QUEUE_DELAY_US)]),
+    "largest_delay": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, batching=f"dynamic_batching {{ max_queue_delay_microseconds: {2**64 - 1} }}")),
+        ["max_queue_delay_microseconds", str(2**64 - 1)]),
+    "delay_past_2_to_64": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, batching=f"dynamic_batching {{ max_queue_delay_microseconds: {2**64} }}")),
+        ["max_queue_delay_microseconds", "out of range"]),
+    "negative_queue": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, batching="dynamic_batching { default_queue_policy { max_queue_size: -4 } }")),
+        ["max_queue_size", "-4"]),
+    "name_of_another": (lambda repo, name: add_model(repo, name, "double", config_text("someone_else")),
+                        ["name", "'someone_else'"]),
+    "unparsable_config": (lambda repo, name: add_model(repo, name, "double", "max_batch_size: {{ 8"),
+                          ["config.pbtxt", "not a valid Triton model config"]),
+    "garbage_model": (lambda repo, name: (add_model(repo, name, "double", config_text(name)),
+                                          (repo / name / "1" / "model.onnx").write_bytes(b"not an onnx model")),
+                      ["model.onnx", "does not load"]),
+    "garbage_model_without_config": (
+        lambda repo, name: (add_model(repo, name, "double", None),
+                            (repo / name / "1" / "model.onnx").write_bytes(b"\x08\x07garbage")),
+        ["model.onnx", "does not load"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_repository(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("bad") / "repo"
+    add_model(repo, "good", "double", config_text("good", batching=DELAY))
+    for name, (make, _) in BAD_MODELS.items():
+        make(repo, name)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def bad_server(bad_repository):
+    running = LiveServer(bad_repository, log=bad_repository.parent / "server.log")
+    yield running
+    running.stop()
+
+
+def test_the_good_model_serves_beside_the_bad_ones(bad_server):
+    client = httpclient.InferenceServerClient(bad_server.url)
+    assert client.is_server_live() and client.is_model_ready("good")
+    x = np.ones((2, 4), np.float32)
+    tensor = httpclient.InferInput("x", [2, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("good", [tensor]).as_numpy("y"), 2 * x)
+    # As Triton's strict readiness: the server is not ready while a model of its repository is not.
+    assert not client.is_server_ready()
+    assert bad_server.get("/v2/health/ready")[0] == 503
+
+
+@pytest.mark.parametrize("name", list(BAD_MODELS))
+def test_a_bad_model_is_not_ready_and_says_why(bad_server, name):
+    fragments = [f"model '{name}'", *BAD_MODELS[name][1]]
+    client = httpclient.InferenceServerClient(bad_server.url)
+    assert not client.is_model_ready(name)
+    status, body = bad_server.get(f"/v2/models/{name}/ready")
+    assert status == 503 and all(f in body.decode() for f in fragments), body
+    with pytest.raises(InferenceServerException) as metadata_error:
+        client.get_model_metadata(name)
+    assert all(f in str(metadata_error.value) for f in fragments), metadata_error.value
+    tensor = httpclient.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+    with pytest.raises(InferenceServerException) as infer_error:
+        client.infer(name, [tensor])
+    assert "is not ready" in str(infer_error.value)
+    status, _ = bad_server.post(f"/v2/models/{name}/infer", b'{"inputs": []}')
+    assert status == 503
+    [entry] = [e for e in client.get_model_repository_index() if e["name"] == name]
+    assert entry["state"] == "UNAVAILABLE" and all(f in entry["reason"] for f in fragments), entry
+
+
+def test_each_reason_is_logged_once(bad_server):
+    log = bad_server.output()
+    for name in BAD_MODELS:
+        assert log.count(f"not serving model '{name}': ") == 1, log
+    assert "not serving model 'good'" not in log
+
+
+def test_a_repository_of_bad_models_only_exits_2_with_the_reasons(bad_repository, tmp_path, capsys):
+    import shutil
+
+    repo = tmp_path / "repo"
+    for name in ("negative_batch", "garbage_model"):
+        shutil.copytree(bad_repository / name, repo / name)
+    assert main(["serve", "-q", str(repo), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("yatdeploy serve: error: ") and "no model could be loaded" in err
+    assert "model 'negative_batch': config.pbtxt max_batch_size -1" in err
+    assert "model 'garbage_model'" in err and "does not load" in err and "Traceback" not in err
+
+
+def test_a_single_model_file_that_does_not_load_exits_2_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"not an onnx model")
+    assert main(["serve", "-q", str(bad), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("yatdeploy serve: error: model 'garbage': ") and "does not load" in err
+    assert err.count("\n") == 1
