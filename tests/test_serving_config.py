@@ -164,32 +164,41 @@ def batching_server(tmp_path_factory):
     running.stop()
 
 
-def statistics(url: str, model: str) -> dict:
-    return httpclient.InferenceServerClient(url).get_inference_statistics(model)["model_stats"][0]
+def counts(url: str, model: str) -> tuple[int, int, int]:
+    """The model's (successful requests, runs, inferences) so far."""
+    stats = httpclient.InferenceServerClient(url).get_inference_statistics(model)["model_stats"][0]
+    return stats["inference_stats"]["success"]["count"], stats["execution_count"], stats["inference_count"]
+
+
+def hammer_counted(url: str, model: str, inputs: list[list[np.ndarray]],
+                   ) -> tuple[list[list[np.ndarray]], tuple[int, int, int]]:
+    """hammer's answers, and what it added to the model's (successful requests, runs, inferences)."""
+    before = counts(url, model)
+    answers = hammer(url, model, inputs)
+    return answers, tuple(after - then for after, then in zip(counts(url, model), before))
 
 
 def test_max_batch_size_0_never_merges_requests(batching_server):
     inputs = distinct_inputs(clients=16, requests=4, rows=3, seed=0)
-    answers = hammer(batching_server.url, "centered", inputs)
+    answers, (requests, runs, inferences) = hammer_counted(batching_server.url, "centered", inputs)
     for sent, got in zip(inputs, answers):
         for x, y in zip(sent, got):
             np.testing.assert_allclose(y, REFERENCE["centered"](x), rtol=1e-5, atol=1e-5)
-    stats = statistics(batching_server.url, "centered")
-    assert stats["execution_count"] == 64 and stats["inference_count"] == 64  # one run, one inference a request
+    assert requests == runs == inferences == 64  # one run a request, one inference a request (no batch dim)
 
 
 def test_without_dynamic_batching_each_request_runs_alone(batching_server):
     inputs = distinct_inputs(clients=16, requests=4, rows=2, seed=1)
+    added = {}
     for model in ("alone", "merged"):
-        answers = hammer(batching_server.url, model, inputs)
+        answers, added[model] = hammer_counted(batching_server.url, model, inputs)
         for sent, got in zip(inputs, answers):
             for x, y in zip(sent, got):
                 np.testing.assert_allclose(y, REFERENCE["double"](x), rtol=1e-6)
-    alone, merged = statistics(batching_server.url, "alone"), statistics(batching_server.url, "merged")
-    assert alone["execution_count"] == alone["inference_stats"]["success"]["count"] == 64
-    assert alone["inference_count"] == 128  # 2 rows a request
+    assert added["alone"] == (64, 64, 128)  # a run for each request, of its 2 rows
     # The same load on the same server does merge the model with dynamic batching.
-    assert merged["execution_count"] < merged["inference_stats"]["success"]["count"] == 64
+    requests, runs, inferences = added["merged"]
+    assert requests == 64 and inferences == 128 and runs < 64
 
 
 def test_a_request_may_carry_up_to_max_batch_size_rows(batching_server):
@@ -202,9 +211,10 @@ def test_a_request_may_carry_up_to_max_batch_size_rows(batching_server):
     tensor.set_data_from_numpy(np.zeros((9, 4), np.float32))
     with pytest.raises(InferenceServerException, match="exceeds the model's max_batch_size 8"):
         client.infer("alone", [tensor])
-    # Without a batch dimension there is no such limit: the first dimension is the model's own.
-    x = np.arange(20 * 4, dtype=np.float32).reshape(20, 4)
-    tensor = httpclient.InferInput("x", [20, 4], "FP32")
+    # Without a batch dimension there is no such limit (not even the default 64): the first dimension is the
+    # model's own.
+    x = np.arange(100 * 4, dtype=np.float32).reshape(100, 4)
+    tensor = httpclient.InferInput("x", [100, 4], "FP32")
     tensor.set_data_from_numpy(x)
     np.testing.assert_allclose(client.infer("centered", [tensor]).as_numpy("y"), REFERENCE["centered"](x),
                                rtol=1e-5, atol=1e-5)
