@@ -405,3 +405,25 @@ def test_a_single_model_file_that_does_not_load_exits_2_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("yatdeploy serve: error: model 'garbage': ") and "does not load" in err
     assert err.count("\n") == 1
+
+
+def test_external_data_outside_the_model_folder_is_refused_in_one_line(tmp_path, capsys):
+    """ONNX refuses external data that points outside the model's folder: bad input (exit 2), not a crash."""
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (tmp_path / "models").mkdir()
+    path = tmp_path / "models" / "escape.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="escape.bin", size_threshold=0)
+    (tmp_path / "secret.bin").write_bytes(np.ones((4, 4), np.float32).tobytes())
+    proto = onnx.load(str(path), load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../secret.bin"
+    onnx.save(proto, str(path))
+    assert main(["serve", "-q", str(path), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("yatdeploy serve: error: model 'escape': ") and "points outside" in err
+    assert err.count("\n") == 1
