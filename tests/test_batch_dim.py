@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from tests.model_zoo import yat_mlp
+from tests.test_validate import tamper_first_yat_weight
 from yatdeploy import graph
-from yatdeploy.attach import yat_gemm_nodes
 from yatdeploy.errors import InputSpecError
 from yatdeploy.export import ExportOptions, export_model
 from yatdeploy.loading import load_model
@@ -36,16 +36,6 @@ def drop_dim_name(path) -> None:
     model = onnx.load(str(path))
     for value in [*model.graph.input, *model.graph.output]:
         value.type.tensor_type.shape.dim[0].Clear()
-    onnx.save(model, str(path))
-
-
-def scale_first_weight(path, factor: float) -> None:
-    model = onnx.load(str(path))
-    weight = yat_gemm_nodes(model)[0].input[1]
-    for index, init in enumerate(model.graph.initializer):
-        if init.name == weight:
-            changed = numpy_helper.to_array(init) * np.float32(factor)
-            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(changed, weight))
     onnx.save(model, str(path))
 
 
@@ -76,7 +66,7 @@ def test_every_case_runs_whatever_the_dimension_is_called(exported, tmp_path, re
 def test_a_wrong_model_with_another_dimension_name_fails(exported):
     loaded, path = exported
     rename_batch_dim(path, "N")
-    scale_first_weight(path, 1.05)
+    tamper_first_yat_weight(path, 1.05)
     report = validate(path, loaded)
     assert not report.passed
     assert any("output 'output'" in line for line in report.failures())

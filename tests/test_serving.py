@@ -36,36 +36,52 @@ def free_port() -> int:
 
 
 class Server:
-    """`yatdeploy serve` in its own process, on a free port of 127.0.0.1."""
+    """`yatdeploy serve` in its own process, on a free port of 127.0.0.1.
 
-    def __init__(self, path: Path, *args: str) -> None:
+    It is waited for until /v2/health/{wait_for} answers 200: "ready" by default, "live" for a repository
+    with a model that can't load. With `log`, its output goes to that file and can be read while it runs.
+    """
+
+    def __init__(self, path: Path, *args: str, wait_for: str = "ready", log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.log = log
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        out = log.open("w") if log is not None else subprocess.PIPE
         self.process = subprocess.Popen(
             [sys.executable, "-m", "yatdeploy", "serve", str(path), "--port", str(self.port), "--threads", "1", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
         )
+        if log is not None:
+            out.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stdout.read()}")
+                raise RuntimeError(f"the server exited with {self.process.returncode}: {self._rest()}")
             try:
-                if urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=1).status == 200:
+                if urllib.request.urlopen(f"http://{self.url}/v2/health/{wait_for}", timeout=1).status == 200:
                     return
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError("the server did not become ready in 60 s")
+        raise RuntimeError(f"the server was not {wait_for} in 60 s")
+
+    def output(self) -> str:
+        """What the server printed so far (with `log`)."""
+        return self.log.read_text() if self.log is not None else ""
+
+    def _rest(self) -> str:
+        return self.output() if self.log is not None else self.process.stdout.read()
 
     def stop(self) -> str:
-        self.process.terminate()
+        if self.process.poll() is None:
+            self.process.terminate()
         try:
             out, _ = self.process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
             out, _ = self.process.communicate()
-        return out
+        return self.output() if self.log is not None else out
 
     def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
         request = urllib.request.Request(f"http://{self.url}{path}", data=body, headers=headers or {}, method="POST")

@@ -3,14 +3,9 @@ server on 127.0.0.1 and the real tritonclient."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,50 +19,9 @@ import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from tests.test_serving import REPO, Server, free_port  # noqa: E402
+from tests.test_serving import Server, free_port  # noqa: E402
 from yatdeploy.cli import main  # noqa: E402
 from yatdeploy.serving.repository import MAX_QUEUE_DELAY_US  # noqa: E402
-
-
-class LiveServer(Server):
-    """`yatdeploy serve` as Server starts it, but waited for until live, not ready (a repository with a bad
-    model is live and not ready), with its output in a file that can be read while it runs."""
-
-    def __init__(self, path: Path, *args: str, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        with log.open("w") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "yatdeploy", "serve", str(path), "--port", str(self.port), "--threads", "1",
-                 *args], stdout=out, stderr=subprocess.STDOUT, env=env,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}: {self.output()}")
-            try:
-                if urllib.request.urlopen(f"http://{self.url}/v2/health/live", timeout=1).status == 200:
-                    return
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the server did not come up in 60 s")
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.output()
-
 
 # --- models made with onnx.helper ------------------------------------------------------------------------
 
@@ -159,7 +113,7 @@ def batching_server(tmp_path_factory):
     add_model(repo, "centered", "centered", config_text("centered", max_batch_size=0, dims="-1, 4", batching=DELAY))
     add_model(repo, "alone", "double", config_text("alone"))
     add_model(repo, "merged", "double", config_text("merged", batching=DELAY))
-    running = LiveServer(repo, "--max-queue-delay-us", "100000", log=repo.parent / "server.log")
+    running = Server(repo, "--max-queue-delay-us", "100000", wait_for="live", log=repo.parent / "server.log")
     yield running
     running.stop()
 
@@ -240,7 +194,7 @@ def test_metadata_and_config_report_what_is_served(batching_server):
 
 def test_sigterm_answers_requests_waiting_for_a_long_batching_delay(tmp_path):
     model = write_model(tmp_path / "double.onnx", "double")
-    served = LiveServer(model, "--max-queue-delay-us", "20000000", log=tmp_path / "server.log")  # 20 s
+    served = Server(model, "--max-queue-delay-us", "20000000", wait_for="live", log=tmp_path / "server.log")  # 20 s
     inputs = distinct_inputs(clients=8, requests=1, rows=1, seed=2)
     answers: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
@@ -340,7 +294,7 @@ def bad_repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bad_server(bad_repository):
-    running = LiveServer(bad_repository, log=bad_repository.parent / "server.log")
+    running = Server(bad_repository, wait_for="live", log=bad_repository.parent / "server.log")
     yield running
     running.stop()
 
