@@ -1,0 +1,36 @@
+"""The YatGemm GPU kernel (Triton) on torch tensors, and the CUDA implementation of `yatdeploy::yat_gemm`.
+
+Needs triton (`pip install 'yatdeploy[gpu-kernels]'`); without it this package still imports,
+`available()` is False, and the torch op keeps its reference implementation on every device. triton reads
+TRITON_INTERPRET=1 (CPU tensors under its interpreter) when this package is first imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from torch import Tensor
+
+from yatdeploy.gpu.configs import TILE_CONFIGS, TileConfig, choose_config
+
+__all__ = ["TILE_CONFIGS", "TileConfig", "available", "choose_config", "row_sq_norms", "yat_gemm"]
+
+TRITON_MISSING = "yatdeploy.gpu needs triton: pip install 'yatdeploy[gpu-kernels]'"
+
+
+def available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+if available():
+    from yatdeploy.gpu.launch import op_cuda_kernel, row_sq_norms, yat_gemm
+    from yatdeploy.ops.torch_op import yat_gemm as _yat_gemm_op
+
+    _yat_gemm_op.register_kernel("cuda")(op_cuda_kernel)
+else:
+
+    def yat_gemm(x: Tensor, w: Tensor, b: Tensor | None, eps: float, alpha: float, **options: object) -> Tensor:
+        raise ImportError(TRITON_MISSING)
+
+    def row_sq_norms(w: Tensor) -> Tensor:
+        raise ImportError(TRITON_MISSING)

@@ -1,0 +1,78 @@
+"""The YatGemm kernel's tile configurations, and the choice of one by problem shape.
+
+These are starting points chosen on paper (tensor-core tile shapes that fit sm_80's shared memory in
+every dtype); they have not been tuned on a GPU yet. The AOT build compiles every one of them, and the
+TensorRT plugin offers them as tactics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    name: str
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    # K is cut into this many slices, each reduced by its own programs; a second kernel sums the
+    # partial dot products and |x|² before the epilogue. 1: one pass, the epilogue in the GEMM kernel.
+    split_k: int = 1
+    # Output tiles are visited in groups of this many tile rows so that consecutive programs share W
+    # tiles in L2.
+    group_m: int = 8
+
+    @property
+    def threads_per_block(self) -> int:
+        return 32 * self.num_warps
+
+    def as_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+
+LARGE_16BIT = TileConfig("large_16bit", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+LARGE_FLOAT32 = TileConfig("large_float32", block_m=128, block_n=128, block_k=32, num_warps=8, num_stages=3)
+MEDIUM_M = TileConfig("medium_m", block_m=64, block_n=128, block_k=32, num_warps=4, num_stages=4)
+# Decode-like M (1..16): one 16-row MMA tile, narrow in N so that enough programs stream W.
+SMALL_M = TileConfig("small_m", block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=4)
+SMALL_M_SPLIT_K = TileConfig(
+    "small_m_split_k", block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=4, split_k=4
+)
+
+TILE_CONFIGS: dict[str, TileConfig] = {
+    c.name: c for c in (LARGE_16BIT, LARGE_FLOAT32, MEDIUM_M, SMALL_M, SMALL_M_SPLIT_K)
+}
+
+# An H100 SXM has 132 SMs: a small-M problem with fewer output tiles than this leaves SMs idle
+# unless K is split.
+_SPLIT_K_BELOW_TILES = 132
+# Each split must still loop over a few K tiles, or the partial sums cost more than they save.
+_MIN_K_TILES_PER_SPLIT = 4
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def choose_config(m: int, n: int, k: int, dtype: torch.dtype) -> TileConfig:
+    """The tile configuration for an [m, k] x [n, k]ᵀ YatGemm in `dtype`."""
+    if m <= SMALL_M.block_m:
+        few_tiles = cdiv(n, SMALL_M.block_n) < _SPLIT_K_BELOW_TILES
+        long_k = k >= SMALL_M_SPLIT_K.split_k * SMALL_M_SPLIT_K.block_k * _MIN_K_TILES_PER_SPLIT
+        return SMALL_M_SPLIT_K if few_tiles and long_k else SMALL_M
+    if m <= MEDIUM_M.block_m:
+        return MEDIUM_M
+    return LARGE_FLOAT32 if dtype == torch.float32 else LARGE_16BIT
+
+
+def split_k_slices(k: int, config: TileConfig) -> tuple[int, int]:
+    """(slice count, K elements per slice) for a split-K launch; each slice is a whole number of K tiles."""
+    k_tiles = max(cdiv(k, config.block_k), 1)
+    tiles_per_slice = cdiv(k_tiles, config.split_k)
+    k_per_slice = tiles_per_slice * config.block_k
+    return cdiv(k_tiles, tiles_per_slice), k_per_slice
