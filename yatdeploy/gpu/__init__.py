@@ -1,8 +1,9 @@
 """The YatGemm GPU kernel (Triton) on torch tensors, and the CUDA implementation of `yatdeploy::yat_gemm`.
 
 Needs triton (`pip install 'yatdeploy[gpu-kernels]'`); without it this package still imports,
-`available()` is False, and the torch op keeps its reference implementation on every device. triton reads
-TRITON_INTERPRET=1 (CPU tensors under its interpreter) when this package is first imported.
+`available()` is False, and the torch op keeps its reference implementation on every device.
+CPU tensors run under Triton's interpreter, which triton reads from TRITON_INTERPRET=1 when functions are
+decorated: set it before triton and this package are first imported, and keep it set (docs/gpu-kernel.md).
 """
 
 from __future__ import annotations
