@@ -44,8 +44,13 @@ def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_tolerance_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("validation")
-    group.add_argument("--atol", type=float, help="absolute tolerance (default 1e-5 for float32)")
-    group.add_argument("--rtol", type=float, help="relative tolerance (default 1e-4 for float32)")
+    group.add_argument(
+        "--atol", type=float,
+        help="absolute tolerance: with --atol or --rtol, values pass when |onnx - torch| <= atol + rtol*|torch| "
+             "(the flag not given: 1e-5 / 1e-4 for float32). Without either, the tolerance is derived per output "
+             "from PyTorch's own rounding error against a float64 run of the model",
+    )
+    group.add_argument("--rtol", type=float, help="relative tolerance (see --atol)")
     group.add_argument(
         "--inputs", nargs="+", default=[], metavar="FILE",
         help="also compare on these inputs: .npy arrays, or .npz files whose every array is one batch",
@@ -203,17 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_tolerance_args(args: argparse.Namespace) -> None:
     for name in ("atol", "rtol"):
         value = getattr(args, name)
-        if value is not None and not value >= 0:
-            raise YatDeployError(f"--{name} {value}: must be a number >= 0")
+        if value is not None and not 0 <= value < float("inf"):  # NaN fails too
+            raise YatDeployError(f"--{name} {value}: must be a finite number >= 0")
 
 
 def _tolerance(args: argparse.Namespace, dtype: str):
-    from yatdeploy.validate import DEFAULT_TOLERANCES, Tolerance
+    """The user's tolerance, the flag not given completed from the fixed table; None (derived) without either."""
+    from yatdeploy.validate import FIXED_TOLERANCES, Tolerance
 
-    default = DEFAULT_TOLERANCES[dtype]
+    if args.atol is None and args.rtol is None:
+        return None
+    fixed = FIXED_TOLERANCES[dtype]
     return Tolerance(
-        atol=default.atol if args.atol is None else args.atol,
-        rtol=default.rtol if args.rtol is None else args.rtol,
+        atol=fixed.atol if args.atol is None else args.atol,
+        rtol=fixed.rtol if args.rtol is None else args.rtol,
     )
 
 
