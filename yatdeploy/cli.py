@@ -385,14 +385,17 @@ def cmd_serve(args: argparse.Namespace, progress) -> int:
         raise YatDeployError(f"--max-queue-delay-us {args.max_queue_delay_us}: must be >= 0")
     if not 0 < args.port < 65536:
         raise YatDeployError(f"--port {args.port}: not a port number")
+    if not 1 / (1 << 20) <= args.max_body_mb <= 1 << 16:  # NaN fails too
+        raise YatDeployError(f"--max-body-mb {args.max_body_mb}: must be more than 0 and at most 65536 (64 GB)")
     settings = Settings(
         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
         dynamic_batching=not args.no_batching,
     )
-    threads = args.threads if args.threads is not None else max(1, len(os.sched_getaffinity(0)) - 1)
-    if threads < 1:
-        raise YatDeployError(f"--threads {threads}: must be at least 1")
+    cores = len(os.sched_getaffinity(0))
+    threads = args.threads if args.threads is not None else max(1, cores - 1)
+    if not 1 <= threads <= 4 * cores:
+        raise YatDeployError(f"--threads {threads}: must be between 1 and {4 * cores} (4 x the {cores} cores usable)")
     serve(args.path, host=args.host, port=args.port, backend=args.backend, settings=settings,
           intra_op_threads=threads, log_level=args.log_level, progress=progress)
     return EXIT_OK

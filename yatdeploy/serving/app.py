@@ -7,6 +7,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -15,23 +16,36 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from yatdeploy import __version__
 from yatdeploy.errors import OnnxModelError
 from yatdeploy.serving.batching import DynamicBatcher
 from yatdeploy.serving.metrics import Metrics
 from yatdeploy.serving.model import ServedModel, UnavailableModel
-from yatdeploy.serving.protocol import HEADER_LENGTH, ProtocolError, encode_response, parse_request
+from yatdeploy.serving.protocol import (
+    HEADER_LENGTH,
+    InferRequest,
+    ProtocolError,
+    encode_response,
+    json_length,
+    parse_request,
+)
 
 log = logging.getLogger("yatdeploy.serving")
 
 SERVER_NAME = "yatdeploy"
+# A request whose JSON is longer is parsed in a worker thread, off the event loop.
+INLINE_PARSE_BYTES = 64 << 10
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration"]
 
 
 @dataclass
 class Settings:
     max_body_bytes: int = 64 << 20
+    # The JSON part of a request (all of a JSON-only one): parsed, it takes ~10x its size in memory.
+    # The smaller of this and max_body_bytes applies.
+    max_json_bytes: int = 16 << 20
     # None: each model's own (config.pbtxt or the default).
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
@@ -47,8 +61,8 @@ def _error(status: int, message: str) -> Response:
     return _json({"error": message}, status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body, or a 413 once it passes `limit` bytes.
+async def _read_body(request: Request, limit: int, what: str = "request body") -> bytes:
+    """The whole body, or a 413 once it passes `limit` bytes (`what`: the limit's name in the message).
 
     An over-limit body of up to 4 × limit is read to its end (and dropped) before the 413 goes out, so
     that a client still sending it reads the answer instead of a broken pipe; a larger one is cut off.
@@ -56,7 +70,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     declared_size = int(declared) if declared is not None and declared.isdigit() else None
     if declared_size is not None and declared_size > 4 * limit:
-        raise ProtocolError(413, f"the request body of {declared_size} bytes exceeds the limit of {limit}")
+        raise ProtocolError(413, f"the {what} of {declared_size} bytes exceeds the limit of {limit} bytes")
     chunks = []
     size = 0
     async for chunk in request.stream():
@@ -66,7 +80,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if size <= limit:
             chunks.append(chunk)
     if size > limit:
-        raise ProtocolError(413, f"the request body exceeds the limit of {limit} bytes")
+        raise ProtocolError(413, f"the {what} exceeds the limit of {limit} bytes")
     return b"".join(chunks)
 
 
@@ -134,6 +148,45 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return _error(exc.status_code, str(exc.detail))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # Outside infer (which answers its own): the JSON answer; uvicorn then logs the traceback once.
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    # Large JSON is parsed here, one request at a time: the event loop stays free, and the memory a parse
+    # takes (~10x the JSON) is held for one request at most.
+    parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-parse")
+    json_limit = min(settings.max_json_bytes, settings.max_body_bytes)
+
+    async def read_request(request: Request) -> InferRequest:
+        header_length = request.headers.get(HEADER_LENGTH)
+        if header_length is None:
+            body = await _read_body(request, json_limit, "JSON request body")
+        else:
+            body = await _read_body(request, settings.max_body_bytes)
+        if json_length(body, header_length) <= INLINE_PARSE_BYTES:
+            return parse_request(body, header_length, json_limit)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(parse_pool, parse_request, body, header_length, json_limit)
+
+    def failure(model: ServedModel, request_id: str | None, exc: Exception, started: float) -> Response:
+        """The JSON error for a failed inference, counted and logged once."""
+        if isinstance(exc, ProtocolError):
+            status, message = exc.status, exc.message
+            log.info("model %s: %d %s", model.name, status, message)
+        elif isinstance(exc, ClientDisconnect):
+            status, message = 400, "the client disconnected before the end of its request"
+            log.info("model %s: %s", model.name, message)
+        elif isinstance(exc, OnnxModelError):
+            status, message = 500, exc.message
+            log.error("model %s: 500 %s", model.name, message)
+        else:
+            status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
+            log.exception("model %s: 500 %s", model.name, message)
+        metrics.record_request(model.name, model.version, False, time.perf_counter() - started)
+        _log_request(model, request_id, status, started)
+        return _error(status, message)
+
     def model_for(name: str, version: str | None) -> ServedModel:
         model = by_name.get(name)
         if model is None and name in failed:
@@ -198,26 +251,20 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         started = time.perf_counter()
         model = model_for(name, version)
+        parsed: InferRequest | None = None
         try:
-            body = await _read_body(request, settings.max_body_bytes)
-            parsed = parse_request(body, request.headers.get(HEADER_LENGTH))
+            parsed = await read_request(request)
             feeds, batch = model.check(parsed)
             result = await batchers[model.name].submit(feeds, batch)
-        except ProtocolError as exc:
-            metrics.record_request(model.name, model.version, False, time.perf_counter() - started)
-            _log_request(model, None, exc.status, started)
-            raise
-        except OnnxModelError as exc:
-            metrics.record_request(model.name, model.version, False, time.perf_counter() - started)
-            _log_request(model, None, 500, started)
-            return _error(500, exc.message)
-        wanted = {o.name: o.binary for o in parsed.outputs} if parsed.outputs is not None else None
-        outputs = [
-            (info.name, array, wanted[info.name] if wanted is not None else parsed.binary_default)
-            for info, array in zip(model.outputs, result.outputs)
-            if wanted is None or info.name in wanted
-        ]
-        content, header_length = encode_response(model.name, model.version, parsed.id, outputs)
+            wanted = {o.name: o.binary for o in parsed.outputs} if parsed.outputs is not None else None
+            outputs = [
+                (info.name, array, wanted[info.name] if wanted is not None else parsed.binary_default)
+                for info, array in zip(model.outputs, result.outputs)
+                if wanted is None or info.name in wanted
+            ]
+            content, header_length = encode_response(model.name, model.version, parsed.id, outputs)
+        except Exception as exc:  # every failure answers JSON, is counted and logged once
+            return failure(model, parsed.id if parsed is not None else None, exc, started)
         total = time.perf_counter() - started
         metrics.record_request(model.name, model.version, True, total, result.queue_s, result.compute_s)
         _log_request(model, parsed.id, 200, started, batch, result.queue_s, result.compute_s)

@@ -6,6 +6,7 @@ bodies, and raises ProtocolError (an HTTP status and a message) on anything malf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -15,6 +16,15 @@ import orjson
 from yatdeploy.serving.datatypes import DATATYPES, datatype_of
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# Non-finite floating-point values in JSON `data`, which has no literal for them (both ways).
+NONFINITE_SPELLINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_INT64_MAX = 2**63 - 1
+# Large `data` is checked and converted this many values at a time: a parse in a worker thread then lets the
+# event loop have the GIL between slices instead of holding it for a whole tensor.
+_SLICE = 1 << 16
+_JSON_TYPE_NAMES = {type(None): "null", bool: "boolean", int: "integer", float: "non-integer number", str: "string",
+                    dict: "object", list: "list"}
+
 
 class ProtocolError(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -45,40 +55,122 @@ def _bad(message: str) -> ProtocolError:
 
 
 def _shape(raw: object, name: str) -> tuple[int, ...]:
-    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+    if not isinstance(raw, list) or not all(type(d) is int and d >= 0 for d in raw):
         raise _bad(f"input '{name}': 'shape' must be a list of non-negative integers")
+    if any(d > _INT64_MAX for d in raw) or math.prod(raw) > _INT64_MAX:
+        raise _bad(f"input '{name}': shape {raw} has more elements than a tensor can hold")
     return tuple(raw)
 
 
-def _flatten(data: object) -> list:
+def _types(values: list) -> set[type]:
+    kinds: set[type] = set()
+    for start in range(0, len(values), _SLICE):
+        kinds.update(map(type, values[start:start + _SLICE]))
+    return kinds
+
+
+def _converted(values: list, dtype: np.dtype) -> np.ndarray:
+    array = np.empty(len(values), dtype)
+    for start in range(0, len(values), _SLICE):
+        array[start:start + _SLICE] = values[start:start + _SLICE]
+    return array
+
+
+def _values(data: object, shape: tuple[int, ...], name: str) -> tuple[list, set[type]]:
+    """The elements of `data` in row-major order, and their Python types. `data` is flat, or nested exactly
+    as `shape` says (as many levels as dimensions, each list as long as its dimension)."""
     if not isinstance(data, list):
-        return [data]
-    flat: list = []
-    stack = [iter(data)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            flat.append(item)
-        else:
-            stack.pop()
-    return flat
+        raise _bad(f"input '{name}': 'data' must be a list")
+    kinds = _types(data)
+    if list not in kinds:
+        return data, kinds
+    level = [data]
+    for depth, size in enumerate(shape):
+        below: list = []
+        for item in level:
+            if type(item) is not list or len(item) != size:
+                raise _bad(f"input '{name}': nested 'data' does not match shape {list(shape)} (dimension {depth})")
+            below.extend(item)
+        level = below
+    kinds = _types(level)
+    if list in kinds:
+        raise _bad(f"input '{name}': 'data' is nested deeper than shape {list(shape)}")
+    return level, kinds
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Split the body at the JSON header's length (binary extension) and decode every input."""
-    if header_length is not None:
-        try:
-            json_length = int(header_length)
-        except ValueError:
-            raise _bad(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
-        if json_length < 0 or json_length > len(body):
-            raise _bad(f"{HEADER_LENGTH} is {json_length} but the body has {len(body)} bytes")
-    else:
-        json_length = len(body)
+def _array(data: object, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
+    """JSON `data` as an array of `datatype`: numbers (or NONFINITE_SPELLINGS) for FP*, integers in range for
+    INT*/UINT*, booleans for BOOL; a 400 naming the first mismatch otherwise."""
+    dtype = DATATYPES[datatype]
+    values, kinds = _values(data, shape, name)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise _bad(f"input '{name}': {len(values)} values for shape {list(shape)} ({count} expected)")
+    allowed = {bool} if datatype == "BOOL" else {int} if dtype.kind in "iu" else {int, float, str}
+    wrong = kinds - allowed
+    if wrong:
+        names = ", ".join(sorted(_JSON_TYPE_NAMES.get(k, k.__name__) for k in wrong))
+        raise _bad(f"input '{name}': {datatype} data holds {names} values")
+    if str in kinds:
+        unknown = {v for v in values if type(v) is str} - NONFINITE_SPELLINGS.keys()
+        if unknown:
+            raise _bad(f"input '{name}': {datatype} data holds the string {min(unknown)!r}; the only strings "
+                       f"allowed are {', '.join(map(repr, NONFINITE_SPELLINGS))}")
+        values = [NONFINITE_SPELLINGS[v] if type(v) is str else v for v in values]
+    if dtype.kind in "iu" and values:
+        limits = np.iinfo(dtype)
+        if min(values) < limits.min or max(values) > limits.max:
+            raise _bad(f"input '{name}': a value is out of {datatype}'s range [{limits.min}, {limits.max}]")
+    if dtype.kind in "biu":
+        return _converted(values, dtype).reshape(shape)
     try:
-        header = orjson.loads(body[:json_length])
+        wide = _converted(values, np.dtype(np.float64))
+    except OverflowError:
+        raise _bad(f"input '{name}': a value is out of {datatype}'s range") from None
+    with np.errstate(over="ignore"):
+        array = wide.astype(dtype)
+    if np.count_nonzero(np.isinf(array)) != np.count_nonzero(np.isinf(wide)):
+        raise _bad(f"input '{name}': a value is out of {datatype}'s range")
+    return array.reshape(shape)
+
+
+def _flag(parameters: dict, key: str, default: bool, where: str) -> bool:
+    value = parameters.get(key, default)
+    if type(value) is not bool:
+        raise _bad(f"{where}: '{key}' must be true or false, not {orjson.dumps(value).decode()[:40]}")
+    return value
+
+
+def _parameters(raw: dict, where: str) -> dict:
+    parameters = raw.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise _bad(f"{where}: 'parameters' must be an object")
+    return parameters
+
+
+def json_length(body: bytes, header_length: str | None) -> int:
+    """The length of the body's JSON part: all of it, or what Inference-Header-Content-Length says."""
+    if header_length is None:
+        return len(body)
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise _bad(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
+    if length < 0 or length > len(body):
+        raise _bad(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
+    return length
+
+
+def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | None = None) -> InferRequest:
+    """Split the body at the JSON header's length (binary extension) and decode every input.
+
+    Raises ProtocolError: 400 for anything malformed, 413 for a JSON part over `max_json_bytes`."""
+    json_size = json_length(body, header_length)
+    if max_json_bytes is not None and json_size > max_json_bytes:
+        raise ProtocolError(413, f"the request's JSON of {json_size} bytes exceeds the JSON limit of "
+                                 f"{max_json_bytes} bytes (send large tensors as binary data)")
+    try:
+        header = orjson.loads(body[:json_size])
     except orjson.JSONDecodeError as exc:
         raise _bad(f"malformed JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -86,8 +178,11 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _bad("the request has no 'inputs' list")
+    request_id = header.get("id")
+    if "id" in header and not isinstance(request_id, str):
+        raise _bad("'id' must be a string")
 
-    binary = memoryview(body)[json_length:]
+    binary = memoryview(body)[json_size:]
     offset = 0
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
@@ -102,31 +197,27 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise _bad(f"input '{name}': unsupported datatype {datatype!r}")
         shape = _shape(raw.get("shape"), name)
         dtype = DATATYPES[datatype]
-        count = int(np.prod(shape, dtype=np.int64))
-        params = raw.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        size = _parameters(raw, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if "data" in raw:
                 raise _bad(f"input '{name}' has both 'data' and binary_data_size")
-            if not isinstance(size, int) or size < 0:
+            if type(size) is not int or size < 0:
                 raise _bad(f"input '{name}': binary_data_size must be a non-negative integer")
-            if size != count * dtype.itemsize:
+            needed = math.prod(shape) * dtype.itemsize
+            if size != needed:
                 raise _bad(f"input '{name}': binary_data_size is {size} bytes, shape {list(shape)} of {datatype} "
-                           f"needs {count * dtype.itemsize}")
+                           f"needs {needed}")
             if offset + size > len(binary):
                 raise _bad(f"input '{name}': the body ends after {len(binary) - offset} of its {size} binary bytes")
-            array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            try:
+                array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            except ValueError as exc:  # an empty tensor with a dimension numpy cannot index
+                raise _bad(f"input '{name}': shape {list(shape)}: {exc}") from None
             offset += size
         else:
             if "data" not in raw:
                 raise _bad(f"input '{name}' has neither 'data' nor binary_data_size")
-            flat = _flatten(raw["data"])
-            if len(flat) != count:
-                raise _bad(f"input '{name}': {len(flat)} values for shape {list(shape)} ({count} expected)")
-            try:
-                array = np.asarray(flat, dtype=np.float64 if dtype.kind == "V" else dtype).astype(dtype).reshape(shape)
-            except (TypeError, ValueError, OverflowError):
-                raise _bad(f"input '{name}': 'data' holds values that are not {datatype}") from None
+            array = _array(raw["data"], shape, datatype, name)
         inputs[name] = array
         datatypes[name] = datatype
     if offset != len(binary):
@@ -134,28 +225,38 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
 
     outputs = None
     raw_outputs = header.get("outputs")
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise _bad("'parameters' must be an object")
-    binary_default = bool(parameters.get("binary_data_output", False))
-    if raw_outputs is not None:
+    parameters = _parameters(header, "the request")
+    binary_default = _flag(parameters, "binary_data_output", False, "the request's parameters")
+    if "outputs" in header:
         if not isinstance(raw_outputs, list):
             raise _bad("'outputs' must be a list")
         outputs = []
         for raw in raw_outputs:
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise _bad("every requested output needs a 'name'")
-            params = raw.get("parameters") or {}
-            outputs.append(RequestedOutput(raw["name"], bool(params.get("binary_data", binary_default))))
-    request_id = header.get("id")
+            where = f"output '{raw['name']}'"
+            outputs.append(RequestedOutput(raw["name"], _flag(_parameters(raw, where), "binary_data", binary_default,
+                                                              where)))
     return InferRequest(
-        id=str(request_id) if request_id is not None else None,
+        id=request_id,
         inputs=inputs,
         input_datatypes=datatypes,
         outputs=outputs,
         binary_default=binary_default,
         parameters=parameters,
     )
+
+
+def _json_data(array: np.ndarray) -> list:
+    """An output's values for JSON `data`: non-finite floats as NONFINITE_SPELLINGS (JSON has no literal for
+    them; numpy, hence tritonclient's as_numpy, parses these strings back)."""
+    if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
+        return array.ravel().tolist()
+    values = array.astype(np.float64, copy=False).ravel()
+    if np.isfinite(values).all():
+        return values.tolist()
+    return [v if math.isfinite(v) else "NaN" if v != v else "Infinity" if v > 0 else "-Infinity"
+            for v in values.tolist()]
 
 
 def encode_response(
@@ -170,10 +271,8 @@ def encode_response(
             blob = np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
-        elif array.dtype == ml_dtypes.bfloat16:
-            entry["data"] = array.astype(np.float32).ravel().tolist()
         else:
-            entry["data"] = array.ravel().tolist()
+            entry["data"] = _json_data(array)
         entries.append(entry)
     response: dict = {"model_name": model_name, "model_version": model_version, "outputs": entries}
     if request_id is not None:

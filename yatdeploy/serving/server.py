@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,6 +79,69 @@ def _exit_normally(signum: int, frame) -> None:
     raise SystemExit(0)
 
 
+# The request line and headers of one request; a longer head is refused with 431 and the connection closed.
+MAX_REQUEST_HEAD_BYTES = 64 << 10
+
+
+def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of `host` at `port` (as uvicorn would bind them), for uvicorn to listen
+    on; a YatDeployError when the host does not resolve or the port is taken."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise YatDeployError(f"--host {host}: not an address to listen on ({exc})") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):
+            listener = socket.socket(family, kind, proto)
+            sockets.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind(address)
+    except OSError as exc:
+        for listener in sockets:
+            listener.close()
+        raise YatDeployError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+    return sockets
+
+
+def _http_protocol() -> type | str:
+    """uvicorn's HTTP protocol, with the request head bounded to MAX_REQUEST_HEAD_BYTES. httptools has no such
+    bound and joins a long header's pieces again on every read: one huge header stalled every client."""
+    if importlib.util.find_spec("httptools") is None:
+        return "h11"  # bounded by h11_max_incomplete_event_size
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHeadProtocol(HttpToolsProtocol):
+        reading_head = False  # between a request's first byte and the end of its headers
+        began_in_this_read = False
+        head_bytes = 0  # the head's bytes read after the read that began it
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.reading_head, self.began_in_this_read, self.head_bytes = True, True, 0
+
+        def on_headers_complete(self) -> None:
+            self.reading_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            self.began_in_this_read = False
+            super().data_received(data)
+            if not self.reading_head or self.began_in_this_read or self.transport.is_closing():
+                return
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_REQUEST_HEAD_BYTES:
+                self.reading_head = False
+                body = json.dumps({"error": f"the request's headers exceed {MAX_REQUEST_HEAD_BYTES} bytes"}).encode()
+                self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
+                                     b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                self.transport.close()
+
+    return BoundedHeadProtocol
+
+
 def serve(path: str | Path, *, host: str, port: int, backend: str | None, settings, intra_op_threads: int,
           log_level: str, progress: Progress) -> None:
     for module in ("fastapi", "uvicorn", "prometheus_client"):
@@ -86,6 +151,7 @@ def serve(path: str | Path, *, host: str, port: int, backend: str | None, settin
 
     from yatdeploy.serving.app import create_app
 
+    sockets = _listening_sockets(host, port)  # before loading: a taken port is said at once
     models, unavailable = load_models(path, backend, intra_op_threads, progress)
     app = create_app(models, settings, unavailable)
     # uvicorn ends a graceful shutdown by raising the signal again under the handler it found: end with
@@ -101,9 +167,18 @@ def serve(path: str | Path, *, host: str, port: int, backend: str | None, settin
     gc.collect()
     gc.freeze()
     progress.say(f"serving {', '.join(m.name for m in models)} on http://{host}:{port}")
-    uvicorn.run(
+    config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=_http_protocol(), h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
         timeout_graceful_shutdown=30, access_log=False,
     )
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=sockets)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully
+        pass
+    except OSError as exc:  # listen() lost a race for the port to another process since the bind above
+        if server.started:
+            raise
+        raise YatDeployError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None

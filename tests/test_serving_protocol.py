@@ -1,0 +1,334 @@
+"""The service's answers to hostile and ill-typed requests, its limits and its start-up errors: a real server on
+127.0.0.1, spoken to with the real tritonclient and with raw HTTP (http.client, sockets)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the service extra is not installed")
+httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
+
+import torch  # noqa: E402
+
+from tests.model_zoo import yat_mlp  # noqa: E402
+from tests.test_serving import REPO, Server, free_port  # noqa: E402
+from yatdeploy.cli import main  # noqa: E402
+
+INFER = "/v2/models/mlp/infer"
+# A server whose ServedModel.run fails with an error no code path expects: the catch-all's case.
+FAILING_MODEL_LAUNCHER = """
+import sys
+from yatdeploy.serving.model import ServedModel
+
+def run(self, feeds):
+    raise RuntimeError("injected failure")
+
+ServedModel.run = run
+from yatdeploy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("mlp")
+    torch.save(yat_mlp(), folder / "mlp.pt")
+    assert main(["export", "-q", str(folder / "mlp.pt"), "-o", str(folder / "mlp.onnx"), "--input-shape", "1,16",
+                 "--no-validate"]) == 0
+    return folder / "mlp.onnx"
+
+
+@pytest.fixture(scope="module")
+def server(mlp_onnx):
+    """Default limits: 64 MB bodies, 16 MB of JSON."""
+    running = Server(mlp_onnx)
+    yield running
+    running.stop()
+
+
+def _request(port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None
+             ) -> tuple[int, str, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.request(method, path, body=body, headers=headers or {})
+    response = connection.getresponse()
+    answer = response.status, response.getheader("content-type", ""), response.read()
+    connection.close()
+    return answer
+
+
+def _error_of(port: int, body: bytes, headers: dict | None = None) -> tuple[int, str]:
+    status, content_type, payload = _request(port, "POST", INFER, body, headers)
+    assert content_type == "application/json", (status, payload[:200])
+    return status, json.loads(payload)["error"]
+
+
+def _input(data: object, shape: list[int] | None = None, datatype: str = "FP32", **request: object) -> bytes:
+    tensor = {"name": "input", "shape": shape or [1, 16], "datatype": datatype, "data": data}
+    return json.dumps({"inputs": [tensor], **request}).encode()
+
+
+def _binary(shape: list[int], size: object) -> tuple[bytes, dict]:
+    """A binary request's JSON (no tensor bytes follow it) and its header."""
+    header = json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32",
+                                     "parameters": {"binary_data_size": size}}]}).encode()
+    return header, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def _counts(server: Server) -> tuple[float, int]:
+    """nv_inference_request_failure for mlp, and the statistics' fail count."""
+    metrics = server.get("/metrics")[1].decode()
+    failures = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("nv_inference_request_failure_total{") and 'model="mlp"' in line)
+    stats = json.loads(server.get("/v2/models/mlp/stats")[1])["model_stats"][0]
+    return failures, stats["inference_stats"]["fail"]["count"]
+
+
+ZEROS = [0.0] * 16
+
+
+# case: (the request: a body, or a body and its headers; what the error says). Cases marked "(refused before)"
+# were answered 400 before too (for another reason: yatdeploy serves float models only, so INT*/BOOL data goes
+# to a model that refuses the datatype anyway); every other case was answered 200 or a plain-text 500.
+BAD_REQUESTS: dict[str, tuple[bytes | tuple[bytes, dict], str]] = {
+    "outputs-parameters-list": (_input(ZEROS, outputs=[{"name": "output", "parameters": [1]}]),
+                                "output 'output': 'parameters' must be an object"),
+    "outputs-parameters-string": (_input(ZEROS, outputs=[{"name": "output", "parameters": "binary"}]),
+                                  "output 'output': 'parameters' must be an object"),
+    "binary-shape-overflows-int64": (_binary([2**32, 2**32], 0), "has more elements than a tensor can hold"),
+    "binary-data-size-bool": (_binary([1, 16], True),  # (refused before)
+                              "binary_data_size must be a non-negative integer"),
+    "binary-data-output-string": (_input(ZEROS, parameters={"binary_data_output": "false"}),
+                                  "'binary_data_output' must be true or false"),
+    "binary-data-int": (_input(ZEROS, outputs=[{"name": "output", "parameters": {"binary_data": 0}}]),
+                        "'binary_data' must be true or false"),
+    "id-number": (_input(ZEROS, id=7), "'id' must be a string"),
+    "fp32-null": (_input([None] * 16), "FP32 data holds null values"),
+    "fp32-bool": (_input([True] * 16), "FP32 data holds boolean values"),
+    "fp32-numeric-string": (_input(["1.5"] * 16), "FP32 data holds the string '1.5'"),
+    "fp32-out-of-range": (_input([1e39] * 16), "out of FP32's range"),
+    "int32-fraction": (_input([1.5] * 16, datatype="INT32"),  # (refused before)
+                       "INT32 data holds non-integer number values"),
+    "int32-bool": (_input([True] * 16, datatype="INT32"), "INT32 data holds boolean values"),  # (refused before)
+    "int8-out-of-range": (_input([300] * 16, datatype="INT8"), "out of INT8's range"),  # (refused before)
+    "uint8-negative": (_input([-1] * 16, datatype="UINT8"), "out of UINT8's range"),  # (refused before)
+    "bool-number": (_input([1] * 16, datatype="BOOL"), "BOOL data holds integer values"),  # (refused before)
+    "ragged-rows": (_input([[0.0] * 20, [0.0] * 12], shape=[2, 16]),
+                    "nested 'data' does not match shape [2, 16] (dimension 1)"),
+    "too-deep": (_input([[ZEROS]]), "does not match shape [1, 16] (dimension 1)"),
+    "too-shallow": (_input([[0.0] * 8] * 4, shape=[2, 16]), "does not match shape [2, 16] (dimension 0)"),
+    "deeper-than-shape": (_input([[[0.0]] * 16] * 2, shape=[2, 16]), "nested deeper than shape [2, 16]"),
+    "data-not-a-list": (_input(0.0), "'data' must be a list"),  # (refused before)
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_a_bad_request_answers_json_400_naming_it(server, case):
+    request, message = BAD_REQUESTS[case]
+    body, headers = request if isinstance(request, tuple) else (request, {})
+    status, error = _error_of(server.port, body, headers)
+    assert status == 400 and message in error, error
+    assert _live_status(server.port) == 200
+
+
+@pytest.mark.parametrize("data,shape", [
+    (ZEROS, [1, 16]),  # flat
+    ([ZEROS], [1, 16]),  # nested as the shape
+    ([0.0] * 32, [2, 16]),  # flat, row-major
+    ([ZEROS, ZEROS], [2, 16]),
+    ([0, 1, "NaN", "Infinity", "-Infinity", *([0.5] * 11)], [1, 16]),  # integers and the non-finite spellings
+], ids=["flat", "nested", "flat-2-rows", "nested-2-rows", "integers-and-spellings"])
+def test_well_typed_data_flat_or_nested_is_accepted(server, data, shape):
+    status, content_type, payload = _request(server.port, "POST", INFER, _input(data, shape=shape))
+    assert status == 200, payload
+    assert json.loads(payload)["outputs"][0]["shape"] == [shape[0], 5]
+
+
+def test_every_failure_is_counted(server):
+    before = _counts(server)
+    for body in (BAD_REQUESTS["outputs-parameters-list"][0], BAD_REQUESTS["fp32-null"][0]):
+        assert _error_of(server.port, body)[0] == 400
+    header, headers = BAD_REQUESTS["binary-shape-overflows-int64"][0]
+    assert _error_of(server.port, header, headers)[0] == 400
+    failures, fail_count = _counts(server)
+    assert (failures, fail_count) == (before[0] + 3, before[1] + 3)
+
+
+def _start(command: list[str]) -> tuple[subprocess.Popen, int]:
+    """A server process started with `command` + --port, once it is ready."""
+    port = free_port()
+    process = subprocess.Popen([*command, "--port", str(port), "--threads", "1"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited: {process.stdout.read()}")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status == 200:
+                return process, port
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("the server did not become ready in 60 s")
+
+
+def test_an_unexpected_error_answers_json_500_is_counted_and_logged_once(mlp_onnx):
+    process, port = _start([sys.executable, "-c", FAILING_MODEL_LAUNCHER, "serve", str(mlp_onnx)])
+    try:
+        status, error = _error_of(port, _input(ZEROS))
+        assert status == 500 and error == "internal error: RuntimeError: injected failure"
+        status, error = _error_of(port, BAD_REQUESTS["fp32-null"][0])
+        assert status == 400
+        stats = json.loads(_request(port, "GET", "/v2/models/mlp/stats")[2])["model_stats"][0]
+        assert stats["inference_stats"]["fail"]["count"] == 2
+        metrics = _request(port, "GET", "/metrics")[2].decode()
+        assert 'nv_inference_request_failure_total{model="mlp",version="1"} 2.0' in metrics
+    finally:
+        process.terminate()
+        log, _ = process.communicate(timeout=30)
+    assert log.count("Traceback") == 1 and log.count("RuntimeError: injected failure") == 2, log  # message + traceback
+    assert log.count("FP32 data holds null values") == 1, log
+
+
+@pytest.fixture(scope="module")
+def nonfinite_server(tmp_path_factory):
+    """y = log(x), x and y FP32 [N, 4]: log(-1) is NaN, log(0) -inf, log(inf) inf."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Log", ["x"], ["y"])], "nonfinite", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path_factory.mktemp("nonfinite") / "nonfinite.onnx"
+    onnx.save(model, path)
+    running = Server(path)
+    yield running
+    running.stop()
+
+
+def test_nonfinite_outputs_round_trip_through_tritonclient_json(nonfinite_server):
+    client = httpclient.InferenceServerClient(nonfinite_server.url)
+    tensor = httpclient.InferInput("x", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.array([[-1.0, 0.0, np.inf, 1.0]], np.float32))  # binary input
+    result = client.infer("nonfinite", [tensor], outputs=[httpclient.InferRequestedOutput("y", binary_data=False)])
+    assert result.get_response()["outputs"][0]["data"] == ["NaN", "-Infinity", "Infinity", 0.0]
+    y = result.as_numpy("y")  # np.array(data, float32) parses the spellings back
+    assert y.dtype == np.float32 and np.isnan(y[0, 0]) and y[0, 1] == -np.inf and y[0, 2] == np.inf and y[0, 3] == 0
+    # The same spellings in a JSON request.
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                   "data": ["Infinity", "NaN", 1.0, "-Infinity"]}]}).encode()
+    status, _, payload = _request(nonfinite_server.port, "POST", "/v2/models/nonfinite/infer", body)
+    assert status == 200 and json.loads(payload)["outputs"][0]["data"] == ["Infinity", "NaN", 0.0, "NaN"]
+
+
+def _read_to_end(connection: socket.socket) -> bytes:
+    chunks = []
+    while chunk := connection.recv(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _live_status(port: int) -> int:
+    return _request(port, "GET", "/v2/health/live")[0]
+
+
+def test_an_oversized_header_is_refused_and_others_are_served(server):
+    hostile = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    total = 32 << 20
+    sent = 0
+    try:
+        hostile.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Padding: ")
+        while sent < total:
+            hostile.sendall(b"a" * (1 << 16))
+            sent += 1 << 16
+    except OSError:  # the server closed the connection on us
+        pass
+    try:
+        answer = _read_to_end(hostile)
+    except ConnectionResetError:
+        answer = b""
+    hostile.close()
+    # Refused before the header's end: a 431, or the connection closed under the sender.
+    assert sent < total
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    if answer:
+        assert b'"error"' in answer
+    assert _live_status(server.port) == 200
+
+
+def test_liveness_answers_while_a_large_json_body_is_parsed(server):
+    # 8 million values of JSON (16 MB, just under the JSON limit), a batch far over max_batch_size: the
+    # answer is a 400 as soon as the parse ends, so whatever the parse blocks is answered after it.
+    values = 8_000_000
+    body = (b'{"inputs":[{"name":"input","shape":[%d,16],"datatype":"FP32","data":[' % (values // 16)
+            + b"0," * (values - 1) + b"0]}]}")
+    big = socket.create_connection(("127.0.0.1", server.port), timeout=120)
+    big.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+                % (INFER.encode(), len(body)) + body[:-1])
+    time.sleep(0.5)  # the server reads what it was sent; the parse starts with the last byte
+    big.sendall(body[-1:])
+    probe = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    probe.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    live = _read_to_end(probe)
+    probe.close()
+    assert live.startswith(b"HTTP/1.1 200 ")
+    readable, _, _ = select.select([big], [], [], 0)
+    assert not readable, "the large request was answered before the liveness probe"
+    answer = _read_to_end(big)
+    big.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"exceeds the model's max_batch_size" in answer
+
+
+def test_a_json_body_over_the_json_limit_is_refused(server):
+    body = _input([0.0] * (17 << 18), shape=[17 << 14, 16])  # 17 MB of JSON, under the 64 MB body limit
+    status, error = _error_of(server.port, body)
+    assert status == 413 and "JSON request body" in error and "16777216" in error, error
+
+
+def _serve_fails(*args: str) -> str:
+    """`yatdeploy serve ARGS`: exit status 2 and one line on stderr, returned."""
+    done = subprocess.run([sys.executable, "-m", "yatdeploy", "serve", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("yatdeploy serve: error: "), done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-body-mb", "0"], "--max-body-mb 0.0: must be more than 0"),
+    (["--max-body-mb", "-1"], "--max-body-mb -1.0: must be more than 0"),
+    (["--max-body-mb", "nan"], "--max-body-mb nan"),
+    (["--threads", "0"], "--threads 0: must be between 1 and"),
+    (["--threads", "-2"], "--threads -2: must be between 1 and"),
+    (["--threads", "100000"], "--threads 100000: must be between 1 and"),
+    (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address to listen on"),
+    (["--host", "999.1.1.1"], "--host 999.1.1.1: not an address to listen on"),
+    (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1 port"),  # TEST-NET-1: no interface has it
+], ids=["body-0", "body-negative", "body-nan", "threads-0", "threads-negative", "threads-huge", "host-unknown",
+        "host-invalid", "host-not-here"])
+def test_serve_refuses_bad_settings_with_one_line(mlp_onnx, args, message):
+    assert message in _serve_fails(str(mlp_onnx), "--port", str(free_port()), *args)
+
+
+def test_serve_refuses_a_port_in_use(mlp_onnx):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _serve_fails(str(mlp_onnx), "--port", str(port), "--threads", "1")
+    assert f"cannot listen on 127.0.0.1 port {port}: Address already in use" in line
