@@ -127,6 +127,26 @@ def test_doctor_text(capsys):
     assert "custom-op library" in text and "ort-cpu" in text and "GPU:" in text
 
 
+def test_gpu_kernels_are_found_and_listed_by_doctor(tmp_path, monkeypatch, capsys):
+    """native.gpu_kernels_dir()/gpu_kernels_manifest() and doctor's gpu_kernels, on a stand-in folder."""
+    kernels = tmp_path / native.GPU_KERNELS_DIR
+    kernels.mkdir()
+    entry = {"kernel": "yat_gemm", "arch": "sm_80", "dtype": "float16", "config": "small_m", "variant": "aligned",
+             "ptx": "k.ptx", "cubin": "k.cubin"}
+    (kernels / native.GPU_KERNELS_MANIFEST).write_text(json.dumps({"format": 1, "entries": [entry]}))
+    monkeypatch.setenv(native.ENV_LIBRARY_DIR, str(tmp_path))
+    assert native.gpu_kernels_dir() == kernels.resolve()
+    assert native.gpu_kernels_manifest()["entries"] == [entry]
+    assert main(["doctor", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["gpu_kernels"]
+    assert listed == [{"arch": "sm_80", "dtype": "float16", "config": "small_m", "ptx": str(kernels.resolve() / "k.ptx"),
+                       "cubin": str(kernels.resolve() / "k.cubin"), "kernel": "yat_gemm", "variant": "aligned"}]
+    assert main(["doctor"]) == 0
+    assert f"GPU kernels (AOT)      {kernels.resolve()} (1 kernels: sm_80; float16)" in capsys.readouterr().out
+    monkeypatch.setenv(native.ENV_LIBRARY_DIR, str(tmp_path / "nothing"))
+    assert native.gpu_kernels_dir() is None and native.gpu_kernels_manifest() is None
+
+
 def test_the_library_loads_and_runs_in_a_fresh_process(tmp_path):
     rng = np.random.default_rng(0)
     model = yat_gemm_model(_random((4, 8), "float32", rng), _random((4,), "float32", rng), ["m", 8])

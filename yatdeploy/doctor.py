@@ -19,7 +19,30 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def gpu_kernels() -> list[dict] | None:
+    """The AOT kernel artifacts as absolute paths, one per manifest entry; None when not built."""
+    folder = native.gpu_kernels_dir()
+    manifest = native.gpu_kernels_manifest()
+    if folder is None or manifest is None:
+        return None
+    return [
+        {"arch": e["arch"], "dtype": e["dtype"], "config": e["config"], "ptx": str(folder / e["ptx"]),
+         "cubin": str(folder / e["cubin"]), "kernel": e["kernel"], "variant": e["variant"]}
+        for e in manifest["entries"]
+    ]
+
+
+def _gpu_kernels_summary(report: dict) -> str:
+    kernels = report["gpu_kernels"]
+    if kernels is None:
+        return "not built (needs nvcc and triton at install: docs/gpu-kernel.md)"
+    arches = ", ".join(sorted({k["arch"] for k in kernels}))
+    dtypes = ", ".join(sorted({k["dtype"] for k in kernels}))
+    return f"{report['gpu_kernels_dir']} ({len(kernels)} kernels: {arches}; {dtypes})"
+
+
 def collect() -> dict:
+    kernels_dir = native.gpu_kernels_dir()
     cpu_library = native.ort_library_path()
     cuda_library = native.ort_cuda_library_path()
     ptx = native.trt_plugin_ptx_path()
@@ -36,6 +59,9 @@ def collect() -> dict:
         "cuda_kernels_built": bool(info.get("cuda_kernels_built", False)) and cuda_library is not None,
         "cuda_architectures": info.get("cuda_architectures"),
         "ort_headers_api_version": info.get("ort_api_version"),
+        # The YatGemm kernels compiled ahead of time (Triton PTX and cubin), which both GPU hosts launch.
+        "gpu_kernels_dir": str(kernels_dir) if kernels_dir else None,
+        "gpu_kernels": gpu_kernels(),
         # The TensorRT plugin's PTX (the plugin itself is yatdeploy.trt.plugin, registered on import).
         "trt_plugin": str(ptx) if ptx else None,
         "trt_plugin_ptx_arch": info.get("trt_plugin_ptx_arch") if ptx else None,
@@ -59,6 +85,7 @@ def format_text(report: dict) -> str:
         cuda += f" (architectures {report['cuda_architectures']})"
     lines.append(f"  with CUDA kernels      {cuda}")
     lines.append(f"  ORT headers API        {report['ort_headers_api_version'] or '-'}")
+    lines.append(f"  GPU kernels (AOT)      {_gpu_kernels_summary(report)}")
     ptx = report["trt_plugin"] or "not built (no nvcc at install)"
     if report["trt_plugin"]:
         ptx += f" ({report['trt_plugin_ptx_arch']})"

@@ -1,5 +1,5 @@
-"""Where the native build put things: the ONNX Runtime custom-op libraries, the TensorRT plugin's PTX
-and their build facts.
+"""Where the native build put things: the ONNX Runtime custom-op libraries, the ahead-of-time compiled
+GPU kernels (Triton PTX/cubin and their manifest) and the build facts.
 
 The build (CMake, run by the package install) installs them into `yatdeploy/_native/` of the
 installed package; an editable install keeps them in site-packages while the Python sources stay in
@@ -19,10 +19,14 @@ CPU_LIBRARY = "libyatdeploy_ort.so"
 CUDA_LIBRARY = "libyatdeploy_ort_cuda.so"
 TRT_PLUGIN_PTX = "yat_gemm_plugin.ptx"
 BUILD_INFO = "build_info.json"
+# The AOT kernels' folder inside _native/, and its index (yatdeploy/gpu/aot.py writes both).
+GPU_KERNELS_DIR = "gpu_kernels"
+GPU_KERNELS_MANIFEST = "manifest.json"
 ENV_LIBRARY_DIR = "YATDEPLOY_NATIVE_DIR"  # overrides the lookup (a build folder, say)
 
 
 def _installed(name: str) -> Path | None:
+    """The installed file `name`, a path relative to _native/ ("libyatdeploy_ort.so", "gpu_kernels/manifest.json")."""
     override = os.environ.get(ENV_LIBRARY_DIR)
     if override:
         path = Path(override) / name
@@ -32,9 +36,10 @@ def _installed(name: str) -> Path | None:
         return beside.resolve()
     # Every yatdeploy distribution on the path, not just the first: a stale metadata folder in a
     # checkout can come before the installed one.
+    wanted = ("_native", *Path(name).parts)
     for dist in metadata.distributions(name="yatdeploy"):
         for entry in dist.files or []:
-            if entry.name == name and entry.parent.name == "_native":
+            if tuple(entry.parts[-len(wanted):]) == wanted:
                 path = Path(str(entry.locate()))
                 if path.is_file():
                     return path.resolve()
@@ -52,8 +57,28 @@ def ort_cuda_library_path() -> Path | None:
 
 
 def trt_plugin_ptx_path() -> Path | None:
-    """The TensorRT plugin's kernels as PTX (plugins/yat_gemm/yat_gemm_plugin.cu), if built."""
+    """The hand-written TensorRT plugin PTX of earlier builds; no longer built (None once reinstalled).
+
+    Kept only until yatdeploy/trt/ reads gpu_kernels_manifest() instead."""
     return _installed(TRT_PLUGIN_PTX)
+
+
+def gpu_kernels_dir() -> Path | None:
+    """The folder of the YatGemm GPU kernels compiled ahead of time (PTX, cubin, manifest.json), if built.
+
+    The package build makes it when it builds the CUDA parts (nvcc found) and triton is in the build
+    environment (docs/gpu-kernel.md)."""
+    manifest = _installed(f"{GPU_KERNELS_DIR}/{GPU_KERNELS_MANIFEST}")
+    return manifest.parent if manifest is not None else None
+
+
+def gpu_kernels_manifest() -> dict | None:
+    """The AOT kernels' manifest.json (yatdeploy/gpu/aot.py), if built; its "ptx" and "cubin" names are
+    relative to gpu_kernels_dir()."""
+    folder = gpu_kernels_dir()
+    if folder is None:
+        return None
+    return json.loads((folder / GPU_KERNELS_MANIFEST).read_text())
 
 
 @functools.cache
