@@ -63,3 +63,13 @@ def test_the_cpp_header_carries_the_spec():
     header = cpp_header()
     assert 'kOpName = "YatGemm"' in header and 'kDomain = "yat"' in header
     assert "kDefaultEps = 1e-05f" in header and "kRequiredInputCount = 2" in header
+
+
+def test_finite_limits_are_the_dtypes():
+    from yatdeploy.spec import FINITE_MAX, cpp_header
+
+    assert set(FINITE_MAX) == set(YAT_GEMM.float32_accumulated)
+    for elem_type, limit in FINITE_MAX.items():
+        assert limit == torch.finfo(dtypes.by_onnx(elem_type).torch).max
+    header = cpp_header()
+    assert "kFloat16FiniteMax = 65504.0f" in header and "kBFloat16FiniteMax = 3.3895313892515355e+38f" in header

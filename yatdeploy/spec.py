@@ -105,6 +105,14 @@ YAT_GEMM = OpSpec(
 # Attributes that change the result, in the order the torch op takes them.
 MATH_ATTRIBUTES = ("eps", "alpha")
 
+# The largest finite value of each float32-accumulated type: results are clamped to ±FINITE_MAX before
+# the cast back, so a score too large saturates instead of becoming inf (tests/test_spec.py checks these
+# against torch.finfo). The GPU kernels, their AOT build and the C++ kernels take them from here.
+FINITE_MAX: dict[int, float] = {
+    ONNX_FLOAT16: (2 - 2**-10) * 2**15,  # 65504
+    ONNX_BFLOAT16: (2 - 2**-7) * 2**127,  # 3.3895313892515355e38
+}
+
 
 def cpp_header(spec: OpSpec = YAT_GEMM) -> str:
     """The C++ form of the spec's constants, for the kernels and the TensorRT plugin."""
@@ -124,6 +132,8 @@ def cpp_header(spec: OpSpec = YAT_GEMM) -> str:
         f'inline constexpr const char* kPluginVersion = "{PLUGIN_VERSION}";',
         f"inline constexpr int kInputCount = {len(spec.inputs)};",
         f"inline constexpr int kRequiredInputCount = {sum(not t.optional for t in spec.inputs)};",
+        f"inline constexpr float kFloat16FiniteMax = {FINITE_MAX[ONNX_FLOAT16]!r}f;",
+        f"inline constexpr float kBFloat16FiniteMax = {FINITE_MAX[ONNX_BFLOAT16]!r}f;",
         "}  // namespace yat::spec",
         "",
     ]

@@ -9,6 +9,8 @@
 
 #include <cblas.h>
 
+#include "yat_gemm_spec.h"
+
 namespace yat {
 namespace {
 
@@ -119,7 +121,7 @@ inline uint16_t FloatToF16(float value) {
 }
 
 inline float FiniteMax(Half type) {
-  return type == Half::kFloat16 ? 65504.0f : 3.38953139e38f;
+  return type == Half::kFloat16 ? spec::kFloat16FiniteMax : spec::kBFloat16FiniteMax;
 }
 
 }  // namespace

@@ -4,15 +4,20 @@ Needs triton (`pip install 'yatdeploy[gpu-kernels]'`); without it this package s
 `available()` is False, and the torch op keeps its reference implementation on every device.
 CPU tensors run under Triton's interpreter, which triton reads from TRITON_INTERPRET=1 when functions are
 decorated: set it before triton and this package are first imported, and keep it set (docs/gpu-kernel.md).
+
+The ahead-of-time build (`python -m yatdeploy.gpu.aot`) runs where triton is and torch is not (the
+package build's isolated environment): importing this package then defines the configs only.
 """
 
 from __future__ import annotations
 
 import importlib.util
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from yatdeploy.gpu.configs import TILE_CONFIGS, TileConfig, choose_config
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["TILE_CONFIGS", "TileConfig", "available", "choose_config", "row_sq_norms", "yat_gemm"]
 
@@ -20,7 +25,8 @@ TRITON_MISSING = "yatdeploy.gpu needs triton: pip install 'yatdeploy[gpu-kernels
 
 
 def available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether the kernels can run on torch tensors here (triton and torch are importable)."""
+    return importlib.util.find_spec("triton") is not None and importlib.util.find_spec("torch") is not None
 
 
 if available():

@@ -11,6 +11,8 @@ parameters. Variant "aligned" assumes every pointer 16-byte aligned and K, N and
 multiples of 16 (vectorised, pipelined loads); "generic" assumes nothing. Triton appends two scratch
 pointers (global and profile scratch) to every entry; these kernels use neither, so they are cut from
 the PTX entry and the cubin is assembled from that PTX: the parameter list is exactly the manifest's.
+
+Needs triton and not torch: the package build runs it in an environment without torch (common.py).
 """
 
 from __future__ import annotations
@@ -25,21 +27,20 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
+from triton.runtime.jit import JITFunction
 
 from yatdeploy.gpu import kernel
-from yatdeploy.gpu.configs import TILE_CONFIGS, TileConfig
-from yatdeploy.gpu.launch import (
+from yatdeploy.gpu.common import (
     FLOAT32_PRECISIONS,
-    GPU_DTYPES,
+    KERNEL_DTYPES,
     ROW_SQ_NORM_BLOCK_K,
     ROW_SQ_NORM_BLOCK_N,
     ROW_SQ_NORM_NUM_WARPS,
     Float32Precision,
     dot_input_precision,
-    interpreting,
     output_saturation,
 )
+from yatdeploy.gpu.configs import TILE_CONFIGS, TileConfig
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -47,8 +48,7 @@ MANIFEST_FORMAT = 1
 # Compute capability -> the PTX/cubin target Triton compiles it for (sm_90 gets the Hopper-only wgmma).
 ARCHS: dict[int, str] = {80: "sm_80", 90: "sm_90a"}
 VARIANTS = ("aligned", "generic")
-DTYPE_NAMES: dict[str, torch.dtype] = {str(d).removeprefix("torch."): d for d in GPU_DTYPES}
-_TRITON_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_TRITON_POINTER_TYPES = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}
 _PTX_PARAM_TYPES = {"*": ".u64", "i32": ".u32", "fp32": ".f32"}
 
 # Hosts pass row-major tensors.
@@ -106,7 +106,7 @@ class ManifestEntry:
 
 
 def _jit_function(name: str):
-    if interpreting():
+    if not isinstance(kernel.yat_gemm_kernel, JITFunction):
         raise RuntimeError(
             "yatdeploy.gpu.aot needs the compiled kernels, but TRITON_INTERPRET=1 made them interpreter "
             "functions: run it without TRITON_INTERPRET"
@@ -123,7 +123,7 @@ def _grid(job: KernelJob, config: TileConfig | None) -> list[str]:
     return [tiles, "1", "1"]
 
 
-def _constants(job: KernelJob, dtype: torch.dtype, config: TileConfig | None) -> dict[str, int | float | bool | str]:
+def _constants(job: KernelJob, dtype: str, config: TileConfig | None) -> dict[str, int | float | bool | str]:
     if config is None:
         return {"stride_wk": 1, "BLOCK_N": ROW_SQ_NORM_BLOCK_N, "BLOCK_K": ROW_SQ_NORM_BLOCK_K}
     saturate, finite_max = output_saturation(dtype)
@@ -141,7 +141,7 @@ def _constants(job: KernelJob, dtype: torch.dtype, config: TileConfig | None) ->
     return {"stride_yn": 1, **tile, **epilogue}
 
 
-def _signature(fn, dtype: torch.dtype, constants: dict) -> dict[str, str]:
+def _signature(fn, dtype: str, constants: dict) -> dict[str, str]:
     pointer = _TRITON_POINTER_TYPES[dtype]
     float32_buffers = ("w_sq_ptr", "partial_dot_ptr", "partial_x_sq_ptr")
     signature = {}
@@ -187,7 +187,7 @@ def _compile(job: KernelJob, out_dir: Path) -> ManifestEntry:
     from triton.compiler.compiler import make_backend
 
     fn = _jit_function(job.kernel)
-    dtype = DTYPE_NAMES[job.dtype]
+    dtype = job.dtype
     config = TILE_CONFIGS[job.config] if job.config is not None else None
     constants = _constants(job, dtype, config)
     signature = _signature(fn, dtype, constants)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder for the artifacts and manifest.json")
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS),
                         help="compute capabilities (90 compiles for sm_90a)")
-    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPE_NAMES), default=sorted(DTYPE_NAMES))
+    parser.add_argument("--dtype", nargs="+", choices=sorted(KERNEL_DTYPES), default=sorted(KERNEL_DTYPES))
     parser.add_argument("--config", nargs="+", choices=sorted(TILE_CONFIGS), default=list(TILE_CONFIGS))
     parser.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--float32-precision", nargs="+", choices=FLOAT32_PRECISIONS, default=["ieee"])

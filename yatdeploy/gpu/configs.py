@@ -2,14 +2,17 @@
 
 These are starting points chosen on paper (tensor-core tile shapes that fit sm_80's shared memory in
 every dtype); they have not been tuned on a GPU yet. The AOT build compiles every one of them, and the
-TensorRT plugin offers them as tactics.
+TensorRT plugin offers them as tactics. The choice is a table of rules (CHOICE_RULES) so that the ONNX
+Runtime host (custom_ops/, C++) runs the same rule: the build generates its copy from this table.
+
+Imports no torch: the package build runs the AOT compile where torch is absent (common.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
+from yatdeploy.gpu.common import dtype_name
 
 
 @dataclass(frozen=True)
@@ -59,15 +62,45 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def choose_config(m: int, n: int, k: int, dtype: torch.dtype) -> TileConfig:
-    """The tile configuration for an [m, k] x [n, k]ᵀ YatGemm in `dtype`."""
-    if m <= SMALL_M.block_m:
-        few_tiles = cdiv(n, SMALL_M.block_n) < _SPLIT_K_BELOW_TILES
-        long_k = k >= SMALL_M_SPLIT_K.split_k * SMALL_M_SPLIT_K.block_k * _MIN_K_TILES_PER_SPLIT
-        return SMALL_M_SPLIT_K if few_tiles and long_k else SMALL_M
-    if m <= MEDIUM_M.block_m:
-        return MEDIUM_M
-    return LARGE_FLOAT32 if dtype == torch.float32 else LARGE_16BIT
+@dataclass(frozen=True)
+class ChoiceRule:
+    """One rule of choose_config: `config` applies when every condition that is set holds."""
+
+    config: str  # a TILE_CONFIGS name
+    max_m: int | None = None  # m <= max_m
+    max_n_tiles: int | None = None  # cdiv(n, the config's block_n) <= max_n_tiles
+    min_k: int | None = None  # k >= min_k
+    dtype: str | None = None  # the operands' dtype, by name
+
+    def holds(self, m: int, n: int, k: int, dtype: str) -> bool:
+        return (
+            (self.max_m is None or m <= self.max_m)
+            and (self.max_n_tiles is None or cdiv(n, TILE_CONFIGS[self.config].block_n) <= self.max_n_tiles)
+            and (self.min_k is None or k >= self.min_k)
+            and (self.dtype is None or dtype == self.dtype)
+        )
+
+
+# choose_config takes the first rule that holds; the last holds always.
+CHOICE_RULES: tuple[ChoiceRule, ...] = (
+    # Decode-like M with fewer output tiles than SMs, and K long enough that each slice still loops
+    # over a few K tiles: split K.
+    ChoiceRule(
+        SMALL_M_SPLIT_K.name, max_m=SMALL_M_SPLIT_K.block_m, max_n_tiles=_SPLIT_K_BELOW_TILES - 1,
+        min_k=SMALL_M_SPLIT_K.split_k * SMALL_M_SPLIT_K.block_k * _MIN_K_TILES_PER_SPLIT,
+    ),
+    ChoiceRule(SMALL_M.name, max_m=SMALL_M.block_m),
+    ChoiceRule(MEDIUM_M.name, max_m=MEDIUM_M.block_m),
+    ChoiceRule(LARGE_FLOAT32.name, dtype="float32"),
+    ChoiceRule(LARGE_16BIT.name),
+)
+assert CHOICE_RULES[-1] == ChoiceRule(CHOICE_RULES[-1].config), "the last rule must hold always"
+
+
+def choose_config(m: int, n: int, k: int, dtype: object) -> TileConfig:
+    """The tile configuration for an [m, k] x [n, k]ᵀ YatGemm in `dtype` (a name or a torch.dtype)."""
+    name = dtype_name(dtype)
+    return TILE_CONFIGS[next(rule.config for rule in CHOICE_RULES if rule.holds(m, n, k, name))]
 
 
 def split_k_slices(k: int, config: TileConfig) -> tuple[int, int]:

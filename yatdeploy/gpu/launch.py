@@ -3,24 +3,24 @@ Triton's interpreter."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from yatdeploy.gpu import kernel
+from yatdeploy.gpu.common import (
+    KERNEL_DTYPES,
+    ROW_SQ_NORM_BLOCK_K,
+    ROW_SQ_NORM_BLOCK_N,
+    ROW_SQ_NORM_NUM_WARPS,
+    Float32Precision,
+    dot_input_precision,
+    output_saturation,
+)
 from yatdeploy.gpu.configs import TileConfig, cdiv, choose_config, split_k_slices
-from yatdeploy.ops.torch_op import _FLOAT32_ACCUMULATED, _check_operands, yat_gemm_reference
+from yatdeploy.ops.torch_op import _check_operands, yat_gemm_reference
 
-Float32Precision = Literal["ieee", "tf32x3"]
-FLOAT32_PRECISIONS: tuple[Float32Precision, ...] = ("ieee", "tf32x3")
-
-ROW_SQ_NORM_BLOCK_N = 64
-ROW_SQ_NORM_BLOCK_K = 64
-ROW_SQ_NORM_NUM_WARPS = 4
-
-GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GPU_DTYPES = tuple(getattr(torch, name) for name in KERNEL_DTYPES)
 
 
 def interpreting() -> bool:
@@ -50,20 +50,6 @@ def _check_dtype(dtype: torch.dtype) -> None:
             f"yatdeploy.gpu: no GPU kernel for {dtype} (the kernels are float32, float16 and bfloat16); "
             "float64 runs on torch's reference implementation"
         )
-
-
-def output_saturation(dtype: torch.dtype) -> tuple[bool, float]:
-    """(SATURATE, FINITE_MAX) for the kernels: 16-bit results clamp to the dtype's finite range."""
-    if dtype in _FLOAT32_ACCUMULATED:
-        return True, float(torch.finfo(dtype).max)
-    return False, 0.0
-
-
-def dot_input_precision(dtype: torch.dtype, float32_precision: Float32Precision) -> str:
-    if float32_precision not in FLOAT32_PRECISIONS:
-        raise ValueError(f"float32_precision must be one of {FLOAT32_PRECISIONS}, not {float32_precision!r}")
-    # 16-bit operands ignore it; "ieee" keeps their compile key single.
-    return float32_precision if dtype == torch.float32 else "ieee"
 
 
 def upcast_dot_operands(dtype: torch.dtype) -> bool:
