@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -216,6 +217,44 @@ def test_without_bias(dtype, config):
     _check(gpu.yat_gemm(x, w, None, 1e-5, 1.0, config=config), x, w, None, 1e-5, 1.0)
 
 
+def _trt_entry(x, w, b, eps, alpha, config):
+    """yat_gemm_trt_kernel launched with TensorRT's argument order (inputs, int32 extra args, output);
+    eps and alpha travel as the 16-bit halves of their float32 bits, as the plugin passes them."""
+    from yatdeploy.gpu import kernel
+    from yatdeploy.gpu.common import output_saturation
+    from yatdeploy.gpu.configs import cdiv
+    from yatdeploy.trt import plugin_logic
+
+    (m, k), n = x.shape, w.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype)
+    saturate, finite_max = output_saturation(x.dtype)
+    halves = [*plugin_logic.float_halves(eps), *plugin_logic.float_halves(alpha)]
+    kernel.yat_gemm_trt_kernel[(cdiv(m, config.block_m) * cdiv(n, config.block_n),)](
+        x, w, b, m, n, k, *halves, y,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        INPUT_PRECISION="ieee", UPCAST_DOT_OPERANDS=launch.upcast_dot_operands(x.dtype),
+        SATURATE=saturate, FINITE_MAX=finite_max,
+    )
+    return y
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", [c for c in TILE_CONFIGS.values() if c.split_k == 1], ids=lambda c: c.name)
+def test_tensorrt_entry_computes_w_norms_from_its_tiles(config, dtype):
+    # TensorRT's entry has no |w|² buffer: it sums |w|² from the W tiles. Ragged shapes, x ≈ w rows,
+    # negative alpha; the results must meet the same bound as the Python entry's and agree with it.
+    x, w, b = _inputs(21, 300, 70, dtype, seed=16)
+    x[:5] = (w[10:15].float() + 0.01 * torch.randn(5, 300, generator=torch.Generator().manual_seed(17))).to(dtype)
+    eps, alpha = float(np.float32(1e-3)), float(np.float32(-0.7))
+    y = _trt_entry(x, w, b, eps, alpha, config)
+    _check(y, x, w, b, eps, alpha)
+    same = gpu.yat_gemm(x, w, b, eps, alpha, config=config)
+    # Only |w|²'s summation order differs (row_sq_norm's tiles against the GEMM's K tiles); away from the
+    # x ≈ w rows, where the distance cancels and magnifies that, the two entries agree to a few ulps.
+    torch.testing.assert_close(y[5:], same[5:], rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
 @interpreted
 def test_strided_operands_and_leading_dimensions():
     x, w, b = _inputs(24, 50, 13, torch.float16, seed=10)
@@ -302,7 +341,7 @@ AOT_CONFIGS = (LARGE_16BIT.name, SMALL_M_SPLIT_K.name)
 
 @pytest.fixture(scope="module")
 def aot_dir(tmp_path_factory) -> Path:
-    """The CLI's artifacts for float16 on both arches (8 compiles), in a process without the interpreter."""
+    """The CLI's artifacts for float16 on both arches (10 compiles), in a process without the interpreter."""
     out = tmp_path_factory.mktemp("aot")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "yatdeploy.gpu.aot", "--out", str(out), "--dtype", "float16",
@@ -322,26 +361,28 @@ def test_manifest_lists_every_artifact(aot_dir):
         assert {
             ("row_sq_norm", arch, None),
             ("yat_gemm", arch, LARGE_16BIT.name),
+            ("yat_gemm_trt", arch, LARGE_16BIT.name),  # split-K has no TensorRT entry (no workspace there)
             ("yat_gemm_split_k_partial", arch, SMALL_M_SPLIT_K.name),
             ("yat_gemm_split_k_epilogue", arch, SMALL_M_SPLIT_K.name),
         } <= kinds
-    assert len(entries) == 8
+    assert len(entries) == 10
     for e in entries:
         assert (aot_dir / e["ptx"]).is_file() and (aot_dir / e["cubin"]).is_file()
         assert e["dtype"] == "float16" and e["block"] == [32 * e["num_warps"], 1, 1]
 
 
 def test_ptx_uses_the_tensor_core_instructions_of_its_arch(aot_dir):
-    gemm = {e["arch"]: (aot_dir / e["ptx"]).read_text() for e in _manifest(aot_dir) if e["kernel"] == "yat_gemm"}
-    assert "mma.sync" in gemm["sm_80"] and "wgmma" not in gemm["sm_80"]
-    assert "wgmma.mma_async" in gemm["sm_90a"]
-    assert re.search(r"^\.target sm_90a$", gemm["sm_90a"], re.M)
+    for kernel in ("yat_gemm", "yat_gemm_trt"):
+        gemm = {e["arch"]: (aot_dir / e["ptx"]).read_text() for e in _manifest(aot_dir) if e["kernel"] == kernel}
+        assert "mma.sync" in gemm["sm_80"] and "wgmma" not in gemm["sm_80"]
+        assert "wgmma.mma_async" in gemm["sm_90a"]
+        assert re.search(r"^\.target sm_90a$", gemm["sm_90a"], re.M)
 
 
 def test_ptx_keeps_the_epilogues_nan_propagation_and_ieee_division(aot_dir):
     # The interpreter's numpy max/clip propagate NaN whatever the kernel asks, so only the PTX shows it.
     for e in _manifest(aot_dir):
-        if e["kernel"] in ("yat_gemm", "yat_gemm_split_k_epilogue"):
+        if e["kernel"] in ("yat_gemm", "yat_gemm_split_k_epilogue", "yat_gemm_trt"):
             ptx = (aot_dir / e["ptx"]).read_text()
             assert "max.NaN.f32" in ptx and "div.rn.f32" in ptx, e["ptx"]
             assert not re.search(r"\b(max|min)\.f32\b", ptx), e["ptx"]
@@ -357,6 +398,12 @@ def test_ptx_entry_parameters_are_exactly_the_manifests(aot_dir):
     assert [p["name"] for p in gemm["params"]] == [
         "x_ptr", "w_ptr", "b_ptr", "w_sq_ptr", "y_ptr", "M", "N", "K",
         "stride_xm", "stride_wn", "stride_ym", "has_bias", "eps", "alpha",
+    ]
+    # TensorRT's AOT plugin ABI: inputs, then int32 extra args, then outputs (yatdeploy/trt/plugin_logic.py).
+    trt = next(e for e in _manifest(aot_dir) if e["kernel"] == "yat_gemm_trt")
+    assert [(p["name"], p["type"]) for p in trt["params"]] == [
+        ("x_ptr", "*fp16"), ("w_ptr", "*fp16"), ("b_ptr", "*fp16"), ("M", "i32"), ("N", "i32"), ("K", "i32"),
+        ("eps_high", "i32"), ("eps_low", "i32"), ("alpha_high", "i32"), ("alpha_low", "i32"), ("y_ptr", "*fp16"),
     ]
 
 

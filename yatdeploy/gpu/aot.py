@@ -63,7 +63,9 @@ _ALWAYS_ALIGNED_INTEGERS = ("k_per_slice",)
 class KernelJob:
     """One artifact to compile."""
 
-    kernel: str  # "yat_gemm", "yat_gemm_split_k_partial", "yat_gemm_split_k_epilogue" or "row_sq_norm"
+    # "yat_gemm", "yat_gemm_split_k_partial", "yat_gemm_split_k_epilogue", "row_sq_norm", or "yat_gemm_trt"
+    # (TensorRT's AOT plugin ABI: inputs, int32 scalars, output; |w|² from the W tiles)
+    kernel: str
     cc: int
     dtype: str
     variant: str
@@ -136,6 +138,8 @@ def _constants(job: KernelJob, dtype: str, config: TileConfig | None) -> dict[st
     epilogue = {"SATURATE": saturate, "FINITE_MAX": finite_max}
     if job.kernel == "yat_gemm":
         return {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, **tile, **dot, **epilogue}
+    if job.kernel == "yat_gemm_trt":  # row-major by construction: no stride parameters
+        return {**tile, **dot, **epilogue}
     if job.kernel == "yat_gemm_split_k_partial":
         return {"stride_xk": 1, "stride_wk": 1, **tile, **dot}
     return {"stride_yn": 1, **tile, **epilogue}
@@ -249,8 +253,9 @@ def _ptx_type(triton_type: str) -> str:
 
 def jobs_for(
     ccs: list[int], dtypes: list[str], configs: list[str], variants: list[str],
-    float32_precisions: list[Float32Precision],
+    float32_precisions: list[Float32Precision], trt: bool = True,
 ) -> list[KernelJob]:
+    """The artifacts to compile; `trt`: the TensorRT plugin's entries (yat_gemm_trt) too."""
     jobs = []
     for cc in ccs:
         for dtype in dtypes:
@@ -259,7 +264,8 @@ def jobs_for(
                 jobs.append(KernelJob("row_sq_norm", cc, dtype, variant, None))
                 for precision in precisions:
                     for name in configs:
-                        kernels = ["yat_gemm"]
+                        # Split-K needs a workspace, which TensorRT's AOT plugins don't get: no TRT entry.
+                        kernels = ["yat_gemm", *(["yat_gemm_trt"] if trt else [])]
                         if TILE_CONFIGS[name].split_k > 1:
                             kernels = ["yat_gemm_split_k_partial", "yat_gemm_split_k_epilogue"]
                         jobs += [KernelJob(k, cc, dtype, variant, name, precision) for k in kernels]
@@ -302,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--float32-precision", nargs="+", choices=FLOAT32_PRECISIONS, default=["ieee"])
     parser.add_argument("--jobs", type=int, default=1, help="compiler processes")
+    parser.add_argument("--no-trt", action="store_true",
+                        help="leave out the TensorRT plugin's entries (yat_gemm_trt)")
     args = parser.parse_args(argv)
-    jobs = jobs_for(args.arch, args.dtype, args.config, args.variant, args.float32_precision)
+    jobs = jobs_for(args.arch, args.dtype, args.config, args.variant, args.float32_precision, trt=not args.no_trt)
     started = time.perf_counter()
     manifest = build(args.out, jobs, args.jobs)
     print(f"{len(manifest['entries'])} kernels in {time.perf_counter() - started:.1f} s -> {args.out / MANIFEST_NAME}")

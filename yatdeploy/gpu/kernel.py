@@ -14,6 +14,9 @@ Kernels:
   kernel writes float32 partial sums per K slice and the second sums them (in slice order:
   deterministic, no atomics) before applying it.
 - `row_sq_norm_kernel`: |w|² per row of W, in float32, grid (cdiv(N, ROW_BLOCK_N),).
+- `yat_gemm_trt_kernel`: the one-pass kernel with TensorRT's ahead-of-time plugin ABI (inputs, then
+  int32 scalars, then the output; no buffer beyond the plugin's I/O), so |w|² is summed from the W tiles
+  inside the K loop and eps/alpha arrive as the 16-bit halves of their float32 bits.
 
 triton reads TRITON_INTERPRET when these functions are decorated, i.e. when this module is first
 imported: under it they are interpreter functions that run on CPU tensors.
@@ -44,9 +47,10 @@ def _dot_and_x_sq(
     stride_xm, stride_xk, stride_wn, stride_wk,
     tile_m, tile_n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT_OPERANDS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT_OPERANDS: tl.constexpr, W_SQ_FROM_TILES: tl.constexpr,
 ):
-    """X·Wᵀ [BLOCK_M, BLOCK_N] and |x|² [BLOCK_M] over K in [k_begin, k_end), both float32."""
+    """X·Wᵀ [BLOCK_M, BLOCK_N], |x|² [BLOCK_M] and, with W_SQ_FROM_TILES, |w|² [BLOCK_N] (else zeros)
+    over K in [k_begin, k_end), all float32."""
     # Rows past M (columns past N) wrap onto valid ones so that only K needs a load mask; their
     # results are never stored.
     rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
@@ -56,12 +60,16 @@ def _dot_and_x_sq(
     wt_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
     dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    w_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_in = (k0 + tl.arange(0, BLOCK_K)) < k_end
         x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
         wt = tl.load(wt_ptrs, mask=k_in[:, None], other=0.0)
         x32 = x.to(tl.float32)
         x_sq += tl.sum(x32 * x32, axis=1)
+        if W_SQ_FROM_TILES:
+            wt32 = wt.to(tl.float32)
+            w_sq += tl.sum(wt32 * wt32, axis=0)
         if UPCAST_DOT_OPERANDS:
             # Only under the interpreter, for bfloat16: its tl.dot multiplies the raw bit patterns
             # (triton issue 11584). bf16 -> f32 is exact and tensor cores accumulate in f32 anyway.
@@ -70,12 +78,18 @@ def _dot_and_x_sq(
             dot = tl.dot(x, wt, dot, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         wt_ptrs += BLOCK_K * stride_wk
-    return dot, x_sq
+    return dot, x_sq, w_sq
+
+
+@triton.jit
+def _load_w_sq(w_sq_ptr, N, tile_n, BLOCK_N: tl.constexpr):
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.load(w_sq_ptr + cols, mask=cols < N, other=0.0)
 
 
 @triton.jit
 def _yat_epilogue_store(
-    dot, x_sq, b_ptr, w_sq_ptr, y_ptr, M, N, stride_ym, stride_yn, has_bias, eps, alpha,
+    dot, x_sq, w_sq, b_ptr, y_ptr, M, N, stride_ym, stride_yn, has_bias, eps, alpha,
     tile_m, tile_n,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SATURATE: tl.constexpr, FINITE_MAX: tl.constexpr,
 ):
@@ -85,7 +99,6 @@ def _yat_epilogue_store(
     col_in = cols < N
     # b_ptr may be null when has_bias is 0: a load whose mask is all false reads nothing.
     bias = tl.load(b_ptr + cols, mask=col_in & (has_bias != 0), other=0.0).to(tl.float32)
-    w_sq = tl.load(w_sq_ptr + cols, mask=col_in, other=0.0)
     z = dot + bias[None, :]
     # NaN must survive the clamps, as it does in torch.clamp (a plain max drops it).
     dist = tl.maximum(x_sq[:, None] + w_sq[None, :] - 2.0 * dot, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -107,13 +120,13 @@ def yat_gemm_kernel(
     SATURATE: tl.constexpr, FINITE_MAX: tl.constexpr,
 ):
     tile_m, tile_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    dot, x_sq = _dot_and_x_sq(
+    dot, x_sq, _ = _dot_and_x_sq(
         x_ptr, w_ptr, M, N, 0, K, stride_xm, stride_xk, stride_wn, stride_wk, tile_m, tile_n,
-        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT_OPERANDS,
+        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT_OPERANDS, False,
     )
     _yat_epilogue_store(
-        dot, x_sq, b_ptr, w_sq_ptr, y_ptr, M, N, stride_ym, stride_yn, has_bias, eps, alpha,
-        tile_m, tile_n, BLOCK_M, BLOCK_N, SATURATE, FINITE_MAX,
+        dot, x_sq, _load_w_sq(w_sq_ptr, N, tile_n, BLOCK_N), b_ptr, y_ptr, M, N, stride_ym, stride_yn,
+        has_bias, eps, alpha, tile_m, tile_n, BLOCK_M, BLOCK_N, SATURATE, FINITE_MAX,
     )
 
 
@@ -130,9 +143,9 @@ def yat_gemm_split_k_partial_kernel(
     k_slice = tl.program_id(1)
     k_begin = k_slice * k_per_slice
     k_end = min(k_begin + k_per_slice, K)
-    dot, x_sq = _dot_and_x_sq(
+    dot, x_sq, _ = _dot_and_x_sq(
         x_ptr, w_ptr, M, N, k_begin, k_end, stride_xm, stride_xk, stride_wn, stride_wk, tile_m, tile_n,
-        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT_OPERANDS,
+        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT_OPERANDS, False,
     )
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,8 +182,8 @@ def yat_gemm_split_k_epilogue_kernel(
         dot_ptrs += slice_rows * N
         x_sq_ptrs += slice_rows
     _yat_epilogue_store(
-        dot, x_sq, b_ptr, w_sq_ptr, y_ptr, M, N, stride_ym, stride_yn, has_bias, eps, alpha,
-        tile_m, tile_n, BLOCK_M, BLOCK_N, SATURATE, FINITE_MAX,
+        dot, x_sq, _load_w_sq(w_sq_ptr, N, tile_n, BLOCK_N), b_ptr, y_ptr, M, N, stride_ym, stride_yn,
+        has_bias, eps, alpha, tile_m, tile_n, BLOCK_M, BLOCK_N, SATURATE, FINITE_MAX,
     )
 
 
@@ -190,3 +203,41 @@ def row_sq_norm_kernel(
         total += tl.sum(w * w, axis=1)
         w_ptrs += BLOCK_K * stride_wk
     tl.store(w_sq_ptr + rows, total, mask=row_in)
+
+
+@triton.jit
+def _float_from_halves(high, low):
+    """The float32 whose bit pattern is (high << 16) | low, both in [0, 0xFFFF]."""
+    bits = (high.to(tl.uint32) << 16) | low.to(tl.uint32)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def yat_gemm_trt_kernel(
+    x_ptr, w_ptr, b_ptr,
+    M, N, K, eps_high, eps_low, alpha_high, alpha_low,
+    y_ptr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT_OPERANDS: tl.constexpr,
+    SATURATE: tl.constexpr, FINITE_MAX: tl.constexpr,
+):
+    """yat_gemm_kernel laid out for TensorRT's ahead-of-time plugins (yatdeploy/trt/plugin_logic.py).
+
+    TensorRT launches an AOT plugin kernel with its inputs (X, W, B), then the plugin's int32 extra
+    arguments, then its outputs (Y), and offers no workspace or persistent buffer: so |w|² comes from
+    the W tiles inside the K loop (each tile row of programs recomputes it: BLOCK_N·BLOCK_K squares per
+    K step beside the BLOCK_M·BLOCK_N·BLOCK_K products), eps and alpha arrive as the non-negative 16-bit
+    halves of their float32 bits, and X, W, Y are contiguous row-major (strides K, K, N). B is always
+    present: the plugin takes it as an input.
+    """
+    eps = _float_from_halves(eps_high, eps_low)
+    alpha = _float_from_halves(alpha_high, alpha_low)
+    tile_m, tile_n = _tile_coordinates(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    dot, x_sq, w_sq = _dot_and_x_sq(
+        x_ptr, w_ptr, M, N, 0, K, K, 1, K, 1, tile_m, tile_n,
+        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, UPCAST_DOT_OPERANDS, True,
+    )
+    _yat_epilogue_store(
+        dot, x_sq, w_sq, b_ptr, y_ptr, M, N, N, 1, 1, eps, alpha,
+        tile_m, tile_n, BLOCK_M, BLOCK_N, SATURATE, FINITE_MAX,
+    )
