@@ -1,7 +1,11 @@
 """Just enough of the CUDA driver API (through ctypes) to load PTX and launch a kernel the way
 TensorRT launches an ahead-of-time plugin: cuModuleLoadData on the PTX text, then cuLaunchKernel with
-the grid, block, shared memory and an array of pointers to the arguments. Needs only libcuda (the
-driver), no toolkit, no TensorRT."""
+the grid, block, dynamic shared memory and an array of pointers to the arguments. Needs only libcuda (the
+driver), no toolkit, no TensorRT.
+
+A kernel that needs more than 48 KB of dynamic shared memory must have its limit raised first
+(cuFuncSetAttribute MAX_DYNAMIC_SHARED_SIZE_BYTES); `launch` does that, as TensorRT would have to for
+such a plugin kernel (whether it does is open: docs/tensorrt.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import ctypes
 from collections.abc import Sequence
 
 import numpy as np
+
+_DEFAULT_DYNAMIC_SHARED = 48 * 1024
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
 class CudaError(RuntimeError):
@@ -34,6 +41,10 @@ class Driver:
         name = ctypes.create_string_buffer(256)
         self._check(lib.cuDeviceGetName(name, 256, device), "cuDeviceGetName")
         self.device_name = name.value.decode()
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(lib.cuDeviceGetAttribute(ctypes.byref(major), 75, device), "cuDeviceGetAttribute (major)")
+        self._check(lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, device), "cuDeviceGetAttribute (minor)")
+        self.capability = (major.value, minor.value)
 
     def _check(self, code: int, what: str) -> None:
         if code != 0:
@@ -69,6 +80,9 @@ class Driver:
     def launch(self, function: ctypes.c_void_p, grid: Sequence[int], block: Sequence[int], shared: int,
                args: Sequence[ctypes._SimpleCData]) -> None:
         holders = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
+        if shared > _DEFAULT_DYNAMIC_SHARED:
+            self._check(self.lib.cuFuncSetAttribute(function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                    ctypes.c_int(shared)), "cuFuncSetAttribute (dynamic shared memory)")
         gx, gy, gz = (list(grid) + [1, 1, 1])[:3]
         bx, by, bz = (list(block) + [1, 1, 1])[:3]
         self._check(self.lib.cuLaunchKernel(function, gx, gy, gz, bx, by, bz, shared, None, holders, None),

@@ -234,8 +234,8 @@ def availability() -> str | None:
         return exc.message
     if runtime.gpu_count() == 0:
         return "no NVIDIA GPU is visible (TensorRT builds and runs engines on the GPU)"
-    if native.trt_plugin_ptx_path() is None:
-        return "the plugin's PTX was not built (yatdeploy was installed without nvcc)"
+    if native.gpu_kernels_manifest() is None:
+        return "the YatGemm GPU kernels the plugin runs were not built (yatdeploy was installed without nvcc or triton)"
     import torch
 
     if not torch.cuda.is_available():
@@ -247,7 +247,7 @@ def require_build_environment() -> object:
     trt = import_tensorrt()
     if runtime.gpu_count() == 0:
         raise YatDeployError("no NVIDIA GPU is visible: TensorRT builds an engine on the GPU that will run it")
-    plugin_logic.read_ptx()
+    plugin_logic.kernels()
     return trt
 
 

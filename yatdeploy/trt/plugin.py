@@ -1,9 +1,12 @@
 """The YatGemm TensorRT plugin, defined with `tensorrt.plugin`; importing this module registers it.
 
 - register: output shape [..., N] in X's dtype, after checking ranks and dtypes;
-- autotune: X, W, B and Y in one dtype (float32, float16 or bfloat16), linear layout;
-- aot_impl: the PTX entry for that dtype (plugins/yat_gemm/yat_gemm_plugin.cu, built with the package),
-  its grid and block, and the scalar arguments (M, K, N and eps/alpha's bit patterns).
+- autotune: X, W, B and Y in X's dtype (float32, float16 or bfloat16), linear layout, and as tactics the
+  tile configurations of the Triton kernels that fit this dtype and this GPU (plugin_logic.TACTICS);
+- aot_impl: for the tactic TensorRT is timing or has chosen, the PTX of the installed `yat_gemm_trt`
+  entry (yatdeploy/gpu/aot.py, `native.gpu_kernels_manifest()`) for this GPU's arch, dtype and K/N
+  alignment; its grid (the manifest's formula on M and N), block (32·num_warps), dynamic shared memory,
+  and the int32 arguments between the inputs and the output (M, N, K and eps/alpha's bit patterns).
 
 The plugin is ahead-of-time only: TensorRT embeds the PTX in the engine, so the engine runs without
 Python and without this module (trtexec, Triton's tensorrt_plan backend). TensorRT's ONNX parser
@@ -20,16 +23,28 @@ import functools
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
+from yatdeploy.errors import YatDeployError
 from yatdeploy.trt import plugin_logic as logic
-
-
-@functools.cache
-def _ptx() -> str:
-    return logic.read_ptx()
 
 
 def _type_name(dtype: trt.DataType) -> str:
     return dtype.name
+
+
+@functools.cache
+def _device() -> tuple[str, int]:
+    """(manifest arch, shared-memory limit for tactics) of the GPU TensorRT builds for."""
+    _, manifest = logic.kernels()
+    device = logic.current_device()
+    if device is None:
+        raise YatDeployError("the CUDA driver reports no GPU: TensorRT builds an engine on the GPU that will run it")
+    capability, shared = device
+    arch = logic.arch_for(capability, manifest)
+    return arch, logic.shared_memory_limit(arch, shared)
+
+
+def _constant(expr) -> int | None:
+    return expr.constant_value() if expr.is_constant else None
 
 
 @trtp.register(logic.PLUGIN_ID)
@@ -42,28 +57,37 @@ def yat_gemm_desc(x: trtp.TensorDesc, w: trtp.TensorDesc, b: trtp.TensorDesc, ep
 @trtp.autotune(logic.PLUGIN_ID)
 def yat_gemm_autotune(x: trtp.TensorDesc, w: trtp.TensorDesc, b: trtp.TensorDesc,
                       outputs: tuple[trtp.TensorDesc]) -> list[trtp.AutoTuneCombination]:
-    return [trtp.AutoTuneCombination(logic.autotune_types(), "LINEAR")]
+    kind = logic.check_inputs([x.ndim, w.ndim, b.ndim], [_type_name(t.dtype) for t in (x, w, b)])
+    _, manifest = logic.kernels()
+    arch, shared = _device()
+    tactics = logic.tactics(manifest, arch, kind.dtype, shared)
+    if not tactics:
+        raise YatDeployError(f"no tile configuration of YatGemm's GPU kernels runs {kind.dtype} on {arch} within "
+                             f"{shared} bytes of shared memory (${logic.ENV_MAX_SHARED_MEMORY} lowers that limit)")
+    return [trtp.AutoTuneCombination(logic.io_types(kind), "LINEAR", tactics)]
 
 
 @trtp.aot_impl(logic.PLUGIN_ID)
 def yat_gemm_aot_impl(x: trtp.TensorDesc, w: trtp.TensorDesc, b: trtp.TensorDesc, eps: float, alpha: float,
                       outputs: tuple[trtp.TensorDesc],
                       tactic: int) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-    kernel = logic.check_inputs([x.ndim, w.ndim, b.ndim], [_type_name(t.dtype) for t in (x, w, b)]).kernel
+    kind = logic.check_inputs([x.ndim, w.ndim, b.ndim], [_type_name(t.dtype) for t in (x, w, b)])
+    folder, manifest = logic.kernels()
+    arch, _ = _device()
     x_dims = list(x.shape_expr)
     m = logic.rows(x_dims, trtp.ShapeExpr(1))
     k = x_dims[-1]
     n = w.shape_expr[0]
-    if n.is_constant:
-        logic.check_static_limits(n.constant_value())
+    entry = logic.select_entry(manifest, arch, kind.dtype, tactic, logic.variant_for(_constant(k), _constant(n)))
 
+    launch = logic.launch(entry, m, n, k)
     params = trtp.KernelLaunchParams()
-    params.grid_x, params.grid_y = logic.launch_grid(m, n)
-    params.block_x, params.block_y, params.block_z = logic.block_dims()
-    params.shared_mem = 0  # the kernel's shared memory is static
+    params.grid_x, params.grid_y, params.grid_z = launch.grid
+    params.block_x, params.block_y, params.block_z = launch.block
+    params.shared_mem = launch.shared_memory
 
-    args = logic.extra_args(m, k, n, eps, alpha)
+    args = logic.extra_args(entry, m, n, k, eps, alpha)
     extra = trtp.SymIntExprs(len(args))
     for i, arg in enumerate(args):
         extra[i] = trtp.SymInt32(arg)
-    return kernel, _ptx(), params, extra
+    return entry["entry"], logic.read_ptx(folder, entry), params, extra
