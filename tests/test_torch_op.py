@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from nmn.torch import YatNMN
@@ -79,3 +86,70 @@ def test_fake_tensor_shape_for_export():
 def test_bad_operands_are_named(x, w, b, message):
     with pytest.raises((TypeError, ValueError), match=message):
         yat_gemm(x, w, b, 1e-5, 1.0)
+
+
+# --- the fused CUDA kernel (yatdeploy.gpu), registered lazily ------------------------------------------
+
+def _python(*parts: str) -> dict:
+    """Run the code `parts` in a fresh interpreter (so that what it imports is its own) and return the JSON
+    its last line prints."""
+    code = "\n".join(textwrap.dedent(p) for p in parts)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+_REPORT = """
+    imported = {"triton_imported": sys.modules.get("triton") is not None, "gpu_imported": "yatdeploy.gpu" in sys.modules}
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    same = torch.equal(op.yat_gemm(x, w, b, 1e-5, 1.0), op.yat_gemm_reference(x, w, b, 1e-5, 1.0))
+    report = {"cuda": has(op.OP_QUALNAME, "CUDA"), "cpu_is_reference": same, **imported}
+"""
+
+
+def test_the_fused_cuda_kernel_is_registered_lazily_when_triton_is_installed():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: the op has no CUDA kernel of its own")
+    report = _python("""
+        import json, sys
+        import torch
+        import yatdeploy.ops.torch_op as op
+    """, _REPORT, """
+        # Registered without importing triton or yatdeploy.gpu; they load at the first CUDA call.
+        kernel = op._fused_kernel()
+        from yatdeploy.gpu import launch
+        report["dispatches_to"] = kernel is launch.op_cuda_kernel
+        print(json.dumps(report))
+    """)
+    assert report == {"cuda": True, "triton_imported": False, "gpu_imported": False, "cpu_is_reference": True,
+                      "dispatches_to": True}
+
+
+def test_without_triton_nothing_breaks():
+    report = _python("""
+        import json, sys
+        sys.modules["triton"] = None  # import triton fails, find_spec says it is not there
+        import torch
+        import yatdeploy.ops.torch_op as op
+    """, _REPORT, """
+        import yatdeploy.gpu
+        report["gpu_available"] = yatdeploy.gpu.available()
+        print(json.dumps(report))
+    """)
+    assert report == {"cuda": False, "triton_imported": False, "gpu_imported": False, "cpu_is_reference": True,
+                      "gpu_available": False}
+
+
+def test_kernels_that_cannot_load_fall_back_to_the_reference_with_a_warning(monkeypatch):
+    from yatdeploy.ops import torch_op
+
+    monkeypatch.setitem(sys.modules, "yatdeploy.gpu.launch", None)  # the import fails
+    torch_op._fused_kernel.cache_clear()
+    try:
+        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        with pytest.warns(RuntimeWarning, match="fused GPU kernel can't be loaded"):
+            y = torch_op._yat_gemm_cuda(x, w, b, 1e-5, 1.0)
+        torch.testing.assert_close(y, yat_gemm_reference(x, w, b, 1e-5, 1.0))
+    finally:
+        torch_op._fused_kernel.cache_clear()

@@ -30,10 +30,8 @@ def available() -> bool:
 
 
 if available():
-    from yatdeploy.gpu.launch import op_cuda_kernel, row_sq_norms, yat_gemm
-    from yatdeploy.ops.torch_op import yat_gemm as _yat_gemm_op
-
-    _yat_gemm_op.register_kernel("cuda")(op_cuda_kernel)
+    # yatdeploy.ops.torch_op registers launch.op_cuda_kernel as the torch op's CUDA kernel, lazily.
+    from yatdeploy.gpu.launch import row_sq_norms, yat_gemm
 else:
 
     def yat_gemm(x: Tensor, w: Tensor, b: Tensor | None, eps: float, alpha: float, **options: object) -> Tensor:
