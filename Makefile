@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Where nvcc is found the install builds the GPU kernels (and the CUDA custom op) and requires them:
+# YATDEPLOY_CUDA=ON also puts triton, their compiler, into the package build's environment
+# (pyproject.toml). Elsewhere AUTO: a CPU-only build, without triton. A value from the environment wins.
+YATDEPLOY_CUDA ?= $(if $(shell command -v nvcc 2>/dev/null),ON,AUTO)
 
 .PHONY: demo test bench install system-deps clean
 
@@ -17,10 +21,12 @@ bench: $(STAMP)
 
 install: $(STAMP)
 
-# The install also builds the native library: rebuild when its sources change.
-$(STAMP): pyproject.toml CMakeLists.txt $(wildcard custom_ops/CMakeLists.txt custom_ops/cmake/* custom_ops/src/* kernels/* plugins/CMakeLists.txt plugins/*/*.cu) yatdeploy/spec.py
+# The install also builds the native parts: rebuild when their sources change (the GPU kernels' too).
+NATIVE_SOURCES := $(wildcard custom_ops/CMakeLists.txt custom_ops/cmake/* custom_ops/src/*) yatdeploy/spec.py \
+	$(addprefix yatdeploy/gpu/,kernel.py configs.py common.py aot.py host_table.py)
+$(STAMP): pyproject.toml CMakeLists.txt $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[cpu,service,test]'
+	YATDEPLOY_CUDA=$(YATDEPLOY_CUDA) $(BIN)/python -m pip install --disable-pip-version-check -q -e '.[cpu,service,test]'
 	touch $(STAMP)
 
 # Debian tools the tests use: docker-compose validates docker-compose.yml (no Docker engine needed) and

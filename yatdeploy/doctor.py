@@ -45,7 +45,6 @@ def collect() -> dict:
     kernels_dir = native.gpu_kernels_dir()
     cpu_library = native.ort_library_path()
     cuda_library = native.ort_cuda_library_path()
-    ptx = native.trt_plugin_ptx_path()
     info = native.build_info()
     gpus = runtime.gpu_count()
     return {
@@ -62,9 +61,7 @@ def collect() -> dict:
         # The YatGemm kernels compiled ahead of time (Triton PTX and cubin), which both GPU hosts launch.
         "gpu_kernels_dir": str(kernels_dir) if kernels_dir else None,
         "gpu_kernels": gpu_kernels(),
-        # The TensorRT plugin's PTX (the plugin itself is yatdeploy.trt.plugin, registered on import).
-        "trt_plugin": str(ptx) if ptx else None,
-        "trt_plugin_ptx_arch": info.get("trt_plugin_ptx_arch") if ptx else None,
+        # The TensorRT plugin is yatdeploy.trt.plugin, registered on import; it runs the gpu_kernels too.
         "trt_plugin_definition": plugin_logic.describe(),
         "gpu": {"present": gpus > 0, "count": gpus},
         "backends": {
@@ -86,10 +83,6 @@ def format_text(report: dict) -> str:
     lines.append(f"  with CUDA kernels      {cuda}")
     lines.append(f"  ORT headers API        {report['ort_headers_api_version'] or '-'}")
     lines.append(f"  GPU kernels (AOT)      {_gpu_kernels_summary(report)}")
-    ptx = report["trt_plugin"] or "not built (no nvcc at install)"
-    if report["trt_plugin"]:
-        ptx += f" ({report['trt_plugin_ptx_arch']})"
-    lines.append(f"  TensorRT plugin PTX    {ptx}")
     gpu = report["gpu"]
     lines += ["", f"GPU: {gpu['count']} NVIDIA GPU(s) visible" if gpu["present"] else "GPU: none visible"]
     lines.append(f"ONNX Runtime providers: {', '.join(report['onnxruntime_providers']) or '-'}")

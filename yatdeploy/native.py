@@ -17,7 +17,6 @@ from pathlib import Path
 
 CPU_LIBRARY = "libyatdeploy_ort.so"
 CUDA_LIBRARY = "libyatdeploy_ort_cuda.so"
-TRT_PLUGIN_PTX = "yat_gemm_plugin.ptx"
 BUILD_INFO = "build_info.json"
 # The AOT kernels' folder inside _native/, and its index (yatdeploy/gpu/aot.py writes both).
 GPU_KERNELS_DIR = "gpu_kernels"
@@ -54,13 +53,6 @@ def ort_library_path() -> Path | None:
 def ort_cuda_library_path() -> Path | None:
     """The library with CUDA kernels as well (built when nvcc was present), if built."""
     return _installed(CUDA_LIBRARY)
-
-
-def trt_plugin_ptx_path() -> Path | None:
-    """The hand-written TensorRT plugin PTX of earlier builds; no longer built (None once reinstalled).
-
-    Kept only until yatdeploy/trt/ reads gpu_kernels_manifest() instead."""
-    return _installed(TRT_PLUGIN_PTX)
 
 
 def gpu_kernels_dir() -> Path | None:

@@ -1,14 +1,17 @@
 // CUDA kernels of yat.YatGemm for ONNX Runtime's CUDA execution provider: float, float16, bfloat16.
-// The kernel itself lives in kernels/yat_gemm.cu, shared with the TensorRT plugin. A double node has
-// no CUDA kernel here; yatdeploy's runtime routes such models to the CPU kernels or the function.
-#include <limits>
+// They launch the Triton kernels compiled ahead of time (yatdeploy/gpu/, gpu_kernels.{h,cc}) on the stream
+// ONNX Runtime gives the kernel, and nothing else. A double node has no CUDA kernel here; yatdeploy's
+// runtime routes such models to the library's CPU kernels or the function.
+#include <cuda.h>
+
+#include <exception>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include <cuda_runtime.h>
-
-#include "yat_gemm.cuh"
+#include "cuda_driver.h"
+#include "gpu_kernels.h"
 #include "yat_gemm_ort.h"
 #include "yat_gemm_spec.h"
 
@@ -17,9 +20,54 @@ namespace {
 
 using Ort::Custom::Tensor;
 
-template <typename T, cuda::DType kType>
+CUdeviceptr DevicePointer(const void* p) { return reinterpret_cast<CUdeviceptr>(p); }
+
+// Device memory from ONNX Runtime's allocator for this input's device, given back when the scope ends.
+// The scratch buffer is allocated on the kernel's stream and freed right after the launches are queued, as
+// ONNX Runtime's own CUDA kernels free theirs: the CUDA arena orders reuse on the stream.
+class Workspace {
+ public:
+  Workspace(OrtKernelContext* context, const OrtMemoryInfo* memory, size_t bytes) {
+    if (bytes == 0) return;
+    const OrtApi& api = Ort::GetApi();
+    Ort::ThrowOnError(api.KernelContext_GetAllocator(context, memory, &allocator_));
+    Ort::ThrowOnError(api.KernelContext_GetScratchBuffer(context, memory, bytes, &data_));
+    if (data_ == nullptr) throw std::runtime_error("ONNX Runtime gave no workspace of " + std::to_string(bytes) + " bytes");
+  }
+  ~Workspace() {
+    if (data_ != nullptr) allocator_->Free(allocator_, data_);
+    if (allocator_ != nullptr) Ort::GetApi().ReleaseAllocator(allocator_);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+
+  CUdeviceptr pointer() const { return DevicePointer(data_); }
+
+ private:
+  OrtAllocator* allocator_ = nullptr;
+  void* data_ = nullptr;
+};
+
+template <typename T, gpu::Dtype kDtype>
 struct CudaKernel {
-  CudaKernel(const OrtApi*, const OrtKernelInfo* info) : attributes_(Attributes::Read(info)) {}
+  CudaKernel(const OrtApi* api, const OrtKernelInfo* info) : attributes_(Attributes::Read(info)) {
+    // |w|² is kept per session when W is a constant initializer (ONNX Runtime says so at kernel creation):
+    // computed on the first run into device memory from the session's allocator, reused after.
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    Ort::Status constant{api->KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value)};
+    if (constant.IsOK() && is_constant) {
+      Ort::Status status{api->KernelInfoGetAllocator(info, OrtMemTypeDefault, &allocator_)};
+      if (!status.IsOK()) allocator_ = nullptr;  // then |w|² is computed per run
+    }
+  }
+
+  ~CudaKernel() {
+    if (allocator_ != nullptr) {
+      if (w_sq_ != nullptr) allocator_->Free(allocator_, w_sq_);
+      Ort::GetApi().ReleaseAllocator(allocator_);
+    }
+  }
 
   Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
                       std::optional<const Tensor<T>*> b, Tensor<T>& y) {
@@ -27,21 +75,63 @@ struct CudaKernel {
     const T* bias = nullptr;
     T* out = nullptr;
     if (Ort::Status status = BeginCompute(x, w, b, y, &d, &bias, &out); !status.IsOK()) return status;
-    if (d.k > std::numeric_limits<int32_t>::max() || d.n > std::numeric_limits<int32_t>::max()) {
-      return Ort::Status("YatGemm (CUDA): K and N must fit in 32 bits", ORT_INVALID_ARGUMENT);
-    }
-    const cuda::GemmArgs args{x.Data(), w.Data(), bias, out, d.m, static_cast<int32_t>(d.k), static_cast<int32_t>(d.n),
-                              attributes_.eps, attributes_.alpha};
-    auto stream = static_cast<cudaStream_t>(Ort::KernelContext(context).GetGPUComputeStream());
-    const cudaError_t error = cuda::LaunchYatGemm(kType, args, stream);
-    if (error != cudaSuccess) {
-      return Ort::Status((std::string("YatGemm (CUDA): launch failed: ") + cudaGetErrorString(error)).c_str(),
-                         ORT_EP_FAIL);
+    if (d.m == 0 || d.n == 0) return Ort::Status{nullptr};
+    try {
+      Ort::KernelContext kernel_context(context);
+      const auto stream = static_cast<CUstream>(kernel_context.GetGPUComputeStream());
+      cuda::ScopedStreamContext scope(stream);
+      const gpu::ArchChoice arch = gpu::DeviceArch(scope.device());
+      gpu::Problem problem{kDtype,
+                           d.m,
+                           d.n,
+                           d.k,
+                           DevicePointer(x.Data()),
+                           DevicePointer(w.Data()),
+                           DevicePointer(bias),
+                           DevicePointer(out),
+                           0,
+                           attributes_.eps,
+                           attributes_.alpha};
+      problem.w_sq = CachedRowNorms(problem, arch, stream);
+      const size_t bytes = gpu::MakePlan(problem, arch, 0).workspace_bytes;
+      const Ort::ConstMemoryInfo memory = kernel_context.GetInput(0).GetTensorMemoryInfo();
+      Workspace workspace(context, memory, bytes);
+      gpu::RunPlan(gpu::MakePlan(problem, arch, workspace.pointer()), stream);
+    } catch (const std::exception& error) {
+      return Ort::Status((std::string("YatGemm (CUDA): ") + error.what()).c_str(), ORT_EP_FAIL);
     }
     return Ort::Status{nullptr};
   }
 
+  // |w|² of the constant W, computed once (on the first run's stream, then synchronised, so that runs on
+  // other streams may read it); 0 when W is not constant or not the tensor first seen (then per run).
+  CUdeviceptr CachedRowNorms(const gpu::Problem& problem, gpu::ArchChoice arch, CUstream stream) {
+    if (allocator_ == nullptr) return 0;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (w_sq_ != nullptr) return problem.w == w_sq_for_ && problem.n == w_sq_rows_ ? DevicePointer(w_sq_) : 0;
+    void* buffer = allocator_->Alloc(allocator_, static_cast<size_t>(problem.n) * sizeof(float));
+    if (buffer == nullptr) return 0;
+    try {
+      gpu::Problem norms = problem;
+      norms.w_sq = DevicePointer(buffer);
+      gpu::RunPlan(gpu::MakePlan(norms, arch, 0, /*norms_only=*/true), stream);
+      cuda::Check(cuda::GetDriver().cuStreamSynchronize(stream), "cuStreamSynchronize (|w|² of the constant W)");
+    } catch (...) {
+      allocator_->Free(allocator_, buffer);
+      throw;
+    }
+    w_sq_ = buffer;
+    w_sq_for_ = problem.w;
+    w_sq_rows_ = problem.n;
+    return DevicePointer(w_sq_);
+  }
+
   Attributes attributes_;
+  OrtAllocator* allocator_ = nullptr;  // set only when W is a constant initializer
+  std::mutex mutex_;
+  void* w_sq_ = nullptr;
+  CUdeviceptr w_sq_for_ = 0;
+  int64_t w_sq_rows_ = 0;
 };
 
 constexpr const char* kCuda = "CUDAExecutionProvider";
@@ -51,10 +141,10 @@ constexpr const char* kCuda = "CUDAExecutionProvider";
 OpList CreateCudaKernels() {
   OpList ops;
   ops.emplace_back(
-      Ort::Custom::CreateLiteCustomOp<CudaKernel<float, cuda::DType::kFloat32>>(spec::kOpName, kCuda, spec::kVersion));
-  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CudaKernel<Ort::Float16_t, cuda::DType::kFloat16>>(
+      Ort::Custom::CreateLiteCustomOp<CudaKernel<float, gpu::Dtype::kFloat32>>(spec::kOpName, kCuda, spec::kVersion));
+  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CudaKernel<Ort::Float16_t, gpu::Dtype::kFloat16>>(
       spec::kOpName, kCuda, spec::kVersion));
-  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CudaKernel<Ort::BFloat16_t, cuda::DType::kBFloat16>>(
+  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CudaKernel<Ort::BFloat16_t, gpu::Dtype::kBFloat16>>(
       spec::kOpName, kCuda, spec::kVersion));
   return ops;
 }
