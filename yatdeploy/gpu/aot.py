@@ -255,7 +255,10 @@ def jobs_for(
     ccs: list[int], dtypes: list[str], configs: list[str], variants: list[str],
     float32_precisions: list[Float32Precision], trt: bool = True,
 ) -> list[KernelJob]:
-    """The artifacts to compile; `trt`: the TensorRT plugin's entries (yat_gemm_trt) too."""
+    """The artifacts to compile; `trt`: the TensorRT plugin's entries (yat_gemm_trt) too, for the tile
+    configs the plugin offers as tactics for each dtype (yatdeploy/trt/plugin_logic.py)."""
+    from yatdeploy.trt.plugin_logic import TACTICS  # standard library and yatdeploy.spec only
+
     jobs = []
     for cc in ccs:
         for dtype in dtypes:
@@ -265,7 +268,8 @@ def jobs_for(
                 for precision in precisions:
                     for name in configs:
                         # Split-K needs a workspace, which TensorRT's AOT plugins don't get: no TRT entry.
-                        kernels = ["yat_gemm", *(["yat_gemm_trt"] if trt else [])]
+                        tactic = any(t.config == name and dtype in t.dtypes for t in TACTICS)
+                        kernels = ["yat_gemm", *(["yat_gemm_trt"] if trt and tactic else [])]
                         if TILE_CONFIGS[name].split_k > 1:
                             kernels = ["yat_gemm_split_k_partial", "yat_gemm_split_k_epilogue"]
                         jobs += [KernelJob(k, cc, dtype, variant, name, precision) for k in kernels]
