@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,12 @@ import torch
 from torch import nn
 
 from yatdeploy.progress import QUIET
+
+# Triton reads TRITON_INTERPRET when it decorates a kernel, so the first test module that imports it decides
+# for the whole session. Without a CUDA GPU only the interpreter can run the kernels: set it before any test
+# module is imported. The ahead-of-time compiles run in subprocesses without it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -38,7 +38,8 @@ def _gpu_kernels_summary(report: dict) -> str:
         return "not built (needs nvcc and triton at install: docs/gpu-kernel.md)"
     arches = ", ".join(sorted({k["arch"] for k in kernels}))
     dtypes = ", ".join(sorted({k["dtype"] for k in kernels}))
-    return f"{report['gpu_kernels_dir']} ({len(kernels)} kernels: {arches}; {dtypes})"
+    count = f"{len(kernels)} kernel{'' if len(kernels) == 1 else 's'}"
+    return f"{report['gpu_kernels_dir']} ({count}: {arches}; {dtypes})"
 
 
 def collect() -> dict:
