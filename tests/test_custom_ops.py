@@ -142,7 +142,7 @@ def test_gpu_kernels_are_found_and_listed_by_doctor(tmp_path, monkeypatch, capsy
     assert listed == [{"arch": "sm_80", "dtype": "float16", "config": "small_m", "ptx": str(kernels.resolve() / "k.ptx"),
                        "cubin": str(kernels.resolve() / "k.cubin"), "kernel": "yat_gemm", "variant": "aligned"}]
     assert main(["doctor"]) == 0
-    assert f"GPU kernels (AOT)      {kernels.resolve()} (1 kernels: sm_80; float16)" in capsys.readouterr().out
+    assert f"GPU kernels (AOT)      {kernels.resolve()} (1 kernel: sm_80; float16)" in capsys.readouterr().out
     monkeypatch.setenv(native.ENV_LIBRARY_DIR, str(tmp_path / "nothing"))
     assert native.gpu_kernels_dir() is None and native.gpu_kernels_manifest() is None
 
