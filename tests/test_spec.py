@@ -62,7 +62,21 @@ def test_the_cpp_header_carries_the_spec():
 
     header = cpp_header()
     assert 'kOpName = "YatGemm"' in header and 'kDomain = "yat"' in header
-    assert "kDefaultEps = 1e-05f" in header and "kRequiredInputCount = 2" in header
+    assert 'kEpsAttribute = "eps"' in header and 'kAlphaAttribute = "alpha"' in header
+    assert "kDefaultEps = 1e-05f" in header and "kDefaultAlpha = 1.0f" in header
+    assert 'kCpuProvider = "CPUExecutionProvider"' in header
+    assert ("kCpuDtypes[] = {ElemType::kFloat, ElemType::kDouble, ElemType::kFloat16, ElemType::kBFloat16}"
+            in header)
+    assert "kCudaDtypes[] = {ElemType::kFloat, ElemType::kFloat16, ElemType::kBFloat16}" in header
+
+
+def test_implementations_cover_only_admitted_dtypes():
+    from yatdeploy.spec import IMPLEMENTATIONS
+
+    for implementation in IMPLEMENTATIONS.values():
+        assert set(implementation.dtypes) <= set(YAT_GEMM.dtypes), implementation.name
+    # ONNX Runtime never falls back from a registered library to the function: the CPU kernels cover all.
+    assert set(IMPLEMENTATIONS["cpu"].dtypes) == set(YAT_GEMM.dtypes)
 
 
 def test_finite_limits_are_the_dtypes():

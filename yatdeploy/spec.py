@@ -1,7 +1,10 @@
 """The YatGemm operator, specified once.
 
-Everything else that describes the op (the torch custom op, the ONNX schema, the onnxscript
-function, the kernels and the TensorRT plugin fields) is derived from the objects in this module.
+The torch custom op, the ONNX schema, the onnxscript function and the TensorRT plugin's inputs, fields
+and types are derived from the objects in this module. The native build runs this file as a script to
+write the C++ header yat_gemm_spec.h (cpp_header), which the ONNX Runtime library's sources include for
+the op's identity, attribute names and defaults, finite limits, execution providers and per-implementation
+dtype coverage; the GPU kernels' AOT build takes FINITE_MAX through yatdeploy.gpu.common.
 docs/yatgemm.md is the prose form of the same specification.
 
     Y = alpha * (X·Wᵀ + B)² / (max(|X|² + |W|² − 2·X·Wᵀ, 0) + eps)
@@ -19,7 +22,7 @@ from pathlib import Path
 
 # ONNX element types, by their numbers in onnx.proto (tests/test_spec.py checks them against onnx).
 # This module imports nothing outside the standard library: the native build runs it as a script
-# to generate the C++ header that the kernels and the TensorRT plugin include.
+# to generate the C++ header that the ONNX Runtime custom-op library includes.
 ONNX_FLOAT = 1
 ONNX_FLOAT16 = 10
 ONNX_DOUBLE = 11
@@ -113,11 +116,43 @@ FINITE_MAX: dict[int, float] = {
     ONNX_BFLOAT16: (2 - 2**-7) * 2**127,  # 3.3895313892515355e38
 }
 
+@dataclass(frozen=True)
+class Implementation:
+    """One set of YatGemm kernels in the native library and the dtypes it implements."""
+
+    name: str
+    provider: str  # the ONNX Runtime execution provider its kernels are registered for
+    dtypes: tuple[int, ...]  # ONNX element types, each a subset of YAT_GEMM.dtypes
+    doc: str
+
+
+# Which dtypes each implementation has a kernel for: the one table of kernel coverage. The generated
+# header carries it and the library registers exactly these kernels (custom_ops/src/cpu/, custom_ops/src/cuda/;
+# a dtype listed here without a kernel there fails the native build). "cuda" is the Triton kernels compiled
+# ahead of time (yatdeploy/gpu/), which the ONNX Runtime CUDA op and the TensorRT plugin both launch;
+# yatdeploy/trt/plugin_logic.py takes the plugin's types from it. The runtime's per-library kernel tables
+# (which dtypes a backend's library runs natively) are meant to be read from here as well.
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "cpu": Implementation(
+        "cpu", "CPUExecutionProvider", (ONNX_FLOAT, ONNX_DOUBLE, ONNX_FLOAT16, ONNX_BFLOAT16),
+        "C++ (OpenBLAS GEMM core + Yat epilogue; AVX-512 micro-kernel for float32). Every dtype the op "
+        "admits: ONNX Runtime never falls back from a registered library to the model's function.",
+    ),
+    "cuda": Implementation(
+        "cuda", "CUDAExecutionProvider", (ONNX_FLOAT, ONNX_FLOAT16, ONNX_BFLOAT16),
+        "The Triton kernels compiled ahead of time, launched through the CUDA driver API. No double.",
+    ),
+}
+
+_CPP_ELEM_TYPES = {ONNX_FLOAT: "kFloat", ONNX_DOUBLE: "kDouble", ONNX_FLOAT16: "kFloat16", ONNX_BFLOAT16: "kBFloat16"}
+
+
+def _cpp_identifier(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_"))
+
 
 def cpp_header(spec: OpSpec = YAT_GEMM) -> str:
-    """The C++ form of the spec's constants, for the kernels and the TensorRT plugin."""
-    eps = spec.attribute("eps")
-    alpha = spec.attribute("alpha")
+    """The C++ form of the spec, for the ONNX Runtime custom-op library (custom_ops/src/)."""
     lines = [
         "// Generated from yatdeploy/spec.py by the native build. Do not edit.",
         "#pragma once",
@@ -126,17 +161,31 @@ def cpp_header(spec: OpSpec = YAT_GEMM) -> str:
         f'inline constexpr const char* kOpName = "{spec.name}";',
         f'inline constexpr const char* kDomain = "{spec.domain}";',
         f"inline constexpr int kVersion = {spec.version};",
-        f"inline constexpr float kDefaultEps = {float(eps.default)!r}f;",
-        f"inline constexpr float kDefaultAlpha = {float(alpha.default)!r}f;",
-        f'inline constexpr const char* kPluginNamespace = "{PLUGIN_NAMESPACE}";',
-        f'inline constexpr const char* kPluginVersion = "{PLUGIN_VERSION}";',
-        f"inline constexpr int kInputCount = {len(spec.inputs)};",
-        f"inline constexpr int kRequiredInputCount = {sum(not t.optional for t in spec.inputs)};",
-        f"inline constexpr float kFloat16FiniteMax = {FINITE_MAX[ONNX_FLOAT16]!r}f;",
-        f"inline constexpr float kBFloat16FiniteMax = {FINITE_MAX[ONNX_BFLOAT16]!r}f;",
-        "}  // namespace yat::spec",
         "",
+        "// The attributes that change the result: their names on the node and their defaults.",
     ]
+    for name in MATH_ATTRIBUTES:
+        attribute = spec.attribute(name)
+        ident = _cpp_identifier(name)
+        lines.append(f'inline constexpr const char* k{ident}Attribute = "{attribute.name}";')
+        lines.append(f"inline constexpr float kDefault{ident} = {float(attribute.default)!r}f;")
+    lines += [
+        "",
+        "// ONNX element types (onnx.proto numbers).",
+        "enum class ElemType : int { "
+        + ", ".join(f"{_CPP_ELEM_TYPES[t]} = {t}" for t in sorted(_CPP_ELEM_TYPES)) + " };",
+        "",
+        "// The largest finite value of each float32-accumulated type: results saturate to it.",
+    ]
+    for elem_type, limit in FINITE_MAX.items():
+        lines.append(f"inline constexpr float {_CPP_ELEM_TYPES[elem_type]}FiniteMax = {limit!r}f;")
+    lines += ["", "// The dtypes each implementation has kernels for (spec.IMPLEMENTATIONS), and its provider."]
+    for implementation in IMPLEMENTATIONS.values():
+        ident = _cpp_identifier(implementation.name)
+        types = ", ".join(f"ElemType::{_CPP_ELEM_TYPES[t]}" for t in implementation.dtypes)
+        lines.append(f'inline constexpr const char* k{ident}Provider = "{implementation.provider}";')
+        lines.append(f"inline constexpr ElemType k{ident}Dtypes[] = {{{types}}};")
+    lines += ["}  // namespace yat::spec", ""]
     return "\n".join(lines)
 
 

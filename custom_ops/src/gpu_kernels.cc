@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cuda_driver.h"
+#include "yat_gemm_spec.h"
 
 namespace yat::gpu {
 
@@ -363,6 +364,20 @@ int WriteOut(const std::string& text, char* out, size_t size) {
   return 0;
 }
 
+// The GPU kernels' dtypes (yat_gemm_kernels.h, from yatdeploy/gpu/common.py) are the spec's CUDA coverage.
+constexpr int kDtypeCount = static_cast<int>(std::size(yat::gpu_kernels::kDtypeNames));
+static_assert(kDtypeCount == static_cast<int>(std::size(yat::spec::kCudaDtypes)),
+              "the GPU kernels are built for exactly spec::kCudaDtypes (yatdeploy/spec.py IMPLEMENTATIONS)");
+
+std::string DtypeChoices() {  // "0 (float32), 1 (float16) or 2 (bfloat16)"
+  std::string text;
+  for (int i = 0; i < kDtypeCount; ++i) {
+    text += (i == 0 ? "" : i + 1 == kDtypeCount ? " or " : ", ") + std::to_string(i) + " (" +
+            yat::gpu_kernels::kDtypeNames[i] + ")";
+  }
+  return text;
+}
+
 std::string FloatText(float value) {
   std::ostringstream stream;
   stream.precision(9);
@@ -375,7 +390,7 @@ std::string FloatText(float value) {
 extern "C" {
 
 __attribute__((visibility("default"))) int yatdeploy_gpu_choose_config(int64_t m, int64_t n, int64_t k, int dtype) {
-  if (dtype < 0 || dtype > 2) return -1;
+  if (dtype < 0 || dtype >= kDtypeCount) return -1;
   return yat::gpu::ChooseConfig(m, n, k, static_cast<yat::gpu::Dtype>(dtype));
 }
 
@@ -421,7 +436,7 @@ __attribute__((visibility("default"))) int yatdeploy_gpu_describe_plan(int dtype
                                                                        float alpha, int cc_major, int cc_minor,
                                                                        uint64_t workspace, char* out, size_t size) {
   try {
-    if (dtype < 0 || dtype > 2) throw std::runtime_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+    if (dtype < 0 || dtype >= kDtypeCount) throw std::runtime_error("dtype must be " + DtypeChoices());
     const yat::gpu::Problem problem{static_cast<yat::gpu::Dtype>(dtype), m, n, k, x, w, b, y, w_sq, eps, alpha};
     const yat::gpu::Plan plan = yat::gpu::MakePlan(problem, yat::gpu::ChooseArch(cc_major, cc_minor), workspace);
     yat::gpu::ArgValues values = plan.values;

@@ -12,10 +12,10 @@ Attributes Attributes::Read(const OrtKernelInfo* info) {
   Attributes attributes{spec::kDefaultEps, spec::kDefaultAlpha};
   float value = 0;
   // A missing attribute is an error status: take the spec's default then.
-  if (Ort::Status status{Ort::GetApi().KernelInfoGetAttribute_float(info, "eps", &value)}; status.IsOK()) {
+  if (Ort::Status status{Ort::GetApi().KernelInfoGetAttribute_float(info, spec::kEpsAttribute, &value)}; status.IsOK()) {
     attributes.eps = value;
   }
-  if (Ort::Status status{Ort::GetApi().KernelInfoGetAttribute_float(info, "alpha", &value)}; status.IsOK()) {
+  if (Ort::Status status{Ort::GetApi().KernelInfoGetAttribute_float(info, spec::kAlphaAttribute, &value)}; status.IsOK()) {
     attributes.alpha = value;
   }
   return attributes;

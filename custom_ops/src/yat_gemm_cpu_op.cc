@@ -1,5 +1,6 @@
-// CPU kernels of yat.YatGemm: float, double, float16, bfloat16 (every dtype the op admits, because
-// ONNX Runtime never falls back from a registered library to the model's function).
+// CPU kernels of yat.YatGemm, one per dtype of spec::kCpuDtypes (yatdeploy/spec.py's IMPLEMENTATIONS["cpu"]:
+// every dtype the op admits, because ONNX Runtime never falls back from a registered library to the
+// model's function).
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -163,19 +164,28 @@ struct HalfKernel {  // Ort::Float16_t and Ort::BFloat16_t: float32 arithmetic
   std::vector<float> w_sq_;
 };
 
-constexpr const char* kCpu = "CPUExecutionProvider";
+// The kernel of each ONNX element type; spec::kCpuDtypes says which are registered.
+template <spec::ElemType>
+struct CpuKernelFor;
+template <>
+struct CpuKernelFor<spec::ElemType::kFloat> {
+  using type = NativeKernel<float>;
+};
+template <>
+struct CpuKernelFor<spec::ElemType::kDouble> {
+  using type = NativeKernel<double>;
+};
+template <>
+struct CpuKernelFor<spec::ElemType::kFloat16> {
+  using type = HalfKernel<Ort::Float16_t, Half::kFloat16>;
+};
+template <>
+struct CpuKernelFor<spec::ElemType::kBFloat16> {
+  using type = HalfKernel<Ort::BFloat16_t, Half::kBFloat16>;
+};
 
 }  // namespace
 
-OpList CreateCpuKernels() {
-  OpList ops;
-  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<NativeKernel<float>>(spec::kOpName, kCpu, spec::kVersion));
-  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<NativeKernel<double>>(spec::kOpName, kCpu, spec::kVersion));
-  ops.emplace_back(
-      Ort::Custom::CreateLiteCustomOp<HalfKernel<Ort::Float16_t, Half::kFloat16>>(spec::kOpName, kCpu, spec::kVersion));
-  ops.emplace_back(
-      Ort::Custom::CreateLiteCustomOp<HalfKernel<Ort::BFloat16_t, Half::kBFloat16>>(spec::kOpName, kCpu, spec::kVersion));
-  return ops;
-}
+OpList CreateCpuKernels() { return CreateKernels<CpuKernelFor, spec::kCpuDtypes>(spec::kCpuProvider); }
 
 }  // namespace yat

@@ -1,4 +1,5 @@
-// CUDA kernels of yat.YatGemm for ONNX Runtime's CUDA execution provider: float, float16, bfloat16.
+// CUDA kernels of yat.YatGemm for ONNX Runtime's CUDA execution provider, one per dtype of spec::kCudaDtypes
+// (yatdeploy/spec.py's IMPLEMENTATIONS["cuda"]: float, float16, bfloat16).
 // They launch the Triton kernels compiled ahead of time (yatdeploy/gpu/, gpu_kernels.{h,cc}) on the stream
 // ONNX Runtime gives the kernel, and nothing else. A double node has no CUDA kernel here; yatdeploy's
 // runtime routes such models to the library's CPU kernels or the function.
@@ -134,19 +135,25 @@ struct CudaKernel {
   int64_t w_sq_rows_ = 0;
 };
 
-constexpr const char* kCuda = "CUDAExecutionProvider";
+// The kernel of each ONNX element type the GPU kernels were compiled for; spec::kCudaDtypes says which are
+// registered (a listed dtype without a specialisation here, e.g. double, fails the build).
+template <spec::ElemType>
+struct CudaKernelFor;
+template <>
+struct CudaKernelFor<spec::ElemType::kFloat> {
+  using type = CudaKernel<float, gpu::Dtype::kFloat32>;
+};
+template <>
+struct CudaKernelFor<spec::ElemType::kFloat16> {
+  using type = CudaKernel<Ort::Float16_t, gpu::Dtype::kFloat16>;
+};
+template <>
+struct CudaKernelFor<spec::ElemType::kBFloat16> {
+  using type = CudaKernel<Ort::BFloat16_t, gpu::Dtype::kBFloat16>;
+};
 
 }  // namespace
 
-OpList CreateCudaKernels() {
-  OpList ops;
-  ops.emplace_back(
-      Ort::Custom::CreateLiteCustomOp<CudaKernel<float, gpu::Dtype::kFloat32>>(spec::kOpName, kCuda, spec::kVersion));
-  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CudaKernel<Ort::Float16_t, gpu::Dtype::kFloat16>>(
-      spec::kOpName, kCuda, spec::kVersion));
-  ops.emplace_back(Ort::Custom::CreateLiteCustomOp<CudaKernel<Ort::BFloat16_t, gpu::Dtype::kBFloat16>>(
-      spec::kOpName, kCuda, spec::kVersion));
-  return ops;
-}
+OpList CreateCudaKernels() { return CreateKernels<CudaKernelFor, spec::kCudaDtypes>(spec::kCudaProvider); }
 
 }  // namespace yat

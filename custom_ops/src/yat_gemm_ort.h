@@ -1,11 +1,15 @@
 // The ONNX Runtime kernels of yat.YatGemm (lite custom-op API), one struct per dtype and provider.
 #pragma once
 
+#include <cstddef>
+#include <iterator>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "onnxruntime_lite_custom_op.h"
+#include "yat_gemm_spec.h"
 
 namespace yat {
 
@@ -43,7 +47,23 @@ Ort::Status BeginCompute(const Ort::Custom::Tensor<T>& x, const Ort::Custom::Ten
 
 using OpList = std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>;
 
-// One op per admitted dtype (ONNX Runtime picks the kernel by the node's type).
+// One op per dtype of a spec table (spec::kCpuDtypes, spec::kCudaDtypes): KernelFor<type>::type is its kernel
+// struct. A dtype the table lists without a KernelFor specialisation is a compile error, so the library
+// registers exactly the coverage yatdeploy/spec.py states.
+template <template <spec::ElemType> class KernelFor, const auto& kTypes, std::size_t... I>
+OpList CreateKernelsOf(const char* provider, std::index_sequence<I...>) {
+  OpList ops;
+  (ops.emplace_back(Ort::Custom::CreateLiteCustomOp<typename KernelFor<kTypes[I]>::type>(spec::kOpName, provider,
+                                                                                         spec::kVersion)),
+   ...);
+  return ops;
+}
+template <template <spec::ElemType> class KernelFor, const auto& kTypes>
+OpList CreateKernels(const char* provider) {
+  return CreateKernelsOf<KernelFor, kTypes>(provider, std::make_index_sequence<std::size(kTypes)>{});
+}
+
+// One op per dtype of the implementation's spec table (ONNX Runtime picks the kernel by the node's type).
 OpList CreateCpuKernels();
 #ifdef YATDEPLOY_WITH_CUDA
 OpList CreateCudaKernels();

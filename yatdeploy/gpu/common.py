@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from yatdeploy.spec import FINITE_MAX, ONNX_BFLOAT16, ONNX_FLOAT, ONNX_FLOAT16, YAT_GEMM
+from yatdeploy.spec import FINITE_MAX, IMPLEMENTATIONS, ONNX_BFLOAT16, ONNX_FLOAT, ONNX_FLOAT16, YAT_GEMM
 
 Float32Precision = Literal["ieee", "tf32x3"]
 FLOAT32_PRECISIONS: tuple[Float32Precision, ...] = ("ieee", "tf32x3")
 
-# The dtypes that have a GPU kernel, by name, with their ONNX element types. float64 has none: the
-# library decides where it runs (docs/gpu-kernel.md).
-KERNEL_DTYPES: dict[str, int] = {"float32": ONNX_FLOAT, "float16": ONNX_FLOAT16, "bfloat16": ONNX_BFLOAT16}
+# The dtypes that have a GPU kernel, by name, with their ONNX element types: the spec's "cuda" coverage
+# (spec.IMPLEMENTATIONS), in its order (the C++ launch table's Dtype enum). float64 has none: the library
+# decides where it runs (docs/gpu-kernel.md).
+_NAMES = {ONNX_FLOAT: "float32", ONNX_FLOAT16: "float16", ONNX_BFLOAT16: "bfloat16"}
+KERNEL_DTYPES: dict[str, int] = {_NAMES[t]: t for t in IMPLEMENTATIONS["cuda"].dtypes}
 
 # row_sq_norm_kernel's tile and launch: one program per ROW_SQ_NORM_BLOCK_N rows of W.
 ROW_SQ_NORM_BLOCK_N = 64

@@ -32,7 +32,16 @@ from typing import TypeVar
 
 from yatdeploy import native
 from yatdeploy.errors import YatDeployError
-from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
+from yatdeploy.spec import (
+    IMPLEMENTATIONS,
+    MATH_ATTRIBUTES,
+    ONNX_BFLOAT16,
+    ONNX_FLOAT,
+    ONNX_FLOAT16,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    YAT_GEMM,
+)
 
 PLUGIN_NAME = YAT_GEMM.name
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"  # tensorrt.plugin's "namespace::name"
@@ -72,11 +81,14 @@ class PluginType:
     triton_pointer: str  # the manifest's type of X, W, B and Y
 
 
-PLUGIN_TYPES: tuple[PluginType, ...] = (
-    PluginType("float32", "FLOAT", "FP32", "*fp32"),
-    PluginType("float16", "HALF", "FP16", "*fp16"),
-    PluginType("bfloat16", "BF16", "BF16", "*bf16"),
-)
+# TensorRT's and Triton's spellings of each ONNX element type the GPU kernels could have.
+_SPELLINGS = {
+    ONNX_FLOAT: PluginType("float32", "FLOAT", "FP32", "*fp32"),
+    ONNX_FLOAT16: PluginType("float16", "HALF", "FP16", "*fp16"),
+    ONNX_BFLOAT16: PluginType("bfloat16", "BF16", "BF16", "*bf16"),
+}
+# The plugin's kernels are the AOT GPU kernels: it takes the dtypes the spec's "cuda" implementation covers.
+PLUGIN_TYPES: tuple[PluginType, ...] = tuple(_SPELLINGS[t] for t in IMPLEMENTATIONS["cuda"].dtypes)
 _ALL_DTYPES = tuple(t.dtype for t in PLUGIN_TYPES)
 
 
