@@ -22,7 +22,8 @@ bench: $(STAMP)
 install: $(STAMP)
 
 # The install also builds the native parts: rebuild when their sources change (the GPU kernels' too).
-NATIVE_SOURCES := $(wildcard custom_ops/CMakeLists.txt custom_ops/cmake/* custom_ops/src/*) yatdeploy/spec.py \
+NATIVE_SOURCES := $(wildcard custom_ops/CMakeLists.txt custom_ops/cmake/* custom_ops/src/*.* custom_ops/src/*/*.*) \
+	yatdeploy/spec.py \
 	$(addprefix yatdeploy/gpu/,kernel.py configs.py common.py aot.py host_table.py)
 $(STAMP): pyproject.toml CMakeLists.txt $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)

@@ -11,7 +11,7 @@
    (tests/test_gpu_kernel.py's), and the largest relative error is recorded.
    - the JIT kernels (yatdeploy.gpu.yat_gemm), every tile config, float32/float16/bfloat16;
    - the AOT artifacts launched through the CUDA driver as the ONNX Runtime host launches them
-     (custom_ops/src/gpu_kernels.cc: the cubin for this GPU's arch, row_sq_norm then yat_gemm or the
+     (custom_ops/src/cuda/gpu_kernels.cc: the cubin for this GPU's arch, row_sq_norm then yat_gemm or the
      split-K pair, the aligned variant when its divisibility assumptions hold) and as TensorRT launches
      the plugin's (yatdeploy/trt/plugin_logic.py: the yat_gemm_trt PTX, arguments in TensorRT's order,
      grid/block/dynamic shared memory from the manifest), plus the sm_80 PTX JIT-compiled by the driver.
@@ -205,7 +205,7 @@ def compare(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor |
 
 class Driver:
     """cuModuleLoadData / cuLaunchKernel through ctypes on torch's context and current stream, as the
-    ORT host (custom_ops/src/cuda_driver.cc) and TensorRT launch the artifacts."""
+    ORT host (custom_ops/src/cuda/cuda_driver.cc) and TensorRT launch the artifacts."""
 
     def __init__(self) -> None:
         self.lib = ctypes.CDLL("libcuda.so.1")
@@ -296,7 +296,7 @@ def _hints_hold(entry: dict, values: dict) -> bool:
 
 
 def ort_plan(art: Artifacts, arch: str, use_ptx: bool, x, w, b, y, config_name: str | None = None) -> tuple[list[Launch], list]:
-    """The ONNX Runtime host's launches (custom_ops/src/gpu_kernels.cc MakePlan): |w|² by row_sq_norm into
+    """The ONNX Runtime host's launches (custom_ops/src/cuda/gpu_kernels.cc MakePlan): |w|² by row_sq_norm into
     the workspace, then yat_gemm or the split-K pair; per kernel the aligned entry when its divisibility
     assumptions hold, else the generic one. Returns the launches and the buffers they use."""
     (m, k), n = x.shape, w.shape[0]

@@ -1,4 +1,4 @@
-"""The C++ launch table of the AOT kernels, for the ONNX Runtime CUDA op (custom_ops/src/gpu_kernels.cc).
+"""The C++ launch table of the AOT kernels, for the ONNX Runtime CUDA op (custom_ops/src/cuda/gpu_kernels.cc).
 
     python -m yatdeploy.gpu.host_table --manifest DIR/manifest.json --out yat_gemm_kernels.h
 

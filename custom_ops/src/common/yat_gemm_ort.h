@@ -1,4 +1,5 @@
-// The ONNX Runtime kernels of yat.YatGemm (lite custom-op API), one struct per dtype and provider.
+// What the ONNX Runtime kernels of yat.YatGemm (lite custom-op API) share, whatever their provider: the
+// attributes, the operand checks, the start of Compute, and one op per dtype of a spec table.
 #pragma once
 
 #include <cstddef>
@@ -45,6 +46,7 @@ Ort::Status BeginCompute(const Ort::Custom::Tensor<T>& x, const Ort::Custom::Ten
   return Ort::Status{nullptr};
 }
 
+// The kernels of one implementation (cpu/cpu_ops.h, cuda/cuda_ops.h), as register.cc adds them to the domain.
 using OpList = std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>>;
 
 // One op per dtype of a spec table (spec::kCpuDtypes, spec::kCudaDtypes): KernelFor<type>::type is its kernel
@@ -62,11 +64,5 @@ template <template <spec::ElemType> class KernelFor, const auto& kTypes>
 OpList CreateKernels(const char* provider) {
   return CreateKernelsOf<KernelFor, kTypes>(provider, std::make_index_sequence<std::size(kTypes)>{});
 }
-
-// One op per dtype of the implementation's spec table (ONNX Runtime picks the kernel by the node's type).
-OpList CreateCpuKernels();
-#ifdef YATDEPLOY_WITH_CUDA
-OpList CreateCudaKernels();
-#endif
 
 }  // namespace yat

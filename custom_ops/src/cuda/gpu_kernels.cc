@@ -1,4 +1,4 @@
-#include "gpu_kernels.h"
+#include "cuda/gpu_kernels.h"
 
 #include <dlfcn.h>
 
@@ -15,7 +15,7 @@
 #include <tuple>
 #include <vector>
 
-#include "cuda_driver.h"
+#include "cuda/cuda_driver.h"
 #include "yat_gemm_spec.h"
 
 namespace yat::gpu {

@@ -1,4 +1,4 @@
-#include "yat_gemm_avx512.h"
+#include "cpu/yat_gemm_avx512.h"
 
 #include <immintrin.h>
 

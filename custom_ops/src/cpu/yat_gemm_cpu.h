@@ -18,7 +18,7 @@ struct Problem {
   float alpha;
 };
 
-// Called once when the library is registered.
+// Called once, by CreateCpuKernels (cpu/cpu_ops.h).
 void UseSingleThreadedBlas();
 
 // |w_n|² for each row of W [n, k].

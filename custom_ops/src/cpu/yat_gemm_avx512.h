@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "yat_gemm_cpu.h"
+#include "cpu/yat_gemm_cpu.h"
 
 namespace yat {
 

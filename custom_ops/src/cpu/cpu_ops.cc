@@ -8,9 +8,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "yat_gemm_avx512.h"
-#include "yat_gemm_cpu.h"
-#include "yat_gemm_ort.h"
+#include "cpu/cpu_ops.h"
+#include "cpu/yat_gemm_avx512.h"
+#include "cpu/yat_gemm_cpu.h"
+#include "common/yat_gemm_ort.h"
 #include "yat_gemm_spec.h"
 
 namespace yat {
@@ -186,6 +187,9 @@ struct CpuKernelFor<spec::ElemType::kBFloat16> {
 
 }  // namespace
 
-OpList CreateCpuKernels() { return CreateKernels<CpuKernelFor, spec::kCpuDtypes>(spec::kCpuProvider); }
+OpList CreateCpuKernels() {
+  UseSingleThreadedBlas();
+  return CreateKernels<CpuKernelFor, spec::kCpuDtypes>(spec::kCpuProvider);
+}
 
 }  // namespace yat

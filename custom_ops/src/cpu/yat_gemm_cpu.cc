@@ -1,4 +1,4 @@
-#include "yat_gemm_cpu.h"
+#include "cpu/yat_gemm_cpu.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,6 +1,6 @@
 // CUDA kernels of yat.YatGemm for ONNX Runtime's CUDA execution provider, one per dtype of spec::kCudaDtypes
 // (yatdeploy/spec.py's IMPLEMENTATIONS["cuda"]: float, float16, bfloat16).
-// They launch the Triton kernels compiled ahead of time (yatdeploy/gpu/, gpu_kernels.{h,cc}) on the stream
+// They launch the Triton kernels compiled ahead of time (yatdeploy/gpu/, cuda/gpu_kernels.{h,cc}) on the stream
 // ONNX Runtime gives the kernel, and nothing else. A double node has no CUDA kernel here; yatdeploy's
 // runtime routes such models to the library's CPU kernels or the function.
 #include <cuda.h>
@@ -11,9 +11,10 @@
 #include <string>
 #include <vector>
 
-#include "cuda_driver.h"
-#include "gpu_kernels.h"
-#include "yat_gemm_ort.h"
+#include "cuda/cuda_ops.h"
+#include "cuda/cuda_driver.h"
+#include "cuda/gpu_kernels.h"
+#include "common/yat_gemm_ort.h"
 #include "yat_gemm_spec.h"
 
 namespace yat {
