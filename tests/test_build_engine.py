@@ -14,8 +14,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.model_zoo import yat_mlp
-from yatdeploy import runtime
+from yatdeploy import backends
 from yatdeploy.attach import attach_yat_gemm_function, yat_gemm_nodes
+from yatdeploy.backends import ort
 from yatdeploy.cli import EXIT_OK, EXIT_USAGE, EXIT_VALIDATION_FAILED, main
 from yatdeploy.errors import OnnxModelError, YatDeployError
 from yatdeploy.export import ExportOptions, export_model
@@ -90,11 +91,11 @@ def test_a_hand_written_node_gets_what_the_plugin_needs_and_computes_the_same():
     assert attrs["alpha"] == 1.0 and attrs["plugin_namespace"] == PLUGIN_NAMESPACE.encode()
     onnx.checker.check_model(prepared.model, full_check=True)
     x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
-    backend = runtime.get_backend("ort-cpu")
+    backend = backends.get("ort-cpu")
     if backend.availability():
         pytest.skip(backend.availability())
-    before = runtime.run(runtime.create_session(model, backend), {"x": x})[0]
-    after = runtime.run(runtime.create_session(prepared.model, backend), {"x": x})[0]
+    before = ort.run(ort.create_session(model, backend), {"x": x})[0]
+    after = ort.run(ort.create_session(prepared.model, backend), {"x": x})[0]
     np.testing.assert_array_equal(before, after)
 
 
@@ -245,7 +246,7 @@ def test_engine_runs_the_plugin_and_matches_pytorch(save_whole, tmp_path, progre
     assert (tmp_path / "m.plan.timing-cache").stat().st_size > 0
     assert main(["validate", "-q", str(onnx_path), "--against", str(source), "--backend", "tensorrt",
                  "--engine", str(plan), "--batches", "1,7,32"]) == EXIT_OK
-    session = runtime.create_engine_session(onnx_path, runtime.get_backend("tensorrt"), engine=plan)
+    session = backends.get("tensorrt").open(onnx_path, backends.Options(engine=plan))
     with pytest.raises(OnnxModelError, match="outside the engine's profile 1..32"):
-        runtime.run(session, {"input": np.zeros((33, 16), dtype=np.float32)})
+        session.run({"input": np.zeros((33, 16), dtype=np.float32)})
     assert torch.cuda.is_available()

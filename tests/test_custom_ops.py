@@ -15,15 +15,16 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from yatdeploy import dtypes, native, runtime
+from yatdeploy import backends, dtypes, native
 from yatdeploy.attach import attach_yat_gemm_function
+from yatdeploy.backends import ort
 from yatdeploy.cli import main
 from yatdeploy.ops.torch_op import yat_gemm_reference
 from yatdeploy.spec import ONNX_DOUBLE, ONNX_FLOAT, ONNX_FLOAT16, YAT_GEMM
 
-CPU_LIB = runtime.get_backend("ort-cpu")
-FUNCTION = runtime.get_backend("ort-function")
-CUDA_BACKEND = runtime.get_backend("ort-cuda")
+CPU_LIB = backends.get("ort-cpu")
+FUNCTION = backends.get("ort-function")
+CUDA_BACKEND = backends.get("ort-cuda")
 needs_gpu = pytest.mark.skipif(
     CUDA_BACKEND.availability() is not None, reason=f"ort-cuda unavailable: {CUDA_BACKEND.availability()}"
 )
@@ -169,9 +170,9 @@ def test_the_kernel_runs_on_the_cpu_provider_for_every_dtype(dtype):
     rng = np.random.default_rng(1)
     model = yat_gemm_model(_random((6, 16), dtype, rng), _random((6,), dtype, rng), ["m", 16])
     x = _random((3, 16), dtype, rng)
-    runs = runtime.yat_gemm_kernel_runs(model, CPU_LIB, {"X": x})
+    runs = ort.yat_gemm_kernel_runs(model, CPU_LIB, {"X": x})
     assert runs == {"CPUExecutionProvider": 1}
-    assert runtime.yat_gemm_kernel_runs(model, FUNCTION, {"X": x}) == {}
+    assert ort.yat_gemm_kernel_runs(model, FUNCTION, {"X": x}) == {}
 
 
 SHAPES = pytest.mark.parametrize(
@@ -190,9 +191,9 @@ def test_float32_numerics_on_both_cpu_paths(float_kernel, m, k, n):
 def test_numerics_against_the_spec(dtype, m, k, n):
     rng = np.random.default_rng(m * 1000 + k * 10 + n)
     x, w, b = _random((m, k), dtype, rng), _random((n, k), dtype, rng, 0.5), _random((n,), dtype, rng, 0.1)
-    session = runtime.create_session(yat_gemm_model(w, b, ["m", k], eps=1e-3, alpha=1.25), CPU_LIB)
+    session = ort.create_session(yat_gemm_model(w, b, ["m", k], eps=1e-3, alpha=1.25), CPU_LIB)
     assert session.uses_library
-    got = runtime.run(session, {"X": x})[0]
+    got = ort.run(session, {"X": x})[0]
     assert got.dtype == dtypes.by_name(dtype).numpy and got.shape == (m, n)
     _assert_close(got, _reference(x, w, b, 1e-3, 1.25, dtype), dtype)
 
@@ -201,7 +202,7 @@ def test_numerics_against_the_spec(dtype, m, k, n):
 def test_leading_dimensions(dtype):
     rng = np.random.default_rng(5)
     x, w, b = _random((2, 3, 8), dtype, rng), _random((4, 8), dtype, rng), _random((4,), dtype, rng)
-    got = runtime.run(runtime.create_session(yat_gemm_model(w, b, ["b", "t", 8]), CPU_LIB), {"X": x})[0]
+    got = ort.run(ort.create_session(yat_gemm_model(w, b, ["b", "t", 8]), CPU_LIB), {"X": x})[0]
     assert got.shape == (2, 3, 4)
     assert _max_rel(got, _reference(x, w, b, 1e-5, 1.0, dtype)) <= TOLERANCE[dtype]
 
@@ -209,7 +210,7 @@ def test_leading_dimensions(dtype):
 def test_an_empty_batch():
     rng = np.random.default_rng(6)
     w, b = _random((4, 8), "float32", rng), _random((4,), "float32", rng)
-    got = runtime.run(runtime.create_session(yat_gemm_model(w, b, ["m", 8]), CPU_LIB), {"X": np.zeros((0, 8), np.float32)})
+    got = ort.run(ort.create_session(yat_gemm_model(w, b, ["m", 8]), CPU_LIB), {"X": np.zeros((0, 8), np.float32)})
     assert got[0].shape == (0, 4)
 
 
@@ -219,7 +220,7 @@ def test_a_missing_bias_is_zero(dtype, float_kernel):
     x, w = _random((3, 8), dtype, rng), _random((4, 8), dtype, rng)
     # Without B the function can't run (docs/yatgemm.md), so this node exists for the library only.
     model = yat_gemm_model(w, None, ["m", 8], with_function=False)
-    got = runtime.run(runtime.create_session(model, CPU_LIB), {"X": x})[0]
+    got = ort.run(ort.create_session(model, CPU_LIB), {"X": x})[0]
     assert _max_rel(got, _reference(x, w, None, 1e-5, 1.0, dtype)) <= TOLERANCE[dtype]
 
 
@@ -227,12 +228,12 @@ def test_a_missing_bias_is_zero(dtype, float_kernel):
 def test_weights_given_at_run_time_are_prepared_per_run(dtype, float_kernel):
     rng = np.random.default_rng(8)
     b = _random((5,), dtype, rng)
-    session = runtime.create_session(yat_gemm_model(_random((5, 12), dtype, rng), b, ["m", 12], w_as_input=True),
+    session = ort.create_session(yat_gemm_model(_random((5, 12), dtype, rng), b, ["m", 12], w_as_input=True),
                                      CPU_LIB)
     x = _random((4, 12), dtype, rng)
     for seed in (1, 2):  # two different W through one session
         w = _random((5, 12), dtype, np.random.default_rng(seed))
-        got = runtime.run(session, {"X": x, "W": w})[0]
+        got = ort.run(session, {"X": x, "W": w})[0]
         assert _max_rel(got, _reference(x, w, b, 1e-5, 1.0, dtype)) <= TOLERANCE[dtype]
 
 
@@ -241,7 +242,7 @@ def test_x_close_to_w_stays_within_the_cancellation_bound(float_kernel):
     w = _random((6, 64), "float32", rng)
     x = (w + 1e-3 * rng.standard_normal(w.shape)).astype(np.float32)
     eps = 1e-5
-    got = runtime.run(runtime.create_session(yat_gemm_model(w, np.zeros(6, np.float32), ["m", 64], eps=eps), CPU_LIB),
+    got = ort.run(ort.create_session(yat_gemm_model(w, np.zeros(6, np.float32), ["m", 64], eps=eps), CPU_LIB),
                       {"X": x})[0].astype(np.float64)
     assert np.isfinite(got).all() and (got >= 0).all()
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
@@ -253,7 +254,7 @@ def test_x_close_to_w_stays_within_the_cancellation_bound(float_kernel):
 
 def test_16bit_results_saturate():
     w = np.full((1, 4), 100.0, np.float16)
-    got = runtime.run(runtime.create_session(yat_gemm_model(w, np.zeros(1, np.float16), ["m", 4]), CPU_LIB),
+    got = ort.run(ort.create_session(yat_gemm_model(w, np.zeros(1, np.float16), ["m", 4]), CPU_LIB),
                       {"X": w.copy()})[0]
     assert got.item() == np.finfo(np.float16).max
 
@@ -261,9 +262,9 @@ def test_16bit_results_saturate():
 def test_shapes_that_do_not_fit_are_named():
     rng = np.random.default_rng(10)
     model = yat_gemm_model(_random((3, 4), "float32", rng), _random((3,), "float32", rng), ["m", "k"])
-    session = runtime.create_session(model, CPU_LIB)
+    session = ort.create_session(model, CPU_LIB)
     with pytest.raises(Exception, match=r"YatGemm: X \[2, 5\] and W \[3, 4\] do not fit"):
-        runtime.run(session, {"X": np.ones((2, 5), np.float32)})
+        ort.run(session, {"X": np.ones((2, 5), np.float32)})
 
 
 def test_attribute_defaults_come_from_the_spec():
@@ -271,7 +272,7 @@ def test_attribute_defaults_come_from_the_spec():
     w, b, x = _random((3, 8), "float32", rng), _random((3,), "float32", rng), _random((2, 8), "float32", rng)
     model = yat_gemm_model(w, b, ["m", 8])
     del model.graph.node[0].attribute[:]  # no eps, no alpha on the node
-    got = runtime.run(runtime.create_session(model, CPU_LIB), {"X": x})[0]
+    got = ort.run(ort.create_session(model, CPU_LIB), {"X": x})[0]
     assert _max_rel(got, _reference(x, w, b, YAT_GEMM.attribute("eps").default, 1.0, "float32")) <= 1e-5
 
 
@@ -280,42 +281,42 @@ class TestRouting:
 
     def test_cpu_library_serves_every_dtype(self):
         for elem in YAT_GEMM.dtypes:
-            use, why = runtime.library_decision(CPU_LIB, {elem}, YAT_GEMM.version)
+            use, why = ort.library_decision(CPU_LIB, {elem}, YAT_GEMM.version)
             assert use and "CPUExecutionProvider kernel" in why
 
     def test_double_on_cuda_runs_on_the_libraries_cpu_kernels(self):
-        use, why = runtime.library_decision(CUDA_BACKEND, {ONNX_FLOAT, ONNX_DOUBLE}, YAT_GEMM.version)
+        use, why = ort.library_decision(CUDA_BACKEND, {ONNX_FLOAT, ONNX_DOUBLE}, YAT_GEMM.version)
         if native.ort_cuda_library_path() is None:
             pytest.skip("the CUDA library was not built (no nvcc)")
         assert use and "float64 YatGemm nodes run on the library's CPU kernels" in why
 
     def test_a_dtype_without_a_kernel_is_routed_to_the_function(self):
-        cuda_only = runtime.Backend("cuda-only", "test", (runtime.CUDA,), "cuda")
+        cuda_only = ort.OrtBackend("cuda-only", "test", (ort.CUDA,), "cuda")
         if cuda_only.library_path() is None:
             pytest.skip("the CUDA library was not built (no nvcc)")
-        use, why = runtime.library_decision(cuda_only, {ONNX_DOUBLE, ONNX_FLOAT16}, YAT_GEMM.version)
+        use, why = ort.library_decision(cuda_only, {ONNX_DOUBLE, ONNX_FLOAT16}, YAT_GEMM.version)
         assert not use
         assert why == "the library has no float64 YatGemm kernel: YatGemm runs as the model's ONNX function"
 
     def test_another_op_version_is_routed_to_the_function(self):
-        use, why = runtime.library_decision(CPU_LIB, {ONNX_FLOAT}, 2)
+        use, why = ort.library_decision(CPU_LIB, {ONNX_FLOAT}, 2)
         assert not use and "version 2" in why
 
     def test_a_missing_library_is_routed_to_the_function(self, monkeypatch):
         monkeypatch.setattr(native, "ort_library_path", lambda: None)
-        use, why = runtime.library_decision(CPU_LIB, {ONNX_FLOAT}, YAT_GEMM.version)
+        use, why = ort.library_decision(CPU_LIB, {ONNX_FLOAT}, YAT_GEMM.version)
         assert not use and "was not built" in why
         assert "was not built" in CPU_LIB.availability()
 
     def test_no_yat_nodes_needs_no_library(self):
-        assert runtime.library_decision(CPU_LIB, set(), None) == (
+        assert ort.library_decision(CPU_LIB, set(), None) == (
             False, "the model has no YatGemm nodes; the custom-op library is not needed")
 
     def test_the_reason_is_logged_once_per_session(self, caplog):
         rng = np.random.default_rng(12)
         model = yat_gemm_model(_random((3, 8), "float64", rng), _random((3,), "float64", rng), ["m", 8])
-        with caplog.at_level("INFO", logger="yatdeploy.runtime"):
-            runtime.create_session(model, FUNCTION)
+        with caplog.at_level("INFO", logger="yatdeploy.backends.ort"):
+            ort.create_session(model, FUNCTION)
         assert [r.getMessage() for r in caplog.records] == [
             "ort-function: YatGemm runs as the model's ONNX function (backend ort-function)"]
 
@@ -326,8 +327,8 @@ def test_cuda_kernel_numerics_and_execution(dtype):
     rng = np.random.default_rng(13)
     x, w, b = _random((300, 96), dtype, rng), _random((130, 96), dtype, rng, 0.5), _random((130,), dtype, rng, 0.1)
     model = yat_gemm_model(w, b, ["m", 96], eps=1e-3, alpha=1.25)
-    assert runtime.yat_gemm_kernel_runs(model, CUDA_BACKEND, {"X": x}) == {"CUDAExecutionProvider": 1}
-    got = runtime.run(runtime.create_session(model, CUDA_BACKEND), {"X": x})[0]
+    assert ort.yat_gemm_kernel_runs(model, CUDA_BACKEND, {"X": x}) == {"CUDAExecutionProvider": 1}
+    got = ort.run(ort.create_session(model, CUDA_BACKEND), {"X": x})[0]
     _assert_close(got, _reference(x, w, b, 1e-3, 1.25, dtype), dtype)
 
 
@@ -339,7 +340,7 @@ def test_cuda_kernel_stays_within_the_cancellation_bound_when_x_is_close_to_w():
     w = _random((6, 256), "float32", rng)
     x = (w + 1e-2 * rng.standard_normal(w.shape)).astype(np.float32)
     eps = 1e-5
-    got = runtime.run(runtime.create_session(yat_gemm_model(w, np.zeros(6, np.float32), ["m", 256], eps=eps),
+    got = ort.run(ort.create_session(yat_gemm_model(w, np.zeros(6, np.float32), ["m", 256], eps=eps),
                                              CUDA_BACKEND), {"X": x})[0].astype(np.float64)
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     implied_dist = np.einsum("ik,ik->i", x64, w64) ** 2 / np.diag(got) - eps
@@ -362,7 +363,7 @@ def test_cuda_kernel_paths(dtype, m, k, n, bias, w_as_input):
     b = _random((n,), dtype, rng, 0.1) if bias else None
     model = yat_gemm_model(w, b, ["m", k], eps=1e-3, alpha=0.75, w_as_input=w_as_input)
     feeds = {"X": x, **({"W": w} if w_as_input else {})}
-    session = runtime.create_session(model, CUDA_BACKEND)
+    session = ort.create_session(model, CUDA_BACKEND)
     for _ in range(2):  # the second run reuses the cached |w|² (constant W) or recomputes it
-        got = runtime.run(session, feeds)[0]
+        got = ort.run(session, feeds)[0]
         _assert_close(got, _reference(x, w, b, 1e-3, 0.75, dtype), dtype)

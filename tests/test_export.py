@@ -18,8 +18,9 @@ from nmn.torch import (
 from torch import nn
 
 from tests.model_zoo import YATNMN_OPTIONS, perturb, yat_mlp
-from yatdeploy import runtime
+from yatdeploy import backends
 from yatdeploy.attach import yat_gemm_nodes
+from yatdeploy.backends import ort
 from yatdeploy.export import META_SOURCE_SHA256, ExportOptions, export_model
 from yatdeploy.loading import file_sha256, load_model
 from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
@@ -31,7 +32,7 @@ def _max_rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def _plain_ort(path):
-    return runtime.create_session(path, runtime.get_backend("ort-function"))
+    return ort.create_session(path, backends.get("ort-function"))
 
 
 @pytest.mark.parametrize("option", sorted(YATNMN_OPTIONS))
@@ -56,7 +57,7 @@ def test_every_yatnmn_option_exports_to_one_node_per_layer(option, save_whole, t
         x = torch.randn(batch, 16, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             want = model(x).double().numpy()
-        got = runtime.run(session, {"input": x.numpy()})[0]
+        got = ort.run(session, {"input": x.numpy()})[0]
         assert got.shape == want.shape
         assert _max_rel_err(got, want) <= 1e-4, option
 
@@ -86,7 +87,7 @@ def test_leading_dimensions_export(save_whole, tmp_path, progress):
     model = perturb(nn.Sequential(YatNMN(8, 6), nn.LayerNorm(6), YatNMN(6, 3))).eval()
     export_model(load_model(save_whole(model)), tmp_path / "m.onnx", ExportOptions((2, 5, 8)), progress)
     x = torch.randn(4, 5, 8)
-    got = runtime.run(_plain_ort(tmp_path / "m.onnx"), {"input": x.numpy()})[0]
+    got = ort.run(_plain_ort(tmp_path / "m.onnx"), {"input": x.numpy()})[0]
     with torch.no_grad():
         assert _max_rel_err(got, model(x).double().numpy()) <= 1e-4
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from onnx import helper, numpy_helper
 
-from yatdeploy import dtypes, runtime
+from yatdeploy import backends, dtypes
 from yatdeploy.attach import attach_yat_gemm_function
+from yatdeploy.backends import ort
 from yatdeploy.errors import OnnxModelError
 from yatdeploy.ops.torch_op import yat_gemm_reference
 from yatdeploy.spec import YAT_GEMM
@@ -44,8 +45,8 @@ def _name_of(np_dtype) -> str:
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = runtime.create_session(model.SerializeToString(), runtime.get_backend("ort-function"))
-    return runtime.run(session, {"X": x})[0]
+    session = ort.create_session(model.SerializeToString(), backends.get("ort-function"))
+    return ort.run(session, {"X": x})[0]
 
 
 def _expected(x, w, b, eps, alpha, dtype: str) -> np.ndarray:

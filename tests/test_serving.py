@@ -22,7 +22,8 @@ pytest.importorskip("fastapi", reason="the service extra is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
 
 from tests.model_zoo import yat_mlp  # noqa: E402
-from yatdeploy import runtime  # noqa: E402
+from yatdeploy import backends  # noqa: E402
+from yatdeploy.backends import ort  # noqa: E402
 from yatdeploy.cli import main  # noqa: E402
 from yatdeploy.serving.repository import discover, parse_config  # noqa: E402
 
@@ -118,8 +119,8 @@ def server(exported):
 
 
 def reference(path: Path, x: np.ndarray) -> np.ndarray:
-    session = runtime.create_session(path, runtime.get_backend("ort-cpu"))
-    return runtime.run(session, {"input": x})[0]
+    session = ort.create_session(path, backends.get("ort-cpu"))
+    return ort.run(session, {"input": x})[0]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -270,7 +271,7 @@ def test_a_full_queue_answers_503(exported):
     from yatdeploy.serving.model import ServedModel
     from yatdeploy.serving.protocol import ProtocolError
 
-    model = ServedModel(discover(exported / "mlp.onnx")[0], runtime.get_backend("ort-cpu"))
+    model = ServedModel(discover(exported / "mlp.onnx")[0], backends.get("ort-cpu"))
 
     async def scenario():
         batcher = DynamicBatcher(model, Metrics(), max_batch_size=8, max_queue_delay_s=0, max_queue_size=1)

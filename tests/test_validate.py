@@ -161,13 +161,14 @@ def test_a_static_batch_export_is_validated_at_its_batch(save_whole, tmp_path, p
 
 
 def test_a_run_time_failure_of_onnx_runtime_is_named(exported):
-    from yatdeploy import runtime
+    from yatdeploy import backends
+    from yatdeploy.backends import ort
     from yatdeploy.errors import OnnxModelError
 
     _, path = exported
-    session = runtime.create_session(path, runtime.get_backend("ort-function"))
+    session = ort.create_session(path, backends.get("ort-function"))
     with pytest.raises(OnnxModelError, match="ONNX Runtime failed to run the model"):
-        runtime.run(session, {"input": np.ones((2, 15), np.float32)})
+        ort.run(session, {"input": np.ones((2, 15), np.float32)})
 
 
 def test_output_names_are_checked_for_yatdeploy_exports(exported):

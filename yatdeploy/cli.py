@@ -288,13 +288,13 @@ def _parse_batches(text: str) -> list[int]:
 
 
 def cmd_validate(args: argparse.Namespace, progress) -> int:
-    from yatdeploy import runtime
+    from yatdeploy import backends
     from yatdeploy.export import parse_shape
     from yatdeploy.loading import load_model
     from yatdeploy.validate import input_dtype, load_onnx, validate
 
     for name in args.backend or []:
-        runtime.get_backend(name)
+        backends.get(name)
     batches = _parse_batches(args.batches)
     _check_tolerance_args(args)
     shape = parse_shape(args.input_shape) if args.input_shape else None
@@ -304,8 +304,10 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
     if args.engine is not None:
         if not Path(args.engine).is_file():
             raise YatDeployError(f"--engine {args.engine}: no such file")
-        if args.backend and "tensorrt" not in args.backend:
-            raise YatDeployError("--engine is for the tensorrt backend: add --backend tensorrt")
+        engine_backends = [b.name for b in backends.all() if ".plan" in b.files]  # the backends that run an engine
+        if args.backend and not set(engine_backends) & set(args.backend):
+            raise YatDeployError(f"--engine is for the {' or '.join(engine_backends)} backend: "
+                                 f"add --backend {engine_backends[0]}")
     report = validate(
         args.onnx_model, loaded, input_shape=shape, input_files=args.inputs, batches=batches,
         tolerance=_tolerance(args, dtype), backend_names=args.backend, seed=args.seed, engine=args.engine,

@@ -14,7 +14,7 @@ import torch
 from nmn.torch import YatNMN
 from torch import nn
 
-from yatdeploy import runtime
+from yatdeploy import backends
 from yatdeploy.errors import YatDeployError
 from yatdeploy.export import INPUT_NAME, ExportOptions, ExportResult, export_model
 from yatdeploy.loading import load_model
@@ -81,6 +81,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
     model.eval()
 
 
+TENSORRT_BACKEND = "tensorrt"  # the backend that runs model.plan (--tensorrt)
 # The TensorRT engine's batch profile: single images up to the whole test set (450) in one batch.
 ENGINE_PROFILE = (1, 64, 512)
 
@@ -90,9 +91,7 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: 
     """tensorrt: also build model.plan with yatdeploy's plugin and validate it (needs TensorRT and a GPU)."""
     progress = progress or Progress()
     if tensorrt:  # say so before training, not after
-        from yatdeploy.trt.engine import availability
-
-        reason = availability()
+        reason = backends.get(TENSORRT_BACKEND).availability()
         if reason:
             raise YatDeployError(f"--tensorrt: {reason}")
     out = Path(out_dir)
@@ -136,13 +135,12 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: 
     progress.say("[4/4] measuring test accuracy")
     with torch.inference_mode():
         torch_pred = loaded.module(torch.from_numpy(x_test)).argmax(dim=1).numpy()
-    backend = runtime.default_backend()
-    session = runtime.create_session(onnx_path, backend)
-    onnx_pred = runtime.run(session, {INPUT_NAME: x_test})[0].argmax(axis=1)
+    backend = backends.default()
+    onnx_pred = backend.open(onnx_path, backends.Options()).run({INPUT_NAME: x_test})[0].argmax(axis=1)
     tensorrt_accuracy = None
     if engine_path is not None:
-        engine_session = runtime.create_engine_session(onnx_path, runtime.get_backend("tensorrt"), engine=engine_path)
-        trt_pred = runtime.run(engine_session, {INPUT_NAME: x_test})[0].argmax(axis=1)
+        engine_runner = backends.get(TENSORRT_BACKEND).open(onnx_path, backends.Options(engine=engine_path))
+        trt_pred = engine_runner.run({INPUT_NAME: x_test})[0].argmax(axis=1)
         tensorrt_accuracy = float((trt_pred == y_test).mean())
     return DemoResult(
         model_path=model_path,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-from yatdeploy import __version__, native, runtime
+from yatdeploy import __version__, backends, native
+from yatdeploy.backends import ort
 from yatdeploy.trt import plugin_logic
 
 _DISTRIBUTIONS = ("torch", "nmn", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-gpu", "numpy",
@@ -47,13 +48,13 @@ def collect() -> dict:
     cpu_library = native.ort_library_path()
     cuda_library = native.ort_cuda_library_path()
     info = native.build_info()
-    gpus = runtime.gpu_count()
+    gpus = native.gpu_count()
     return {
         "yatdeploy": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": {dist: _version(dist) for dist in _DISTRIBUTIONS},
-        "onnxruntime_providers": runtime.ort.get_available_providers() if runtime.ort is not None else [],
+        "onnxruntime_providers": ort.available_providers(),
         "ort_custom_ops_library": str(cpu_library) if cpu_library else None,
         "ort_custom_ops_cuda_library": str(cuda_library) if cuda_library else None,
         "cuda_kernels_built": bool(info.get("cuda_kernels_built", False)) and cuda_library is not None,
@@ -67,7 +68,7 @@ def collect() -> dict:
         "gpu": {"present": gpus > 0, "count": gpus},
         "backends": {
             b.name: {"available": b.availability() is None, "reason": b.availability(), "description": b.description}
-            for b in runtime.BACKENDS.values()
+            for b in backends.all()
         },
     }
 

@@ -9,9 +9,60 @@ model declares free.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import onnx
 
+from yatdeploy import dtypes
+from yatdeploy.errors import OnnxModelError
+from yatdeploy.serving.datatypes import datatype_of
+
 DYNAMIC = -1
+
+
+@dataclass
+class TensorSignature:
+    """A model's input or output, for every backend, build-engine's signature file and the server."""
+
+    name: str
+    dtype: str  # dtypes' spelling ("float32"), else ONNX's in lower case ("int64")
+    shape: list[int]  # DYNAMIC (-1) for a dimension that is not fixed, the batch one included
+
+    @property
+    def datatype(self) -> str:
+        """The Open Inference Protocol's name for the dtype ("FP32")."""
+        return datatype_of(dtypes.by_name(self.dtype).numpy)
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def dtype_name(elem_type: int) -> str:
+    try:
+        return dtypes.by_onnx(elem_type).name
+    except KeyError:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def signature(value: onnx.ValueInfoProto) -> TensorSignature:
+    return TensorSignature(value.name, dtype_name(value.type.tensor_type.elem_type), dims(value))
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """An ONNX file, or an OnnxModelError saying why it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxModelError(f"{path}: no such file")
+    if not path.is_file():
+        raise OnnxModelError(f"{path}: not a file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise OnnxModelError(f"{path}: not an ONNX model (it does not parse as a ModelProto)") from exc
+    if not model.graph.node and not model.graph.output:
+        raise OnnxModelError(f"{path}: not an ONNX model (no graph)")
+    return model
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:

@@ -95,3 +95,15 @@ def preload_dependencies() -> None:
     for candidate in sorted(lib_dir.glob("libscipy_openblas*.so*")):
         ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
         return
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs the driver reports (0 without a driver); asks libcuda directly, needing no toolkit."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import torch
 
-from yatdeploy import dtypes, graph, runtime
+from yatdeploy import backends, dtypes, graph
 from yatdeploy.attach import yat_gemm_nodes
 from yatdeploy.errors import InputSpecError, OnnxModelError, YatDeployError
 from yatdeploy.export import (
@@ -34,6 +34,7 @@ from yatdeploy.export import (
     prepare_module,
     run_reference,
 )
+from yatdeploy.graph import load_onnx  # noqa: F401  (validate.load_onnx, as the CLI reads it)
 from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.rewrite import count_yat_layers
@@ -634,35 +635,15 @@ def validate(
                                                              else f"; PyTorch's outputs map to {', '.join(want_names)}")))
 
     reports: list[BackendReport] = []
-    names = list(backend_names) if backend_names else list(runtime.BACKENDS)
-    for name in names:
-        backend = runtime.get_backend(name)
+    batch_sizes = [c.array.shape[0] for c in cases]
+    for name in list(backend_names) if backend_names else backends.names():
+        backend = backends.get(name)
         reason = backend.availability()
         report = BackendReport(backend.name, backend.description, reason is None, reason)
         reports.append(report)
-        if reason:
-            continue
-        if backend.kind == "tensorrt":
-            _run_tensorrt(report, backend, onnx_path, engine, cases, expected, output_names, graph_input.name, dtype,
-                          defaults, tolerance, nodes, progress)
-            continue
-        with progress.step(f"running {backend.name}"), tempfile.TemporaryDirectory(prefix="yatdeploy-") as folder:
-            try:
-                # Profiled, so that the report can say which YatGemm kernel really ran.
-                session = runtime.create_session(model, backend, profile_to=Path(folder) / "profile")
-            except OnnxModelError as exc:
-                report.comparisons.append(OutputComparison("session", "*", [], "", None, None, False, exc.message))
-                continue
-            ran = 0
-            for case, want, case_defaults in zip(cases, expected, defaults):
-                try:
-                    got = runtime.run(session, {graph_input.name: case.array})
-                except OnnxModelError as exc:
-                    report.comparisons.append(OutputComparison(case.name, "*", [], "", None, None, False, exc.message))
-                    continue
-                ran += 1
-                report.comparisons.extend(_compare_case(case, output_names, got, want, dtype, case_defaults, tolerance))
-            _check_yat_gemm_execution(report, session, runtime.profiled_kernel_runs(session), nodes * ran)
+        if not reason:
+            _run_backend(report, backend, onnx_path, engine, batch_sizes, cases, expected, output_names,
+                         graph_input.name, dtype, defaults, tolerance, nodes, progress)
     return ValidationReport(
         model=str(onnx_path),
         against=str(loaded.path),
@@ -677,64 +658,37 @@ def validate(
     )
 
 
-def _run_tensorrt(report: BackendReport, backend: runtime.Backend, onnx_path: Path, engine: str | Path | None,
-                  cases: list[InputCase], expected: list[list[np.ndarray]], output_names: list[str], input_name: str,
-                  dtype: str, defaults: list[CaseTolerances], tolerance: Tolerance | None, nodes: int,
-                  progress: Progress) -> None:
-    from yatdeploy.trt.engine import BatchProfile
-
-    profile = BatchProfile.covering([c.array.shape[0] for c in cases])
-    try:
-        with progress.step("building a TensorRT engine" if engine is None else f"loading {engine}"):
-            session = runtime.create_engine_session(onnx_path, backend, engine=engine, profile=profile)
-    except YatDeployError as exc:
-        report.comparisons.append(OutputComparison("engine", "*", [], "", None, None, False, exc.message))
-        return
-    with progress.step(f"running {backend.name}"):
-        for case, want, case_defaults in zip(cases, expected, defaults):
-            try:
-                got = runtime.run(session, {input_name: case.array})
-            except OnnxModelError as exc:
-                report.comparisons.append(OutputComparison(case.name, "*", [], "", None, None, False, exc.message))
-                continue
-            report.comparisons.extend(_compare_case(case, output_names, got, want, dtype, case_defaults, tolerance))
-    signature = session.inner.signature
-    report.yat_gemm_execution = session.reason
-    if signature.plugin_layers < nodes:
-        report.execution_problem = (f"the engine has {signature.plugin_layers} plugin layers for {nodes} YatGemm "
-                                    "nodes: the rest run the inlined ONNX function")
-
-
-def _check_yat_gemm_execution(report: BackendReport, session: runtime.Session, runs: dict[str, int],
-                              expected_runs: int) -> None:
-    """Did YatGemm execute as the library kernel the session was set up for (per the profiler)?"""
-    report.yat_gemm_kernel_runs = runs
-    if expected_runs == 0:
-        report.yat_gemm_execution = "no YatGemm nodes ran"
-        return
-    report.yat_gemm_execution = runtime.describe_kernel_runs(runs)
-    if session.uses_library and sum(runs.values()) < expected_runs:
-        report.execution_problem = (f"the custom-op library was registered but the profiler saw "
-                                    f"{sum(runs.values())} YatGemm kernel runs, expected {expected_runs}")
-    elif not session.uses_library and runs:
-        report.execution_problem = "YatGemm ran as a kernel although no library was registered"
-    elif not session.uses_library and session.backend.library is not None:
-        report.execution_problem = f"the library was not used: {session.reason}"
-
-
-def load_onnx(path: str | Path) -> onnx.ModelProto:
-    path = Path(path)
-    if not path.exists():
-        raise OnnxModelError(f"{path}: no such file")
-    if not path.is_file():
-        raise OnnxModelError(f"{path}: not a file")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:
-        raise OnnxModelError(f"{path}: not an ONNX model (it does not parse as a ModelProto)") from exc
-    if not model.graph.node and not model.graph.output:
-        raise OnnxModelError(f"{path}: not an ONNX model (no graph)")
-    return model
+def _run_backend(report: BackendReport, backend: backends.Backend, onnx_path: Path, engine: str | Path | None,
+                 batch_sizes: list[int], cases: list[InputCase], expected: list[list[np.ndarray]],
+                 output_names: list[str], input_name: str, dtype: str, defaults: list[CaseTolerances],
+                 tolerance: Tolerance | None, nodes: int, progress: Progress) -> None:
+    """Open the model on one backend, run and compare every case, and say which YatGemm kernel ran."""
+    with tempfile.TemporaryDirectory(prefix="yatdeploy-") as folder:
+        # Profiled, so that the report can say which YatGemm kernel really ran; an engine for these batches.
+        options = backends.Options(profile_to=Path(folder) / "profile", engine=None if engine is None else Path(engine),
+                                   batch_profile=(min(batch_sizes), max(batch_sizes), max(batch_sizes)),
+                                   progress=progress)
+        try:
+            runner = backend.open(onnx_path, options)
+        except YatDeployError as exc:
+            report.comparisons.append(OutputComparison("open", "*", [], "", None, None, False, exc.message))
+            return
+        ran = 0
+        with progress.step(f"running {backend.name}"):
+            for case, want, case_defaults in zip(cases, expected, defaults):
+                try:
+                    got = runner.run({input_name: case.array})
+                except OnnxModelError as exc:
+                    report.comparisons.append(OutputComparison(case.name, "*", [], "", None, None, False,
+                                                               exc.message))
+                    continue
+                ran += 1
+                report.comparisons.extend(_compare_case(case, output_names, got, want, dtype, case_defaults,
+                                                        tolerance))
+        execution = runner.yat_gemm_execution(nodes=nodes, runs=ran)
+    report.yat_gemm_execution = execution.detail
+    report.yat_gemm_kernel_runs = execution.kernel_runs
+    report.execution_problem = execution.problem
 
 
 def _tolerance_cell(comp: OutputComparison) -> str:

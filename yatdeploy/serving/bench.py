@@ -251,11 +251,11 @@ async def open_loop(endpoint: Endpoint, rate: float, seconds: float, warmup: flo
 
 def in_process_p50_us(onnx_path: Path, batch: int, repeat: int = 200) -> float:
     """The same model and batch in ONNX Runtime in this process: the floor the server adds to."""
-    from yatdeploy import runtime
+    from yatdeploy import backends
     from yatdeploy.serving.model import ServedModel
     from yatdeploy.serving.repository import discover
 
-    model = ServedModel(discover(onnx_path)[0], runtime.default_backend())
+    model = ServedModel(discover(onnx_path)[0], backends.default())
     rng = np.random.default_rng(0)
     feeds = {}
     for t in model.inputs:

@@ -1,40 +1,16 @@
-"""A served model: an ONNX Runtime session (or a TensorRT engine) behind the protocol, with its
-signature and checks."""
+"""A served model: a backend's runner behind the protocol, with its signature and checks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx
 
-from yatdeploy import dtypes, graph, runtime
+from yatdeploy import backends, graph
 from yatdeploy.errors import YatDeployError
-from yatdeploy.serving.protocol import InferRequest, ProtocolError, datatype_of
+from yatdeploy.graph import TensorSignature
+from yatdeploy.serving.protocol import InferRequest, ProtocolError
 from yatdeploy.serving.repository import DEFAULT_MAX_BATCH_SIZE, ModelSource, check_signature
-
-PLATFORM = "onnxruntime_onnx"
-TENSORRT_PLATFORM = "tensorrt_plan"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 for a dynamic dimension, the batch one included
-
-    def as_json(self) -> dict:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-
-def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
-    shape = tuple(graph.dims(value))
-    datatype = datatype_of(dtypes.by_onnx(value.type.tensor_type.elem_type).numpy)
-    return TensorInfo(value.name, datatype, shape)
-
-
-def _signature_info(tensor) -> TensorInfo:
-    return TensorInfo(tensor.name, datatype_of(dtypes.by_name(tensor.dtype).numpy), tuple(tensor.shape))
 
 
 @dataclass(frozen=True)
@@ -47,7 +23,7 @@ class UnavailableModel:
 
 
 class ServedModel:
-    def __init__(self, source: ModelSource, backend: runtime.Backend, intra_op_threads: int = 0) -> None:
+    def __init__(self, source: ModelSource, backend: backends.Backend, intra_op_threads: int = 0) -> None:
         self.name = source.name
         self.version = source.version
         self.source = source
@@ -55,20 +31,21 @@ class ServedModel:
         self.max_batch_size = source.max_batch_size
         self.max_queue_delay_us = source.max_queue_delay_us
         self.max_queue_size = source.max_queue_size
-        self._engine_max_batch: int | None = None  # a TensorRT engine's largest batch
         self.backend = backend
-        if backend.kind == "tensorrt":
-            self._open_engine(source, backend)
-        else:
-            if source.path.suffix == ".plan":
-                raise YatDeployError(f"model '{source.name}': {source.path.name} is a TensorRT engine; it runs on "
-                                     "the tensorrt backend only")
-            proto = onnx.load(str(source.path))
-            self.inputs = [_tensor_info(v) for v in graph.graph_inputs(proto)]
-            self.outputs = [_tensor_info(v) for v in proto.graph.output]
-            # Spinning pool threads would take the event loop's core between requests.
-            self.session = runtime.create_session(proto, backend, intra_op_threads=intra_op_threads,
-                                                  allow_spinning=False)
+        try:
+            backends.check_file(backend, source.path)
+        except YatDeployError as exc:
+            raise YatDeployError(f"model '{source.name}': {exc.message}") from None
+        batch = self.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        # Spinning pool threads would take the event loop's core between requests; an engine built now (an
+        # .onnx served on TensorRT) takes batches 1..max_batch_size.
+        self.runner = backend.open(source.path, backends.Options(
+            intra_op_threads=intra_op_threads, allow_spinning=False, batch_profile=(1, min(8, batch), batch)))
+        self.inputs = list(self.runner.inputs)
+        self.outputs = list(self.runner.outputs)
+        self._engine_max_batch: int | None = None  # the runner's largest batch, along a batch dimension
+        if self.runner.max_batch is not None and graph.has_batch_dim(self.inputs[0].shape):
+            self._engine_max_batch = self.runner.max_batch
         self._has_batch_dim = all(graph.has_batch_dim(t.shape) for t in [*self.inputs, *self.outputs])
         if source.config is None:  # no config.pbtxt: the signature decides, as Triton's auto-complete does
             self.max_batch_size = self.max_batch_size if self._has_batch_dim else 0
@@ -97,24 +74,9 @@ class ServedModel:
             self.max_queue_size = max_queue_size
         self.dynamic_batching = self.dynamic_batching and dynamic_batching
 
-    def _open_engine(self, source: ModelSource, backend: runtime.Backend) -> None:
-        from yatdeploy.trt.engine import BatchProfile
-
-        if source.path.suffix == ".plan":
-            self.session = runtime.create_engine_session(source.path, backend, engine=source.path)
-        else:  # an .onnx served on TensorRT: an engine for batches 1..max_batch_size, built now
-            batch = self.max_batch_size or DEFAULT_MAX_BATCH_SIZE
-            self.session = runtime.create_engine_session(source.path, backend,
-                                                         profile=BatchProfile(1, min(8, batch), batch))
-        signature = self.session.inner.signature
-        self.inputs = [_signature_info(t) for t in signature.inputs]
-        self.outputs = [_signature_info(t) for t in signature.outputs]
-        if graph.has_batch_dim(self.inputs[0].shape):
-            self._engine_max_batch = signature.profile.max
-
     @property
     def platform(self) -> str:
-        return TENSORRT_PLATFORM if self.backend.kind == "tensorrt" else PLATFORM
+        return self.backend.triton_platform
 
     def metadata(self) -> dict:
         return {
@@ -131,21 +93,19 @@ class ServedModel:
         }
 
     def _yat_gemm(self) -> str:
-        if self.backend.kind == "tensorrt":
-            return "TensorRT plugin"
-        return "custom-op library kernel" if self.session.uses_library else "ONNX function"
+        return self.runner.yat_gemm_execution().kernel
 
     def config(self) -> dict:
         """The model's configuration as served, in Triton's JSON form (what perf_analyzer reads)."""
         strip = 1 if self.max_batch_size > 0 else 0  # Triton's dims leave out a batch dimension
 
-        def tensor(t: TensorInfo) -> dict:
+        def tensor(t: TensorSignature) -> dict:
             return {"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": list(t.shape[strip:])}
 
         config = {
             "name": self.name,
             "platform": self.platform,
-            "backend": "tensorrt" if self.backend.kind == "tensorrt" else "onnxruntime",
+            "backend": self.backend.triton_backend,
             "max_batch_size": self.max_batch_size,
             "input": [tensor(t) for t in self.inputs],
             "output": [tensor(t) for t in self.outputs],
@@ -192,4 +152,4 @@ class ServedModel:
         return dict(request.inputs), int(batch or 1)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return runtime.run(self.session, feeds)
+        return self.runner.run(feeds)

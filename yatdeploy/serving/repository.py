@@ -79,7 +79,7 @@ class ModelSource:
 
 
 class Tensor(Protocol):
-    """A served model's input or output (model.TensorInfo)."""
+    """A served model's input or output (graph.TensorSignature)."""
 
     name: str
     datatype: str
@@ -166,7 +166,7 @@ def read_config(source: ModelSource, path: Path) -> None:
 
     What can be checked without loading the model is checked here; check_signature does the rest.
     """
-    from yatdeploy import runtime
+    from yatdeploy import backends as registry
 
     try:
         config = parse_config(path)
@@ -188,9 +188,9 @@ def read_config(source: ModelSource, path: Path) -> None:
             raise _config_error(source, field, f"{value!r} does not run {source.path.name}")
     if BACKEND_PARAMETER in config.parameters:
         source.backend = config.parameters[BACKEND_PARAMETER].string_value
-        if source.backend not in runtime.BACKENDS:
+        if source.backend not in registry.names():
             raise _config_error(source, f"parameters[{BACKEND_PARAMETER}]",
-                                f"{source.backend!r}: not a backend (known: {', '.join(runtime.BACKENDS)})")
+                                f"{source.backend!r}: not a backend (known: {', '.join(registry.names())})")
     source.dynamic_batching = config.HasField("dynamic_batching")
     if source.dynamic_batching:
         delay = config.dynamic_batching.max_queue_delay_microseconds

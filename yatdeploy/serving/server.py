@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from yatdeploy import runtime
+from yatdeploy import backends
 from yatdeploy.errors import YatDeployError
 from yatdeploy.progress import Progress
 
@@ -30,7 +30,7 @@ def load_models(path: str | Path, backend_name: str | None, intra_op_threads: in
     from yatdeploy.serving.repository import discover
 
     if backend_name is not None:
-        runtime.get_backend(backend_name)  # an unknown --backend is the command's mistake, not a model's
+        backends.get(backend_name)  # an unknown --backend is the command's mistake, not a model's
     models: list[ServedModel] = []
     unavailable: list[UnavailableModel] = []
     for source in discover(path):
@@ -55,10 +55,11 @@ def _load_model(source: ModelSource, backend_name: str | None, intra_op_threads:
         raise YatDeployError(source.error)
     # --backend for every model, else the model's config.pbtxt, else the fastest that works here.
     name = backend_name or source.backend
-    backend = runtime.get_backend(name) if name else runtime.default_backend()
-    if source.path.suffix == ".plan" and backend.kind != "tensorrt":
-        raise YatDeployError(f"model '{source.name}': {source.path.name} is a TensorRT engine; it runs on the "
-                             f"tensorrt backend, not {backend.name}")
+    backend = backends.get(name) if name else backends.default()
+    try:
+        backends.check_file(backend, source.path)
+    except YatDeployError as exc:
+        raise YatDeployError(f"model '{source.name}': {exc.message}") from None
     reason = backend.availability()
     if reason:
         raise YatDeployError(f"model '{source.name}': backend {backend.name} is not available: {reason}")

@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from yatdeploy import dtypes, graph, native, runtime
+from yatdeploy import dtypes, graph, native
 from yatdeploy.attach import node_elem_types, yat_gemm_nodes
 from yatdeploy.errors import OnnxModelError, YatDeployError
+from yatdeploy.graph import TensorSignature, load_onnx
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
 from yatdeploy.trt import plugin_logic
@@ -52,13 +53,6 @@ class BatchProfile:
     def covering(batches: list[int]) -> BatchProfile:
         """The profile an engine needs to run all these batch sizes, tuned for the largest."""
         return BatchProfile(min(batches), max(batches), max(batches)).check()
-
-
-@dataclass
-class TensorSignature:
-    name: str
-    dtype: str
-    shape: list[int]  # -1 for the batch dimension when it is dynamic
 
 
 @dataclass
@@ -111,19 +105,6 @@ class PreparedModel:
     notes: list[str]
 
 
-def _dtype_name(elem_type: int) -> str:
-    try:
-        return dtypes.by_onnx(elem_type).name
-    except KeyError:
-        return onnx.TensorProto.DataType.Name(elem_type).lower()
-
-
-def _signature(value: onnx.ValueInfoProto) -> TensorSignature:
-    tensor = value.type.tensor_type
-    dtype = _dtype_name(tensor.elem_type)
-    return TensorSignature(value.name, dtype, graph.dims(value))
-
-
 def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     """A copy of `model` whose every YatGemm node the plugin can take, or an error naming the node.
 
@@ -137,7 +118,7 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     inputs = graph.graph_inputs(model)
     if len(inputs) != 1:
         raise OnnxModelError(f"the model has {len(inputs)} inputs; build-engine handles one (a yatdeploy export)")
-    signature = _signature(inputs[0])
+    signature = graph.signature(inputs[0])
     supported = [t.dtype for t in plugin_logic.PLUGIN_TYPES]
     types = node_elem_types(model)
     notes: list[str] = []
@@ -145,7 +126,7 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     for index, node in enumerate(nodes):
         where = f"YatGemm node '{node.name or index}'"
         elem_type = types.get(node.name)
-        dtype = signature.dtype if elem_type is None else _dtype_name(elem_type)
+        dtype = signature.dtype if elem_type is None else graph.dtype_name(elem_type)
         if dtype not in supported:
             raise OnnxModelError(f"{where} is {dtype}; the TensorRT plugin has {', '.join(supported)} kernels "
                                  "(export with --dtype float32, float16 or bfloat16)")
@@ -177,7 +158,7 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
     if len(signature.shape) < 1 or any(d < 0 for d in signature.shape[1:]):
         raise OnnxModelError(f"input '{signature.name}' has shape {signature.shape}: every dimension after the "
                              "batch must be fixed")
-    return PreparedModel(model, signature, [_signature(o) for o in model.graph.output], len(nodes), notes)
+    return PreparedModel(model, signature, [graph.signature(o) for o in model.graph.output], len(nodes), notes)
 
 
 def profile_shapes(prepared: PreparedModel, profile: BatchProfile) -> tuple[list[int], list[int], list[int]]:
@@ -232,7 +213,7 @@ def availability() -> str | None:
         import_tensorrt()
     except YatDeployError as exc:
         return exc.message
-    if runtime.gpu_count() == 0:
+    if native.gpu_count() == 0:
         return "no NVIDIA GPU is visible (TensorRT builds and runs engines on the GPU)"
     if native.gpu_kernels_manifest() is None:
         return "the YatGemm GPU kernels the plugin runs were not built (yatdeploy was installed without nvcc or triton)"
@@ -245,7 +226,7 @@ def availability() -> str | None:
 
 def require_build_environment() -> object:
     trt = import_tensorrt()
-    if runtime.gpu_count() == 0:
+    if native.gpu_count() == 0:
         raise YatDeployError("no NVIDIA GPU is visible: TensorRT builds an engine on the GPU that will run it")
     plugin_logic.kernels()
     return trt
@@ -296,8 +277,6 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
                  timing_cache: Path | None = None, workspace_mb: int = WORKSPACE_DEFAULT_MB,
                  verbose: bool = False, progress: Progress = QUIET) -> BuildResult:
     onnx_path, output = Path(onnx_path), Path(output)
-    from yatdeploy.validate import load_onnx
-
     prepared = prepare_model(load_onnx(onnx_path))
     shapes = profile_shapes(prepared, profile)
     trt = require_build_environment()

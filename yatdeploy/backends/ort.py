@@ -1,11 +1,5 @@
-"""ONNX Runtime sessions for the project: the one place that decides how a model is run.
-
-Backends, as named on the command line:
-- `ort-cpu`: ONNX Runtime on the CPU with yatdeploy's custom-op library (fused YatGemm kernels);
-- `ort-cuda`: ONNX Runtime's CUDA provider with the library's CUDA kernels;
-- `ort-function`: plain ONNX Runtime on the CPU, YatGemm inlined from the model's ONNX function;
-- `tensorrt`: a TensorRT engine (yatdeploy.trt), YatGemm as yatdeploy's plugin; never the default,
-  since it builds an engine first unless one is given.
+"""ONNX Runtime for the ORT backends (ort_cpu, ort_cuda, ort_function): sessions, and whether the
+custom-op library serves a model.
 
 A library is registered only when it has a kernel for every YatGemm node of the model on the
 session's providers: ONNX Runtime never falls back from a registered library to the function, so
@@ -21,7 +15,6 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
@@ -32,14 +25,12 @@ try:
 except ImportError:  # neither the cpu nor the gpu extra is installed
     ort = None
 
-from yatdeploy import dtypes, native
+from yatdeploy import dtypes, graph, native
+from yatdeploy.backends.base import DEFAULT_OPTIONS, Options, YatGemmExecution
 from yatdeploy.errors import OnnxModelError, YatDeployError
 from yatdeploy.spec import ONNX_BFLOAT16, ONNX_DOUBLE, ONNX_FLOAT, ONNX_FLOAT16, YAT_GEMM
 
-if TYPE_CHECKING:
-    from yatdeploy.trt.engine import BatchProfile
-
-log = logging.getLogger("yatdeploy.runtime")
+log = logging.getLogger("yatdeploy.backends.ort")
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -51,12 +42,17 @@ CUDA_LIBRARY_KERNELS = {**CPU_LIBRARY_KERNELS, CUDA: frozenset({ONNX_FLOAT, ONNX
 
 
 @dataclass(frozen=True)
-class Backend:
+class OrtBackend:
+    """An ONNX Runtime backend: its providers, and the custom-op library it registers when that serves the model."""
+
     name: str
     description: str
     providers: tuple[str, ...]
     library: str | None  # "cpu", "cuda" or None (function only)
-    kind: str = "onnxruntime"  # or "tensorrt"
+    default_rank: int | None = None
+    files = {".onnx": "an ONNX model"}
+    triton_platform = "onnxruntime_onnx"
+    triton_backend = "onnxruntime"
 
     def library_path(self) -> Path | None:
         if self.library == "cpu":
@@ -70,10 +66,6 @@ class Backend:
 
     def availability(self) -> str | None:
         """None when usable here, otherwise why not."""
-        if self.kind == "tensorrt":
-            from yatdeploy.trt.engine import availability
-
-            return availability()
         if ort is None:
             return "onnxruntime is not installed (pip install 'yatdeploy[cpu]' or 'yatdeploy[gpu]')"
         missing = [p for p in self.providers if p not in ort.get_available_providers()]
@@ -82,47 +74,21 @@ class Backend:
         if self.library is not None and self.library_path() is None:
             what = "with CUDA kernels " if self.library == "cuda" else ""
             return f"yatdeploy's custom-op library {what}was not built (see `yatdeploy doctor`)"
-        if CUDA in self.providers and gpu_count() == 0:
+        if CUDA in self.providers and native.gpu_count() == 0:
             return "no NVIDIA GPU is visible"
         return None
 
-
-BACKENDS: dict[str, Backend] = {
-    b.name: b
-    for b in (
-        Backend("ort-cpu", "ONNX Runtime, CPU, yatdeploy's fused YatGemm kernels", (CPU,), "cpu"),
-        Backend("ort-cuda", "ONNX Runtime, CUDA, yatdeploy's fused YatGemm kernels", (CUDA, CPU), "cuda"),
-        Backend("ort-function", "ONNX Runtime, CPU, YatGemm inlined from the model's ONNX function", (CPU,), None),
-        Backend("tensorrt", "TensorRT engine, YatGemm as yatdeploy's plugin (ahead-of-time PTX kernel)", (), None,
-                kind="tensorrt"),
-    )
-}
+    def open(self, model: str | Path | bytes | onnx.ModelProto, options: Options = DEFAULT_OPTIONS) -> Session:
+        if isinstance(model, (str, Path)):
+            # Loaded here, external data included: onnx checks that the data stays beside the model.
+            model = onnx.load(str(model))
+        return create_session(model, self, intra_op_threads=options.intra_op_threads,
+                              allow_spinning=options.allow_spinning, profile_to=options.profile_to)
 
 
-def get_backend(name: str) -> Backend:
-    if name not in BACKENDS:
-        raise YatDeployError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
-    return BACKENDS[name]
-
-
-def default_backend() -> Backend:
-    """The fastest backend that works here."""
-    for name in ("ort-cuda", "ort-cpu", "ort-function"):
-        if BACKENDS[name].availability() is None:
-            return BACKENDS[name]
-    raise YatDeployError(f"no ONNX Runtime backend works here: {BACKENDS['ort-function'].availability()}")
-
-
-def gpu_count() -> int:
-    """NVIDIA GPUs the driver reports (0 without a driver); asks libcuda directly, needing no toolkit."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
+def available_providers() -> list[str]:
+    """The execution providers of the installed onnxruntime (none without one)."""
+    return ort.get_available_providers() if ort is not None else []
 
 
 def yat_gemm_node_types(model: onnx.ModelProto) -> set[int]:
@@ -131,7 +97,7 @@ def yat_gemm_node_types(model: onnx.ModelProto) -> set[int]:
     return set(node_elem_types(model).values())
 
 
-def library_decision(backend: Backend, node_types: set[int], yat_version: int | None) -> tuple[bool, str]:
+def library_decision(backend: OrtBackend, node_types: set[int], yat_version: int | None) -> tuple[bool, str]:
     """Whether to register the backend's library for a model, and the reason in one line."""
     if backend.library is None:
         return False, "YatGemm runs as the model's ONNX function (backend ort-function)"
@@ -162,29 +128,65 @@ def _load_model(model: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
     return onnx.load(str(model), load_external_data=False)
 
 
-@dataclass
 class Session:
-    """An ONNX Runtime session (or a TensorRT engine runner), and whether YatGemm runs as our kernel in it."""
+    """An ONNX Runtime session (the ORT backends' Runner), and whether YatGemm runs as our kernel in it."""
 
-    inner: object  # onnxruntime.InferenceSession, or yatdeploy.trt.runner.EngineRunner
-    backend: Backend
-    uses_library: bool
-    reason: str
+    max_batch = None
 
+    def __init__(self, inner: ort.InferenceSession, backend: OrtBackend, uses_library: bool, reason: str,
+                 model: onnx.ModelProto, *, profiling: bool = False) -> None:
+        self.inner = inner
+        self.backend = backend
+        self.uses_library = uses_library
+        self.reason = reason
+        self.inputs = [graph.signature(v) for v in graph.graph_inputs(model)]
+        self.outputs = [graph.signature(v) for v in model.graph.output]
+        self._profiling = profiling
+        self._kernel_runs: dict[str, int] | None = None
 
-def create_engine_session(onnx_model: str | Path, backend: Backend, *, engine: str | Path | None = None,
-                          profile: BatchProfile | None = None) -> Session:
-    """The tensorrt backend's session: `engine`, or an engine built now for `profile` (default 1..64)."""
-    from yatdeploy.trt.engine import BatchProfile
-    from yatdeploy.trt.runner import open_engine
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run on numpy inputs of any admitted dtype, bfloat16 included."""
+        ort_feeds = {name: _to_ort_value(array) for name, array in feeds.items()}
+        try:
+            outputs = self.inner.run_with_ort_values(None, ort_feeds)
+        except Exception as exc:
+            raise OnnxModelError(f"ONNX Runtime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
+        return [_from_ort_value(v) for v in outputs]
 
-    runner = open_engine(onnx_model, engine, (profile or BatchProfile(1, 8, 64)).check())
-    return Session(runner, backend, True, runner.describe_yat_gemm())
+    def kernel_runs(self) -> dict[str, int]:
+        """End profiling (create_session(profile_to=...)): YatGemm kernel runs per provider.
+
+        An inlined function leaves no YatGemm node in the profile (its nodes are the function's body),
+        so an empty result means the library's kernel did not run.
+        """
+        if self._kernel_runs is None:
+            self._kernel_runs = _profiled_kernel_runs(Path(self.inner.end_profiling()))
+        return self._kernel_runs
+
+    def yat_gemm_execution(self, nodes: int = 0, runs: int = 0) -> YatGemmExecution:
+        """Per the profiler when profiling (did YatGemm run as the library kernel the session was set up
+        for, `nodes` x `runs` times?), else per the library decision."""
+        kernel = "custom-op library kernel" if self.uses_library else "ONNX function"
+        if not self._profiling:
+            return YatGemmExecution(kernel, self.reason)
+        kernel_runs = self.kernel_runs()
+        expected_runs = nodes * runs
+        if expected_runs == 0:
+            return YatGemmExecution(kernel, "no YatGemm nodes ran", kernel_runs)
+        problem = None
+        if self.uses_library and sum(kernel_runs.values()) < expected_runs:
+            problem = (f"the custom-op library was registered but the profiler saw "
+                       f"{sum(kernel_runs.values())} YatGemm kernel runs, expected {expected_runs}")
+        elif not self.uses_library and kernel_runs:
+            problem = "YatGemm ran as a kernel although no library was registered"
+        elif not self.uses_library and self.backend.library is not None:
+            problem = f"the library was not used: {self.reason}"
+        return YatGemmExecution(kernel, describe_kernel_runs(kernel_runs), kernel_runs, problem)
 
 
 def create_session(
     model: str | Path | bytes | onnx.ModelProto,
-    backend: Backend,
+    backend: OrtBackend,
     *,
     intra_op_threads: int = 0,
     allow_spinning: bool = True,
@@ -193,10 +195,6 @@ def create_session(
     reason = backend.availability()
     if reason:
         raise YatDeployError(f"backend {backend.name} is not available: {reason}")
-    if backend.kind == "tensorrt":
-        if not isinstance(model, (str, Path)):
-            raise YatDeployError("the tensorrt backend builds its engine from an ONNX file: pass a path")
-        return create_engine_session(model, backend)
     proto = _load_model(model)
     imports = {o.domain: o.version for o in proto.opset_import}
     use_library, why = library_decision(backend, yat_gemm_node_types(proto), imports.get(YAT_GEMM.domain))
@@ -221,7 +219,7 @@ def create_session(
         raise OnnxModelError(
             f"ONNX Runtime ({backend.name}) can't load the model: {str(exc).strip().splitlines()[0]}"
         ) from exc
-    return Session(inner, backend, use_library, why)
+    return Session(inner, backend, use_library, why, proto, profiling=profile_to is not None)
 
 
 def _to_ort_value(array: np.ndarray) -> ort.OrtValue:
@@ -243,24 +241,10 @@ def _from_ort_value(value: ort.OrtValue) -> np.ndarray:
 
 
 def run(session: Session, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a session on numpy inputs of any admitted dtype, bfloat16 included."""
-    if session.backend.kind == "tensorrt":
-        return session.inner.run(dict(feeds))
-    ort_feeds = {name: _to_ort_value(array) for name, array in feeds.items()}
-    try:
-        outputs = session.inner.run_with_ort_values(None, ort_feeds)
-    except Exception as exc:
-        raise OnnxModelError(f"ONNX Runtime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
-    return [_from_ort_value(v) for v in outputs]
+    return session.run(feeds)
 
 
-def profiled_kernel_runs(session: Session) -> dict[str, int]:
-    """End a session's profiling (create_session(profile_to=...)): YatGemm kernel runs per provider.
-
-    An inlined function leaves no YatGemm node in the profile (its nodes are the function's body),
-    so an empty result means the library's kernel did not run.
-    """
-    profile = Path(session.inner.end_profiling())
+def _profiled_kernel_runs(profile: Path) -> dict[str, int]:
     events = json.loads(profile.read_text())
     runs: dict[str, int] = {}
     for event in events:
@@ -273,13 +257,13 @@ def profiled_kernel_runs(session: Session) -> dict[str, int]:
 
 
 def yat_gemm_kernel_runs(
-    model: str | Path | bytes | onnx.ModelProto, backend: Backend, feeds: Mapping[str, np.ndarray]
+    model: str | Path | bytes | onnx.ModelProto, backend: OrtBackend, feeds: Mapping[str, np.ndarray]
 ) -> dict[str, int]:
     """Run once under ONNX Runtime's profiler: how many YatGemm kernel runs each provider made."""
     with tempfile.TemporaryDirectory(prefix="yatdeploy-profile-") as folder:
         session = create_session(model, backend, profile_to=Path(folder) / "profile")
-        run(session, feeds)
-        return profiled_kernel_runs(session)
+        session.run(feeds)
+        return session.kernel_runs()
 
 
 def describe_kernel_runs(runs: Mapping[str, int]) -> str:
