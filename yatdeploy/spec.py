@@ -130,8 +130,8 @@ class Implementation:
 # header carries it and the library registers exactly these kernels (custom_ops/src/cpu/, custom_ops/src/cuda/;
 # a dtype listed here without a kernel there fails the native build). "cuda" is the Triton kernels compiled
 # ahead of time (yatdeploy/gpu/), which the ONNX Runtime CUDA op and the TensorRT plugin both launch;
-# yatdeploy/trt/plugin_logic.py takes the plugin's types from it. The runtime's per-library kernel tables
-# (which dtypes a backend's library runs natively) are meant to be read from here as well.
+# yatdeploy/trt/plugin_logic.py takes the plugin's types from it, and yatdeploy/backends/ort.py its per-library
+# kernel tables (which dtypes a backend's library runs natively, on which provider).
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "cpu": Implementation(
         "cpu", "CPUExecutionProvider", (ONNX_FLOAT, ONNX_DOUBLE, ONNX_FLOAT16, ONNX_BFLOAT16),

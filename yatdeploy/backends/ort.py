@@ -28,17 +28,22 @@ except ImportError:  # neither the cpu nor the gpu extra is installed
 from yatdeploy import dtypes, graph, native
 from yatdeploy.backends.base import DEFAULT_OPTIONS, Options, YatGemmExecution
 from yatdeploy.errors import OnnxModelError, YatDeployError
-from yatdeploy.spec import ONNX_BFLOAT16, ONNX_DOUBLE, ONNX_FLOAT, ONNX_FLOAT16, YAT_GEMM
+from yatdeploy.spec import IMPLEMENTATIONS, ONNX_BFLOAT16, YAT_GEMM
 
 log = logging.getLogger("yatdeploy.backends.ort")
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
+CPU = IMPLEMENTATIONS["cpu"].provider  # CPUExecutionProvider
+CUDA = IMPLEMENTATIONS["cuda"].provider  # CUDAExecutionProvider
 _ORT_LOG_ERRORS_ONLY = 3
 
-# The kernels each library registers, per provider (custom_ops/src/*_op.cc).
-CPU_LIBRARY_KERNELS = {CPU: frozenset({ONNX_FLOAT, ONNX_DOUBLE, ONNX_FLOAT16, ONNX_BFLOAT16})}
-CUDA_LIBRARY_KERNELS = {**CPU_LIBRARY_KERNELS, CUDA: frozenset({ONNX_FLOAT, ONNX_FLOAT16, ONNX_BFLOAT16})}
+
+def _kernels(*implementations: str) -> dict[str, frozenset[int]]:
+    return {IMPLEMENTATIONS[i].provider: frozenset(IMPLEMENTATIONS[i].dtypes) for i in implementations}
+
+
+# The kernels each library registers, per provider: the spec's IMPLEMENTATIONS (the CUDA build has both).
+CPU_LIBRARY_KERNELS = _kernels("cpu")
+CUDA_LIBRARY_KERNELS = _kernels("cpu", "cuda")
 
 
 @dataclass(frozen=True)
