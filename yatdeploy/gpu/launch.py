@@ -18,7 +18,7 @@ from yatdeploy.gpu.common import (
     output_saturation,
 )
 from yatdeploy.gpu.configs import TileConfig, cdiv, choose_config, split_k_slices
-from yatdeploy.ops.torch_op import _check_operands, yat_gemm_reference
+from yatdeploy.ops.reference import check_operands, yat_gemm_reference
 
 GPU_DTYPES = tuple(getattr(torch, name) for name in KERNEL_DTYPES)
 
@@ -89,7 +89,7 @@ def yat_gemm(
     (default: choose_config by shape). `float32_precision`: "ieee" (exact float32 products) or "tf32x3"
     (three TF32 tensor-core products; its accuracy is still to be measured on a GPU).
     """
-    _check_operands(x, w, b)
+    check_operands(x, w, b)
     _check_dtype(x.dtype)
     device = _check_device(x, w, b, w_sq)
     n, k = w.shape
@@ -143,5 +143,5 @@ def op_cuda_kernel(x: Tensor, w: Tensor, b: Tensor | None, eps: float, alpha: fl
     """`yatdeploy::yat_gemm` on CUDA tensors: the Triton kernel, or the reference for float64."""
     if x.dtype in GPU_DTYPES:
         return yat_gemm(x, w, b, eps, alpha)
-    _check_operands(x, w, b)
+    check_operands(x, w, b)
     return yat_gemm_reference(x, w, b, eps, alpha)
