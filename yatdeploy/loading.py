@@ -15,7 +15,6 @@ CRCs are checked first, so a flipped byte is an error rather than a silently dif
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import inspect
 import io
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from yatdeploy.errors import ModelLoadError
+from yatdeploy.files import file_sha256
 
 PICKLED_MODULE = "pickled module"
 STATE_DICT = "state_dict + --arch"
@@ -60,14 +60,6 @@ class LoadedModel:
     def layers_are_identifiable(self) -> bool:
         """Whether nmn layers are live Python objects whose options can be read (not compiled archives)."""
         return self.format in (PICKLED_MODULE, STATE_DICT)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @functools.cache

@@ -18,7 +18,6 @@ Needs triton and not torch: the package build runs it in an environment without 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from triton.runtime.jit import JITFunction
 
+from yatdeploy.files import file_sha256
 from yatdeploy.gpu import kernel
 from yatdeploy.gpu.common import (
     FLOAT32_PRECISIONS,
@@ -295,7 +295,7 @@ def build(out_dir: Path, jobs: list[KernelJob], workers: int = 1) -> dict:
     manifest = {
         "format": MANIFEST_FORMAT,
         "triton_version": triton.__version__,
-        "kernel_source_sha256": hashlib.sha256(Path(kernel.__file__).read_bytes()).hexdigest(),
+        "kernel_source_sha256": file_sha256(Path(kernel.__file__)),
         "entries": [asdict(e) for e in entries],
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")

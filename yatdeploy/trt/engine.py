@@ -12,7 +12,6 @@ can describe an engine without TensorRT.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ from onnx import helper, numpy_helper
 from yatdeploy import dtypes, graph, native
 from yatdeploy.attach import node_elem_types, yat_gemm_nodes
 from yatdeploy.errors import OnnxModelError, YatDeployError
+from yatdeploy.files import file_sha256
 from yatdeploy.graph import TensorSignature, load_onnx
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
@@ -242,14 +242,6 @@ class BuildResult:
     notes: list[str]
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _progress_monitor(trt, progress: Progress):
     """TensorRT's build phases as progress lines (IProgressMonitor, TensorRT >= 10)."""
 
@@ -331,7 +323,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
         profile=profile,
         yat_gemm_nodes=prepared.yat_gemm_nodes,
         plugin_layers=plugin_layers,
-        onnx_sha256=_file_sha256(onnx_path),
+        onnx_sha256=file_sha256(onnx_path),
         tensorrt=trt.__version__,
         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
         built={"host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
