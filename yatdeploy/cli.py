@@ -236,11 +236,11 @@ def _print_report(report, args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace, progress) -> int:
-    from yatdeploy.export import ExportOptions, export_model, parse_shape
+    from yatdeploy.export import ExportOptions, export_model
     from yatdeploy.loading import load_model
     from yatdeploy.validate import validate
 
-    shape = parse_shape(args.input_shape)
+    shape = _shape(args.input_shape)
     _check_tolerance_args(args)
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     if output.resolve() == Path(args.model).resolve():
@@ -277,27 +277,16 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
     return status
 
 
-def _parse_batches(text: str) -> list[int]:
-    try:
-        batches = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        batches = []
-    if not batches or any(b <= 0 for b in batches):
-        raise YatDeployError(f"--batches {text!r}: expected comma-separated positive integers, e.g. 1,7,32")
-    return batches
-
-
 def cmd_validate(args: argparse.Namespace, progress) -> int:
     from yatdeploy import backends
-    from yatdeploy.export import parse_shape
     from yatdeploy.loading import load_model
     from yatdeploy.validate import input_dtype, load_onnx, validate
 
     for name in args.backend or []:
         backends.get(name)
-    batches = _parse_batches(args.batches)
+    batches = _numbers(args.batches, "--batches", example="1,7,32")
     _check_tolerance_args(args)
-    shape = parse_shape(args.input_shape) if args.input_shape else None
+    shape = _shape(args.input_shape) if args.input_shape else None
     dtype = input_dtype(load_onnx(args.onnx_model))
     progress.say(f"loading {args.against}")
     loaded = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
@@ -403,21 +392,26 @@ def cmd_serve(args: argparse.Namespace, progress) -> int:
     return EXIT_OK
 
 
-def _numbers(text: str, flag: str, kind=int) -> list:
+def _numbers(text: str, flag: str, kind=int, **options) -> list:
+    """yatdeploy.parsing.positive_numbers on an option's text; its error gets the option's name."""
+    from yatdeploy.errors import InputSpecError
+    from yatdeploy.parsing import positive_numbers
+
     try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = [-1]
-    if any(v <= 0 for v in values):
-        raise YatDeployError(f"{flag} {text!r}: expected comma-separated positive numbers")
-    return values
+        return positive_numbers(text, kind, **options)
+    except InputSpecError as exc:
+        raise InputSpecError(f"{flag} {exc}") from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(_numbers(text, "--input-shape", example="1,784", separators=",x"))
 
 
 def cmd_bench(args: argparse.Namespace, progress) -> int:
     from yatdeploy.serving.bench import format_steps, run_bench, write_outputs
 
-    concurrencies = _numbers(args.concurrency, "--concurrency")
-    rates = _numbers(args.rate, "--rate", float)
+    concurrencies = _numbers(args.concurrency, "--concurrency", allow_empty=True)
+    rates = _numbers(args.rate, "--rate", float, allow_empty=True)
     if not concurrencies and not rates:
         raise YatDeployError("nothing to run: give --concurrency and/or --rate")
     if args.duration <= 0 or args.warmup < 0 or args.batch < 1:

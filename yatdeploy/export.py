@@ -60,17 +60,6 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise InputSpecError(f"--input-shape {text!r}: expected comma-separated positive integers, e.g. 1,784") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise InputSpecError(f"--input-shape {text!r}: expected comma-separated positive integers, e.g. 1,784")
-    return shape
-
-
 def model_dtype(module: nn.Module) -> str:
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor.is_floating_point():
