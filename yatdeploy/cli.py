@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # The library's defaults, shown and used as they are (imported here: the command modules load lazily).
+    from yatdeploy.backends.tensorrt import DEFAULT_PROFILE
+    from yatdeploy.serving.repository import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE, ModelSource
+    from yatdeploy.trt.engine import WORKSPACE_DEFAULT_MB
+    from yatdeploy.validate import DEFAULT_BATCHES
+
+    default_batches = ",".join(str(b) for b in DEFAULT_BATCHES)
+    min_batch, opt_batch, max_batch = DEFAULT_PROFILE
 
     export = commands.add_parser(
         "export", parents=[common], help="export a PyTorch Yat model to ONNX and validate it",
@@ -91,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write DIR/<name>/1/model.onnx and a config.pbtxt for Triton or `yatdeploy serve`",
     )
     export.add_argument("--name", help="model name in the repository (default: the output file's stem)")
-    export.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size in config.pbtxt (default 64)")
+    export.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help=f"max_batch_size in config.pbtxt (default {DEFAULT_MAX_BATCH_SIZE})")
     _add_model_source_args(export)
     _add_tolerance_args(export)
 
@@ -107,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-sample input shape (default: recorded at export, or the model's static dims)",
     )
     validate.add_argument(
-        "--batches", default="1,7,32", metavar="N,N,...", help="batch sizes of the random inputs (default 1,7,32)"
+        "--batches", default=default_batches, metavar="N,N,...",
+        help=f"batch sizes of the random inputs (default {default_batches})",
     )
     validate.add_argument(
         "--backend", action="append", metavar="NAME",
@@ -130,12 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     engine.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
     engine.add_argument("-o", "--output", metavar="PLAN", help="the engine to write (default: ONNX with .plan)")
-    engine.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine takes (default 1)")
-    engine.add_argument("--opt-batch", type=int, default=8, help="batch the kernels are tuned for (default 8)")
-    engine.add_argument("--max-batch", type=int, default=64, help="largest batch the engine takes (default 64)")
+    engine.add_argument("--min-batch", type=int, default=min_batch,
+                        help=f"smallest batch the engine takes (default {min_batch})")
+    engine.add_argument("--opt-batch", type=int, default=opt_batch,
+                        help=f"batch the kernels are tuned for (default {opt_batch})")
+    engine.add_argument("--max-batch", type=int, default=max_batch,
+                        help=f"largest batch the engine takes (default {max_batch})")
     engine.add_argument("--timing-cache", metavar="FILE",
                         help="TensorRT timing cache, read if present and updated (default: PLAN.timing-cache)")
-    engine.add_argument("--workspace-mb", type=int, default=4096, help="builder workspace limit (default 4096 MB)")
+    engine.add_argument("--workspace-mb", type=int, default=WORKSPACE_DEFAULT_MB,
+                        help=f"builder workspace limit (default {WORKSPACE_DEFAULT_MB} MB)")
     engine.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
     engine.add_argument(
         "--repository", metavar="DIR",
@@ -166,11 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--backend", help="ort-cpu, ort-cuda, ort-function or tensorrt (default: config.pbtxt, "
                                           "else the fastest ONNX Runtime backend that works)")
-    serve.add_argument("--max-batch-size", type=int, help="dynamic batching limit (default: config.pbtxt, else 64)")
+    serve.add_argument("--max-batch-size", type=int,
+                       help=f"dynamic batching limit (default: config.pbtxt, else {DEFAULT_MAX_BATCH_SIZE})")
     serve.add_argument("--max-queue-delay-us", type=int,
-                       help="longest wait for a fuller batch, in µs (default: config.pbtxt, else 0)")
+                       help="longest wait for a fuller batch, in µs "
+                            f"(default: config.pbtxt, else {ModelSource.max_queue_delay_us})")
     serve.add_argument("--max-queue-size", type=int,
-                       help="queued requests per model before 503 (default: config.pbtxt, else 256)")
+                       help=f"queued requests per model before 503 (default: config.pbtxt, else {DEFAULT_MAX_QUEUE_SIZE})")
     serve.add_argument("--no-batching", action="store_true", help="run every request on its own")
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (default 64 MB)")
     serve.add_argument("--threads", type=int,
