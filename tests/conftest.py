@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import QUIET
 
 # Triton reads TRITON_INTERPRET when it decorates a kernel, so the first test module that imports it decides
@@ -40,3 +44,41 @@ def save_whole(tmp_path: Path):
         return path
 
     return _save
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """tests.model_zoo.yat_mlp saved whole and exported once per session with ExportOptions((1, 16)).
+
+    Shared by every test that asks for it: read the files, never change them; a test that changes the ONNX
+    changes a copy (onnx_copy)."""
+
+    source: Path  # the .pt
+    onnx: Path
+    loaded: LoadedModel
+
+    def onnx_copy(self, directory: Path, name: str = "m.onnx") -> Path:
+        path = directory / name
+        shutil.copy(self.onnx, path)
+        return path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def exported_mlp(tmp_path_factory) -> ExportedModel:
+    from tests.model_zoo import yat_mlp
+    from yatdeploy.export import ExportOptions, export_model
+    from yatdeploy.loading import load_model
+
+    folder = tmp_path_factory.mktemp("exported_mlp")
+    source = folder / "mlp.pt"
+    torch.save(yat_mlp(), source)
+    loaded = load_model(source)
+    export_model(loaded, folder / "mlp.onnx", ExportOptions((1, 16)), QUIET)
+    files = {path: _digest(path) for path in (source, folder / "mlp.onnx")}
+    yield ExportedModel(source=source, onnx=folder / "mlp.onnx", loaded=loaded)
+    changed = [path.name for path, digest in files.items() if _digest(path) != digest]
+    assert not changed, f"a test changed the session's shared export: {changed}"

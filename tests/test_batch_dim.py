@@ -40,10 +40,9 @@ def drop_dim_name(path) -> None:
 
 
 @pytest.fixture
-def exported(save_whole, tmp_path, progress):
-    loaded = load_model(save_whole(yat_mlp()))
-    export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16)), progress)
-    return loaded, tmp_path / "m.onnx"
+def exported(exported_mlp, tmp_path):
+    """A copy of the session's shared export: these tests rename and drop its dimensions."""
+    return exported_mlp.loaded, exported_mlp.onnx_copy(tmp_path)
 
 
 @pytest.mark.parametrize("rename", ["N", "batch_size", "s0", None], ids=["N", "batch_size", "s0", "unnamed"])

@@ -45,12 +45,11 @@ def test_export_then_validate(model_file, tmp_path, capsys):
     assert "random batch 7" in printed and "max rel err" in printed
 
 
-def test_validate_exits_1_and_names_the_output_when_weights_changed(model_file, tmp_path, capsys):
-    out = tmp_path / "m.onnx"
-    assert main(["export", "-q", str(model_file), "-o", str(out), "--input-shape", "1,16", "--no-validate"]) == EXIT_OK
+def test_validate_exits_1_and_names_the_output_when_weights_changed(exported_mlp, tmp_path, capsys):
+    out = exported_mlp.onnx_copy(tmp_path)
     tamper_first_yat_weight(out)
     capsys.readouterr()
-    assert main(["validate", "-q", str(out), "--against", str(model_file)]) == EXIT_VALIDATION_FAILED
+    assert main(["validate", "-q", str(out), "--against", str(exported_mlp.source)]) == EXIT_VALIDATION_FAILED
     printed = capsys.readouterr().out
     assert "FAILED" in printed and "output 'output'" in printed
 
@@ -141,14 +140,13 @@ def test_help(command, capsys):
         assert "--input-shape" in text and "--trust-pickle" in text and "--arch" in text
 
 
-def test_bench_exits_4_when_requests_fail(model_file, tmp_path, capsys):
+def test_bench_exits_4_when_requests_fail(exported_mlp, tmp_path, capsys):
     """Failed requests are not a failed validation: bench has an exit status of its own."""
     pytest.importorskip("fastapi", reason="the service extra is not installed")
     from tests.test_serving import Server
     from yatdeploy.cli import EXIT_REQUESTS_FAILED
 
-    out = tmp_path / "m.onnx"
-    assert main(["export", "-q", str(model_file), "-o", str(out), "--input-shape", "1,16", "--no-validate"]) == EXIT_OK
+    out = exported_mlp.onnx_copy(tmp_path)  # served as model "m"
     server = Server(out, "--max-batch-size", "4")
     try:
         status = main(["bench", "-q", f"http://{server.url}", "--model", "m", "--concurrency", "1", "--batch", "8",
@@ -176,13 +174,12 @@ def test_a_failed_consistency_check_of_ours_is_an_internal_error(model_file, tmp
     ("object", r"objs.npz\[a\]: Object arrays cannot be loaded"),
     ("crc", r"crc.npz\[a\]: can't be read \(BadZipFile"),
 ])
-def test_a_bad_npz_member_is_bad_input(model_file, tmp_path, capsys, member, message):
+def test_a_bad_npz_member_is_bad_input(exported_mlp, tmp_path, capsys, member, message):
     import re
 
     import numpy as np
 
-    out = tmp_path / "m.onnx"
-    assert main(["export", "-q", str(model_file), "-o", str(out), "--input-shape", "1,16", "--no-validate"]) == EXIT_OK
+    out, model_file = exported_mlp.onnx, exported_mlp.source
     if member == "object":
         path = tmp_path / "objs.npz"
         np.savez(path, a=np.array([{"a": 1}], dtype=object))

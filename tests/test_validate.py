@@ -19,11 +19,9 @@ from yatdeploy.validate import Tolerance, compare, format_report, validate
 
 
 @pytest.fixture
-def exported(save_whole, tmp_path, progress):
-    source = save_whole(yat_mlp())
-    loaded = load_model(source)
-    export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16)), progress)
-    return loaded, tmp_path / "m.onnx"
+def exported(exported_mlp):
+    """The session's shared export, read only: a test that changes the ONNX uses exported_mlp.onnx_copy."""
+    return exported_mlp.loaded, exported_mlp.onnx
 
 
 def tamper_first_yat_weight(path, factor: float = 1.01) -> None:
@@ -52,8 +50,8 @@ def test_a_faithful_export_passes_on_every_batch(exported):
     assert report.checks[0].passed and "2 YatGemm nodes for 2 YatNMN layers" in report.checks[0].detail
 
 
-def test_weights_changed_after_export_fail_and_name_the_output(exported):
-    loaded, path = exported
+def test_weights_changed_after_export_fail_and_name_the_output(exported_mlp, tmp_path):
+    loaded, path = exported_mlp.loaded, exported_mlp.onnx_copy(tmp_path)
     tamper_first_yat_weight(path)
     report = validate(path, loaded)
     assert not report.passed
@@ -171,8 +169,8 @@ def test_a_run_time_failure_of_onnx_runtime_is_named(exported):
         ort.run(session, {"input": np.ones((2, 15), np.float32)})
 
 
-def test_output_names_are_checked_for_yatdeploy_exports(exported):
-    loaded, path = exported
+def test_output_names_are_checked_for_yatdeploy_exports(exported_mlp, tmp_path):
+    loaded, path = exported_mlp.loaded, exported_mlp.onnx_copy(tmp_path)
     assert validate(path, loaded).checks[1].name == "output names"
     model = onnx.load(str(path))
     old = model.graph.output[0].name
@@ -185,8 +183,8 @@ def test_output_names_are_checked_for_yatdeploy_exports(exported):
     assert "output names: logits; PyTorch's outputs map to output" in report.failures()
 
 
-def test_a_library_backend_that_falls_back_to_the_function_is_reported(exported):
-    loaded, path = exported
+def test_a_library_backend_that_falls_back_to_the_function_is_reported(exported_mlp, tmp_path):
+    loaded, path = exported_mlp.loaded, exported_mlp.onnx_copy(tmp_path)
     model = onnx.load(str(path))
     for opset in model.opset_import:
         if opset.domain == "yat":
