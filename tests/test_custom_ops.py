@@ -114,7 +114,6 @@ def test_the_install_built_the_library_and_doctor_reports_it(capsys):
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ort_custom_ops_library"] == str(path)
-    assert isinstance(report["cuda_kernels_built"], bool)
     if shutil.which("nvcc"):
         # The build turns the CUDA kernels on whenever nvcc is present (compile-only on a CPU machine).
         assert report["cuda_kernels_built"] is True

@@ -22,7 +22,7 @@ import pytest
 from tests.cuda_driver import Driver, load_driver
 from yatdeploy import native
 from yatdeploy.errors import YatDeployError
-from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, YAT_GEMM
+from yatdeploy.spec import PLUGIN_NAMESPACE, YAT_GEMM
 from yatdeploy.trt import plugin_logic as logic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,6 @@ def test_kernel_parameters_are_inputs_then_extra_args_then_outputs():
     (kernel,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == f"{logic.TRT_KERNEL}_kernel"]
     runtime = [a.arg for a in kernel.args.args if a.annotation is None or "constexpr" not in ast.unparse(a.annotation)]
     assert tuple(runtime) == logic.KERNEL_PARAMS
-    assert logic.ATTRIBUTES == MATH_ATTRIBUTES
     assert logic.PLUGIN_ID == f"{PLUGIN_NAMESPACE}::YatGemm"
 
 
@@ -133,6 +132,13 @@ def test_launch_per_tactic_covers_every_output_once(built, m, n, k):
         assert launch.shared_memory == entry["shared_memory_bytes"] > 0
         halves = [*logic.float_halves(1e-5), *logic.float_halves(-2.0)]
         assert logic.extra_args(entry, m, n, k, 1e-5, -2.0) == [m, n, k, *halves]
+
+
+def test_launch_refuses_a_block_that_is_not_32_threads_per_warp():
+    entry = {"ptx": "k.ptx", "grid": ["M", "1", "1"], "block": [64, 1, 1], "num_warps": 4, "shared_memory_bytes": 0}
+    with pytest.raises(YatDeployError, match=r"k.ptx: block \(64, 1, 1\) is not 32·num_warps"):
+        logic.launch(entry, 3, 5, 4)
+    assert logic.launch({**entry, "num_warps": 2}, 3, 5, 4).block == (64, 1, 1)
 
 
 def test_launch_shared_memory_per_tactic(built):
