@@ -91,7 +91,8 @@ def model_config_pb2():
     try:
         import tritonclient
     except ImportError:
-        raise YatDeployError("reading config.pbtxt needs tritonclient", "pip install 'yatdeploy[service]'") from None
+        raise YatDeployError("reading or writing config.pbtxt needs tritonclient",
+                             "pip install 'yatdeploy[service]'") from None
     path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
     spec = importlib.util.spec_from_file_location("yatdeploy_triton_model_config_pb2", path)
     if spec is None or spec.loader is None or not path.is_file():
@@ -260,43 +261,46 @@ def _dims(value: onnx.ValueInfoProto) -> list[int]:
     return graph.dims(value)[1:]  # without the batch dimension
 
 
-def _tensor_entries(values) -> str:
+def _add_tensors(field, tensors) -> None:
+    """Add ModelInput/ModelOutput entries to `field` from (name, yatdeploy dtype name, dims without the batch)."""
     from yatdeploy import dtypes
 
-    return _entries([(v.name, dtypes.by_onnx(v.type.tensor_type.elem_type).name, _dims(v)) for v in values])
-
-
-def _entries(tensors: list[tuple[str, str, list[int]]]) -> str:
-    """config.pbtxt tensor entries from (name, yatdeploy dtype name, dims without the batch)."""
-    from yatdeploy import dtypes
-
-    entries = []
     for name, dtype, dims in tensors:
         datatype = datatype_of(dtypes.by_name(dtype).numpy)
-        text = ", ".join(str(d) for d in dims)
-        entries.append(f'  {{\n    name: "{name}"\n    data_type: {_TRITON_TYPES[datatype]}\n    dims: [ {text} ]\n  }}')
-    return ",\n".join(entries)
+        field.add(name=name, data_type=_TRITON_TYPES[datatype], dims=list(dims))
+
+
+def _onnx_tensors(values):
+    from yatdeploy import dtypes
+
+    return [(v.name, dtypes.by_onnx(v.type.tensor_type.elem_type).name, _dims(v)) for v in values]
+
+
+def _dynamic_batching(config, max_queue_delay_us: int, max_queue_size: int) -> None:
+    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    config.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
+    config.dynamic_batching.SetInParent()  # present even with every field at its default
+
+
+def _text(config) -> str:
+    from google.protobuf import text_format
+
+    return text_format.MessageToString(config)
 
 
 def config_text(name: str, model: onnx.ModelProto, *, op_library: Path | None, max_batch_size: int,
                 max_queue_delay_us: int = 0, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
-    inputs = graph.graph_inputs(model)
-    lines = [
-        f'name: "{name}"',
-        'backend: "onnxruntime"',
-        f"max_batch_size: {max_batch_size}",
-        "input [\n" + _tensor_entries(inputs) + "\n]",
-        "output [\n" + _tensor_entries(model.graph.output) + "\n]",
-        "dynamic_batching {\n"
-        f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
-        f"  default_queue_policy {{ max_queue_size: {max_queue_size} }}\n"
-        "}",
-        "instance_group [ { kind: KIND_CPU, count: 1 } ]",
-    ]
+    """config.pbtxt for an ONNX model: Triton's ModelConfig message in protobuf text format."""
+    pb2 = model_config_pb2()
+    config = pb2.ModelConfig(name=name, backend="onnxruntime", max_batch_size=max_batch_size)
+    _add_tensors(config.input, _onnx_tensors(graph.graph_inputs(model)))
+    _add_tensors(config.output, _onnx_tensors(model.graph.output))
+    _dynamic_batching(config, max_queue_delay_us, max_queue_size)
+    config.instance_group.add(kind=pb2.ModelInstanceGroup.KIND_CPU, count=1)
     if op_library is not None:
         # Triton's ONNX Runtime backend registers this library in every session of the model.
-        lines.append(f'model_operations {{ op_library_filename: "{op_library}" }}')
-    return "\n".join(lines) + "\n"
+        config.model_operations.op_library_filename.append(str(op_library))
+    return _text(config)
 
 
 def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *, op_library: Path | None,
@@ -313,13 +317,7 @@ def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *
     shutil.copyfile(onnx_path, folder / str(version) / MODEL_FILE)
     config = config_text(name, model, op_library=op_library, max_batch_size=max_batch_size)
     (folder / CONFIG).write_text(config)
-    if _has_tritonclient():  # check it against Triton's own schema when that is at hand
-        parse_config(folder / CONFIG)
     return folder
-
-
-def _has_tritonclient() -> bool:
-    return importlib.util.find_spec("tritonclient") is not None
 
 
 def engine_config_text(name: str, signature, *, max_queue_delay_us: int = 0,
@@ -327,29 +325,18 @@ def engine_config_text(name: str, signature, *, max_queue_delay_us: int = 0,
     """config.pbtxt for a TensorRT engine (yatdeploy.trt.engine.EngineSignature)."""
     batching = graph.has_batch_dim(signature.inputs[0].shape)
     strip = 1 if batching else 0
-
-    def entries(tensors) -> str:
-        return _entries([(t.name, t.dtype, t.shape[strip:]) for t in tensors])
-
-    lines = [
-        f'name: "{name}"',
-        'platform: "tensorrt_plan"',
-        # YatGemm runs as yatdeploy's ahead-of-time plugin, whose kernel is inside the engine: Triton needs
-        # no plugin library for it (no LD_PRELOAD, no --backend-config=tensorrt,plugins=...).
-        f"max_batch_size: {signature.profile.max if batching else 0}",
-        "input [\n" + entries(signature.inputs) + "\n]",
-        "output [\n" + entries(signature.outputs) + "\n]",
-    ]
+    pb2 = model_config_pb2()
+    # YatGemm runs as yatdeploy's ahead-of-time plugin, whose kernel is inside the engine: Triton needs
+    # no plugin library for it (no LD_PRELOAD, no --backend-config=tensorrt,plugins=...).
+    config = pb2.ModelConfig(name=name, platform="tensorrt_plan",
+                             max_batch_size=signature.profile.max if batching else 0)
+    _add_tensors(config.input, [(t.name, t.dtype, t.shape[strip:]) for t in signature.inputs])
+    _add_tensors(config.output, [(t.name, t.dtype, t.shape[strip:]) for t in signature.outputs])
     if batching:
-        lines.append("dynamic_batching {\n"
-                     f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
-                     f"  default_queue_policy {{ max_queue_size: {max_queue_size} }}\n"
-                     "}")
-    lines += [
-        "instance_group [ { kind: KIND_GPU, count: 1 } ]",
-        f'parameters {{ key: "{BACKEND_PARAMETER}" value {{ string_value: "tensorrt" }} }}',
-    ]
-    return "\n".join(lines) + "\n"
+        _dynamic_batching(config, max_queue_delay_us, max_queue_size)
+    config.instance_group.add(kind=pb2.ModelInstanceGroup.KIND_GPU, count=1)
+    config.parameters[BACKEND_PARAMETER].string_value = "tensorrt"
+    return _text(config)
 
 
 def write_engine_repository(repository: str | Path, name: str, engine_path: str | Path, version: int = 1) -> Path:
@@ -368,6 +355,4 @@ def write_engine_repository(repository: str | Path, name: str, engine_path: str 
     shutil.copyfile(engine_path, target)
     shutil.copyfile(signature_path(engine_path), signature_path(target))
     (folder / CONFIG).write_text(engine_config_text(name, signature))
-    if _has_tritonclient():
-        parse_config(folder / CONFIG)
     return folder
