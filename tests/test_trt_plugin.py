@@ -134,6 +134,15 @@ def test_launch_per_tactic_covers_every_output_once(built, m, n, k):
         assert logic.extra_args(entry, m, n, k, 1e-5, -2.0) == [m, n, k, *halves]
 
 
+def test_plugin_types_spell_tensorrt_as_the_dtype_table():
+    from yatdeploy import dtypes
+
+    # plugin_logic keeps its own spellings (it imports no torch); they must be the table's.
+    for t in logic.PLUGIN_TYPES:
+        assert t.trt == dtypes.by_name(t.dtype).tensorrt
+        assert t.autotune == dtypes.by_name(t.dtype).v2
+
+
 def test_launch_refuses_a_block_that_is_not_32_threads_per_warp():
     entry = {"ptx": "k.ptx", "grid": ["M", "1", "1"], "block": [64, 1, 1], "num_warps": 4, "shared_memory_bytes": 0}
     with pytest.raises(YatDeployError, match=r"k.ptx: block \(64, 1, 1\) is not 32·num_warps"):

@@ -1,4 +1,11 @@
-"""One table for the floating dtypes the project handles, in each library's spelling."""
+"""One table of the tensor dtypes the project handles, in each library's spelling.
+
+FLOAT_TYPES are the dtypes a model is exported in (the CLI's --dtype); OTHER_TYPES are the further
+tensor types the serving protocol carries. serving.datatypes (KServe v2 names) and serving.repository
+(Triton's TYPE_ names) derive their tables from this one. Two modules keep their own spellings because
+they may not import torch or onnx: spec.py (ONNX numbers, standard library only; tests/test_spec.py checks
+them against onnx) and trt/plugin_logic.py (TensorRT names; tests/test_trt_plugin.py checks them here).
+"""
 
 from __future__ import annotations
 
@@ -11,22 +18,48 @@ from onnx import TensorProto
 
 
 @dataclass(frozen=True)
-class FloatType:
-    name: str  # the CLI spelling
+class DType:
+    name: str  # yatdeploy's spelling (the CLI's, for FLOAT_TYPES)
     torch: torch.dtype
     onnx: int
     numpy: np.dtype
     ort: str  # the type string ONNX Runtime reports, e.g. "tensor(float)"
+    v2: str  # the Open Inference Protocol's (KServe v2) datatype, e.g. "FP32"
+    tensorrt: str | None  # the tensorrt.DataType member, None where TensorRT has none
+
+    @property
+    def triton(self) -> str:
+        """The data_type in a Triton config.pbtxt, e.g. TYPE_FP32."""
+        return "TYPE_" + self.v2
 
 
-FLOAT_TYPES: tuple[FloatType, ...] = (
-    FloatType("float32", torch.float32, TensorProto.FLOAT, np.dtype(np.float32), "tensor(float)"),
-    FloatType("float64", torch.float64, TensorProto.DOUBLE, np.dtype(np.float64), "tensor(double)"),
-    FloatType("float16", torch.float16, TensorProto.FLOAT16, np.dtype(np.float16), "tensor(float16)"),
-    FloatType(
-        "bfloat16", torch.bfloat16, TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16), "tensor(bfloat16)"
-    ),
+FloatType = DType  # the name before the table had non-float rows
+
+FLOAT_TYPES: tuple[DType, ...] = (
+    DType("float32", torch.float32, TensorProto.FLOAT, np.dtype(np.float32), "tensor(float)", "FP32", "FLOAT"),
+    DType("float64", torch.float64, TensorProto.DOUBLE, np.dtype(np.float64), "tensor(double)", "FP64", None),
+    DType("float16", torch.float16, TensorProto.FLOAT16, np.dtype(np.float16), "tensor(float16)", "FP16", "HALF"),
+    DType("bfloat16", torch.bfloat16, TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16), "tensor(bfloat16)",
+          "BF16", "BF16"),
 )
+
+
+def _integer(name: str, onnx_type: int, v2: str, tensorrt: str | None) -> DType:
+    return DType(name, getattr(torch, name), onnx_type, np.dtype(name), f"tensor({name})", v2, tensorrt)
+
+
+OTHER_TYPES: tuple[DType, ...] = (
+    DType("bool", torch.bool, TensorProto.BOOL, np.dtype(np.bool_), "tensor(bool)", "BOOL", "BOOL"),
+    _integer("uint8", TensorProto.UINT8, "UINT8", "UINT8"),
+    _integer("uint16", TensorProto.UINT16, "UINT16", None),
+    _integer("uint32", TensorProto.UINT32, "UINT32", None),
+    _integer("uint64", TensorProto.UINT64, "UINT64", None),
+    _integer("int8", TensorProto.INT8, "INT8", "INT8"),
+    _integer("int16", TensorProto.INT16, "INT16", None),
+    _integer("int32", TensorProto.INT32, "INT32", "INT32"),
+    _integer("int64", TensorProto.INT64, "INT64", "INT64"),
+)
+TYPES: tuple[DType, ...] = FLOAT_TYPES + OTHER_TYPES
 
 NAMES = tuple(t.name for t in FLOAT_TYPES)
 

@@ -32,7 +32,7 @@ import onnx
 
 from yatdeploy import graph
 from yatdeploy.errors import YatDeployError
-from yatdeploy.serving.datatypes import DATATYPES, datatype_of
+from yatdeploy.serving.datatypes import datatype_of
 
 CONFIG = "config.pbtxt"
 # A free-form ModelConfig parameter, which Triton ignores, naming yatdeploy's backend for the model.
@@ -254,7 +254,13 @@ def check_signature(source: ModelSource, inputs: Sequence[Tensor], outputs: Sequ
     return shapes
 
 
-_TRITON_TYPES = {name: "TYPE_" + ("STRING" if name == "BYTES" else name) for name in DATATYPES}
+def _triton_types() -> dict[str, str]:
+    from yatdeploy import dtypes
+
+    return {t.v2: t.triton for t in dtypes.TYPES}
+
+
+_TRITON_TYPES = _triton_types()  # v2 datatype -> Triton's TYPE_ name
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int]:
