@@ -92,7 +92,7 @@ def model_config_pb2():
         import tritonclient
     except ImportError:
         raise YatDeployError("reading or writing config.pbtxt needs tritonclient",
-                             "pip install 'yatdeploy[service]'") from None
+                             "pip install tritonclient (a dependency of yatdeploy: reinstall it)") from None
     path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
     spec = importlib.util.spec_from_file_location("yatdeploy_triton_model_config_pb2", path)
     if spec is None or spec.loader is None or not path.is_file():
