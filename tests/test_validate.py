@@ -11,11 +11,20 @@ import torch
 from onnx import numpy_helper
 
 from tests.model_zoo import yat_mlp
-from yatdeploy.attach import yat_gemm_nodes
 from yatdeploy.errors import InputSpecError, YatDeployError
-from yatdeploy.export import ExportOptions, export_model
+from yatdeploy.graph import yat_gemm_nodes
 from yatdeploy.loading import load_model
-from yatdeploy.validate import Tolerance, compare, format_report, validate
+from yatdeploy.onnx_export import ExportOptions, export_model
+from yatdeploy.validation import (
+    FIXED_TOLERANCES,
+    ILL_CONDITIONED_ULPS,
+    ROUNDING_FACTOR,
+    Tolerance,
+    compare,
+    format_report,
+    unit_roundoff,
+    validate,
+)
 
 
 @pytest.fixture
@@ -243,10 +252,16 @@ def test_a_trained_digits_classifier_passes_on_its_test_set(digits):
             assert comp.top1_agreement == 1.0  # every prediction matches
             assert comp.max_abs_err <= comp.atol / 2  # with room to spare (measured: at most 0.31 of it)
         test_case = [c for c in backend.comparisons if c.case == "digits_test.npz[input]"][0]
-        # The fixed default would fail it on ort-function: max abs err 6.7e-4 on logits near zero.
-        assert test_case.torch_err > 1e-4 and test_case.atol > 1e-3
-    # PyTorch's own float32 error on the test set is ~120 ulps of the largest logit: said, not hidden.
-    assert any("ill-conditioned" in w and "digits_test.npz[input]" in w for w in report.warnings)
+        # PyTorch's own error on the test set is large (measured 2.1e-4 to 3e-4 depending on the CPU), and the
+        # derived tolerance follows it, far above the fixed default that would fail ort-function here (max abs
+        # err up to 6.7e-4 on logits near zero).
+        assert test_case.atol >= ROUNDING_FACTOR * test_case.torch_err
+        assert test_case.atol > 50 * FIXED_TOLERANCES["float32"].atol
+    # PyTorch's own float32 error on the test set is 49 (AMD EPYC) to ~120 ulps of the largest logit, by CPU:
+    # beyond ILL_CONDITIONED_ULPS it is said, not hidden.
+    ulps = test_case.torch_err / (unit_roundoff("float32") * test_case.max_abs_torch)
+    warned = any("ill-conditioned" in w and "digits_test.npz[input]" in w for w in report.warnings)
+    assert ulps > 16 and warned == (ulps > ILL_CONDITIONED_ULPS)
 
 
 def test_an_fp16_export_of_the_yat_trunk_passes_and_is_as_close_to_float64_as_pytorch(digits):
@@ -337,7 +352,7 @@ def test_a_corrupted_export_fails_with_the_default_tolerances(digits, tmp_path, 
     # The message says which tolerance was used, why, and how to accept the difference if wanted.
     problem = failed[0].problem
     assert f"PyTorch's own {dtype} error against its float64 run" in problem
-    assert f"more than {dtype} rounding explains" in problem and "pass --atol" in problem
+    assert f"more than {dtype} rounding explains" in problem and "pass `atol`" in problem
     assert all(c.onnx_err > 2 * c.torch_err for c in failed)
 
 
@@ -352,12 +367,12 @@ def test_a_given_tolerance_keeps_its_meaning_and_the_message_says_which_to_raise
     assert [c.case for c in failed] == ["digits_test.npz[input]"]
     problem = failed[0].problem
     assert "atol=1e-05 + rtol=0.0001*|torch|" in problem
-    assert "small next to the output's scale" in problem and "raise --atol to" in problem
+    assert "small next to the output's scale" in problem and "raise `atol` to" in problem
     assert "the tolerance derived from PyTorch's own rounding error is" in problem
     assert "which this output passes" in problem
     assert "top-1 class agrees on 450/450 rows" in problem
     # The value it suggests is enough.
-    suggested = float(problem.split("raise --atol to ")[1].split(" ")[0])
+    suggested = float(problem.split("raise `atol` to ")[1].split(" ")[0])
     again = validate(path, loaded, input_files=[test_set], backend_names=["ort-function"],
                      tolerance=Tolerance(atol=suggested, rtol=1e-4))
     assert again.passed, again.failures()
@@ -389,7 +404,7 @@ def test_the_cli_derives_the_tolerance_unless_given_and_completes_a_single_flag(
 
 
 def test_derived_tolerance_follows_pytorchs_own_error_and_the_output_scale():
-    from yatdeploy.validate import EXPORT_APPROXIMATION, ROUNDING_FACTOR, derived_tolerance
+    from yatdeploy.validation import EXPORT_APPROXIMATION, ROUNDING_FACTOR, derived_tolerance
 
     want = np.array([[10.0, -0.001], [2.0, 0.5]], np.float32)
     exact = want.astype(np.float64) + np.array([[3e-6, -1e-6], [0.0, 0.0]])
@@ -407,7 +422,7 @@ def test_derived_tolerance_follows_pytorchs_own_error_and_the_output_scale():
 
 
 def test_top1_agreement_is_reported_for_two_dimensional_outputs_only():
-    from yatdeploy.validate import top1_agreement
+    from yatdeploy.validation import top1_agreement
 
     want = np.array([[0.1, 0.9], [0.8, 0.2], [0.4, 0.6], [0.5, 0.3]])
     got = np.array([[0.2, 0.8], [0.3, 0.7], [0.4, 0.6], [0.5, 0.3]])
