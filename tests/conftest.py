@@ -70,8 +70,8 @@ def _digest(path: Path) -> str:
 @pytest.fixture(scope="session")
 def exported_mlp(tmp_path_factory) -> ExportedModel:
     from tests.model_zoo import yat_mlp
-    from yatdeploy.export import ExportOptions, export_model
     from yatdeploy.loading import load_model
+    from yatdeploy.onnx_export import ExportOptions, export_model
 
     folder = tmp_path_factory.mktemp("exported_mlp")
     source = folder / "mlp.pt"

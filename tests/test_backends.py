@@ -13,9 +13,9 @@ from tests import reference_backend
 from tests.model_zoo import yat_mlp
 from yatdeploy import backends
 from yatdeploy.errors import YatDeployError
-from yatdeploy.export import ExportOptions, export_model
 from yatdeploy.loading import load_model
-from yatdeploy.validate import validate
+from yatdeploy.onnx_export import ExportOptions, export_model
+from yatdeploy.validation import validate
 
 PACKAGE = Path(__file__).resolve().parent.parent / "yatdeploy"
 
@@ -149,7 +149,7 @@ def test_no_module_outside_backends_reaches_into_a_backend():
 
 
 def test_the_backends_import_in_a_fresh_interpreter_in_either_order():
-    for first in ("yatdeploy.trt.engine", "yatdeploy.validate"):
+    for first in ("yatdeploy.trt.engine", "yatdeploy.validation"):
         code = f"import {first}, yatdeploy.backends; print(yatdeploy.backends.names())"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
         assert result.returncode == 0, result.stderr

@@ -16,9 +16,9 @@ from tests.model_zoo import yat_mlp
 from tests.test_validate import tamper_first_yat_weight
 from yatdeploy import graph
 from yatdeploy.errors import InputSpecError
-from yatdeploy.export import ExportOptions, export_model
 from yatdeploy.loading import load_model
-from yatdeploy.validate import validate
+from yatdeploy.onnx_export import ExportOptions, export_model
+from yatdeploy.validation import validate
 
 
 def rename_batch_dim(path, name: str) -> None:

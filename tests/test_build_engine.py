@@ -15,12 +15,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.model_zoo import yat_mlp
 from yatdeploy import backends
-from yatdeploy.attach import attach_yat_gemm_function, yat_gemm_nodes
+from yatdeploy.attach import attach_yat_gemm_function
 from yatdeploy.backends import ort
 from yatdeploy.cli import EXIT_OK, EXIT_USAGE, EXIT_VALIDATION_FAILED, main
 from yatdeploy.errors import OnnxModelError, YatDeployError
-from yatdeploy.export import ExportOptions, export_model
+from yatdeploy.graph import yat_gemm_nodes
 from yatdeploy.loading import load_model
+from yatdeploy.onnx_export import ExportOptions, export_model
 from yatdeploy.serving.repository import PLAN_FILE, discover, parse_config, write_engine_repository
 from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_DOMAIN, YAT_GEMM
 from yatdeploy.trt.engine import (
@@ -118,10 +119,10 @@ def test_batch_profiles(exported):
     prepared = prepare_model(onnx.load(str(exported[1])))
     assert profile_shapes(prepared, BatchProfile(1, 8, 64)) == ([1, 16], [8, 16], [64, 16])
     for bad in (BatchProfile(0, 1, 1), BatchProfile(2, 1, 4), BatchProfile(1, 9, 8)):
-        with pytest.raises(YatDeployError, match="1 <= --min-batch <= --opt-batch <= --max-batch"):
+        with pytest.raises(YatDeployError, match="1 <= `min_batch` <= `opt_batch` <= `max_batch`"):
             bad.check()
     prepared.input.shape[0] = 4  # a --static-batch export
-    with pytest.raises(YatDeployError, match="fixed at 4.*--min-batch 4 --opt-batch 4 --max-batch 4"):
+    with pytest.raises(YatDeployError, match="fixed at 4.*dynamic_batch=False.*`min_batch` 4 `opt_batch` 4 `max_batch` 4"):
         profile_shapes(prepared, BatchProfile(1, 8, 64))
     assert profile_shapes(prepared, BatchProfile(4, 4, 4))[0] == [4, 16]
     assert BatchProfile.covering([1, 7, 32, 450]) == BatchProfile(1, 450, 450)

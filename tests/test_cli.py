@@ -159,10 +159,10 @@ def test_bench_exits_4_when_requests_fail(exported_mlp, tmp_path, capsys):
 
 def test_a_failed_consistency_check_of_ours_is_an_internal_error(model_file, tmp_path, monkeypatch, capsys):
     """Our own check on our own output failing is a bug (exit 3, asks for a report), not bad input (2)."""
-    from yatdeploy import export
+    from yatdeploy import onnx_export
     from yatdeploy.cli import EXIT_INTERNAL
 
-    monkeypatch.setattr(export, "yat_gemm_nodes", lambda model: [])  # as if the exporter dropped the nodes
+    monkeypatch.setattr(onnx_export, "yat_gemm_nodes", lambda model: [])  # as if the exporter dropped the nodes
     assert main(["export", "-q", str(model_file), "-o", str(tmp_path / "m.onnx"), "--input-shape", "1,16"]) \
         == EXIT_INTERNAL
     err = capsys.readouterr().err

@@ -19,12 +19,12 @@ from torch import nn
 
 from tests.model_zoo import YATNMN_OPTIONS, perturb, yat_mlp
 from yatdeploy import backends
-from yatdeploy.attach import yat_gemm_nodes
 from yatdeploy.backends import ort
-from yatdeploy.export import META_SOURCE_SHA256, ExportOptions, export_model
+from yatdeploy.graph import yat_gemm_nodes
 from yatdeploy.loading import file_sha256, load_model
+from yatdeploy.onnx_export import META_SOURCE_SHA256, ExportOptions, export_model
 from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
-from yatdeploy.validate import validate
+from yatdeploy.validation import validate
 
 
 def _max_rel_err(got: np.ndarray, want: np.ndarray) -> float:

@@ -10,7 +10,6 @@ import torch
 
 from tests.model_zoo import CustomNet, yat_mlp
 from yatdeploy.errors import ModelLoadError
-from yatdeploy.export import ExportOptions, export_model
 from yatdeploy.loading import (
     EXPORTED_PROGRAM,
     PICKLED_MODULE,
@@ -18,7 +17,8 @@ from yatdeploy.loading import (
     TORCHSCRIPT,
     load_model,
 )
-from yatdeploy.validate import validate
+from yatdeploy.onnx_export import ExportOptions, export_model
+from yatdeploy.validation import validate
 
 
 def test_a_whole_module_of_torch_nn_and_nmn_layers_loads_without_flags(save_whole):
@@ -34,7 +34,7 @@ def test_a_whole_module_of_torch_nn_and_nmn_layers_loads_without_flags(save_whol
 def test_the_legacy_non_zip_format(tmp_path):
     path = tmp_path / "legacy.pt"
     torch.save(yat_mlp(), path, _use_new_zipfile_serialization=False)
-    with pytest.raises(ModelLoadError, match="legacy .*--trust-pickle"):
+    with pytest.raises(ModelLoadError, match="legacy .*trust_pickle=True"):
         load_model(path)
     assert load_model(path, trust_pickle=True).format == PICKLED_MODULE
     torch.save(yat_mlp().state_dict(), path, _use_new_zipfile_serialization=False)
@@ -47,7 +47,7 @@ def test_a_user_class_is_refused_and_the_ways_on_are_named(save_whole):
         load_model(path)
     message = str(info.value)
     assert "tests.model_zoo.CustomNet" in message
-    assert "--trust-pickle" in message and "--arch" in message
+    assert "trust_pickle=True" in message and "`arch`" in message
 
 
 def test_trust_pickle_loads_a_user_class(save_whole):
@@ -81,7 +81,7 @@ def test_a_malicious_pickle_runs_no_code(tmp_path):
 def test_a_state_dict_needs_arch(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(yat_mlp().state_dict(), path)
-    with pytest.raises(ModelLoadError, match="state_dict.*--arch"):
+    with pytest.raises(ModelLoadError, match="state_dict.*`arch`"):
         load_model(path)
 
 
@@ -103,7 +103,7 @@ def test_a_state_dict_that_does_not_fit_arch_names_the_keys(tmp_path):
     message = str(info.value)
     assert "unexpected keys" not in message or "5.weight" not in message
     assert "missing keys: 5.bias, 5.weight" in message
-    assert "shape mismatch: 0.bias (file (12,), --arch (10,))" in message
+    assert "shape mismatch: 0.bias (file (12,), `arch` (10,))" in message
 
 
 @pytest.mark.parametrize(
@@ -286,7 +286,7 @@ def test_a_torch_export_archive_that_would_run_code_is_refused(tmp_path, tamper,
     _rewrite_archive(path, tamper(marker))
     with pytest.raises(ModelLoadError, match=found) as caught:
         load_model(path)
-    assert "--trust-pickle" in str(caught.value) and "--arch" in str(caught.value)
+    assert "trust_pickle=True" in str(caught.value) and "`arch`" in str(caught.value)
     assert not marker.exists()
 
 
@@ -331,7 +331,7 @@ def test_a_torchscript_archive_needs_trust(tmp_path):
     torch.jit.save(torch.jit.trace(yat_mlp(), torch.randn(2, 16)), path)
     with pytest.raises(ModelLoadError, match="TorchScript archive, whose code runs when the model runs") as caught:
         load_model(path)
-    assert "--trust-pickle" in str(caught.value)
+    assert "trust_pickle=True" in str(caught.value)
     assert load_model(path, trust_pickle=True).format == TORCHSCRIPT
 
 

@@ -381,3 +381,31 @@ def test_external_data_outside_the_model_folder_is_refused_in_one_line(tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("yatdeploy serve: error: model 'escape': ") and "points outside" in err
     assert err.count("\n") == 1
+
+
+# --- non-float outputs ---------------------------------------------------------------------------------------
+
+def test_a_model_with_an_int64_output_gets_its_config_and_metadata(tmp_path):
+    """An ArgMax head (float x -> int64 class ids): the repository writer and the served metadata name the
+    output's type (both used to look it up among the float types only, and failed with a KeyError)."""
+    from google.protobuf import text_format
+
+    from yatdeploy.serving.repository import model_config_pb2, write_repository
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 1])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("ArgMax", ["x"], ["ids"], axis=1, keepdims=1)], "argmax", [x], [ids]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "argmax.onnx"))
+    folder = write_repository(tmp_path / "repo", "argmax", tmp_path / "argmax.onnx", op_library=None)
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2().ModelConfig())
+    assert [(o.name, model_config_pb2().DataType.Name(o.data_type), list(o.dims)) for o in config.output] \
+        == [("ids", "TYPE_INT64", [1])]
+    running = Server(tmp_path / "repo", wait_for="ready", log=tmp_path / "server.log")
+    try:
+        metadata = httpclient.InferenceServerClient(running.url).get_model_metadata("argmax")
+    finally:
+        running.stop()
+    assert metadata["outputs"] == [{"name": "ids", "datatype": "INT64", "shape": [-1, 1]}]

@@ -10,38 +10,10 @@ import onnx
 from onnx import helper
 
 from yatdeploy import dtypes
-from yatdeploy.errors import OnnxModelError
+from yatdeploy.errors import OnnxModelError, option
+from yatdeploy.graph import node_elem_types
 from yatdeploy.ops.onnx_function import FUNCTION_OPSET, function_proto_for, precision_class
 from yatdeploy.spec import YAT_GEMM
-
-
-def yat_gemm_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type == YAT_GEMM.name and n.domain == YAT_GEMM.domain]
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
-    types: dict[str, int] = {}
-    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        if value.type.HasField("tensor_type"):
-            types[value.name] = value.type.tensor_type.elem_type
-    for init in model.graph.initializer:
-        types[init.name] = init.data_type
-    return types
-
-
-def node_elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """The element type of each YatGemm node's X, keyed by node name (shape inference fills gaps)."""
-    types = _value_types(model)
-    nodes = yat_gemm_nodes(model)
-    if any(n.input[0] not in types for n in nodes):
-        inferred = onnx.shape_inference.infer_shapes(model)
-        types.update(_value_types(inferred))
-    result: dict[str, int] = {}
-    for node in nodes:
-        if node.input[0] not in types:
-            raise OnnxModelError(f"YatGemm node {node.name!r}: the dtype of input {node.input[0]!r} is unknown")
-        result[node.name] = types[node.input[0]]
-    return result
 
 
 def attach_yat_gemm_function(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -53,7 +25,7 @@ def attach_yat_gemm_function(model: onnx.ModelProto) -> onnx.ModelProto:
         raise OnnxModelError(
             f"the model has YatGemm nodes of {names}; one ONNX function can't serve both float32-accumulated "
             "16-bit and native precisions",
-            "export the model in one dtype (--dtype)",
+            f"export the model in one dtype ({option('dtype')})",
         )
     for existing in list(model.functions):
         if existing.domain == YAT_GEMM.domain and existing.name == YAT_GEMM.name:

@@ -69,12 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # The library's defaults, shown and used as they are (imported here: the command modules load lazily).
+    from yatdeploy import backends
     from yatdeploy.backends.tensorrt import DEFAULT_PROFILE
+    from yatdeploy.inputs import DEFAULT_BATCHES
     from yatdeploy.serving.repository import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE, ModelSource
     from yatdeploy.trt.engine import WORKSPACE_DEFAULT_MB
-    from yatdeploy.validate import DEFAULT_BATCHES
 
     default_batches = ",".join(str(b) for b in DEFAULT_BATCHES)
+    backend_names = ", ".join(backends.names())
     min_batch, opt_batch, max_batch = DEFAULT_PROFILE
 
     export = commands.add_parser(
@@ -121,8 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument(
         "--backend", action="append", metavar="NAME",
-        help="validate on this backend (repeatable; default: every available one): "
-             "ort-cpu, ort-cuda, ort-function, tensorrt",
+        help=f"validate on this backend (repeatable; default: every available one): {backend_names}",
     )
     validate.add_argument(
         "--engine", metavar="PLAN",
@@ -178,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an .onnx file, a TensorRT .plan from build-engine, or a model repository folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--backend", help="ort-cpu, ort-cuda, ort-function or tensorrt (default: config.pbtxt, "
-                                          "else the fastest ONNX Runtime backend that works)")
+    serve.add_argument("--backend", help=f"one of {backend_names} (default: config.pbtxt, else the fastest "
+                                          "ONNX Runtime backend that works)")
     serve.add_argument("--max-batch-size", type=int,
                        help=f"dynamic batching limit (default: config.pbtxt, else {DEFAULT_MAX_BATCH_SIZE})")
     serve.add_argument("--max-queue-delay-us", type=int,
@@ -230,7 +231,7 @@ def _check_tolerance_args(args: argparse.Namespace) -> None:
 
 def _tolerance(args: argparse.Namespace, dtype: str):
     """The user's tolerance, the flag not given completed from the fixed table; None (derived) without either."""
-    from yatdeploy.validate import FIXED_TOLERANCES, Tolerance
+    from yatdeploy.validation import FIXED_TOLERANCES, Tolerance
 
     if args.atol is None and args.rtol is None:
         return None
@@ -242,7 +243,7 @@ def _tolerance(args: argparse.Namespace, dtype: str):
 
 
 def _print_report(report, args: argparse.Namespace) -> int:
-    from yatdeploy.validate import format_report
+    from yatdeploy.validation import format_report
 
     print(format_report(report))
     if args.report:
@@ -252,9 +253,7 @@ def _print_report(report, args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace, progress) -> int:
-    from yatdeploy.export import ExportOptions, export_model
-    from yatdeploy.loading import load_model
-    from yatdeploy.validate import validate
+    from yatdeploy import api
 
     shape = _shape(args.input_shape)
     _check_tolerance_args(args)
@@ -263,11 +262,10 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
         raise YatDeployError(f"-o {output} would overwrite the model file")
     started = time.perf_counter()
     progress.say(f"loading {args.model}")
-    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    loaded = api.load(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     progress.say(f"exporting ({loaded.format})")
-    result = export_model(
-        loaded, output, ExportOptions(shape, dtype=args.dtype, dynamic_batch=not args.static_batch), progress
-    )
+    result = api.export(loaded, output, input_shape=shape, dtype=args.dtype, dynamic_batch=not args.static_batch,
+                        validate=False, progress=progress)
     export_seconds = time.perf_counter() - started
     print(f"wrote {result.path}: {result.yat_gemm_nodes} YatGemm node(s) for {result.yat_layers} YatNMN layer(s), "
           f"{result.dtype}, outputs {', '.join(result.output_names)} ({export_seconds:.1f} s)")
@@ -283,10 +281,8 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
     if args.no_validate:
         return EXIT_OK
     progress.say("validating")
-    report = validate(
-        result.path, loaded, input_files=args.inputs, tolerance=_tolerance(args, result.dtype),
-        seed=args.seed, progress=progress,
-    )
+    report = api.validate(result.path, result.reference, input_files=args.inputs,
+                          tolerance=_tolerance(args, result.dtype), seed=args.seed, progress=progress)
     status = _print_report(report, args)
     if status != EXIT_OK:
         print(f"\n{result.path} was written but does not match PyTorch", file=sys.stderr)
@@ -294,9 +290,9 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, progress) -> int:
-    from yatdeploy import backends
-    from yatdeploy.loading import load_model
-    from yatdeploy.validate import input_dtype, load_onnx, validate
+    from yatdeploy import api, backends
+    from yatdeploy.graph import load_onnx
+    from yatdeploy.inputs import input_dtype
 
     for name in args.backend or []:
         backends.get(name)
@@ -305,7 +301,7 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
     shape = _shape(args.input_shape) if args.input_shape else None
     dtype = input_dtype(load_onnx(args.onnx_model))
     progress.say(f"loading {args.against}")
-    loaded = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
+    loaded = api.load(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
     if args.engine is not None:
         if not Path(args.engine).is_file():
             raise YatDeployError(f"--engine {args.engine}: no such file")
@@ -313,9 +309,9 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
         if args.backend and not set(engine_backends) & set(args.backend):
             raise YatDeployError(f"--engine is for the {' or '.join(engine_backends)} backend: "
                                  f"add --backend {engine_backends[0]}")
-    report = validate(
+    report = api.validate(
         args.onnx_model, loaded, input_shape=shape, input_files=args.inputs, batches=batches,
-        tolerance=_tolerance(args, dtype), backend_names=args.backend, seed=args.seed, engine=args.engine,
+        tolerance=_tolerance(args, dtype), backends=args.backend, seed=args.seed, engine=args.engine,
         progress=progress,
     )
     return _print_report(report, args)
@@ -358,7 +354,7 @@ def cmd_build_engine(args: argparse.Namespace, progress) -> int:
 
 def cmd_demo(args: argparse.Namespace, progress) -> int:
     from yatdeploy.demo import run_demo
-    from yatdeploy.validate import format_report
+    from yatdeploy.validation import format_report
 
     if args.epochs <= 0:
         raise YatDeployError(f"--epochs {args.epochs}: must be positive")
@@ -461,30 +457,69 @@ def cmd_doctor(args: argparse.Namespace, progress) -> int:
     return EXIT_OK
 
 
-def _quiet_libraries(debug: bool) -> None:
+# The commands that run PyTorch. torch sets its loggers' levels when it is imported, so for these it is
+# imported before they are quietened; the other commands stay free of its import time.
+_TORCH_COMMANDS = ("export", "validate", "demo")
+
+
+def _quiet_libraries(debug: bool, command: str) -> None:
     if debug:
         return
     warnings.filterwarnings("ignore")
+    if command in _TORCH_COMMANDS:
+        import torch  # noqa: F401
     for name in ("torch", "onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
+# Library options a command spells differently from its own flag's dest.
+_FLAG_ALIASES = {("input_files", None): "--inputs", ("dynamic_batch", False): "--static-batch"}
+
+
+def _flag_spelling(parser: argparse.ArgumentParser, command: str):
+    """errors.Spelling for `command`: the library's options named as this command's flags."""
+    from yatdeploy.errors import python_spelling
+
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {action.dest: action.option_strings[-1]
+             for action in commands.choices[command]._actions if action.option_strings}
+
+    def spell(name: str, value: bool | None) -> str:
+        if (name, value) in _FLAG_ALIASES:
+            return _FLAG_ALIASES[name, value]
+        if name in flags and value in (None, True):
+            return flags[name]
+        return python_spelling(name, value)
+
+    return spell
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from yatdeploy import errors
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries(args.debug)
+    _quiet_libraries(args.debug, args.command)
     from yatdeploy.progress import Progress
 
     progress = Progress(enabled=not args.quiet)
     handlers = {"export": cmd_export, "validate": cmd_validate, "build-engine": cmd_build_engine, "demo": cmd_demo,
                 "serve": cmd_serve, "bench": cmd_bench, "doctor": cmd_doctor}
+    with errors.spelled(_flag_spelling(parser, args.command)):
+        return _run(handlers[args.command], args, progress)
+
+
+def _run(handler, args: argparse.Namespace, progress) -> int:
     try:
-        return handlers[args.command](args, progress)
+        return handler(args, progress)
     except YatDeployError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"yatdeploy {args.command}: error: {exc}", file=sys.stderr)
+        cause = exc.__cause__
+        more = "" if args.debug or cause is None or isinstance(cause, YatDeployError) else \
+            " (--debug shows the underlying error in full)"
+        print(f"yatdeploy {args.command}: error: {exc}{more}", file=sys.stderr)
         return EXIT_USAGE
     except ConsistencyError as exc:
         if args.debug:

@@ -15,11 +15,11 @@ from nmn.torch import YatNMN
 from torch import nn
 
 from yatdeploy import backends
-from yatdeploy.errors import YatDeployError
-from yatdeploy.export import INPUT_NAME, ExportOptions, ExportResult, export_model
+from yatdeploy.errors import YatDeployError, option
 from yatdeploy.loading import load_model
+from yatdeploy.onnx_export import INPUT_NAME, ExportOptions, ExportResult, export_model
 from yatdeploy.progress import Progress
-from yatdeploy.validate import ValidationReport, validate
+from yatdeploy.validation import ValidationReport, validate
 
 DIGITS_FEATURES = 64
 DIGITS_CLASSES = 10
@@ -93,7 +93,7 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: 
     if tensorrt:  # say so before training, not after
         reason = backends.get(TENSORRT_BACKEND).availability()
         if reason:
-            raise YatDeployError(f"--tensorrt: {reason}")
+            raise YatDeployError(f"{option('tensorrt')}: {reason}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x_train, x_test, y_train, y_test = load_digits_split(seed)
@@ -129,7 +129,7 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: 
         write_engine_repository(out / "repository", "model_trt", engine_path)
 
     progress.say("[3/4] validating against PyTorch")
-    report = validate(onnx_path, loaded, input_files=[test_inputs_path], engine=engine_path, progress=progress)
+    report = validate(onnx_path, export.reference, input_files=[test_inputs_path], engine=engine_path, progress=progress)
     report.write_json(out / "validation.json")
 
     progress.say("[4/4] measuring test accuracy")

@@ -10,22 +10,30 @@ them against onnx) and trt/plugin_logic.py (TensorRT names; tests/test_trt_plugi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
-import torch
 from onnx import TensorProto
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class DType:
-    name: str  # yatdeploy's spelling (the CLI's, for FLOAT_TYPES)
-    torch: torch.dtype
+    name: str  # yatdeploy's spelling (the CLI's, for FLOAT_TYPES), also torch's: torch.<name>
     onnx: int
     numpy: np.dtype
     ort: str  # the type string ONNX Runtime reports, e.g. "tensor(float)"
     v2: str  # the Open Inference Protocol's (KServe v2) datatype, e.g. "FP32"
     tensorrt: str | None  # the tensorrt.DataType member, None where TensorRT has none
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch  # on first use: the CLI reads this table for its help, without torch
+
+        return getattr(torch, self.name)
 
     @property
     def triton(self) -> str:
@@ -36,20 +44,20 @@ class DType:
 FloatType = DType  # the name before the table had non-float rows
 
 FLOAT_TYPES: tuple[DType, ...] = (
-    DType("float32", torch.float32, TensorProto.FLOAT, np.dtype(np.float32), "tensor(float)", "FP32", "FLOAT"),
-    DType("float64", torch.float64, TensorProto.DOUBLE, np.dtype(np.float64), "tensor(double)", "FP64", None),
-    DType("float16", torch.float16, TensorProto.FLOAT16, np.dtype(np.float16), "tensor(float16)", "FP16", "HALF"),
-    DType("bfloat16", torch.bfloat16, TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16), "tensor(bfloat16)",
+    DType("float32", TensorProto.FLOAT, np.dtype(np.float32), "tensor(float)", "FP32", "FLOAT"),
+    DType("float64", TensorProto.DOUBLE, np.dtype(np.float64), "tensor(double)", "FP64", None),
+    DType("float16", TensorProto.FLOAT16, np.dtype(np.float16), "tensor(float16)", "FP16", "HALF"),
+    DType("bfloat16", TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16), "tensor(bfloat16)",
           "BF16", "BF16"),
 )
 
 
 def _integer(name: str, onnx_type: int, v2: str, tensorrt: str | None) -> DType:
-    return DType(name, getattr(torch, name), onnx_type, np.dtype(name), f"tensor({name})", v2, tensorrt)
+    return DType(name, onnx_type, np.dtype(name), f"tensor({name})", v2, tensorrt)
 
 
 OTHER_TYPES: tuple[DType, ...] = (
-    DType("bool", torch.bool, TensorProto.BOOL, np.dtype(np.bool_), "tensor(bool)", "BOOL", "BOOL"),
+    DType("bool", TensorProto.BOOL, np.dtype(np.bool_), "tensor(bool)", "BOOL", "BOOL"),
     _integer("uint8", TensorProto.UINT8, "UINT8", "UINT8"),
     _integer("uint16", TensorProto.UINT16, "UINT16", None),
     _integer("uint32", TensorProto.UINT32, "UINT32", None),
@@ -64,7 +72,16 @@ TYPES: tuple[DType, ...] = FLOAT_TYPES + OTHER_TYPES
 NAMES = tuple(t.name for t in FLOAT_TYPES)
 
 
+def row(name: str) -> DType:
+    """The row of any dtype in the table, float or not, by yatdeploy's name."""
+    for t in TYPES:
+        if t.name == name:
+            return t
+    raise KeyError(name)
+
+
 def by_name(name: str) -> FloatType:
+    """A float dtype (one a model is exported in) by name; KeyError for any other."""
     for t in FLOAT_TYPES:
         if t.name == name:
             return t

@@ -1,6 +1,52 @@
-"""Errors a user can act on. The CLI prints them as one line and exits with status 2."""
+"""Errors a user can act on. The CLI prints them as one line and exits with status 2.
+
+A message names the caller's options through `option()`, never as a command-line flag: the library is
+called from Python as well as from the CLI, and each words the option its own way. Messages are spelled
+when they are shown (`str(error)`, `render(text)`): as Python keywords (trust_pickle=True, `arch`) by
+default, as the CLI's flags (`--trust-pickle`, `--arch`) inside the CLI's `spelled(...)` block.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+_MARK = "\x00"
+_OPTION = re.compile(f"{_MARK}([a-z_]+)(?:=(True|False))?{_MARK}")
+
+
+def option(name: str, value: bool | None = None) -> str:
+    """A placeholder for the caller's option `name` (a keyword of the library function) in a message.
+
+    `value`: for a boolean option, the setting meant ("pass trust_pickle=True" / "pass --trust-pickle";
+    "dynamic_batch=False" / "--static-batch"); None for an option that takes a value ("arch" / "--arch").
+    """
+    return f"{_MARK}{name}{'' if value is None else f'={value}'}{_MARK}"
+
+
+def python_spelling(name: str, value: bool | None) -> str:
+    return f"`{name}`" if value is None else f"{name}={value}"
+
+
+Spelling = Callable[[str, bool | None], str]
+_spelling: Spelling = python_spelling
+
+
+@contextmanager
+def spelled(spelling: Spelling) -> Iterator[None]:
+    """Within the block, messages name options with `spelling` (the CLI: its flags)."""
+    global _spelling
+    previous, _spelling = _spelling, spelling
+    try:
+        yield
+    finally:
+        _spelling = previous
+
+
+def render(text: str) -> str:
+    """`text` with every option() placeholder spelled as this process names options."""
+    return _OPTION.sub(lambda m: _spelling(m.group(1), None if m.group(2) is None else m.group(2) == "True"), text)
 
 
 class YatDeployError(Exception):
@@ -12,7 +58,12 @@ class YatDeployError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        return self.message if not self.hint else f"{self.message} ({self.hint})"
+        return render(self.message if not self.hint else f"{self.message} ({self.hint})")
+
+    @property
+    def text(self) -> str:
+        """The message without the hint, spelled for showing (`message` keeps the option placeholders)."""
+        return render(self.message)
 
 
 class ModelLoadError(YatDeployError):

@@ -16,9 +16,21 @@ import onnx
 
 from yatdeploy import dtypes
 from yatdeploy.errors import OnnxModelError
-from yatdeploy.serving.datatypes import datatype_of
+from yatdeploy.spec import YAT_GEMM
 
 DYNAMIC = -1
+
+# Metadata keys yatdeploy writes into every export (stage 3) and validation reads back.
+META_PREFIX = "yatdeploy."
+META_INPUT_SHAPE = META_PREFIX + "input_shape"
+META_DTYPE = META_PREFIX + "dtype"
+META_SOURCE_SHA256 = META_PREFIX + "source_sha256"
+META_SOURCE_FORMAT = META_PREFIX + "source_format"
+META_YAT_LAYERS = META_PREFIX + "yat_layers"
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
 
 
 @dataclass
@@ -32,7 +44,7 @@ class TensorSignature:
     @property
     def datatype(self) -> str:
         """The Open Inference Protocol's name for the dtype ("FP32")."""
-        return datatype_of(dtypes.by_name(self.dtype).numpy)
+        return dtypes.row(self.dtype).v2
 
     def as_json(self) -> dict:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
@@ -89,3 +101,32 @@ def model_has_batch_dim(model: onnx.ModelProto) -> bool:
     """Whether every input and output of the model has a batch dimension (so batches can be merged)."""
     values = [*graph_inputs(model), *model.graph.output]
     return bool(values) and all(value_has_batch_dim(v) for v in values)
+
+
+def yat_gemm_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == YAT_GEMM.name and n.domain == YAT_GEMM.domain]
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    types: dict[str, int] = {}
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if value.type.HasField("tensor_type"):
+            types[value.name] = value.type.tensor_type.elem_type
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def node_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of each YatGemm node's X, keyed by node name (shape inference fills gaps)."""
+    types = _value_types(model)
+    nodes = yat_gemm_nodes(model)
+    if any(n.input[0] not in types for n in nodes):
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types.update(_value_types(inferred))
+    result: dict[str, int] = {}
+    for node in nodes:
+        if node.input[0] not in types:
+            raise OnnxModelError(f"YatGemm node {node.name!r}: the dtype of input {node.input[0]!r} is unknown")
+        result[node.name] = types[node.input[0]]
+    return result

@@ -3,18 +3,19 @@
 Formats:
 - a whole module saved with torch.save(model): unpickled with torch.load(weights_only=True) and an
   allowlist of torch.nn and nmn layer classes, so no code from the file runs;
-- a state_dict (torch.save(model.state_dict())) with --arch module:callable building the module;
+- a state_dict (torch.save(model.state_dict())) with `arch` ("module:callable") building the module;
 - a torch.export program (torch.export.save, .pt2) whose weights, constants and sample inputs are
   plain tensors: anything torch.export.load would unpickle in full (tensor subclasses, custom or opaque
   objects) or load as native code (AOTInductor libraries) is refused;
 - a TorchScript archive (torch.jit.save), whose code runs when the model runs.
-Everything refused loads when the user vouches for the file with --trust-pickle. Every zip archive's
+Everything refused loads when the user vouches for the file with `trust_pickle`. Every zip archive's
 CRCs are checked first, so a flipped byte is an error rather than a silently different model.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import inspect
 import io
@@ -31,17 +32,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from yatdeploy.errors import ModelLoadError
+from yatdeploy.errors import ModelLoadError, option
 from yatdeploy.files import file_sha256
 
 PICKLED_MODULE = "pickled module"
-STATE_DICT = "state_dict + --arch"
+STATE_DICT = "state_dict + architecture"
 TORCHSCRIPT = "TorchScript archive"
 EXPORTED_PROGRAM = "torch.export program"
+IN_MEMORY = "torch.nn.Module"  # a module handed to the Python API, not read from a file
 
 _WAYS_ON = (
-    "if you trust this file, pass --trust-pickle; otherwise save model.state_dict() and pass "
-    "--arch module:callable naming a function that builds the model"
+    f"if you trust this file, pass {option('trust_pickle', True)}; otherwise save model.state_dict() and "
+    f"pass {option('arch')} module:callable naming a function that builds the model"
 )
 # torch.export archive entries that torch.export.load turns into Python objects with full unpickling.
 _PT2_OBJECT_PREFIXES = {"custom_obj_": "a custom object (TorchScript class)", "opaque_obj_": "an opaque object"}
@@ -59,7 +61,7 @@ class LoadedModel:
     @property
     def layers_are_identifiable(self) -> bool:
         """Whether nmn layers are live Python objects whose options can be read (not compiled archives)."""
-        return self.format in (PICKLED_MODULE, STATE_DICT)
+        return self.format in (PICKLED_MODULE, STATE_DICT, IN_MEMORY)
 
 
 @functools.cache
@@ -257,23 +259,23 @@ def resolve_arch(spec: str) -> nn.Module:
     """Build a module from 'package.module:callable' (the current directory is importable)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ModelLoadError(f"--arch {spec!r}: expected 'module:callable', e.g. 'mypkg.models:build_mlp'")
+        raise ModelLoadError(f"{option('arch')} {spec!r}: expected 'module:callable', e.g. 'mypkg.models:build_mlp'")
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
-        raise ModelLoadError(f"--arch {spec!r}: cannot import {module_name}: {exc}") from exc
+        raise ModelLoadError(f"{option('arch')} {spec!r}: cannot import {module_name}: {exc}") from exc
     target: object = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise ModelLoadError(f"--arch {spec!r}: {module_name} has no attribute {attr!r}")
+            raise ModelLoadError(f"{option('arch')} {spec!r}: {module_name} has no attribute {attr!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise ModelLoadError(f"--arch {spec!r}: {attr} is not callable")
+        raise ModelLoadError(f"{option('arch')} {spec!r}: {attr} is not callable")
     built = target()
     if not isinstance(built, nn.Module):
-        raise ModelLoadError(f"--arch {spec!r}: {attr}() returned {type(built).__name__}, not a torch.nn.Module")
+        raise ModelLoadError(f"{option('arch')} {spec!r}: {attr}() returned {type(built).__name__}, not a torch.nn.Module")
     return built
 
 
@@ -282,7 +284,7 @@ def _load_state_dict(module: nn.Module, state: Mapping[str, object], path: Path,
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
-        f"{key} (file {tuple(state[key].shape)}, --arch {tuple(expected[key].shape)})"
+        f"{key} (file {tuple(state[key].shape)}, {option('arch')} {tuple(expected[key].shape)})"
         for key in sorted(set(expected) & set(state))
         if isinstance(state[key], torch.Tensor) and tuple(state[key].shape) != tuple(expected[key].shape)
     ]
@@ -294,8 +296,27 @@ def _load_state_dict(module: nn.Module, state: Mapping[str, object], path: Path,
     if mismatched:
         problems.append("shape mismatch: " + ", ".join(mismatched))
     if problems:
-        raise ModelLoadError(f"{path}: the state_dict does not fit --arch {arch}: " + "; ".join(problems))
+        raise ModelLoadError(f"{path}: the state_dict does not fit {option('arch')} {arch}: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
+
+
+def module_sha256(module: nn.Module) -> str:
+    """A digest of the module's state (names, dtypes, shapes and values of its parameters and buffers), the
+    in-memory counterpart of a model file's sha256."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def from_module(module: nn.Module) -> LoadedModel:
+    """A module built in this process, as loading would give it (put in eval mode, as a file's model is)."""
+    if not isinstance(module, nn.Module):
+        raise ModelLoadError(f"expected a torch.nn.Module, got {type(module).__name__}")
+    module.eval()
+    return LoadedModel(module, Path(f"<{type(module).__name__}>"), IN_MEMORY, module_sha256(module))
 
 
 def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
@@ -311,8 +332,9 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
         if not trust_pickle:
             raise ModelLoadError(
                 f"{path}: a TorchScript archive, whose code runs when the model runs",
-                "if you trust this file, pass --trust-pickle; otherwise save model.state_dict() and pass "
-                "--arch module:callable, or save the model with torch.save(model) or torch.export.save",
+                f"if you trust this file, pass {option('trust_pickle', True)}; otherwise save "
+                f"model.state_dict() and pass {option('arch')} module:callable, or save the model with "
+                "torch.save(model) or torch.export.save",
             )
         try:
             module = torch.jit.load(str(path), map_location="cpu")
@@ -328,13 +350,13 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
         obj = _unpickle(path, trust_pickle)
         if isinstance(obj, nn.Module):
             if arch is not None:
-                raise ModelLoadError(f"{path}: holds a whole module; --arch is only for state_dict files")
+                raise ModelLoadError(f"{path}: holds a whole module; {option('arch')} is only for state_dict files")
             module = obj
         elif isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj):
             if arch is None:
                 raise ModelLoadError(
                     f"{path}: holds a state_dict (weights only), not a model",
-                    "pass --arch module:callable naming a function that builds the model",
+                    f"pass {option('arch')} module:callable naming a function that builds the model",
                 )
             module = resolve_arch(arch)
             _load_state_dict(module, obj, path, arch)

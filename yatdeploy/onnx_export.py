@@ -2,42 +2,46 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
 from contextlib import redirect_stdout
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
-from torch import nn
 
-from yatdeploy import __version__, dtypes
-from yatdeploy.attach import attach_yat_gemm_function, yat_gemm_nodes
-from yatdeploy.errors import ConsistencyError, InputSpecError, YatDeployError
+from yatdeploy import __version__
+from yatdeploy.attach import attach_yat_gemm_function
+from yatdeploy.errors import ConsistencyError, YatDeployError, option
+from yatdeploy.graph import (
+    META_DTYPE,
+    META_INPUT_SHAPE,
+    META_PREFIX,
+    META_SOURCE_FORMAT,
+    META_SOURCE_SHA256,
+    META_YAT_LAYERS,
+    yat_gemm_nodes,
+)
 from yatdeploy.loading import LoadedModel
 from yatdeploy.ops.onnx_function import FUNCTION_OPSET
 from yatdeploy.ops.onnx_schema import yat_gemm_op
-from yatdeploy.progress import Progress
+from yatdeploy.progress import QUIET, Progress
+from yatdeploy.reference import Reference, example_input, output_names_for
 from yatdeploy.rewrite import RewriteResult, count_yat_layers, rewrite_yat_layers
 from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+if TYPE_CHECKING:
+    from yatdeploy.validation import ValidationReport
 
 INPUT_NAME = "input"
 BATCH_DIM_NAME = "batch"
 OPSET = FUNCTION_OPSET
 
-# Metadata keys written into every export and read back by `yatdeploy validate`.
-META_PREFIX = "yatdeploy."
-META_INPUT_SHAPE = META_PREFIX + "input_shape"
-META_DTYPE = META_PREFIX + "dtype"
-META_SOURCE_SHA256 = META_PREFIX + "source_sha256"
-META_SOURCE_FORMAT = META_PREFIX + "source_format"
-META_YAT_LAYERS = META_PREFIX + "yat_layers"
 
 
 @dataclass
@@ -57,51 +61,9 @@ class ExportResult:
     rewrite: RewriteResult | None
     yat_gemm_nodes: int
     yat_layers: int
+    reference: Reference  # the PyTorch model as exported, for validation
     notes: list[str] = field(default_factory=list)
-
-
-def model_dtype(module: nn.Module) -> str:
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.is_floating_point():
-            try:
-                return dtypes.by_torch(tensor.dtype).name
-            except KeyError:
-                break
-    return "float32"
-
-
-def prepare_module(loaded: LoadedModel, dtype: str) -> nn.Module:
-    """The reference module in the export dtype (a cast copy when the dtype differs)."""
-    module = loaded.module
-    target = dtypes.by_name(dtype).torch
-    if loaded.layers_are_identifiable and model_dtype(module) != dtype:
-        module = copy.deepcopy(module).to(target)
-    return module
-
-
-def example_input(shape: Sequence[int], dtype: str, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=torch.float32).to(dtypes.by_name(dtype).torch)
-
-
-def run_reference(module: nn.Module, x: torch.Tensor, what: str) -> list[torch.Tensor]:
-    try:
-        with torch.inference_mode():
-            out = module(x)
-    except Exception as exc:
-        raise InputSpecError(
-            f"the model can't run on an input of shape {tuple(x.shape)} and dtype {x.dtype}: {str(exc).splitlines()[0]}",
-            f"check {what}",
-        ) from exc
-    outputs = list(out) if isinstance(out, (tuple, list)) else [out]
-    if not all(isinstance(o, torch.Tensor) for o in outputs):
-        raise YatDeployError("the model returns something other than a tensor or a tuple of tensors")
-    return outputs
-
-
-def output_names_for(count: int) -> list[str]:
-    """The names yatdeploy gives a model's outputs: `output`, or `output_0`, `output_1`, ..."""
-    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+    report: ValidationReport | None = None  # set by yatdeploy.export unless validate=False
 
 
 def _translate_yat_gemm(x, w, b, eps: float, alpha: float):
@@ -124,10 +86,7 @@ def _torchscript_to_onnx(
                 input_names=[INPUT_NAME], output_names=output_names, dynamic_axes=axes,
             )
         except Exception as exc:
-            raise YatDeployError(
-                f"torch.onnx.export (TorchScript) failed: {str(exc).strip().splitlines()[0]}",
-                "run with --debug for the exporter's full message",
-            ) from exc
+            raise YatDeployError(f"torch.onnx.export (TorchScript) failed: {str(exc).strip().splitlines()[0]}") from exc
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -159,10 +118,7 @@ def _torch_export_to_onnx(
                     report=False,
                 )
         except Exception as exc:
-            raise YatDeployError(
-                f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}",
-                "run with --debug for the exporter's full message",
-            ) from exc
+            raise YatDeployError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
     return program.model_proto
 
 
@@ -198,21 +154,26 @@ def save_atomically(model: onnx.ModelProto, path: Path) -> None:
             os.remove(tmp)
 
 
-def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions, progress: Progress) -> ExportResult:
+def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions, progress: Progress = QUIET,
+                 reference: Reference | None = None) -> ExportResult:
+    """`reference`: the model as prepared for this export's dtype, when the caller has it already."""
     output = Path(output)
-    dtype = options.dtype or model_dtype(loaded.module)
+    if reference is None:
+        reference = Reference.of(loaded, options.dtype)
+    elif options.dtype not in (None, reference.dtype) or reference.loaded is not loaded:
+        raise ValueError("the reference given is not this model in this dtype")
+    dtype = reference.dtype
     notes: list[str] = []
-    reference = prepare_module(loaded, dtype)
     x = example_input(options.input_shape, dtype)
     with progress.step("checking the model runs on the example input"):
-        outputs = run_reference(reference, x, "--input-shape and --dtype")
+        outputs = reference.run_tensor(x, f"{option('input_shape')} and {option('dtype')}")
     output_names = output_names_for(len(outputs))
 
     rewrite: RewriteResult | None = None
     target: object
     if loaded.layers_are_identifiable:
         with progress.step("rewriting YatNMN layers to YatGemm"):
-            rewrite = rewrite_yat_layers(reference)
+            rewrite = rewrite_yat_layers(reference.module)
         target = rewrite.module
         yat_layers = len(rewrite.yat_layers)
         if rewrite.decomposed_layers:
@@ -264,5 +225,6 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
         rewrite=rewrite,
         yat_gemm_nodes=nodes,
         yat_layers=yat_layers,
+        reference=reference,
         notes=notes,
     )

@@ -12,34 +12,33 @@ well above it is never admitted.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
-from yatdeploy import backends, dtypes, graph
-from yatdeploy.attach import yat_gemm_nodes
-from yatdeploy.errors import InputSpecError, OnnxModelError, YatDeployError
-from yatdeploy.export import (
-    META_INPUT_SHAPE,
-    META_SOURCE_SHA256,
-    output_names_for,
-    prepare_module,
-    run_reference,
+from yatdeploy import backends, dtypes
+from yatdeploy.errors import OnnxModelError, YatDeployError, option, render
+from yatdeploy.graph import META_SOURCE_SHA256, load_onnx, metadata, yat_gemm_nodes
+from yatdeploy.inputs import (
+    DEFAULT_BATCHES,
+    InputCase,
+    cases_for,
+    input_dtype,
+    load_input_cases,
+    onnx_input,
+    random_cases,
+    resolve_input_shape,
 )
-from yatdeploy.graph import load_onnx  # noqa: F401  (validate.load_onnx, as the CLI reads it)
 from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import QUIET, Progress
+from yatdeploy.reference import Reference, output_names_for
 from yatdeploy.rewrite import count_yat_layers
-
-DEFAULT_BATCHES = (1, 7, 32)
 
 
 @dataclass(frozen=True)
@@ -100,12 +99,6 @@ def derived_rule(dtype: str, has_reference: bool) -> str:
         return f"atol = {floor:.2g} x max|torch|, rtol = 0 (the export's float32 attributes and distance forms)"
     return (f"atol = {ROUNDING_FACTOR:g} x torch err + {floor:.2g} x max|torch|, rtol = 0, where torch err = "
             f"max|PyTorch {dtype} - PyTorch float64| is PyTorch's own rounding error")
-
-
-@dataclass
-class InputCase:
-    name: str
-    array: np.ndarray
 
 
 @dataclass
@@ -304,13 +297,13 @@ def _explain_failure(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, s
                     why += (f"; ONNX is {onnx_err:.3g} from the float64 run{ratio}: more than {dtype} rounding "
                             "explains, so the export (or this backend) computes something else")
             need = _ceil2(float(np.max((diff - fixed_rtol * np.abs(e))[failing])))
-            parts.append(f"{why}. If this difference is acceptable, pass --atol {need:g} "
-                         f"(with --rtol {fixed_rtol:g} unless given)")
+            parts.append(f"{why}. If this difference is acceptable, pass {option('atol')} {need:g} "
+                         f"(with {option('rtol')} {fixed_rtol:g} unless given)")
         elif source == TOL_MAGNITUDE:
             need = _ceil2(float(np.max((diff - fixed_rtol * np.abs(e))[failing])))
             parts.append(f"the tolerance is {FALLBACK_FACTORS[dtype]:g} x max|torch|, as the model could not be run in "
                          "float64 to measure PyTorch's own rounding error. If its outputs are ill-conditioned "
-                         f"(large values cancelling), pass --atol {need:g} (with --rtol {fixed_rtol:g} unless given)")
+                         f"(large values cancelling), pass {option('atol')} {need:g} (with {option('rtol')} {fixed_rtol:g} unless given)")
         else:
             with np.errstate(divide="ignore", invalid="ignore"):
                 over = np.where(np.abs(e) > 0, (diff - tol.atol) / np.abs(e), np.inf)
@@ -320,155 +313,18 @@ def _explain_failure(actual: np.ndarray, expected: np.ndarray, tol: Tolerance, s
                 # Rounding errors scale with the size of the terms summed, not with the result: values well
                 # below the output's scale (logits near zero) need atol.
                 parts.append(f"the failing values are small next to the output's scale (|torch| <= {largest:.3g}), "
-                             f"where rtol*|torch| adds little: raise --atol to {need_atol:g} (atol bounds the error "
-                             f"whatever the value's size; --rtol alone would need {need_rtol:g})")
+                             f"where rtol*|torch| adds little: raise {option('atol')} to {need_atol:g} (atol bounds the error "
+                             f"whatever the value's size; {option('rtol')} alone would need {need_rtol:g})")
             else:
                 parts.append(f"the failing values are among the output's largest (|torch| up to {largest:.3g}): raise "
-                             f"--rtol to {need_rtol:g} (rtol bounds the error in proportion to |torch|), or --atol to "
+                             f"{option('rtol')} to {need_rtol:g} (rtol bounds the error in proportion to |torch|), or {option('atol')} to "
                              f"{need_atol:g}")
             verdict = "passes" if compare(actual, expected, derived)[2] == 0 else "fails too"
-            parts.append(f"without --atol/--rtol the tolerance derived from PyTorch's own rounding error is "
+            parts.append(f"without {option('atol')}/{option('rtol')} the tolerance derived from PyTorch's own rounding error is "
                          f"atol={derived.atol:.3g}, which this output {verdict}")
     if top1 is not None:
         parts.append(f"top-1 class agrees on {round(top1 * a.shape[0])}/{a.shape[0]} rows")
-    return "; ".join(parts)
-
-
-def _onnx_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    inputs = graph.graph_inputs(model)
-    if len(inputs) != 1:
-        raise OnnxModelError(f"the model has {len(inputs)} inputs; yatdeploy validates single-input models")
-    return inputs[0]
-
-
-def input_dtype(model: onnx.ModelProto) -> str:
-    """The CLI name of the model input's dtype; the input must be of a floating type YatGemm admits."""
-    graph_input = _onnx_input(model)
-    try:
-        return dtypes.by_onnx(graph_input.type.tensor_type.elem_type).name
-    except KeyError:
-        raise OnnxModelError(f"the model's input '{graph_input.name}' is not of a floating type") from None
-
-
-def _metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def resolve_input_shape(model: onnx.ModelProto, given: tuple[int, ...] | None) -> tuple[int, ...]:
-    """The per-sample input shape: --input-shape, else the export's record, else the model's static dims."""
-    graph_input = _onnx_input(model)
-    dims = graph_input.type.tensor_type.shape.dim
-    if given is not None:
-        if len(given) != len(dims):
-            raise InputSpecError(
-                f"--input-shape {','.join(map(str, given))} has rank {len(given)}; the model's input "
-                f"'{graph_input.name}' has rank {len(dims)}"
-            )
-        for i, (want, dim) in enumerate(zip(given, dims)):
-            if i > 0 and dim.HasField("dim_value") and dim.dim_value != want:
-                raise InputSpecError(
-                    f"--input-shape {','.join(map(str, given))}: dimension {i} is {want}, "
-                    f"the model's input '{graph_input.name}' has {dim.dim_value}"
-                )
-        return given
-    recorded = _metadata(model).get(META_INPUT_SHAPE)
-    if recorded:
-        return tuple(int(d) for d in recorded.split(","))
-    shape = []
-    for i, dim in enumerate(dims):
-        if dim.HasField("dim_value"):
-            shape.append(dim.dim_value)
-        elif i == 0:
-            shape.append(1)
-        else:
-            raise InputSpecError(
-                f"the model's input '{graph_input.name}' has a dynamic dimension {i}", "pass --input-shape"
-            )
-    return tuple(shape)
-
-
-def random_cases(sample_shape: Sequence[int], dtype: str, batches: Sequence[int], seed: int) -> list[InputCase]:
-    rng = np.random.default_rng(seed)
-    np_dtype = dtypes.by_name(dtype).numpy
-    cases = []
-    for batch in batches:
-        shape = (batch, *sample_shape[1:])
-        cases.append(InputCase(f"random batch {batch}", rng.standard_normal(shape).astype(np.float32).astype(np_dtype)))
-    return cases
-
-
-def load_input_cases(paths: Sequence[str | Path], sample_shape: Sequence[int], dtype: str) -> list[InputCase]:
-    """Arrays from .npy files and from every array in .npz files, checked against the input shape."""
-    np_dtype = dtypes.by_name(dtype).numpy
-    cases: list[InputCase] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_file():
-            raise InputSpecError(f"--inputs {path}: no such file")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise InputSpecError(f"--inputs {path}: not a .npy or .npz file ({exc})") from exc
-        named = [(path.name, loaded)] if isinstance(loaded, np.ndarray) else list(_npz_members(path, loaded))
-        for name, array in named:
-            if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-                raise InputSpecError(f"--inputs {name}: dtype {array.dtype} is not numeric")
-            if array.ndim != len(sample_shape) or tuple(array.shape[1:]) != tuple(sample_shape[1:]):
-                raise InputSpecError(
-                    f"--inputs {name}: shape {array.shape} does not fit the model input "
-                    f"(batch, {', '.join(map(str, sample_shape[1:]))})"
-                )
-            cases.append(InputCase(name, array.astype(np_dtype)))
-    return cases
-
-
-def _cases_for(graph_input: onnx.ValueInfoProto, random: list[InputCase], user: list[InputCase],
-               sample_shape: Sequence[int], dtype: str, seed: int) -> list[InputCase]:
-    """The cases to run: every one when the input has a batch dimension; for a fixed first dimension,
-    the random cases at that size and the user's, each of which must fit it (none is dropped)."""
-    shape = graph.dims(graph_input)
-    if not graph.has_batch_dim(shape):
-        fixed = shape[0] if shape else None
-        for case in user:
-            if fixed is not None and case.array.shape[0] != fixed:
-                raise InputSpecError(
-                    f"--inputs {case.name}: {case.array.shape[0]} rows, but the model's input "
-                    f"'{graph_input.name}' has a fixed first dimension of {fixed}",
-                    "give arrays of that many rows, or export with a dynamic batch dimension",
-                )
-        random = random_cases(sample_shape, dtype, (fixed,), seed) if fixed is not None else random[:1]
-    cases = random + user
-    empty = [c.name for c in cases if c.array.size == 0]
-    if empty:
-        raise InputSpecError(f"input case {empty[0]} holds no values: a comparison on it would compare nothing")
-    return cases
-
-
-def _npz_members(path: Path, archive) -> Iterator[tuple[str, np.ndarray]]:
-    """Every array of an .npz, or an error naming the member that can't be read."""
-    with archive:
-        for key in archive.files:
-            try:
-                array = archive[key]
-            except ValueError as exc:  # object arrays need pickle, which is never allowed here
-                raise InputSpecError(f"--inputs {path.name}[{key}]: {exc}", "store plain numeric arrays") from exc
-            except Exception as exc:  # a damaged member: bad CRC, truncated data, a bad .npy header
-                raise InputSpecError(f"--inputs {path.name}[{key}]: can't be read ({type(exc).__name__}: {exc})") from exc
-            yield f"{path.name}[{key}]", array
-
-
-def _to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
-    ftype = dtypes.by_name(dtype)
-    if ftype.name == "bfloat16":
-        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    tensor = tensor.detach().cpu()
-    if tensor.dtype == torch.bfloat16:
-        return tensor.float().numpy().astype(dtypes.by_name("bfloat16").numpy)
-    return tensor.numpy()
+    return render("; ".join(parts))
 
 
 @dataclass
@@ -524,41 +380,6 @@ def _compare_case(
     return comps
 
 
-def _float64_runs(module: torch.nn.Module, dtype: str, cases: list[InputCase],
-                  expected: list[list[np.ndarray]]) -> tuple[list[list[np.ndarray]] | None, str]:
-    """The PyTorch model (as validated, in the export dtype) run in float64 on every case, and what that was.
-
-    None where it can't be: a TorchScript or torch.export archive whose graph is fixed to its own dtype, or a
-    layer with a fixed compute dtype that keeps the result out of float64.
-    """
-    if dtype == "float64":
-        return [[_float64(w) for w in want] for want in expected], "the PyTorch run itself (a float64 export)"
-    try:
-        module64 = copy.deepcopy(module).to(torch.float64)
-    except Exception as exc:
-        return None, f"none: the model can't be cast to float64 ({_first_line(exc)})"
-    runs = []
-    for case, want in zip(cases, expected):
-        try:
-            with torch.inference_mode():
-                out = module64(torch.from_numpy(_float64(case.array)))
-        except Exception as exc:
-            return None, f"none: the model does not run in float64 ({_first_line(exc)})"
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        if len(outs) != len(want) or not all(
-            isinstance(o, torch.Tensor) and o.dtype == torch.float64 and tuple(o.shape) == tuple(w.shape)
-            for o, w in zip(outs, want)
-        ):
-            return None, "none: cast to float64, the model does not compute in float64 (a fixed compute dtype?)"
-        runs.append([o.detach().cpu().numpy() for o in outs])
-    return runs, "a float64 run of the PyTorch model on the same inputs"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _ill_conditioned(dtype: str, cases: list[InputCase], expected: list[list[np.ndarray]],
                      output_names: list[str], defaults: list[CaseTolerances]) -> list[str]:
     """Warnings for cases where PyTorch's own error is large: there, only larger differences can be resolved."""
@@ -576,7 +397,7 @@ def _ill_conditioned(dtype: str, cases: list[InputCase], expected: list[list[np.
 
 def validate(
     onnx_path: str | Path,
-    loaded: LoadedModel,
+    model: LoadedModel | Reference,
     *,
     input_shape: tuple[int, ...] | None = None,
     input_files: Sequence[str | Path] = (),
@@ -587,42 +408,44 @@ def validate(
     engine: str | Path | None = None,
     progress: Progress = QUIET,
 ) -> ValidationReport:
-    """`engine`: a TensorRT engine for the tensorrt backend; without one, that backend builds its own.
+    """`model`: the PyTorch model loaded, or as export prepared it (ExportResult.reference).
+
+    `engine`: a TensorRT engine for the tensorrt backend; without one, that backend builds its own.
 
     `tolerance`: the user's (|onnx - torch| <= atol + rtol * |torch|); None derives one per input case and
     output from PyTorch's own rounding error (`derived_tolerance`).
     """
     onnx_path = Path(onnx_path)
-    model = load_onnx(onnx_path)
-    graph_input = _onnx_input(model)
-    dtype = input_dtype(model)
-    sample_shape = resolve_input_shape(model, input_shape)
+    onnx_model = load_onnx(onnx_path)
+    graph_input = onnx_input(onnx_model)
+    dtype = input_dtype(onnx_model)
+    if isinstance(model, Reference) and model.dtype != dtype:
+        raise YatDeployError(f"{onnx_path.name} is in {dtype}, the PyTorch model given was prepared in {model.dtype}")
+    reference = model if isinstance(model, Reference) else Reference.of(model, dtype)
+    loaded = reference.loaded
+    sample_shape = resolve_input_shape(onnx_model, input_shape)
     cases = random_cases(sample_shape, dtype, batches, seed)
     user_cases = load_input_cases(input_files, sample_shape, dtype)
-    output_names = [o.name for o in model.graph.output]
+    output_names = [o.name for o in onnx_model.graph.output]
 
     checks: list[Check] = []
     warnings: list[str] = []
-    nodes = len(yat_gemm_nodes(model))
+    nodes = len(yat_gemm_nodes(onnx_model))
     layers = count_yat_layers(loaded.module)
     if loaded.layers_are_identifiable:
         checks.append(Check("YatGemm nodes", nodes == layers, f"{nodes} YatGemm nodes for {layers} YatNMN layers"))
     else:
         checks.append(Check("YatGemm nodes", True,
                             f"{nodes} YatGemm nodes; {loaded.format} keeps no YatNMN options ({layers} layers decomposed)"))
-    recorded_sha = _metadata(model).get(META_SOURCE_SHA256)
+    recorded_sha = metadata(onnx_model).get(META_SOURCE_SHA256)
     if recorded_sha and recorded_sha != loaded.sha256:
         warnings.append(f"{loaded.path} has changed since {onnx_path.name} was exported (sha256 differs)")
-    cases = _cases_for(graph_input, cases, user_cases, sample_shape, dtype, seed)
+    cases = cases_for(graph_input, cases, user_cases, sample_shape, dtype, seed)
 
-    reference = prepare_module(loaded, dtype)
     with progress.step(f"running PyTorch on {len(cases)} input cases"):
-        expected = [
-            [_to_numpy(t) for t in run_reference(reference, _to_torch(c.array, dtype), "the input shape")]
-            for c in cases
-        ]
+        expected = [reference.run(c.array, "the input shape") for c in cases]
     with progress.step("running PyTorch in float64, for the tolerances"):
-        float64_runs, reference_note = _float64_runs(reference, dtype, cases, expected)
+        float64_runs, reference_note = reference.float64_runs([c.array for c in cases], expected)
     defaults = [_case_tolerances(dtype, want, None if float64_runs is None else runs)
                 for want, runs in zip(expected, float64_runs or [None] * len(expected))]
     warnings.extend(_ill_conditioned(dtype, cases, expected, output_names, defaults))
@@ -671,7 +494,7 @@ def _run_backend(report: BackendReport, backend: backends.Backend, onnx_path: Pa
         try:
             runner = backend.open(onnx_path, options)
         except YatDeployError as exc:
-            report.comparisons.append(OutputComparison("open", "*", [], "", None, None, False, exc.message))
+            report.comparisons.append(OutputComparison("open", "*", [], "", None, None, False, exc.text))
             return
         ran = 0
         with progress.step(f"running {backend.name}"):
@@ -680,7 +503,7 @@ def _run_backend(report: BackendReport, backend: backends.Backend, onnx_path: Pa
                     got = runner.run({input_name: case.array})
                 except OnnxModelError as exc:
                     report.comparisons.append(OutputComparison(case.name, "*", [], "", None, None, False,
-                                                               exc.message))
+                                                               exc.text))
                     continue
                 ran += 1
                 report.comparisons.extend(_compare_case(case, output_names, got, want, dtype, case_defaults,

@@ -97,7 +97,7 @@ def available_providers() -> list[str]:
 
 
 def yat_gemm_node_types(model: onnx.ModelProto) -> set[int]:
-    from yatdeploy.attach import node_elem_types
+    from yatdeploy.graph import node_elem_types
 
     return set(node_elem_types(model).values())
 

@@ -178,7 +178,7 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
             status, message = 400, "the client disconnected before the end of its request"
             log.info("model %s: %s", model.name, message)
         elif isinstance(exc, OnnxModelError):
-            status, message = 500, exc.message
+            status, message = 500, exc.text
             log.error("model %s: 500 %s", model.name, message)
         else:
             status, message = 500, f"internal error: {type(exc).__name__}: {exc}"

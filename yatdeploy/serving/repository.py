@@ -26,13 +26,12 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import onnx
 
 from yatdeploy import graph
-from yatdeploy.errors import YatDeployError
-from yatdeploy.serving.datatypes import datatype_of
+from yatdeploy.errors import YatDeployError, option
+from yatdeploy.graph import TensorSignature
 
 CONFIG = "config.pbtxt"
 # A free-form ModelConfig parameter, which Triton ignores, naming yatdeploy's backend for the model.
@@ -76,14 +75,6 @@ class ModelSource:
     inputs: tuple[ConfigTensor, ...] = ()  # as the config lists them (none listed: not checked)
     outputs: tuple[ConfigTensor, ...] = ()
     error: str | None = None  # why the model cannot be served (a bad config), None if it can be tried
-
-
-class Tensor(Protocol):
-    """A served model's input or output (graph.TensorSignature)."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 for a dynamic dimension, the first included
 
 
 def model_config_pb2():
@@ -151,7 +142,7 @@ def discover(path: str | Path) -> list[ModelSource]:
             try:
                 read_config(source, folder / CONFIG)
             except YatDeployError as exc:
-                source.error = exc.message
+                source.error = exc.text
         sources.append(source)
     if not sources:
         raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE} or {PLAN_FILE})")
@@ -219,8 +210,8 @@ def read_config(source: ModelSource, path: Path) -> None:
         setattr(source, f"{field}s", tuple(tensors))
 
 
-def check_signature(source: ModelSource, inputs: Sequence[Tensor], outputs: Sequence[Tensor],
-                    ) -> dict[str, tuple[int, ...]]:
+def check_signature(source: ModelSource, inputs: Sequence[TensorSignature], outputs: Sequence[TensorSignature],
+                    ) -> dict[str, list[int]]:
     """Check the config's tensors and max_batch_size against the loaded model's; the shape served for each
     tensor (the config's dims where they fix a dimension the model leaves free). Raises YatDeployError
     naming the model and the field."""
@@ -250,7 +241,7 @@ def check_signature(source: ModelSource, inputs: Sequence[Tensor], outputs: Sequ
                 raise _config_error(source, f"{field} '{tensor.name}' dims",
                                     f"{list(tensor.dims)}: the model's are {shown}"
                                     + (" (without the batch dimension, as max_batch_size > 0)" if batch else ""))
-            shapes[tensor.name] = dims
+            shapes[tensor.name] = list(dims)
     return shapes
 
 
@@ -263,23 +254,11 @@ def _triton_types() -> dict[str, str]:
 _TRITON_TYPES = _triton_types()  # v2 datatype -> Triton's TYPE_ name
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int]:
-    return graph.dims(value)[1:]  # without the batch dimension
-
-
-def _add_tensors(field, tensors) -> None:
-    """Add ModelInput/ModelOutput entries to `field` from (name, yatdeploy dtype name, dims without the batch)."""
-    from yatdeploy import dtypes
-
-    for name, dtype, dims in tensors:
-        datatype = datatype_of(dtypes.by_name(dtype).numpy)
-        field.add(name=name, data_type=_TRITON_TYPES[datatype], dims=list(dims))
-
-
-def _onnx_tensors(values):
-    from yatdeploy import dtypes
-
-    return [(v.name, dtypes.by_onnx(v.type.tensor_type.elem_type).name, _dims(v)) for v in values]
+def _add_tensors(field, tensors: Sequence[TensorSignature], batching: bool) -> None:
+    """Add ModelInput/ModelOutput entries to `field`, without the batch dimension when `batching`."""
+    for tensor in tensors:
+        field.add(name=tensor.name, data_type=_TRITON_TYPES[tensor.datatype],
+                  dims=list(tensor.shape[1:] if batching else tensor.shape))
 
 
 def _dynamic_batching(config, max_queue_delay_us: int, max_queue_size: int) -> None:
@@ -299,8 +278,8 @@ def config_text(name: str, model: onnx.ModelProto, *, op_library: Path | None, m
     """config.pbtxt for an ONNX model: Triton's ModelConfig message in protobuf text format."""
     pb2 = model_config_pb2()
     config = pb2.ModelConfig(name=name, backend="onnxruntime", max_batch_size=max_batch_size)
-    _add_tensors(config.input, _onnx_tensors(graph.graph_inputs(model)))
-    _add_tensors(config.output, _onnx_tensors(model.graph.output))
+    _add_tensors(config.input, [graph.signature(v) for v in graph.graph_inputs(model)], batching=True)
+    _add_tensors(config.output, [graph.signature(v) for v in model.graph.output], batching=True)
     _dynamic_batching(config, max_queue_delay_us, max_queue_size)
     config.instance_group.add(kind=pb2.ModelInstanceGroup.KIND_CPU, count=1)
     if op_library is not None:
@@ -314,10 +293,10 @@ def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *
     """Copy an exported model into `<repository>/<name>/<version>/model.onnx` with its config.pbtxt."""
     check_model_name(name)
     if max_batch_size < 1:
-        raise YatDeployError(f"--max-batch-size {max_batch_size}: must be at least 1")
+        raise YatDeployError(f"{option('max_batch_size')} {max_batch_size}: must be at least 1")
     model = onnx.load(str(onnx_path), load_external_data=False)
     if not graph.model_has_batch_dim(model):
-        raise YatDeployError("a repository model needs a dynamic batch dimension (export without --static-batch)")
+        raise YatDeployError(f"a repository model needs a dynamic batch dimension (it was exported with {option('dynamic_batch', False)})")
     folder = Path(repository) / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, folder / str(version) / MODEL_FILE)
@@ -330,14 +309,13 @@ def engine_config_text(name: str, signature, *, max_queue_delay_us: int = 0,
                        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
     """config.pbtxt for a TensorRT engine (yatdeploy.trt.engine.EngineSignature)."""
     batching = graph.has_batch_dim(signature.inputs[0].shape)
-    strip = 1 if batching else 0
     pb2 = model_config_pb2()
     # YatGemm runs as yatdeploy's ahead-of-time plugin, whose kernel is inside the engine: Triton needs
     # no plugin library for it (no LD_PRELOAD, no --backend-config=tensorrt,plugins=...).
     config = pb2.ModelConfig(name=name, platform="tensorrt_plan",
                              max_batch_size=signature.profile.max if batching else 0)
-    _add_tensors(config.input, [(t.name, t.dtype, t.shape[strip:]) for t in signature.inputs])
-    _add_tensors(config.output, [(t.name, t.dtype, t.shape[strip:]) for t in signature.outputs])
+    _add_tensors(config.input, signature.inputs, batching)
+    _add_tensors(config.output, signature.outputs, batching)
     if batching:
         _dynamic_batching(config, max_queue_delay_us, max_queue_size)
     config.instance_group.add(kind=pb2.ModelInstanceGroup.KIND_GPU, count=1)
@@ -354,7 +332,7 @@ def write_engine_repository(repository: str | Path, name: str, engine_path: str 
     signature = EngineSignature.read(engine_path)
     if signature.profile.min > 1 and graph.has_batch_dim(signature.inputs[0].shape):
         raise YatDeployError(f"{engine_path}: its profile starts at batch {signature.profile.min}; Triton sends "
-                             "batches from 1 (rebuild with --min-batch 1)")
+                             f"batches from 1 (rebuild with {option('min_batch')} 1)")
     folder = Path(repository) / name
     target = folder / str(version) / PLAN_FILE
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from yatdeploy import backends
-from yatdeploy.errors import YatDeployError
+from yatdeploy.errors import YatDeployError, option
 from yatdeploy.progress import Progress
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def load_models(path: str | Path, backend_name: str | None, intra_op_threads: in
         except YatDeployError as exc:
             if Path(path).is_file():
                 raise
-            unavailable.append(UnavailableModel(source.name, source.version, exc.message))
+            unavailable.append(UnavailableModel(source.name, source.version, exc.text))
     if not models:
         raise YatDeployError(f"{path}: no model could be loaded: " + "; ".join(m.reason for m in unavailable))
     for model in unavailable:
@@ -90,7 +90,7 @@ def _listening_sockets(host: str, port: int) -> list[socket.socket]:
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
-        raise YatDeployError(f"--host {host}: not an address to listen on ({exc})") from None
+        raise YatDeployError(f"{option('host')} {host}: not an address to listen on ({exc})") from None
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(addresses):

@@ -24,10 +24,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from yatdeploy import dtypes, graph, native
-from yatdeploy.attach import node_elem_types, yat_gemm_nodes
-from yatdeploy.errors import OnnxModelError, YatDeployError
+from yatdeploy.errors import OnnxModelError, YatDeployError, option
 from yatdeploy.files import file_sha256
-from yatdeploy.graph import TensorSignature, load_onnx
+from yatdeploy.graph import TensorSignature, load_onnx, node_elem_types, yat_gemm_nodes
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
 from yatdeploy.trt import plugin_logic
@@ -46,7 +45,7 @@ class BatchProfile:
     def check(self) -> BatchProfile:
         if self.min < 1 or not self.min <= self.opt <= self.max:
             raise YatDeployError(f"batch profile min {self.min}, opt {self.opt}, max {self.max}: "
-                                 "need 1 <= --min-batch <= --opt-batch <= --max-batch")
+                                 f"need 1 <= {option('min_batch')} <= {option('opt_batch')} <= {option('max_batch')}")
         return self
 
     @staticmethod
@@ -129,7 +128,7 @@ def prepare_model(model: onnx.ModelProto) -> PreparedModel:
         dtype = signature.dtype if elem_type is None else graph.dtype_name(elem_type)
         if dtype not in supported:
             raise OnnxModelError(f"{where} is {dtype}; the TensorRT plugin has {', '.join(supported)} kernels "
-                                 "(export with --dtype float32, float16 or bfloat16)")
+                                 f"(export with {option('dtype')} float32, float16 or bfloat16)")
         attrs = {a.name: a for a in node.attribute}
         for name in MATH_ATTRIBUTES:
             if name not in attrs:
@@ -166,8 +165,8 @@ def profile_shapes(prepared: PreparedModel, profile: BatchProfile) -> tuple[list
     profile.check()
     batch, *rest = prepared.input.shape
     if not graph.has_batch_dim(prepared.input.shape) and (profile.min, profile.max) != (batch, batch):
-        raise YatDeployError(f"the model's batch dimension is fixed at {batch} (exported with --static-batch); "
-                             f"use --min-batch {batch} --opt-batch {batch} --max-batch {batch}")
+        raise YatDeployError(f"the model's batch dimension is fixed at {batch} (exported with {option('dynamic_batch', False)}); "
+                             f"use {option('min_batch')} {batch} {option('opt_batch')} {batch} {option('max_batch')} {batch}")
     return [profile.min, *rest], [profile.opt, *rest], [profile.max, *rest]
 
 
@@ -212,7 +211,7 @@ def availability() -> str | None:
     try:
         import_tensorrt()
     except YatDeployError as exc:
-        return exc.message
+        return exc.text
     if native.gpu_count() == 0:
         return "no NVIDIA GPU is visible (TensorRT builds and runs engines on the GPU)"
     if native.gpu_kernels_manifest() is None:
@@ -306,7 +305,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     progress.say(f"building the engine for batch {profile.min}..{profile.max} (opt {profile.opt})")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise YatDeployError("TensorRT could not build the engine (its messages are above; --verbose shows more)")
+        raise YatDeployError(f"TensorRT could not build the engine (its messages are above; {option('verbose', True)} shows more)")
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
     partial.write_bytes(bytes(serialized))

@@ -14,7 +14,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from yatdeploy.errors import OnnxModelError, YatDeployError
+from yatdeploy.errors import OnnxModelError, YatDeployError, option
 from yatdeploy.trt.engine import BatchProfile, EngineSignature, availability, build_engine, import_tensorrt
 
 
@@ -67,7 +67,7 @@ class EngineRunner:
         profile = self.signature.profile
         if not profile.min <= batch <= profile.max:
             raise OnnxModelError(f"batch {batch} is outside the engine's profile {profile.min}..{profile.max} "
-                                 "(rebuild with other --min-batch/--max-batch)")
+                                 f"(rebuild with other {option('min_batch')}/{option('max_batch')})")
         with self._lock:
             keep = []
             for info in self.signature.inputs:
