@@ -31,18 +31,27 @@ struct Dims {
   int64_t n = 0;
 };
 
-// The common start of every kernel's Compute: checks the operands, allocates Y, and gives the
-// dimensions and B's data (null when the node has no B).
+// What a kernel's Compute works on, once BeginCompute has checked the operands and allocated Y.
+template <typename T>
+struct Operands {
+  Dims d;
+  const T* bias = nullptr;  // null when the node has no B
+  T* out = nullptr;
+  bool Empty() const { return d.m == 0 || d.n == 0; }  // Y has no values: nothing to compute
+};
+
+// The common start of every kernel's Compute: checks the operands and allocates Y.
 template <typename T>
 Ort::Status BeginCompute(const Ort::Custom::Tensor<T>& x, const Ort::Custom::Tensor<T>& w,
-                         const std::optional<const Ort::Custom::Tensor<T>*>& b, Ort::Custom::Tensor<T>& y, Dims* dims,
-                         const T** bias, T** out) {
+                         const std::optional<const Ort::Custom::Tensor<T>*>& b, Ort::Custom::Tensor<T>& y,
+                         Operands<T>* operands) {
   const std::vector<int64_t>* b_shape = b.has_value() && *b ? &(*b)->Shape() : nullptr;
   std::vector<int64_t> y_shape;
-  Ort::Status status = CheckShapes(x.Shape(), w.Shape(), b_shape, &dims->m, &dims->k, &dims->n, &y_shape);
+  Dims& d = operands->d;
+  Ort::Status status = CheckShapes(x.Shape(), w.Shape(), b_shape, &d.m, &d.k, &d.n, &y_shape);
   if (!status.IsOK()) return status;
-  *bias = b_shape ? (*b)->Data() : nullptr;
-  *out = y.Allocate(y_shape);
+  operands->bias = b_shape ? (*b)->Data() : nullptr;
+  operands->out = y.Allocate(y_shape);
   return Ort::Status{nullptr};
 }
 

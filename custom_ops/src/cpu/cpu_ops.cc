@@ -78,11 +78,9 @@ struct NativeKernel {  // float and double
 
   Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
                       std::optional<const Tensor<T>*> b, Tensor<T>& y) {
-    Dims d;
-    const T* bias = nullptr;
-    T* out = nullptr;
-    if (Ort::Status status = BeginCompute(x, w, b, y, &d, &bias, &out); !status.IsOK()) return status;
-    if (d.m == 0 || d.n == 0) return Ort::Status{nullptr};
+    Operands<T> operands;
+    if (Ort::Status status = BeginCompute(x, w, b, y, &operands); !status.IsOK() || operands.Empty()) return status;
+    auto [d, bias, out] = operands;
     std::vector<T> w_sq_run;
     PackedWeights packed_run;
     const std::vector<T>* w_sq = &w_sq_;
@@ -133,11 +131,9 @@ struct HalfKernel {  // Ort::Float16_t and Ort::BFloat16_t: float32 arithmetic
 
   Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
                       std::optional<const Tensor<T>*> b, Tensor<T>& y) {
-    Dims d;
-    const T* bias = nullptr;
-    T* out = nullptr;
-    if (Ort::Status status = BeginCompute(x, w, b, y, &d, &bias, &out); !status.IsOK()) return status;
-    if (d.m == 0 || d.n == 0) return Ort::Status{nullptr};
+    Operands<T> operands;
+    if (Ort::Status status = BeginCompute(x, w, b, y, &operands); !status.IsOK() || operands.Empty()) return status;
+    auto [d, bias, out] = operands;
     std::vector<float> w_float_run, w_sq_run;
     const std::vector<float>* w_float = &w_float_;
     const std::vector<float>* w_sq = &w_sq_;

@@ -73,11 +73,9 @@ struct CudaKernel {
 
   Ort::Status Compute(OrtKernelContext* context, const Tensor<T>& x, const Tensor<T>& w,
                       std::optional<const Tensor<T>*> b, Tensor<T>& y) {
-    Dims d;
-    const T* bias = nullptr;
-    T* out = nullptr;
-    if (Ort::Status status = BeginCompute(x, w, b, y, &d, &bias, &out); !status.IsOK()) return status;
-    if (d.m == 0 || d.n == 0) return Ort::Status{nullptr};
+    Operands<T> operands;
+    if (Ort::Status status = BeginCompute(x, w, b, y, &operands); !status.IsOK() || operands.Empty()) return status;
+    auto [d, bias, out] = operands;
     try {
       Ort::KernelContext kernel_context(context);
       const auto stream = static_cast<CUstream>(kernel_context.GetGPUComputeStream());
