@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "yatdeploy"
 
 
 def test_the_registry_names_every_backend_in_order_and_refuses_unknown_ones():
-    assert backends.names() == ["ort-cpu", "ort-cuda", "ort-function", "tensorrt"]
+    assert backends.names() == ["ort-cpu", "ort-cuda", "ort-function", "tensorrt", "tensorrt-rtx"]
     assert [b.name for b in backends.all()] == backends.names()
     assert all(isinstance(b, backends.Backend) for b in backends.all())
     assert backends.default().name in {"ort-cuda", "ort-cpu", "ort-function"}
@@ -33,7 +33,7 @@ def test_the_registry_names_every_backend_in_order_and_refuses_unknown_ones():
 def test_a_file_a_backend_does_not_open_is_named_with_the_backends_that_do():
     backends.check_file(backends.get("ort-cpu"), "m.onnx")
     backends.check_file(backends.get("tensorrt"), "m.plan")
-    with pytest.raises(YatDeployError, match="m.plan is a TensorRT engine; it runs on the tensorrt backend, not ort-cpu"):
+    with pytest.raises(YatDeployError, match="m.plan is a TensorRT engine; it runs on the tensorrt or tensorrt-rtx backend, not ort-cpu"):
         backends.check_file(backends.get("ort-cpu"), "m.plan")
 
 

@@ -172,7 +172,7 @@ def test_repository_entry_for_an_engine_is_a_triton_tensorrt_plan(tmp_path):
     from yatdeploy.progress import QUIET
     from yatdeploy.serving.server import load_models
 
-    with pytest.raises(YatDeployError, match="is a TensorRT engine; it runs on the tensorrt backend, not ort-cpu"):
+    with pytest.raises(YatDeployError, match="is a TensorRT engine; it runs on the tensorrt or tensorrt-rtx backend, not ort-cpu"):
         load_models(tmp_path / "repo", "ort-cpu", 1, QUIET)
 
 
@@ -227,7 +227,7 @@ def test_validate_engine_flag_needs_the_tensorrt_backend(exported, tmp_path, cap
     plan.write_bytes(b"x")
     args = ["validate", str(onnx_path), "--against", str(source), "--backend", "ort-function", "--engine", str(plan)]
     assert main(args) == EXIT_USAGE
-    assert "--engine is for the tensorrt backend" in capsys.readouterr().err
+    assert "--engine is for the tensorrt or tensorrt-rtx backend" in capsys.readouterr().err
 
 
 # --- with TensorRT and a GPU ---------------------------------------------------------------------------

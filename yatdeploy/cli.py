@@ -133,11 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tolerance_args(validate)
 
     engine = commands.add_parser(
-        "build-engine", parents=[common], help="build a TensorRT engine with YatGemm as yatdeploy's plugin",
-        description="Build a TensorRT engine from a yatdeploy ONNX export: every YatGemm node becomes yatdeploy's "
-                    "TensorRT plugin (its ahead-of-time PTX kernel is embedded, so the engine runs without Python, "
-                    "in trtexec or Triton). The network is strongly typed (precision is the ONNX model's), with one "
-                    "optimisation profile over the batch dimension. Needs TensorRT >= 10.15 and an NVIDIA GPU.",
+        "build-engine", parents=[common], help="build a TensorRT (or TensorRT for RTX) engine",
+        description="Build a TensorRT engine from a yatdeploy ONNX export. The network is strongly typed "
+                    "(precision is the ONNX model's), with one optimisation profile over the batch dimension. "
+                    "--runtime tensorrt (default): the data-center TensorRT, every YatGemm node as yatdeploy's "
+                    "plugin (its ahead-of-time PTX kernel is embedded, so the engine runs without Python, in trtexec "
+                    "or Triton); needs TensorRT >= 10.15 and an NVIDIA GPU. --runtime tensorrt-rtx: TensorRT for RTX, "
+                    "built on any machine (no GPU needed) for RTX-class GPUs; YatGemm runs as TensorRT's own layers, "
+                    "or with --yat-plugin as yatdeploy's plugin (the engine then needs Python and yatdeploy where "
+                    "it runs).",
     )
     engine.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
     engine.add_argument("-o", "--output", metavar="PLAN", help="the engine to write (default: ONNX with .plan)")
@@ -152,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--workspace-mb", type=int, default=WORKSPACE_DEFAULT_MB,
                         help=f"builder workspace limit (default {WORKSPACE_DEFAULT_MB} MB)")
     engine.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
+    engine.add_argument("--runtime", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",
+                        help="the data-center TensorRT (default) or TensorRT for RTX")
+    engine.add_argument("--compute-capability", nargs="+", action="extend", metavar="CC",
+                        help="tensorrt-rtx: the GPUs to build for, of 75, 80, 86, 89, 120, 121 (8.6 may be written "
+                             "86, 8.6 or sm_86; default: TensorRT for RTX's portable engine)")
+    engine.add_argument("--yat-plugin", action="store_true",
+                        help="tensorrt-rtx: every YatGemm node as yatdeploy's plugin, not TensorRT's own layers")
     engine.add_argument(
         "--repository", metavar="DIR",
         help="also write DIR/<name>/1/model.plan and a config.pbtxt (platform tensorrt_plan) for Triton or serve",
@@ -326,7 +337,14 @@ def cmd_build_engine(args: argparse.Namespace, progress) -> int:
         raise YatDeployError(f"-o {output} would overwrite the ONNX model")
     if args.workspace_mb < 1:
         raise YatDeployError(f"--workspace-mb {args.workspace_mb}: must be at least 1")
-    # build_engine checks the model and the profile before it looks for TensorRT, so a bad model or
+    rtx = args.runtime == "tensorrt-rtx"
+    if not rtx and (args.compute_capability or args.yat_plugin):
+        raise YatDeployError("--compute-capability and --yat-plugin are for --runtime tensorrt-rtx (the data-center "
+                             "TensorRT builds for the GPU it runs on, always with the plugin)")
+    if rtx and args.repository:
+        raise YatDeployError("a TensorRT for RTX engine can't go in a Triton repository (Triton's TensorRT backend "
+                             f"runs the data-center TensorRT); serve it as a file: yatdeploy serve {output}")
+    # The builds check the model and the profile before they look for TensorRT, so a bad model or
     # profile is reported as such on any machine.
     profile = BatchProfile(args.min_batch, args.opt_batch, args.max_batch).check()
     if args.repository:
@@ -334,21 +352,32 @@ def cmd_build_engine(args: argparse.Namespace, progress) -> int:
 
         check_model_name(args.name or output.stem)
     timing_cache = Path(args.timing_cache) if args.timing_cache else output.with_name(output.name + ".timing-cache")
-    progress.say(f"building a TensorRT engine from {source}")
-    result = build_engine(source, output, profile, timing_cache=timing_cache, workspace_mb=args.workspace_mb,
-                          verbose=args.verbose, progress=progress)
+    if rtx:
+        from yatdeploy.trt.rtx import RtxOptions, build_rtx_engine, parse_compute_capability
+
+        capabilities = tuple(dict.fromkeys(parse_compute_capability(c) for c in args.compute_capability or ()))
+        progress.say(f"building a TensorRT for RTX engine from {source}")
+        result = build_rtx_engine(source, output, profile, RtxOptions(capabilities, args.yat_plugin, args.verbose),
+                                  progress)
+    else:
+        progress.say(f"building a TensorRT engine from {source}")
+        result = build_engine(source, output, profile, timing_cache=timing_cache, workspace_mb=args.workspace_mb,
+                              verbose=args.verbose, progress=progress)
     for note in result.notes:
         print(f"note: {note}")
     s = result.signature
+    where = (f"for {', '.join(s.compute_capabilities) or 'its default targets'}" if rtx
+             else f"{s.gpu}; timing cache {timing_cache}")
+    yat_gemm = (f"{s.plugin_layers} YatGemm plugin layer(s)" if s.plugin_layers
+                else f"{s.yat_gemm_nodes} YatGemm node(s) as TensorRT layers")
     print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB) in {result.seconds:.1f} s: "
-          f"{s.plugin_layers} YatGemm plugin layer(s), batch {profile.min}..{profile.max}, TensorRT {s.tensorrt}, "
-          f"{s.gpu}; timing cache {timing_cache}")
+          f"{yat_gemm}, batch {profile.min}..{profile.max}, {s.runtime} {s.tensorrt}, {where}")
     if args.repository:
         from yatdeploy.serving.repository import write_engine_repository
 
         folder = write_engine_repository(args.repository, args.name or output.stem, result.path)
         print(f"wrote model repository entry {folder}")
-    print(f"next: yatdeploy validate {source} --against MODEL.pt --backend tensorrt --engine {result.path}")
+    print(f"next: yatdeploy validate {source} --against MODEL.pt --backend {s.runtime} --engine {result.path}")
     return EXIT_OK
 
 
@@ -474,7 +503,8 @@ def _quiet_libraries(debug: bool, command: str) -> None:
 
 
 # Library options a command spells differently from its own flag's dest.
-_FLAG_ALIASES = {("input_files", None): "--inputs", ("dynamic_batch", False): "--static-batch"}
+_FLAG_ALIASES = {("input_files", None): "--inputs", ("dynamic_batch", False): "--static-batch",
+                 ("compute_capabilities", None): "--compute-capability"}
 
 
 def _flag_spelling(parser: argparse.ArgumentParser, command: str):

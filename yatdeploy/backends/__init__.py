@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from yatdeploy.backends import ort_cpu, ort_cuda, ort_function, tensorrt
+from yatdeploy.backends import ort_cpu, ort_cuda, ort_function, tensorrt, tensorrt_rtx
 from yatdeploy.backends.base import Backend, Options, Runner, YatGemmExecution
 from yatdeploy.errors import YatDeployError
 
@@ -16,7 +16,7 @@ __all__ = ["Backend", "Options", "Runner", "YatGemmExecution", "all", "check_fil
            "register", "unregister"]
 
 # In the order validate runs them and doctor lists them.
-_MODULES = (ort_cpu, ort_cuda, ort_function, tensorrt)
+_MODULES = (ort_cpu, ort_cuda, ort_function, tensorrt, tensorrt_rtx)
 
 _REGISTRY: dict[str, Backend] = {}
 

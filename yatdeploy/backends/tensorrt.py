@@ -54,14 +54,17 @@ class TensorRTBackend:
     def open(self, model: str | Path | onnx.ModelProto, options: Options = DEFAULT_OPTIONS) -> TensorRTRunner:
         """`options.engine`, or `model` itself when it is a .plan, or an engine built now from the ONNX model for
         `options.batch_profile` (default 1..64)."""
-        reason = self.availability()
-        if reason:
-            raise YatDeployError(f"backend {self.name} is not available: {reason}")
         if not isinstance(model, (str, Path)):
             raise YatDeployError("the tensorrt backend builds its engine from an ONNX file: pass a path")
         plan = options.engine
         if plan is None and Path(model).suffix == ".plan":
             plan = Path(model)
+        if plan is not None and engine.engine_runtime(Path(plan)) != self.name:
+            raise YatDeployError(f"{plan} was built for {engine.engine_runtime(Path(plan))}: "
+                                 f"open it with that backend, not {self.name}")
+        reason = self.availability()
+        if reason:
+            raise YatDeployError(f"backend {self.name} is not available: {reason}")
         profile = engine.BatchProfile(*(options.batch_profile or DEFAULT_PROFILE)).check()
         step = "building a TensorRT engine" if plan is None else f"loading {plan}"
         with options.progress.step(step):

@@ -117,6 +117,13 @@ def _model_file(version_dir: Path) -> Path | None:
     return None
 
 
+def _engine_backend(plan: Path) -> str:
+    """The backend that runs an engine: its signature's runtime (tensorrt, or tensorrt-rtx)."""
+    from yatdeploy.trt.engine import engine_runtime
+
+    return engine_runtime(plan)
+
+
 def discover(path: str | Path) -> list[ModelSource]:
     """The models at `path`: one .onnx file (served under its stem), or a Triton-style repository."""
     path = Path(path)
@@ -124,7 +131,7 @@ def discover(path: str | Path) -> list[ModelSource]:
         raise YatDeployError(f"{path}: no such file or folder")
     if path.is_file():
         if path.suffix == ".plan":
-            return [ModelSource(path.stem, "1", path, backend="tensorrt")]
+            return [ModelSource(path.stem, "1", path, backend=_engine_backend(path))]
         if path.suffix != ".onnx":
             raise YatDeployError(f"{path}: expected an .onnx file, a TensorRT .plan or a model repository folder")
         return [ModelSource(path.stem, "1", path)]
@@ -137,7 +144,7 @@ def discover(path: str | Path) -> list[ModelSource]:
         version, version_dir = versions[-1]  # Triton's default policy: the latest version
         model_file = _model_file(version_dir)
         source = ModelSource(folder.name, str(version), model_file,
-                             backend="tensorrt" if model_file.name == PLAN_FILE else None)
+                             backend=_engine_backend(model_file) if model_file.name == PLAN_FILE else None)
         if (folder / CONFIG).is_file():
             try:
                 read_config(source, folder / CONFIG)

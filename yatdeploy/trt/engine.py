@@ -62,9 +62,12 @@ class EngineSignature:
     yat_gemm_nodes: int
     plugin_layers: int
     onnx_sha256: str
-    tensorrt: str = ""
-    gpu: str = ""
+    tensorrt: str = ""  # the version of the runtime below
+    gpu: str = ""  # the GPU it was built on ("" for a TensorRT for RTX engine built without one)
     built: dict = field(default_factory=dict)
+    runtime: str = "tensorrt"  # or "tensorrt-rtx" (yatdeploy.trt.rtx)
+    compute_capabilities: list[str] = field(default_factory=list)  # TensorRT for RTX's targets; [] its default
+    plugin_fields: list[dict] = field(default_factory=list)  # per plugin layer: node, eps, alpha as received
 
     def write(self, engine_path: Path) -> Path:
         path = signature_path(engine_path)
@@ -81,6 +84,7 @@ class EngineSignature:
                 outputs=[TensorSignature(**t) for t in raw["outputs"]],
                 profile=BatchProfile(**raw["profile"]),
                 **{k: raw[k] for k in ("yat_gemm_nodes", "plugin_layers", "onnx_sha256", "tensorrt", "gpu", "built")},
+                **{k: raw[k] for k in ("runtime", "compute_capabilities", "plugin_fields") if k in raw},
             )
         except FileNotFoundError:
             raise YatDeployError(f"{path}: missing; yatdeploy writes it beside every engine it builds "
@@ -91,6 +95,15 @@ class EngineSignature:
 
 def signature_path(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name + SIGNATURE_SUFFIX)
+
+
+def engine_runtime(engine_path: Path) -> str:
+    """The runtime an engine was built for, from its signature ("tensorrt" when that can't be read: the
+    tensorrt backend then says what is wrong with it)."""
+    try:
+        return str(json.loads(signature_path(Path(engine_path)).read_text()).get("runtime", "tensorrt"))
+    except (OSError, ValueError, AttributeError):
+        return "tensorrt"
 
 
 # --- preparing the ONNX graph for TensorRT's parser --------------------------------------------------

@@ -44,13 +44,16 @@ def _to_numpy(tensor, dtype: str) -> np.ndarray:
 
 
 class EngineRunner:
-    def __init__(self, engine_path: str | Path) -> None:
-        reason = availability()
-        if reason:
-            raise YatDeployError(f"the tensorrt backend is not available: {reason}")
+    def __init__(self, engine_path: str | Path, trt=None) -> None:
+        """`trt`: the TensorRT module that runs the engine (default: the data-center `tensorrt`, checked
+        here; a caller passing tensorrt_rtx_bindings has checked TensorRT for RTX's availability)."""
+        if trt is None:
+            reason = availability()
+            if reason:
+                raise YatDeployError(f"the tensorrt backend is not available: {reason}")
+            trt = import_tensorrt()
         self.path = Path(engine_path)
         self.signature = EngineSignature.read(self.path)
-        trt = import_tensorrt()
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -89,8 +92,11 @@ class EngineRunner:
 
     def describe_yat_gemm(self) -> str:
         s = self.signature
-        return (f"YatGemm runs as the TensorRT plugin: {s.plugin_layers} plugin layer(s) for {s.yat_gemm_nodes} "
-                f"YatGemm node(s), TensorRT {s.tensorrt} on {s.gpu}")
+        if s.plugin_layers == 0:
+            return (f"YatGemm runs as {s.runtime}'s own layers (the inlined ONNX function): {s.yat_gemm_nodes} "
+                    f"YatGemm node(s), {s.runtime} {s.tensorrt}")
+        return (f"YatGemm runs as the {s.runtime} plugin: {s.plugin_layers} plugin layer(s) for {s.yat_gemm_nodes} "
+                f"YatGemm node(s), {s.runtime} {s.tensorrt}" + (f" on {s.gpu}" if s.gpu else ""))
 
 
 def open_engine(onnx_model: str | Path, engine: str | Path | None, profile: BatchProfile) -> EngineRunner:
