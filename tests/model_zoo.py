@@ -87,3 +87,40 @@ class PatchedYat(YatNMN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + 1
+
+
+class TwoInputs(nn.Module):
+    """Float features and int64 token ids in, a dict out: {"logits", "features"}."""
+
+    def __init__(self, vocabulary: int = 50, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.yat = YatNMN(width, 8)
+        self.head = YatNMN(8, 4)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.yat(self.embed(ids).mean(dim=1) + x)
+        return {"logits": self.head(features), "features": features}
+
+
+class TokenTagger(nn.Module):
+    """int64 ids [batch, seq] -> per-token logits [batch, seq, vocabulary]: every dim but the last is dynamic."""
+
+    def __init__(self, vocabulary: int = 30, width: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.yat = YatNMN(width, width)
+        self.out = nn.Linear(width, vocabulary)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.yat(self.embed(ids)))
+
+
+def build_two_inputs() -> nn.Module:
+    torch.manual_seed(0)
+    return perturb(TwoInputs()).eval()
+
+
+def build_token_tagger() -> nn.Module:
+    torch.manual_seed(0)
+    return perturb(TokenTagger()).eval()

@@ -19,7 +19,7 @@ from yatdeploy.loading import load_model
 
 def test_export_of_an_in_memory_module_validates_and_runs_in_plain_onnxruntime(tmp_path):
     model = yat_mlp(in_features=8, hidden=6, out_features=3)
-    result = yatdeploy.export(model, tmp_path / "m.onnx", input_shape=(2, 8))
+    result = yatdeploy.export(model, torch.randn(2, 8), tmp_path / "m.onnx")
     assert result.yat_gemm_nodes == result.yat_layers == 2
     assert result.report is not None and result.report.passed, result.report.failures()
     assert result.report.against == "<Sequential>"
@@ -33,7 +33,7 @@ def test_export_of_an_in_memory_module_validates_and_runs_in_plain_onnxruntime(t
 def test_validate_takes_a_module_or_a_file_and_sees_a_changed_module(tmp_path):
     model = yat_mlp()
     torch.save(model, tmp_path / "m.pt")
-    yatdeploy.export(tmp_path / "m.pt", tmp_path / "m.onnx", input_shape=(1, 16), validate=False)
+    yatdeploy.export(tmp_path / "m.pt", (1, 16), tmp_path / "m.onnx", validate=False)
     assert yatdeploy.validate(tmp_path / "m.onnx", tmp_path / "m.pt", backends=["ort-cpu"]).passed
     assert yatdeploy.validate(tmp_path / "m.onnx", model, backends=["ort-cpu"], batches=(3,)).passed
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_validation_reuses_the_exports_reference(tmp_path, monkeypatch):
     calls = []
     real = reference.Reference.of
     monkeypatch.setattr(reference.Reference, "of", staticmethod(lambda *a, **k: calls.append(a) or real(*a, **k)))
-    result = yatdeploy.export(yat_mlp(), tmp_path / "m.onnx", input_shape=(1, 16), dtype="float16")
+    result = yatdeploy.export(yat_mlp(), (1, 16), tmp_path / "m.onnx", dtype="float16")
     assert result.report.passed and result.report.dtype == "float16"
     assert len(calls) == 1
 

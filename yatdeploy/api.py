@@ -1,8 +1,10 @@
 """yatdeploy's Python API, `yatdeploy.export` and `yatdeploy.validate`: what the CLI's commands run.
 
     import yatdeploy
-    result = yatdeploy.export(model, "model.onnx", input_shape=(1, 784))   # validates too
+    result = yatdeploy.export(model, torch.randn(1, 784), "model.onnx")     # validates too
     print(result.report.passed)
+    lm = yatdeploy.export(lm_model, torch.zeros(1, 32, dtype=torch.long), "lm.onnx",
+                          dynamic_axes={0: "batch", 1: "seq"})
     report = yatdeploy.validate("model.onnx", "model.pt", batches=(1, 64))
 
 `model` is a torch.nn.Module built in this process (put in eval mode) or a model file, loaded as
@@ -12,14 +14,27 @@ whose message says what to do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Union
 
+import torch
 from torch import nn
 
-from yatdeploy.inputs import DEFAULT_BATCHES
+from yatdeploy import dtypes
+from yatdeploy.errors import InputSpecError
+from yatdeploy.inputs import (
+    BATCH_LABEL,
+    DEFAULT_BATCHES,
+    INPUT_TYPES,
+    Dim,
+    InputSpec,
+    check_specs,
+    parse_input,
+)
 from yatdeploy.loading import LoadedModel, from_module, load_model
-from yatdeploy.onnx_export import ExportOptions, ExportResult, export_model
+from yatdeploy.onnx_export import INPUT_NAME, ExportOptions, ExportResult, export_model
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.reference import Reference
 from yatdeploy.validation import Tolerance, ValidationReport
@@ -38,14 +53,52 @@ def load(model: nn.Module | str | Path | LoadedModel, *, arch: str | None = None
     return load_model(model, arch=arch, trust_pickle=trust_pickle)
 
 
+ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[int], Sequence[Union[InputSpec, str]]]
+DynamicAxes = Union[Mapping[int, str], Sequence[Mapping[int, str]]]
+
+
+def _forward_names(module: nn.Module, count: int) -> list[str]:
+    """The ONNX names of `count` tensor inputs: `input` for one, else forward's parameter names."""
+    if count == 1:
+        return [INPUT_NAME]
+    try:
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
+
+
+def _tensor_specs(module: nn.Module, tensors: Sequence[torch.Tensor], axes: DynamicAxes | None) -> list[InputSpec]:
+    per_input = [axes] * 1 if isinstance(axes, Mapping) else list(axes) if axes is not None else None
+    if per_input is not None and len(per_input) != len(tensors):
+        raise InputSpecError(f"dynamic_axes has {len(per_input)} entries for {len(tensors)} example inputs")
+    specs = []
+    for index, (name, tensor) in enumerate(zip(_forward_names(module, len(tensors)), tensors)):
+        try:
+            dtype = dtypes.row(str(tensor.dtype).removeprefix("torch.")).name
+        except KeyError:
+            raise InputSpecError(f"example input {index} is {tensor.dtype}; yatdeploy exports "
+                                 f"{', '.join(INPUT_TYPES)} inputs") from None
+        labels = per_input[index] if per_input is not None else ({0: BATCH_LABEL} if tensor.dim() else {})
+        bad = [d for d in labels if not -tensor.dim() <= d < tensor.dim()]
+        if bad:
+            raise InputSpecError(f"dynamic_axes for input {index}: dim {bad[0]} is not a dim of its shape "
+                                 f"{tuple(tensor.shape)}")
+        labels = {d % tensor.dim(): label for d, label in labels.items()}
+        specs.append(InputSpec(name, dtype, tuple(Dim(int(s), labels.get(i)) for i, s in enumerate(tensor.shape))))
+    return check_specs(specs)
+
+
 def export(
     model: nn.Module | str | Path | LoadedModel,
+    example_inputs: ExampleInputs,
     path: str | Path,
     *,
-    input_shape: Sequence[int],
+    dynamic_axes: DynamicAxes | None = None,
     dtype: str | None = None,
-    dynamic_batch: bool = True,
     validate: bool = True,
+    int_ranges: Mapping[str, tuple[int, int]] | None = None,
     arch: str | None = None,
     trust_pickle: bool = False,
     tolerance: Tolerance | None = None,
@@ -56,16 +109,34 @@ def export(
     """Export `model` to the ONNX file `path` and, unless `validate` is False, validate it against PyTorch on
     every backend available (`result.report`; the file is written even when validation fails).
 
-    `input_shape`: the example input's shape, batch first (the batch stays dynamic unless `dynamic_batch` is
-    False); `dtype`: export in this dtype ("float32", "float16", "bfloat16", "float64"), default the model's.
-    `tolerance`, `input_files`, `seed`: as for `validate`.
+    `example_inputs`: a tensor or a tuple of tensors, passed to the model as its positional inputs (named
+    `input`, or after forward's parameters when there are several); `dynamic_axes`: `{dim: label}` for one
+    input, or one such dict per input; by default the first dim of every input is dynamic, labelled "batch".
+    Also taken: a shape `(1, 784)` (one float input in the export dtype, batch dynamic), or input specs
+    (`inputs.InputSpec` or "ids:int64[batch=1,seq=32]" strings). `dtype`: export in this dtype ("float32",
+    "float16", "bfloat16", "float64"), default the model's. `int_ranges`: [low, high) of integer inputs'
+    random values. `tolerance`, `input_files`, `seed`: as for `validate`.
     """
     loaded = load(model, arch=arch, trust_pickle=trust_pickle)
-    options = ExportOptions(tuple(int(d) for d in input_shape), dtype=dtype, dynamic_batch=dynamic_batch)
-    result = export_model(loaded, path, options, progress)
+    examples = None
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    items = list(example_inputs)
+    if items and all(isinstance(t, torch.Tensor) for t in items):
+        examples = tuple(items)
+        options = ExportOptions(inputs=tuple(_tensor_specs(loaded.module, items, dynamic_axes)), dtype=dtype)
+    elif items and all(isinstance(d, int) for d in items):
+        options = ExportOptions(tuple(items), dtype=dtype, dynamic_batch=dynamic_axes != {})
+    elif items and all(isinstance(s, (InputSpec, str)) for s in items):
+        specs = [s if isinstance(s, InputSpec) else parse_input(s) for s in items]
+        options = ExportOptions(inputs=tuple(check_specs(specs)), dtype=dtype)
+    else:
+        raise InputSpecError("example_inputs: expected a tensor, a tuple of tensors, a shape or input specs")
+    options.int_ranges = dict(int_ranges or {})
+    result = export_model(loaded, path, options, progress, examples=examples)
     if validate:
         result.report = _validate(result.path, result.reference, input_files=input_files, tolerance=tolerance,
-                                  seed=seed, progress=progress)
+                                  int_ranges=int_ranges, seed=seed, progress=progress)
     return result
 
 
@@ -74,6 +145,8 @@ def validate(
     model: nn.Module | str | Path | LoadedModel | Reference,
     *,
     input_shape: Sequence[int] | None = None,
+    inputs: Sequence[InputSpec | str] | None = None,
+    int_ranges: Mapping[str, tuple[int, int]] | None = None,
     input_files: Sequence[str | Path] = (),
     batches: Sequence[int] = DEFAULT_BATCHES,
     tolerance: Tolerance | None = None,
@@ -89,11 +162,13 @@ def validate(
     array is one batch). `report.passed` says whether all agreed; `format_report(report)` prints it.
 
     `tolerance`: |onnx - torch| <= atol + rtol * |torch|; None derives one per output from PyTorch's own rounding
-    error. `engine`: a TensorRT engine for the tensorrt backend.
+    error. `engine`: a TensorRT engine for the tensorrt backend. `inputs` (specs, as export takes them) or
+    `input_shape` (one input): the example sizes, when the export's record is not to be used.
     """
     reference = model if isinstance(model, Reference) else load(model, arch=arch, trust_pickle=trust_pickle)
     return _validate(
         onnx_path, reference, input_shape=None if input_shape is None else tuple(int(d) for d in input_shape),
-        input_files=input_files, batches=batches, tolerance=tolerance, backend_names=backends, seed=seed,
+        inputs=None if inputs is None else [s if isinstance(s, InputSpec) else parse_input(s) for s in inputs],
+        int_ranges=int_ranges, input_files=input_files, batches=batches, tolerance=tolerance, backend_names=backends, seed=seed,
         engine=engine, progress=progress,
     )

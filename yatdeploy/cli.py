@@ -53,7 +53,13 @@ def _add_tolerance_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rtol", type=float, help="relative tolerance (see --atol)")
     group.add_argument(
         "--inputs", nargs="+", default=[], metavar="FILE",
-        help="also compare on these inputs: .npy arrays, or .npz files whose every array is one batch",
+        help="also compare on these inputs: .npy arrays, or .npz files whose every array is one batch; for a "
+             "model of several inputs, .npz files holding one array per input name",
+    )
+    group.add_argument(
+        "--int-range", action="append", default=[], metavar="NAME=LO:HI",
+        help="draw the integer input NAME from [LO, HI) (default: the model's smallest embedding table, else "
+             "0:16)",
     )
     group.add_argument("--report", metavar="FILE", help="write the validation report as JSON")
     group.add_argument("--seed", type=int, default=0, help="seed of the random input batches (default 0)")
@@ -86,9 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("model", metavar="MODEL", help="the PyTorch model file")
     export.add_argument("-o", "--output", metavar="FILE", help="the ONNX file to write (default: MODEL with .onnx)")
-    export.add_argument(
-        "--input-shape", required=True, metavar="B,D1,...",
-        help="shape of the example input, batch first, e.g. 1,784; the batch stays dynamic",
+    declared = export.add_mutually_exclusive_group(required=True)
+    declared.add_argument(
+        "--input-shape", metavar="B,D1,...",
+        help="shape of the example input, batch first, e.g. 1,784; the batch stays dynamic (one float input)",
+    )
+    declared.add_argument(
+        "--input", action="append", dest="inputs_spec", metavar="NAME:DTYPE[DIM,...]",
+        help="one model input, in order (repeatable): DTYPE is a float type, int32, int64 or bool; a dim is a "
+             "fixed size or LABEL=SIZE, dynamic with that example size and shared by every dim of the label, "
+             "e.g. 'ids:int64[batch=1,seq=32]'",
     )
     export.add_argument(
         "--dtype", choices=dtypes.NAMES,
@@ -113,9 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
     validate.add_argument("--against", required=True, metavar="MODEL", help="the PyTorch model file")
-    validate.add_argument(
+    validate_declared = validate.add_mutually_exclusive_group()
+    validate_declared.add_argument(
         "--input-shape", metavar="B,D1,...",
-        help="per-sample input shape (default: recorded at export, or the model's static dims)",
+        help="the example shape of a one-input model (default: recorded at export, or the model's static dims)",
+    )
+    validate_declared.add_argument(
+        "--input", action="append", dest="inputs_spec", metavar="NAME:DTYPE[DIM,...]",
+        help="the model's inputs with example sizes, as export takes them (default: recorded at export)",
     )
     validate.add_argument(
         "--batches", default=default_batches, metavar="N,N,...",
@@ -266,7 +284,11 @@ def _print_report(report, args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace, progress) -> int:
     from yatdeploy import api
 
-    shape = _shape(args.input_shape)
+    shape = _shape(args.input_shape) if args.input_shape else None
+    specs = _input_specs(args)
+    ranges = _int_ranges(args)
+    if specs and args.static_batch:
+        raise YatDeployError("--static-batch is for --input-shape; with --input, a dim without a label is fixed")
     _check_tolerance_args(args)
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     if output.resolve() == Path(args.model).resolve():
@@ -275,8 +297,9 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
     progress.say(f"loading {args.model}")
     loaded = api.load(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     progress.say(f"exporting ({loaded.format})")
-    result = api.export(loaded, output, input_shape=shape, dtype=args.dtype, dynamic_batch=not args.static_batch,
-                        validate=False, progress=progress)
+    result = api.export(loaded, specs or shape, output, dtype=args.dtype,
+                        dynamic_axes={} if args.static_batch else None, int_ranges=ranges, validate=False,
+                        progress=progress)
     export_seconds = time.perf_counter() - started
     print(f"wrote {result.path}: {result.yat_gemm_nodes} YatGemm node(s) for {result.yat_layers} YatNMN layer(s), "
           f"{result.dtype}, outputs {', '.join(result.output_names)} ({export_seconds:.1f} s)")
@@ -292,7 +315,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
     if args.no_validate:
         return EXIT_OK
     progress.say("validating")
-    report = api.validate(result.path, result.reference, input_files=args.inputs,
+    report = api.validate(result.path, result.reference, input_files=args.inputs, int_ranges=ranges,
                           tolerance=_tolerance(args, result.dtype), seed=args.seed, progress=progress)
     status = _print_report(report, args)
     if status != EXIT_OK:
@@ -303,14 +326,16 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
 def cmd_validate(args: argparse.Namespace, progress) -> int:
     from yatdeploy import api, backends
     from yatdeploy.graph import load_onnx
-    from yatdeploy.inputs import input_dtype
+    from yatdeploy.inputs import precision
 
     for name in args.backend or []:
         backends.get(name)
     batches = _numbers(args.batches, "--batches", example="1,7,32")
     _check_tolerance_args(args)
     shape = _shape(args.input_shape) if args.input_shape else None
-    dtype = input_dtype(load_onnx(args.onnx_model))
+    specs = _input_specs(args)
+    ranges = _int_ranges(args)
+    dtype = precision(load_onnx(args.onnx_model))
     progress.say(f"loading {args.against}")
     loaded = api.load(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
     if args.engine is not None:
@@ -321,7 +346,8 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
             raise YatDeployError(f"--engine is for the {' or '.join(engine_backends)} backend: "
                                  f"add --backend {engine_backends[0]}")
     report = api.validate(
-        args.onnx_model, loaded, input_shape=shape, input_files=args.inputs, batches=batches,
+        args.onnx_model, loaded, input_shape=shape, inputs=specs, int_ranges=ranges, input_files=args.inputs,
+        batches=batches,
         tolerance=_tolerance(args, dtype), backends=args.backend, seed=args.seed, engine=args.engine,
         progress=progress,
     )
@@ -448,6 +474,18 @@ def _shape(text: str) -> tuple[int, ...]:
     return tuple(_numbers(text, "--input-shape", example="1,784", separators=",x"))
 
 
+def _input_specs(args: argparse.Namespace):
+    from yatdeploy.inputs import check_specs, parse_input
+
+    return check_specs([parse_input(text) for text in args.inputs_spec]) if args.inputs_spec else None
+
+
+def _int_ranges(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    from yatdeploy.inputs import parse_int_ranges
+
+    return parse_int_ranges(args.int_range)
+
+
 def cmd_bench(args: argparse.Namespace, progress) -> int:
     from yatdeploy.serving.bench import format_steps, run_bench, write_outputs
 
@@ -504,7 +542,8 @@ def _quiet_libraries(debug: bool, command: str) -> None:
 
 # Library options a command spells differently from its own flag's dest.
 _FLAG_ALIASES = {("input_files", None): "--inputs", ("dynamic_batch", False): "--static-batch",
-                 ("compute_capabilities", None): "--compute-capability"}
+                 ("compute_capabilities", None): "--compute-capability", ("inputs", None): "--input",
+                 ("int_ranges", None): "--int-range"}
 
 
 def _flag_spelling(parser: argparse.ArgumentParser, command: str):

@@ -22,7 +22,8 @@ DYNAMIC = -1
 
 # Metadata keys yatdeploy writes into every export (stage 3) and validation reads back.
 META_PREFIX = "yatdeploy."
-META_INPUT_SHAPE = META_PREFIX + "input_shape"
+META_INPUT_SHAPE = META_PREFIX + "input_shape"  # one float input's example shape (also written for older readers)
+META_INPUTS = META_PREFIX + "inputs"  # JSON: every input's name, dtype and dims (inputs.InputSpec)
 META_DTYPE = META_PREFIX + "dtype"
 META_SOURCE_SHA256 = META_PREFIX + "source_sha256"
 META_SOURCE_FORMAT = META_PREFIX + "source_format"

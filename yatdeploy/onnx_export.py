@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -15,23 +16,25 @@ from typing import TYPE_CHECKING
 import onnx
 import torch
 
-from yatdeploy import __version__
+from yatdeploy import __version__, dtypes
 from yatdeploy.attach import attach_yat_gemm_function
-from yatdeploy.errors import ConsistencyError, YatDeployError, option
+from yatdeploy.errors import ConsistencyError, InputSpecError, YatDeployError, option
 from yatdeploy.graph import (
     META_DTYPE,
     META_INPUT_SHAPE,
+    META_INPUTS,
     META_PREFIX,
     META_SOURCE_FORMAT,
     META_SOURCE_SHA256,
     META_YAT_LAYERS,
     yat_gemm_nodes,
 )
+from yatdeploy.inputs import BATCH_LABEL, INTEGER_TYPES, InputSpec, check_specs, from_shape, model_specs
 from yatdeploy.loading import LoadedModel
 from yatdeploy.ops.onnx_function import FUNCTION_OPSET
 from yatdeploy.ops.onnx_schema import yat_gemm_op
 from yatdeploy.progress import QUIET, Progress
-from yatdeploy.reference import Reference, example_input, output_names_for
+from yatdeploy.reference import Reference
 from yatdeploy.rewrite import RewriteResult, count_yat_layers, rewrite_yat_layers
 from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
@@ -39,23 +42,33 @@ if TYPE_CHECKING:
     from yatdeploy.validation import ValidationReport
 
 INPUT_NAME = "input"
-BATCH_DIM_NAME = "batch"
+BATCH_DIM_NAME = BATCH_LABEL
+MAX_DIM = 1 << 20  # the largest size a dynamic dim is declared to take
 OPSET = FUNCTION_OPSET
 
 
 
 @dataclass
 class ExportOptions:
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] = ()  # the shorthand for one float input in the export dtype, batch first
     dtype: str | None = None  # None: the dtype of the model's first floating parameter
-    dynamic_batch: bool = True
+    dynamic_batch: bool = True  # the shorthand's first dim is the dynamic batch
+    inputs: tuple[InputSpec, ...] = ()  # every input (names, dtypes, dims and labels); overrides input_shape
+    int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs' example values
+
+    def specs(self, dtype: str) -> list[InputSpec]:
+        if self.inputs:
+            return check_specs(self.inputs)
+        if not self.input_shape:
+            raise InputSpecError(f"no inputs declared: give {option('input_shape')} or {option('inputs')}")
+        return [from_shape(self.input_shape, dtype, dynamic_batch=self.dynamic_batch, name=INPUT_NAME)]
 
 
 @dataclass
 class ExportResult:
     path: Path
     model: onnx.ModelProto
-    input_shape: tuple[int, ...]
+    inputs: list[InputSpec]
     dtype: str
     output_names: list[str]
     rewrite: RewriteResult | None
@@ -72,30 +85,40 @@ def _translate_yat_gemm(x, w, b, eps: float, alpha: float):
     )
 
 
-def _torchscript_to_onnx(
-    module: torch.jit.ScriptModule, x: torch.Tensor, output_names: list[str], dynamic_batch: bool
-) -> onnx.ModelProto:
+def _torchscript_to_onnx(module: torch.jit.ScriptModule, xs: tuple[torch.Tensor, ...], specs: list[InputSpec],
+                         output_names: list[str]) -> onnx.ModelProto:
     # torch.export can't take a ScriptModule; the TorchScript-based exporter is the one that reads it.
-    axes = {name: {0: BATCH_DIM_NAME} for name in [INPUT_NAME, *output_names]} if dynamic_batch else None
+    axes = {s.name: {i: d.label for i, d in enumerate(s.dims) if d.label} for s in specs}
+    batch = specs[0].dims[0].label if specs[0].dims else None
+    if batch is not None:
+        axes.update({name: {0: batch} for name in output_names})
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                module, (x,), buffer, dynamo=False, opset_version=OPSET,
-                input_names=[INPUT_NAME], output_names=output_names, dynamic_axes=axes,
+                module, xs, buffer, dynamo=False, opset_version=OPSET,
+                input_names=[s.name for s in specs], output_names=output_names,
+                dynamic_axes={k: v for k, v in axes.items() if v} or None,
             )
         except Exception as exc:
             raise YatDeployError(f"torch.onnx.export (TorchScript) failed: {str(exc).strip().splitlines()[0]}") from exc
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _torch_export_to_onnx(
-    module_or_program: object, x: torch.Tensor, output_names: list[str], dynamic_batch: bool
-) -> onnx.ModelProto:
+def _dynamic_shapes(specs: list[InputSpec]) -> tuple[dict[int, object], ...] | None:
+    """torch.export's dynamic_shapes: one Dim per label, shared by every dim of that label."""
+    dims: dict[str, object] = {}
+    shapes = tuple({i: dims.setdefault(d.label, torch.export.Dim(d.label, min=1, max=MAX_DIM))
+                    for i, d in enumerate(s.dims) if d.label is not None} for s in specs)
+    return shapes if any(shapes) else None
+
+
+def _torch_export_to_onnx(module_or_program: object, xs: tuple[torch.Tensor, ...], specs: list[InputSpec],
+                          output_names: list[str]) -> onnx.ModelProto:
     if isinstance(module_or_program, torch.jit.ScriptModule):
-        return _torchscript_to_onnx(module_or_program, x, output_names, dynamic_batch)
-    dynamic_shapes = ({0: torch.export.Dim(BATCH_DIM_NAME, min=1, max=1 << 20)},) if dynamic_batch else None
+        return _torchscript_to_onnx(module_or_program, xs, specs, output_names)
+    dynamic_shapes = _dynamic_shapes(specs)
     if isinstance(module_or_program, torch.export.ExportedProgram):
         dynamic_shapes = None  # a saved program keeps the shapes it was exported with
     table = {torch.ops.yatdeploy.yat_gemm.default: _translate_yat_gemm}
@@ -106,10 +129,10 @@ def _torch_export_to_onnx(
             with redirect_stdout(io.StringIO()):
                 program = torch.onnx.export(
                     module_or_program,
-                    (x,),
+                    xs,
                     dynamo=True,
                     opset_version=OPSET,
-                    input_names=[INPUT_NAME],
+                    input_names=[s.name for s in specs],
                     output_names=output_names,
                     dynamic_shapes=dynamic_shapes,
                     custom_translation_table=table,
@@ -154,9 +177,32 @@ def save_atomically(model: onnx.ModelProto, path: Path) -> None:
             os.remove(tmp)
 
 
+def example_inputs(specs: list[InputSpec], reference: Reference, int_ranges: dict[str, tuple[int, int]],
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random example tensors of the specs' example shapes: floats normal, integers within the model's
+    embedding tables (or `int_ranges`), bools either way."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for spec in specs:
+        if spec.dtype == "bool":
+            tensors.append(torch.rand(spec.shape, generator=generator) < 0.5)
+        elif spec.dtype in INTEGER_TYPES:
+            low, high = int_ranges.get(spec.name) or reference.int_range()
+            tensors.append(torch.randint(low, high, spec.shape, generator=generator, dtype=getattr(torch, spec.dtype)))
+        else:
+            tensors.append(torch.randn(*spec.shape, generator=generator).to(dtypes.by_name(spec.dtype).torch))
+    return tuple(tensors)
+
+
+def _dims_text(specs: list[InputSpec]) -> str:
+    labels = list(dict.fromkeys(d.label for s in specs for d in s.dims if d.label))
+    return f"dynamic {', '.join(labels)}" if labels else "static shapes"
+
+
 def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions, progress: Progress = QUIET,
-                 reference: Reference | None = None) -> ExportResult:
-    """`reference`: the model as prepared for this export's dtype, when the caller has it already."""
+                 reference: Reference | None = None, examples: tuple[torch.Tensor, ...] | None = None) -> ExportResult:
+    """`reference`: the model as prepared for this export's dtype, when the caller has it already; `examples`:
+    the example tensors (default: random ones of the inputs' example shapes)."""
     output = Path(output)
     if reference is None:
         reference = Reference.of(loaded, options.dtype)
@@ -164,10 +210,12 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
         raise ValueError("the reference given is not this model in this dtype")
     dtype = reference.dtype
     notes: list[str] = []
-    x = example_input(options.input_shape, dtype)
+    specs = options.specs(dtype)
+    xs = examples if examples is not None else example_inputs(specs, reference, options.int_ranges)
+    what = f"{option('inputs')}" if options.inputs else f"{option('input_shape')} and {option('dtype')}"
     with progress.step("checking the model runs on the example input"):
-        outputs = reference.run_tensor(x, f"{option('input_shape')} and {option('dtype')}")
-    output_names = output_names_for(len(outputs))
+        reference.run_tensors(xs, what)
+    output_names = reference.output_names
 
     rewrite: RewriteResult | None = None
     target: object
@@ -189,24 +237,26 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
                 "ONNX ops; save the model with torch.save(model) to get YatGemm nodes"
             )
 
-    with progress.step(f"exporting to ONNX (opset {OPSET}, {'dynamic' if options.dynamic_batch else 'static'} batch)"):
-        model = _torch_export_to_onnx(target, x, output_names, options.dynamic_batch)
+    with progress.step(f"exporting to ONNX (opset {OPSET}, {_dims_text(specs)})"):
+        model = _torch_export_to_onnx(target, xs, specs, output_names)
     with progress.step("attaching the YatGemm function"):
         attach_yat_gemm_function(model)
     nodes = len(yat_gemm_nodes(model))
     if loaded.layers_are_identifiable and nodes != yat_layers:
         raise ConsistencyError(f"export wrote {nodes} YatGemm nodes for {yat_layers} YatNMN layers")
-    _set_metadata(
-        model,
-        {
-            **{f"{META_PREFIX}version.{k}": v for k, v in _package_versions().items()},
-            META_SOURCE_SHA256: loaded.sha256,
-            META_SOURCE_FORMAT: loaded.format,
-            META_INPUT_SHAPE: ",".join(map(str, options.input_shape)),
-            META_DTYPE: dtype,
-            META_YAT_LAYERS: str(yat_layers),
-        },
-    )
+    # What the graph declares, with the example's sizes (a saved torch.export program keeps its own shapes).
+    specs = model_specs(model, specs)
+    recorded = {
+        **{f"{META_PREFIX}version.{k}": v for k, v in _package_versions().items()},
+        META_SOURCE_SHA256: loaded.sha256,
+        META_SOURCE_FORMAT: loaded.format,
+        META_INPUTS: json.dumps([s.as_json() for s in specs]),
+        META_DTYPE: dtype,
+        META_YAT_LAYERS: str(yat_layers),
+    }
+    if len(specs) == 1 and specs[0].dtype in dtypes.NAMES:  # as yatdeploy 0.1's validate reads it
+        recorded[META_INPUT_SHAPE] = ",".join(map(str, specs[0].shape))
+    _set_metadata(model, recorded)
     model.producer_name = "yatdeploy"
     model.producer_version = __version__
     with progress.step("checking the model (onnx.checker, full check)"):
@@ -219,7 +269,7 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
     return ExportResult(
         path=output,
         model=model,
-        input_shape=options.input_shape,
+        inputs=specs,
         dtype=dtype,
         output_names=output_names,
         rewrite=rewrite,

@@ -8,8 +8,8 @@ every input case and, for the derived tolerances, a float64 run of the same inpu
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,13 +36,21 @@ def output_names_for(count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
-def example_input(shape: Sequence[int], dtype: str, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator, dtype=torch.float32).to(dtypes.by_name(dtype).torch)
+def _flatten(out: object) -> tuple[list[torch.Tensor], list[str]]:
+    """A model's outputs as a list, and their ONNX names: a tensor or a tuple/list of tensors (`output`,
+    `output_0`, ...), or a dict of tensors (its keys, in order)."""
+    if isinstance(out, Mapping):
+        values, names = list(out.values()), [str(k) for k in out]
+    else:
+        values = list(out) if isinstance(out, (tuple, list)) else [out]
+        names = output_names_for(len(values))
+    if not values or not all(isinstance(o, torch.Tensor) for o in values):
+        raise YatDeployError("the model returns something other than a tensor, a tuple of tensors or a dict of tensors")
+    return values, names
 
 
-def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
-    if dtypes.by_name(dtype).name == "bfloat16":  # numpy's bfloat16 (ml_dtypes) has no torch bridge
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    if array.dtype == dtypes.by_name("bfloat16").numpy:  # numpy's bfloat16 (ml_dtypes) has no torch bridge
         return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
 
@@ -54,11 +62,8 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def _outputs(out: object) -> list[torch.Tensor]:
-    outputs = list(out) if isinstance(out, (tuple, list)) else [out]
-    if not all(isinstance(o, torch.Tensor) for o in outputs):
-        raise YatDeployError("the model returns something other than a tensor or a tuple of tensors")
-    return outputs
+def _is_float(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating) or array.dtype == dtypes.by_name("bfloat16").numpy
 
 
 def _first_line(exc: BaseException) -> str:
@@ -73,6 +78,7 @@ class Reference:
     loaded: LoadedModel
     dtype: str
     module: nn.Module
+    output_names: list[str] = field(default_factory=list)  # known once the model has run
 
     @staticmethod
     def of(loaded: LoadedModel, dtype: str | None = None) -> Reference:
@@ -84,22 +90,36 @@ class Reference:
             module = copy.deepcopy(module).to(dtypes.by_name(dtype).torch)
         return Reference(loaded, dtype, module)
 
-    def run_tensor(self, x: torch.Tensor, what: str) -> list[torch.Tensor]:
-        """The outputs on `x`; an InputSpecError telling the user to check `what` when the model can't run it."""
+    def run_tensors(self, xs: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:
+        """The outputs on the inputs `xs` (positional, in the model's order); an InputSpecError telling the user to
+        check `what` when the model can't run them."""
         try:
             with torch.inference_mode():
-                out = self.module(x)
+                out = self.module(*xs)
         except Exception as exc:
-            raise InputSpecError(
-                f"the model can't run on an input of shape {tuple(x.shape)} and dtype {x.dtype}: {_first_line(exc)}",
-                f"check {what}",
-            ) from exc
-        return _outputs(out)
+            shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in xs)
+            plural = "inputs" if len(xs) > 1 else "an input"
+            raise InputSpecError(f"the model can't run on {plural} of shape {shapes}: {_first_line(exc)}",
+                                 f"check {what}") from exc
+        values, self.output_names = _flatten(out)
+        return values
 
-    def run(self, array: np.ndarray, what: str) -> list[np.ndarray]:
-        return [to_numpy(t) for t in self.run_tensor(to_torch(array, self.dtype), what)]
+    def run_tensor(self, x: torch.Tensor, what: str) -> list[torch.Tensor]:
+        return self.run_tensors([x], what)
 
-    def float64_runs(self, arrays: Sequence[np.ndarray],
+    def run(self, arrays: Mapping[str, np.ndarray], what: str) -> list[np.ndarray]:
+        """The outputs on named arrays (in the model's input order)."""
+        return [to_numpy(t) for t in self.run_tensors([to_torch(a) for a in arrays.values()], what)]
+
+    def int_range(self) -> tuple[int, int]:
+        """Where integer inputs (token ids) are valid: [0, the smallest embedding table's size) when the model
+        has embedding tables, else inputs.DEFAULT_INT_RANGE."""
+        from yatdeploy.inputs import DEFAULT_INT_RANGE
+
+        sizes = [m.num_embeddings for m in self.module.modules() if isinstance(getattr(m, "num_embeddings", None), int)]
+        return (0, min(sizes)) if sizes else DEFAULT_INT_RANGE
+
+    def float64_runs(self, cases: Sequence[Mapping[str, np.ndarray]],
                      expected: Sequence[list[np.ndarray]]) -> tuple[list[list[np.ndarray]] | None, str]:
         """The model run in float64 on every input (each with its `expected` outputs), and what that was.
 
@@ -114,10 +134,12 @@ class Reference:
         except Exception as exc:
             return None, f"none: the model can't be cast to float64 ({_first_line(exc)})"
         runs = []
-        for array, want in zip(arrays, expected):
+        for arrays, want in zip(cases, expected):
+            xs = [torch.from_numpy(np.asarray(a, dtype=np.float64)) if _is_float(a) else torch.from_numpy(a)
+                  for a in arrays.values()]
             try:
                 with torch.inference_mode():
-                    outs = _outputs(module64(torch.from_numpy(np.asarray(array, dtype=np.float64))))
+                    outs, _ = _flatten(module64(*xs))
             except Exception as exc:
                 return None, f"none: the model does not run in float64 ({_first_line(exc)})"
             if len(outs) != len(want) or not all(

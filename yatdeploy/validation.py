@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,21 +23,24 @@ import numpy as np
 import torch
 
 from yatdeploy import backends, dtypes
-from yatdeploy.errors import OnnxModelError, YatDeployError, option, render
+from yatdeploy.errors import InputSpecError, OnnxModelError, YatDeployError, option, render
 from yatdeploy.graph import META_SOURCE_SHA256, load_onnx, metadata, yat_gemm_nodes
 from yatdeploy.inputs import (
     DEFAULT_BATCHES,
+    DEFAULT_INT_RANGE,
+    INTEGER_TYPES,
     InputCase,
+    InputSpec,
     cases_for,
-    input_dtype,
+    from_shape,
     load_input_cases,
-    onnx_input,
+    model_specs,
+    precision,
     random_cases,
-    resolve_input_shape,
 )
 from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import QUIET, Progress
-from yatdeploy.reference import Reference, output_names_for
+from yatdeploy.reference import Reference
 from yatdeploy.rewrite import count_yat_layers
 
 
@@ -400,6 +403,8 @@ def validate(
     model: LoadedModel | Reference,
     *,
     input_shape: tuple[int, ...] | None = None,
+    inputs: Sequence[InputSpec] | None = None,
+    int_ranges: Mapping[str, tuple[int, int]] | None = None,
     input_files: Sequence[str | Path] = (),
     batches: Sequence[int] = DEFAULT_BATCHES,
     tolerance: Tolerance | None = None,
@@ -410,6 +415,10 @@ def validate(
 ) -> ValidationReport:
     """`model`: the PyTorch model loaded, or as export prepared it (ExportResult.reference).
 
+    `inputs`: the model's inputs with example sizes (default: as the export recorded them, else as the graph
+    says); `input_shape`: the shorthand for one input. `int_ranges`: per integer input, [low, high) of its
+    random values (default: the model's smallest embedding table, else inputs.DEFAULT_INT_RANGE).
+
     `engine`: a TensorRT engine for the tensorrt backend; without one, that backend builds its own.
 
     `tolerance`: the user's (|onnx - torch| <= atol + rtol * |torch|); None derives one per input case and
@@ -417,15 +426,25 @@ def validate(
     """
     onnx_path = Path(onnx_path)
     onnx_model = load_onnx(onnx_path)
-    graph_input = onnx_input(onnx_model)
-    dtype = input_dtype(onnx_model)
+    dtype = precision(onnx_model)
     if isinstance(model, Reference) and model.dtype != dtype:
         raise YatDeployError(f"{onnx_path.name} is in {dtype}, the PyTorch model given was prepared in {model.dtype}")
     reference = model if isinstance(model, Reference) else Reference.of(model, dtype)
     loaded = reference.loaded
-    sample_shape = resolve_input_shape(onnx_model, input_shape)
-    cases = random_cases(sample_shape, dtype, batches, seed)
-    user_cases = load_input_cases(input_files, sample_shape, dtype)
+    if input_shape is not None and inputs is None:
+        inputs = [from_shape(input_shape, dtype)]
+    specs = model_specs(onnx_model, inputs)
+    ranges = {s.name: reference.int_range() for s in specs if s.dtype in INTEGER_TYPES}
+    unknown = sorted(set(int_ranges or {}) - set(ranges))
+    if unknown:
+        raise InputSpecError(f"{option('int_ranges')}: {', '.join(unknown)} is not an integer input of the model "
+                             f"(its integer inputs: {', '.join(ranges) or 'none'})")
+    default_from = "the model's smallest embedding table" if reference.int_range() != DEFAULT_INT_RANGE else \
+        "the default range (the model has no embedding table)"
+    range_notes = {name: "given" if name in (int_ranges or {}) else default_from for name in ranges}
+    ranges.update(int_ranges or {})
+    cases = random_cases(specs, batches, seed, ranges)
+    user_cases = load_input_cases(input_files, specs)
     output_names = [o.name for o in onnx_model.graph.output]
 
     checks: list[Check] = []
@@ -440,25 +459,28 @@ def validate(
     recorded_sha = metadata(onnx_model).get(META_SOURCE_SHA256)
     if recorded_sha and recorded_sha != loaded.sha256:
         warnings.append(f"{loaded.path} has changed since {onnx_path.name} was exported (sha256 differs)")
-    cases = cases_for(graph_input, cases, user_cases, sample_shape, dtype, seed)
+    cases = cases_for(specs, cases, user_cases)
+    for name, (low, high) in ranges.items():
+        checks.append(Check("integer input", True, f"'{name}' drawn from [{low}, {high}): {range_notes[name]}"))
 
     with progress.step(f"running PyTorch on {len(cases)} input cases"):
-        expected = [reference.run(c.array, "the input shape") for c in cases]
+        what = f"the inputs and {option('int_ranges')}" if ranges else "the inputs"
+        expected = [reference.run(c.arrays, what) for c in cases]
     with progress.step("running PyTorch in float64, for the tolerances"):
-        float64_runs, reference_note = reference.float64_runs([c.array for c in cases], expected)
+        float64_runs, reference_note = reference.float64_runs([c.arrays for c in cases], expected)
     defaults = [_case_tolerances(dtype, want, None if float64_runs is None else runs)
                 for want, runs in zip(expected, float64_runs or [None] * len(expected))]
     warnings.extend(_ill_conditioned(dtype, cases, expected, output_names, defaults))
 
     if recorded_sha:
         # A yatdeploy export: its output names follow from the PyTorch outputs.
-        want_names = output_names_for(len(expected[0]))
+        want_names = reference.output_names
         checks.append(Check("output names", output_names == want_names,
                             f"{', '.join(output_names)}" + ("" if output_names == want_names
                                                              else f"; PyTorch's outputs map to {', '.join(want_names)}")))
 
     reports: list[BackendReport] = []
-    batch_sizes = [c.array.shape[0] for c in cases]
+    batch_sizes = [c.rows for c in cases]
     for name in list(backend_names) if backend_names else backends.names():
         backend = backends.get(name)
         reason = backend.availability()
@@ -466,7 +488,7 @@ def validate(
         reports.append(report)
         if not reason:
             _run_backend(report, backend, onnx_path, engine, batch_sizes, cases, expected, output_names,
-                         graph_input.name, dtype, defaults, tolerance, nodes, progress)
+                         dtype, defaults, tolerance, nodes, progress)
     return ValidationReport(
         model=str(onnx_path),
         against=str(loaded.path),
@@ -483,7 +505,7 @@ def validate(
 
 def _run_backend(report: BackendReport, backend: backends.Backend, onnx_path: Path, engine: str | Path | None,
                  batch_sizes: list[int], cases: list[InputCase], expected: list[list[np.ndarray]],
-                 output_names: list[str], input_name: str, dtype: str, defaults: list[CaseTolerances],
+                 output_names: list[str], dtype: str, defaults: list[CaseTolerances],
                  tolerance: Tolerance | None, nodes: int, progress: Progress) -> None:
     """Open the model on one backend, run and compare every case, and say which YatGemm kernel ran."""
     with tempfile.TemporaryDirectory(prefix="yatdeploy-") as folder:
@@ -500,7 +522,7 @@ def _run_backend(report: BackendReport, backend: backends.Backend, onnx_path: Pa
         with progress.step(f"running {backend.name}"):
             for case, want, case_defaults in zip(cases, expected, defaults):
                 try:
-                    got = runner.run({input_name: case.array})
+                    got = runner.run(case.arrays)
                 except OnnxModelError as exc:
                     report.comparisons.append(OutputComparison(case.name, "*", [], "", None, None, False,
                                                                exc.text))
