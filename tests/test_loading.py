@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -369,3 +371,69 @@ def test_export_of_a_damaged_file_exits_2(tmp_path, save_whole, capsys):
     _flip_a_weight_byte(path, model[0].weight)
     assert main(["export", "-q", str(path), "--input-shape", "1,16"]) == EXIT_USAGE
     assert "CRC-32" in capsys.readouterr().err
+
+
+# --- as people save: wrapped state_dicts, training checkpoints, classes of their own -----------------------
+
+ARCH = "tests.model_zoo:build_mlp"
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_a_state_dict_saved_through_ddp_or_torch_compile_loads(tmp_path, prefix):
+    state = {prefix + k: v for k, v in yat_mlp().state_dict().items()}
+    torch.save(state, tmp_path / "wrapped.pt")
+    loaded = load_model(tmp_path / "wrapped.pt", arch=ARCH)
+    for key, value in yat_mlp().state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[key], value)
+
+
+def test_a_training_checkpoint_loads_with_its_state_key_and_says_so_without(tmp_path):
+    model = yat_mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
+    torch.save({"epoch": 3, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+    with pytest.raises(ModelLoadError, match=r"a training checkpoint \(keys 'epoch', 'model', 'optimizer'\).*"
+                                             r"pass `state_key` NAME .*e.g. `state_key` model"):
+        load_model(tmp_path / "ckpt.pt", arch=ARCH)
+    loaded = load_model(tmp_path / "ckpt.pt", arch=ARCH, state_key="model")
+    assert torch.equal(loaded.module[0].weight, model[0].weight)
+    with pytest.raises(ModelLoadError, match="no key 'weights' .*epoch, model, optimizer"):
+        load_model(tmp_path / "ckpt.pt", arch=ARCH, state_key="weights")
+
+
+def test_a_checkpoint_holding_a_whole_module_loads_through_the_cli(tmp_path, capsys):
+    from yatdeploy.cli import EXIT_OK, main
+
+    torch.save({"model": yat_mlp(), "step": 10}, tmp_path / "ckpt.pt")
+    assert main(["export", "-q", str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "m.onnx"), "--input-shape", "1,16",
+                 "--state-key", "model"]) == EXIT_OK
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_a_class_from_a_module_in_the_current_folder_loads_with_trust(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\nfrom nmn.torch import YatNMN\n\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.yat = YatNMN(4, 3)\n\n"
+        "    def forward(self, x):\n        return self.yat(x)\n")
+    script = ("import sys, torch; sys.path.insert(0, '.'); import my_models; "
+              "torch.save(my_models.Net(), 'net.pt')")
+    subprocess.run([sys.executable, "-c", script], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    loaded = load_model(tmp_path / "net.pt", trust_pickle=True)
+    assert type(loaded.module).__name__ == "Net"
+
+
+def test_a_class_defined_in_the_training_scripts_main_gets_a_way_on(tmp_path):
+    script = ("import torch\nfrom nmn.torch import YatNMN\n\n"
+              "class Net(torch.nn.Module):\n"
+              "    def __init__(self):\n        super().__init__()\n        self.yat = YatNMN(4, 3)\n\n"
+              "torch.save(Net(), 'net.pt')\n")
+    (tmp_path / "train.py").write_text(script)
+    subprocess.run([sys.executable, "train.py"], cwd=tmp_path, check=True)
+    with pytest.raises(ModelLoadError, match=r"class Net was defined in the training script itself \(its __main__\)"
+                                             r".*move the class into a module"):
+        load_model(tmp_path / "net.pt", trust_pickle=True)

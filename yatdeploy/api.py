@@ -43,14 +43,15 @@ from yatdeploy.validation import validate as _validate
 __all__ = ["ExportResult", "Tolerance", "ValidationReport", "export", "load", "validate"]
 
 
-def load(model: nn.Module | str | Path | LoadedModel, *, arch: str | None = None,
-         trust_pickle: bool = False) -> LoadedModel:
-    """`model` as export and validation take it: a module as it is, a file through yatdeploy.loading."""
+def load(model: nn.Module | str | Path | LoadedModel, *, arch: str | None = None, trust_pickle: bool = False,
+         state_key: str | None = None) -> LoadedModel:
+    """`model` as export and validation take it: a module as it is, a file through yatdeploy.loading
+    (`arch` builds the module for a state_dict; `state_key` picks a training checkpoint's entry)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, nn.Module):
         return from_module(model)
-    return load_model(model, arch=arch, trust_pickle=trust_pickle)
+    return load_model(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
 
 
 ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[int], Sequence[Union[InputSpec, str]]]
@@ -101,6 +102,7 @@ def export(
     int_ranges: Mapping[str, tuple[int, int]] | None = None,
     arch: str | None = None,
     trust_pickle: bool = False,
+    state_key: str | None = None,
     tolerance: Tolerance | None = None,
     input_files: Sequence[str | Path] = (),
     seed: int = 0,
@@ -117,7 +119,7 @@ def export(
     "float16", "bfloat16", "float64"), default the model's. `int_ranges`: [low, high) of integer inputs'
     random values. `tolerance`, `input_files`, `seed`: as for `validate`.
     """
-    loaded = load(model, arch=arch, trust_pickle=trust_pickle)
+    loaded = load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
     examples = None
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -154,6 +156,7 @@ def validate(
     engine: str | Path | None = None,
     arch: str | None = None,
     trust_pickle: bool = False,
+    state_key: str | None = None,
     seed: int = 0,
     progress: Progress = QUIET,
 ) -> ValidationReport:
@@ -165,7 +168,8 @@ def validate(
     error. `engine`: a TensorRT engine for the tensorrt backend. `inputs` (specs, as export takes them) or
     `input_shape` (one input): the example sizes, when the export's record is not to be used.
     """
-    reference = model if isinstance(model, Reference) else load(model, arch=arch, trust_pickle=trust_pickle)
+    reference = (model if isinstance(model, Reference)
+                 else load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key))
     return _validate(
         onnx_path, reference, input_shape=None if input_shape is None else tuple(int(d) for d in input_shape),
         inputs=None if inputs is None else [s if isinstance(s, InputSpec) else parse_input(s) for s in inputs],

@@ -36,6 +36,11 @@ def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
         help="build the model with this callable, then load MODEL as its state_dict",
     )
     group.add_argument(
+        "--state-key", metavar="NAME",
+        help="MODEL is a training checkpoint (a dict of the model's state_dict, the optimizer's, ...): load its "
+             "entry NAME, e.g. model (a state_dict, with --arch, or a whole module)",
+    )
+    group.add_argument(
         "--trust-pickle", action="store_true",
         help="vouch for MODEL: unpickle it without the torch.nn/nmn class allowlist, load a torch.export "
              "archive's pickled entries, run a TorchScript archive's code; only for files you trust",
@@ -295,7 +300,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
         raise YatDeployError(f"-o {output} would overwrite the model file")
     started = time.perf_counter()
     progress.say(f"loading {args.model}")
-    loaded = api.load(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    loaded = api.load(args.model, arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key)
     progress.say(f"exporting ({loaded.format})")
     result = api.export(loaded, specs or shape, output, dtype=args.dtype,
                         dynamic_axes={} if args.static_batch else None, int_ranges=ranges, validate=False,
@@ -337,7 +342,7 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
     ranges = _int_ranges(args)
     dtype = precision(load_onnx(args.onnx_model))
     progress.say(f"loading {args.against}")
-    loaded = api.load(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
+    loaded = api.load(args.against, arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key)
     if args.engine is not None:
         if not Path(args.engine).is_file():
             raise YatDeployError(f"--engine {args.engine}: no such file")

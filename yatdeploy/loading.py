@@ -211,11 +211,27 @@ def _load_exported_program(path: Path, trust_pickle: bool) -> torch.export.Expor
         raise ModelLoadError(f"{path}: corrupt torch.export archive ({_first_line(str(exc))})") from exc
 
 
+def _importable_cwd() -> None:
+    """Make modules in the current directory importable, as `python train.py` had them (the console
+    script's sys.path starts at its own folder)."""
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+
+
 def _unpickle(path: Path, trust_pickle: bool) -> object:
     if trust_pickle:
+        _importable_cwd()
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # the file's own code may raise anything
+            in_main = [name.removeprefix("__main__.") for name in _unsafe_globals(path) if name.startswith("__main__.")]
+            if in_main:
+                raise ModelLoadError(
+                    f"{path}: the model's class {', '.join(in_main)} was defined in the training script itself "
+                    "(its __main__), which is not importable here",
+                    f"move the class into a module (e.g. models.py beside the script), import it from there and "
+                    f"save again; or save model.state_dict() and pass {option('arch')} models:build_function",
+                ) from exc
             raise ModelLoadError(f"{path}: could not be unpickled: {exc}") from exc
     _import_nmn_layers()
     try:
@@ -260,8 +276,7 @@ def resolve_arch(spec: str) -> nn.Module:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ModelLoadError(f"{option('arch')} {spec!r}: expected 'module:callable', e.g. 'mypkg.models:build_mlp'")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    _importable_cwd()
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -279,8 +294,48 @@ def resolve_arch(spec: str) -> nn.Module:
     return built
 
 
+# Prefixes training wrappers add to every key: DistributedDataParallel / DataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unwrapped(state: Mapping[str, object], expected: Mapping[str, object]) -> Mapping[str, object]:
+    """`state` without the wrapper prefixes every one of its keys carries and the architecture's keys don't."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state) and not all(k.startswith(prefix) for k in expected):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+# Keys under which training checkpoints commonly keep the model's state_dict.
+_CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict", "model_state", "net", "module", "ema")
+
+
+def _state_dict_in(obj: Mapping[str, object], path: Path, state_key: str | None) -> object:
+    """The state_dict (or module) a file holds: the mapping itself, or a training checkpoint's entry."""
+    if state_key is not None:
+        if state_key not in obj:
+            raise ModelLoadError(f"{path}: no key {state_key!r} (its keys: {', '.join(map(str, obj)) or 'none'})")
+        return obj[state_key]
+    if all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    candidates = [k for k, v in obj.items() if isinstance(v, nn.Module) or (
+        isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values()))]
+    named = [k for k in candidates if k in _CHECKPOINT_KEYS] or candidates
+    listing = ", ".join(f"{k!r}" for k in obj)
+    raise ModelLoadError(
+        f"{path}: a training checkpoint (keys {listing}), not a state_dict",
+        f"pass {option('state_key')} NAME for the entry holding the model's weights"
+        + (f", e.g. {option('state_key')} {named[0]}" if named else ""),
+    )
+
+
 def _load_state_dict(module: nn.Module, state: Mapping[str, object], path: Path, arch: str) -> None:
     expected = module.state_dict()
+    state = _unwrapped(state, expected)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [
@@ -319,7 +374,10 @@ def from_module(module: nn.Module) -> LoadedModel:
     return LoadedModel(module, Path(f"<{type(module).__name__}>"), IN_MEMORY, module_sha256(module))
 
 
-def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False,
+               state_key: str | None = None) -> LoadedModel:
+    """`state_key`: in a training checkpoint (a dict of the model's state_dict, the optimizer's, ...), the
+    entry holding the model (a state_dict, or a whole module)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
@@ -348,6 +406,11 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
             raise ModelLoadError(f"{path}: corrupt torch.export archive ({_first_line(str(exc))})") from exc
     else:
         obj = _unpickle(path, trust_pickle)
+        if isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj):
+            obj = _state_dict_in(obj, path, state_key)
+        elif state_key is not None:
+            raise ModelLoadError(f"{path}: holds a {type(obj).__name__}, not a dict: {option('state_key')} is for "
+                                 "training checkpoints")
         if isinstance(obj, nn.Module):
             if arch is not None:
                 raise ModelLoadError(f"{path}: holds a whole module; {option('arch')} is only for state_dict files")
