@@ -124,3 +124,48 @@ def build_two_inputs() -> nn.Module:
 def build_token_tagger() -> nn.Module:
     torch.manual_seed(0)
     return perturb(TokenTagger()).eval()
+
+
+class TinyYatLM(nn.Module):
+    """A character LM as nmn users write one: YatEmbed lookup, causal MultiHeadYatAttention, a YatNMN block, and
+    the tied head YatEmbed.attend. int64 ids [batch, seq] -> logits [batch, seq, vocabulary]."""
+
+    def __init__(self, vocabulary: int = 40, width: int = 32, heads: int = 4, context: int = 64) -> None:
+        from nmn.torch import MultiHeadYatAttention, YatEmbed
+
+        super().__init__()
+        self.embed = YatEmbed(vocabulary, width)
+        self.position = nn.Embedding(context, width)
+        self.attention = MultiHeadYatAttention(width, heads)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = YatNMN(width, width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        h = self.embed(ids) + self.position(torch.arange(length, device=ids.device))
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        h = h + self.attention(self.norm(h), mask=causal[None, None])
+        h = h + self.mlp(h)
+        return self.embed.attend(h)
+
+
+def build_tiny_lm() -> nn.Module:
+    torch.manual_seed(0)
+    return perturb(TinyYatLM()).eval()
+
+
+class ReusedAndUnused(nn.Module):
+    """One YatNMN called twice, one never called: the export has a node per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = YatNMN(8, 8)
+        self.spare = YatNMN(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(self.shared(x))
+
+
+def build_reused_and_unused() -> nn.Module:
+    torch.manual_seed(0)
+    return perturb(ReusedAndUnused()).eval()

@@ -36,7 +36,7 @@ def test_export_then_validate(model_file, tmp_path, capsys):
     args = ["export", "-q", str(model_file), "-o", str(out), "--input-shape", "1,16", "--report", str(report)]
     assert main(args) == EXIT_OK
     printed = capsys.readouterr().out
-    assert "2 YatGemm node(s) for 2 YatNMN layer(s)" in printed
+    assert "2 YatGemm node(s) for 2 Yat layer call(s)" in printed
     assert "ort-function" in printed and "PASSED" in printed
     assert json.loads(report.read_text())["passed"] is True
 
@@ -166,7 +166,7 @@ def test_a_failed_consistency_check_of_ours_is_an_internal_error(model_file, tmp
     assert main(["export", "-q", str(model_file), "-o", str(tmp_path / "m.onnx"), "--input-shape", "1,16"]) \
         == EXIT_INTERNAL
     err = capsys.readouterr().err
-    assert "consistency check failed: export wrote 0 YatGemm nodes for 2 YatNMN layers" in err
+    assert "consistency check failed: export wrote 0 YatGemm nodes for 2 Yat layer calls" in err
     assert "please report it" in err and not (tmp_path / "m.onnx").exists()
 
 

@@ -34,3 +34,26 @@ def test_the_demo_model_validates_from_the_command_line_it_suggests(tmp_path, ca
     suggested = [line for line in capsys.readouterr().out.splitlines() if line.startswith("next: yatdeploy ")][0]
     args = suggested.removeprefix("next: yatdeploy ").split()
     assert main([args[0], "-q", *args[1:]]) == EXIT_OK
+
+
+def test_the_lm_demo_trains_exports_validates_and_decodes_the_same_text(tmp_path, capsys):
+    out = tmp_path / "lm"
+    assert main(["demo", "--lm", "--out", str(out), "--steps", "40"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "step 40/40" in captured.err
+    for name in ("lm.pt", "lm.onnx", "validation.json", "repository/lm/config.pbtxt", "repository/lm/1/model.onnx"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"] is True
+    cases = {c["case"] for b in report["backends"] for c in b["comparisons"]}
+    assert {"random batch 32", "random seq 1, batch 2", "random seq 16, batch 2"} <= cases
+    assert report["checks"][0]["detail"] == "2 YatGemm nodes for 2 Yat layer calls"  # YatNMN and the attend head
+    torch_text = re.search(r"PyTorch\s+'(.*)'", captured.out).group(1)
+    onnx_text = re.search(r"ONNX Runtime \(ort-cpu\s*\)\s+'(.*)'", captured.out).group(1)
+    assert torch_text == onnx_text and len(torch_text.encode().decode("unicode_escape")) == 80
+    assert "identical" in captured.out
+
+
+def test_the_lm_demo_refuses_what_is_for_the_digits_demo(tmp_path, capsys):
+    assert main(["demo", "--lm", "--tensorrt", "--out", str(tmp_path)]) == 2
+    assert "--tensorrt is for the digits demo" in capsys.readouterr().err

@@ -136,6 +136,19 @@ def test_other_nmn_layers_export_as_ordinary_ops_and_validate(layers, shape, sav
     assert report.passed, report.failures()
 
 
+@pytest.mark.parametrize("conv,shape", [(YatConv1D, (1, 2, 9)), (YatConv2D, (1, 2, 7, 6)), (YatConv3D, (1, 2, 5, 4, 4))],
+                         ids=["1D", "2D", "3D"])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_yat_conv_in_every_padding_mode_exports_and_runs_in_onnxruntime(conv, shape, mode, save_whole, tmp_path):
+    """nmn's own form of a non-zero padding mode writes a Conv whose pads ONNX Runtime refuses (2-D, 3-D)."""
+    torch.manual_seed(0)
+    model = perturb(nn.Sequential(conv(2, 3, 3, padding=1, padding_mode=mode))).eval()
+    loaded = load_model(save_whole(model))
+    export_model(loaded, tmp_path / "m.onnx", ExportOptions(shape))
+    report = validate(tmp_path / "m.onnx", loaded, backend_names=["ort-function"])
+    assert report.passed, report.failures()
+
+
 def test_a_model_with_several_outputs_gets_numbered_output_names(tmp_path, progress):
     from yatdeploy.loading import LoadedModel
 

@@ -56,7 +56,7 @@ def test_a_faithful_export_passes_on_every_batch(exported):
     assert ran["ort-cpu"].yat_gemm_kernel_runs == {"CPUExecutionProvider": 6}
     assert ran["ort-function"].yat_gemm_kernel_runs == {}
     assert "inlined ONNX function" in ran["ort-function"].yat_gemm_execution
-    assert report.checks[0].passed and "2 YatGemm nodes for 2 YatNMN layers" in report.checks[0].detail
+    assert report.checks[0].passed and "2 YatGemm nodes for 2 Yat layer calls" in report.checks[0].detail
 
 
 def test_weights_changed_after_export_fail_and_name_the_output(exported_mlp, tmp_path):
@@ -86,7 +86,7 @@ def test_a_yatgemm_count_mismatch_fails(exported, save_whole):
     model.append(YatNMN(5, 5))
     report = validate(path, load_model(save_whole(model, "three.pt")))
     assert not report.checks[0].passed
-    assert "2 YatGemm nodes for 3 YatNMN layers" in report.checks[0].detail
+    assert "2 YatGemm nodes for 3 Yat layer calls" in report.checks[0].detail
 
 
 def test_user_inputs_from_npy_and_npz(exported, tmp_path):

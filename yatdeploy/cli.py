@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="yatdeploy-demo", metavar="DIR", help="where to write (default ./yatdeploy-demo)")
     demo.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     demo.add_argument("--seed", type=int, default=0, help="seed for data split and training (default 0)")
+    demo.add_argument("--lm", action="store_true",
+                      help="instead: train a tiny Yat character LM (YatEmbed, causal attention, YatNMN, the tied "
+                           "attend head) on text shipped with yatdeploy, export it with dynamic batch and length, "
+                           "validate it, and decode a prompt greedily in PyTorch and ONNX Runtime side by side")
+    demo.add_argument("--steps", type=int, default=300, help="--lm: training steps (default 300)")
     demo.add_argument("--tensorrt", action="store_true",
                       help="also build a TensorRT engine (model.plan) and validate it against PyTorch: the first "
                            "thing to run on a machine with TensorRT and a GPU")
@@ -306,7 +311,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
                         dynamic_axes={} if args.static_batch else None, int_ranges=ranges, validate=False,
                         progress=progress)
     export_seconds = time.perf_counter() - started
-    print(f"wrote {result.path}: {result.yat_gemm_nodes} YatGemm node(s) for {result.yat_layers} YatNMN layer(s), "
+    print(f"wrote {result.path}: {result.yat_gemm_nodes} YatGemm node(s) for {result.yat_layers} Yat layer call(s), "
           f"{result.dtype}, outputs {', '.join(result.output_names)} ({export_seconds:.1f} s)")
     for note in result.notes:
         print(f"note: {note}")
@@ -418,6 +423,8 @@ def cmd_demo(args: argparse.Namespace, progress) -> int:
 
     if args.epochs <= 0:
         raise YatDeployError(f"--epochs {args.epochs}: must be positive")
+    if args.lm:
+        return _demo_lm(args, progress)
     started = time.perf_counter()
     result = run_demo(args.out, epochs=args.epochs, seed=args.seed, tensorrt=args.tensorrt, progress=progress)
     print(format_report(result.report))
@@ -434,6 +441,28 @@ def cmd_demo(args: argparse.Namespace, progress) -> int:
     print(f"next: yatdeploy validate {result.onnx_path} --against {result.model_path} --inputs {result.test_inputs_path}")
     agree = result.report.passed and result.predictions_agree == result.test_size
     return EXIT_OK if agree else EXIT_VALIDATION_FAILED
+
+
+def _demo_lm(args: argparse.Namespace, progress) -> int:
+    from yatdeploy.demo_lm import run_lm_demo
+    from yatdeploy.validation import format_report
+
+    if args.steps <= 0:
+        raise YatDeployError(f"--steps {args.steps}: must be positive")
+    if args.tensorrt:
+        raise YatDeployError("--tensorrt is for the digits demo, not --lm")
+    out = args.out if args.out != "yatdeploy-demo" else "yatdeploy-demo-lm"
+    result = run_lm_demo(out, steps=args.steps, seed=args.seed, progress=progress)
+    print(format_report(result.report))
+    same = result.torch_text == result.onnx_text
+    print(f"\ngreedy continuation of {result.prompt!r}:")
+    print(f"  PyTorch                 {result.torch_text!r}")
+    print(f"  ONNX Runtime ({result.backend:<8}) {result.onnx_text!r}")
+    print(f"  {'identical' if same else 'DIFFERENT'}")
+    print(f"\ntrained to loss {result.final_loss:.3f} in {result.train_seconds:.1f} s; export {result.export_seconds:.1f} s, "
+          f"validation {result.validate_seconds:.1f} s")
+    print(f"files in {out}/: lm.pt, lm.onnx, validation.json, repository/lm/")
+    return EXIT_OK if result.report.passed and same else EXIT_VALIDATION_FAILED
 
 
 def cmd_serve(args: argparse.Namespace, progress) -> int:

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import onnx
 import torch
+from nmn.torch import YatEmbed
 
-from yatdeploy import __version__, dtypes
+from yatdeploy import __version__, dtypes, graph
 from yatdeploy.attach import attach_yat_gemm_function
 from yatdeploy.errors import ConsistencyError, InputSpecError, YatDeployError, option
 from yatdeploy.graph import (
@@ -35,7 +36,7 @@ from yatdeploy.ops.onnx_function import FUNCTION_OPSET
 from yatdeploy.ops.onnx_schema import yat_gemm_op
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.reference import Reference
-from yatdeploy.rewrite import RewriteResult, count_yat_layers, rewrite_yat_layers
+from yatdeploy.rewrite import RewriteResult, count_yat_layers, rewrite_yat_layers, yat_calls
 from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class ExportResult:
     output_names: list[str]
     rewrite: RewriteResult | None
     yat_gemm_nodes: int
-    yat_layers: int
+    yat_layers: int  # the Yat products the model computes: YatNMN calls and YatEmbed.attend calls
     reference: Reference  # the PyTorch model as exported, for validation
     notes: list[str] = field(default_factory=list)
     report: ValidationReport | None = None  # set by yatdeploy.export unless validate=False
@@ -184,14 +185,38 @@ def example_inputs(specs: list[InputSpec], reference: Reference, int_ranges: dic
     generator = torch.Generator().manual_seed(seed)
     tensors = []
     for spec in specs:
+        shape = spec.shape
         if spec.dtype == "bool":
-            tensors.append(torch.rand(spec.shape, generator=generator) < 0.5)
+            tensors.append(torch.rand(shape, generator=generator) < 0.5)
         elif spec.dtype in INTEGER_TYPES:
             low, high = int_ranges.get(spec.name) or reference.int_range()
-            tensors.append(torch.randint(low, high, spec.shape, generator=generator, dtype=getattr(torch, spec.dtype)))
+            tensors.append(torch.randint(low, high, shape, generator=generator, dtype=getattr(torch, spec.dtype)))
         else:
-            tensors.append(torch.randn(*spec.shape, generator=generator).to(dtypes.by_name(spec.dtype).torch))
+            tensors.append(torch.randn(*shape, generator=generator).to(dtypes.by_name(spec.dtype).torch))
     return tuple(tensors)
+
+
+def _traceable(tensors: tuple[torch.Tensor, ...], specs: list[InputSpec]) -> tuple[torch.Tensor, ...]:
+    """The examples as the exporter traces them: repeated to size 2 along any dynamic dim where they have size
+    1, since torch.export may specialise a dim of size 1 to a constant."""
+    out = []
+    for tensor, spec in zip(tensors, specs):
+        repeats = [2 if d.label is not None and d.size == 1 else 1 for d in spec.dims]
+        out.append(tensor.repeat(*repeats) if any(r > 1 for r in repeats) else tensor)
+    return tuple(out)
+
+
+def _check_dynamic_dims_kept(model: onnx.ModelProto, specs: list[InputSpec]) -> None:
+    """Every dim declared dynamic is free in the graph: an exporter that fixed one (specialising on the example)
+    would give a model that refuses other sizes, and validation could only try the example's."""
+    for spec, value in zip(specs, graph.graph_inputs(model)):
+        for i, (want, dim) in enumerate(zip(spec.dims, value.type.tensor_type.shape.dim)):
+            if want.label is not None and dim.HasField("dim_value"):
+                raise YatDeployError(
+                    f"input '{spec.name}': dim {i} ({want.label}) came out fixed at {dim.dim_value} in the exported "
+                    "graph: the model's code makes it a constant for torch.export",
+                    "check that the model really works at other sizes there, or declare the dim fixed",
+                )
 
 
 def _dims_text(specs: list[InputSpec]) -> str:
@@ -214,16 +239,21 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
     xs = examples if examples is not None else example_inputs(specs, reference, options.int_ranges)
     what = f"{option('inputs')}" if options.inputs else f"{option('input_shape')} and {option('dtype')}"
     with progress.step("checking the model runs on the example input"):
-        reference.run_tensors(xs, what)
+        calls = yat_calls(reference.module, lambda: reference.run_tensors(xs, what))
     output_names = reference.output_names
 
     rewrite: RewriteResult | None = None
     target: object
     if loaded.layers_are_identifiable:
-        with progress.step("rewriting YatNMN layers to YatGemm"):
+        with progress.step("rewriting Yat layers to YatGemm"):
             rewrite = rewrite_yat_layers(reference.module)
         target = rewrite.module
-        yat_layers = len(rewrite.yat_layers)
+        yat_layers = sum(calls.values())
+        unused = [path or "<root>" for path, count in calls.items() if count == 0
+                  and not (isinstance(reference.module.get_submodule(path), YatEmbed))]
+        if unused:
+            notes.append(f"Yat layer(s) {', '.join(unused)} did not run on the example input, so the export has no "
+                         "node for them")
         if rewrite.decomposed_layers:
             notes.append(
                 "exported through ordinary ONNX ops (no YatGemm form yet): " + ", ".join(rewrite.decomposed_layers)
@@ -238,13 +268,15 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
             )
 
     with progress.step(f"exporting to ONNX (opset {OPSET}, {_dims_text(specs)})"):
-        model = _torch_export_to_onnx(target, xs, specs, output_names)
+        model = _torch_export_to_onnx(target, _traceable(xs, specs), specs, output_names)
     with progress.step("attaching the YatGemm function"):
         attach_yat_gemm_function(model)
     nodes = len(yat_gemm_nodes(model))
     if loaded.layers_are_identifiable and nodes != yat_layers:
-        raise ConsistencyError(f"export wrote {nodes} YatGemm nodes for {yat_layers} YatNMN layers")
+        raise ConsistencyError(f"export wrote {nodes} YatGemm nodes for {yat_layers} Yat layer calls")
     # What the graph declares, with the example's sizes (a saved torch.export program keeps its own shapes).
+    if loaded.program is None:
+        _check_dynamic_dims_kept(model, specs)
     specs = model_specs(model, specs)
     recorded = {
         **{f"{META_PREFIX}version.{k}": v for k, v in _package_versions().items()},
@@ -264,6 +296,11 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
             onnx.checker.check_model(model, full_check=True)
         except onnx.checker.ValidationError as exc:
             raise ConsistencyError(f"the exported model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+        except onnx.shape_inference.InferenceError as exc:
+            # e.g. attention's Einsum in bfloat16: the exporter writes an op ONNX does not define for the dtype.
+            raise YatDeployError(f"the exported {dtype} graph is not valid ONNX: {str(exc).splitlines()[0]}",
+                                 f"ONNX opset {OPSET} lacks that op in {dtype}; export in another dtype "
+                                 f"({option('dtype')})") from exc
     with progress.step(f"saving {output}"):
         save_atomically(model, output)
     return ExportResult(

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from nmn.torch import YatNMN
+from nmn.torch import YatEmbed, YatNMN
 from torch import Tensor, nn
 
 from yatdeploy import dtypes
@@ -190,6 +191,122 @@ def fold_yatnmn(layer: YatNMN, path: str) -> tuple[YatGemmLayer, FoldedLayer]:
     return export_layer, FoldedLayer(path, in_features, out_features, options)
 
 
+class YatEmbedLayer(nn.Module):
+    """The export form of one nmn YatEmbed: the lookup as it is, and `attend` (the tied LM head) as one
+    YatGemm with W = the embedding table and no bias."""
+
+    def __init__(self, embedding: Tensor, head: YatGemmLayer) -> None:
+        super().__init__()
+        self.register_buffer("embedding", embedding)
+        self.head = head
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return F.embedding(inputs, self.embedding)
+
+    def attend(self, query: Tensor) -> Tensor:
+        if query.dtype in _SIXTEEN_BIT and self.embedding.dtype not in _SIXTEEN_BIT:
+            # nmn computes a 16-bit query against the table as stored (float32), then saturates to the query's
+            # dtype; YatGemm in 16-bit would round the table first.
+            limit = torch.finfo(query.dtype).max
+            return self.head(query.float()).clamp(-limit, limit).to(query.dtype)
+        return self.head(query)
+
+
+class PaddedYatConv(nn.Module):
+    """An nmn YatConv with reflect/replicate/circular padding as an explicit pad and the conv without padding:
+    nmn's own form writes a Conv whose pads attribute has the wrong length for 2-D and 3-D (ONNX Runtime
+    refuses to load it)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.pad = tuple(layer._reversed_padding_repeated_twice)
+        self.mode = layer.padding_mode
+        self.conv = copy.deepcopy(layer)
+        self.conv.padding_mode = "zeros"
+        self.conv.padding = (0,) * len(layer.kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, self.pad, mode=self.mode))
+
+
+def _padded_conv(module: nn.Module) -> bool:
+    return (is_nmn_layer(module) and getattr(module, "padding_mode", "zeros") != "zeros"
+            and hasattr(module, "_reversed_padding_repeated_twice") and not getattr(module, "transposed", False))
+
+
+def fold_yatembed(layer: YatEmbed, path: str) -> tuple[YatEmbedLayer, FoldedLayer]:
+    """YatEmbed.attend is y = alpha * (q·E)^2 / (|q - E|^2 + eps) against every row of the table E: YatGemm with
+    W = E and B = 0 (spherical: q and E unit-normalised, as YatNMN's spherical mode; weight_normalized
+    acts at initialisation only)."""
+    if type(layer).attend is not YatEmbed.attend or type(layer).forward is not YatEmbed.forward:
+        raise UnsupportedLayerError(path, "attend", f"{type(layer).__qualname__} overrides YatEmbed's methods; "
+                                                    "their math is not known")
+    with torch.no_grad():
+        table = layer.embedding.detach()
+        fold_dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
+        weight = table.to(fold_dtype)
+        if layer.spherical:
+            weight = weight / torch.linalg.vector_norm(weight, dim=-1, keepdim=True).clamp(min=_NMN_NORM_EPS)
+        options: dict[str, object] = {"head": "attend", "bias": "none", "eps": f"{float(layer.epsilon):g}"}
+        eps = _finite_scalar(path, "epsilon", float(layer.epsilon))
+        if not eps > 0:
+            raise UnsupportedLayerError(path, "epsilon", f"eps must be > 0, got {eps}")
+        alpha_in_compute_dtype = False
+        if layer._constant_alpha_value is not None:
+            alpha = float(layer._constant_alpha_value)
+            options["alpha"] = f"constant {alpha:g}"
+        elif layer.alpha is not None:
+            alpha = float(layer.alpha.detach().reshape(-1)[0])
+            alpha_in_compute_dtype = True
+            options["alpha"] = f"learnable {alpha:g}"
+        else:
+            alpha = 1.0
+            options["alpha"] = "none"
+        _finite_scalar(path, "alpha", alpha)
+        if not torch.isfinite(weight).all():
+            raise UnsupportedLayerError(path, "embedding", "holds NaN or infinite values")
+        if layer.spherical:
+            options["spherical"] = True
+    out_features, in_features = weight.shape
+    head = YatGemmLayer(weight.contiguous(), torch.zeros(out_features, dtype=fold_dtype), eps=eps, alpha=alpha,
+                        alpha_in_compute_dtype=alpha_in_compute_dtype, normalize_input=bool(layer.spherical),
+                        compute_dtype=None)
+    return YatEmbedLayer(table.clone(), head), FoldedLayer(path, in_features, out_features, options)
+
+
+def yat_calls(module: nn.Module, run: Callable[[], object]) -> dict[str, int]:
+    """The Yat dense products `run()` computes through `module`, per layer path: YatNMN calls and YatEmbed.attend
+    calls (a layer called twice counts twice, one never called 0). Their sum is the YatGemm nodes of an export."""
+    calls = {path: 0 for path, m in module.named_modules() if isinstance(m, (YatNMN, YatEmbed))}
+
+    def counter(path: str) -> Callable[..., None]:
+        def count(*_: object) -> None:
+            calls[path] += 1
+
+        return count
+
+    hooks = [m.register_forward_hook(counter(path)) for path, m in module.named_modules() if isinstance(m, YatNMN)]
+    patched = []
+    for path, sub in module.named_modules():
+        if isinstance(sub, YatEmbed):
+            count = counter(path)
+
+            def attend(query: Tensor, _bound=sub.attend, _count=count) -> Tensor:
+                _count()
+                return _bound(query)
+
+            sub.attend = attend  # an instance attribute, removed below
+            patched.append(sub)
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for sub in patched:
+            del sub.attend
+    return calls
+
+
 def count_yat_layers(module: nn.Module) -> int:
     """YatNMN layers in a module, including compiled (TorchScript) ones, which keep the class name."""
     count = 0
@@ -207,12 +324,15 @@ def rewrite_yat_layers(model: nn.Module) -> RewriteResult:
     for path, sub in model.named_modules():
         if any(path.startswith(done + ".") for done, _ in replacements):
             continue
-        if isinstance(sub, YatNMN):
-            export_layer, folded = fold_yatnmn(sub, path)
+        if isinstance(sub, (YatNMN, YatEmbed)):
+            fold = fold_yatnmn if isinstance(sub, YatNMN) else fold_yatembed
+            export_layer, folded = fold(sub, path)
             replacements.append((path, export_layer))
             result.yat_layers.append(folded)
-        elif is_nmn_layer(sub) and not isinstance(sub, YatGemmLayer):
+        elif is_nmn_layer(sub) and not isinstance(sub, (YatGemmLayer, YatEmbedLayer)):
             result.decomposed_layers.append(path)
+            if _padded_conv(sub):
+                replacements.append((path, PaddedYatConv(sub)))
     for path, export_layer in replacements:
         if path == "":
             result.module = export_layer

@@ -1,6 +1,6 @@
 """Stage 5, validate: compare an ONNX export with the PyTorch model on every available backend.
 
-Checks, in order: YatGemm nodes against YatNMN layers, then per backend and input case the output
+Checks, in order: YatGemm nodes against Yat layer calls (YatNMN, YatEmbed.attend), then per backend and input case the output
 count, names, shapes and dtypes, then the values: |onnx - torch| <= atol + rtol * |torch| elementwise.
 
 The tolerance, unless the user gives --atol/--rtol, follows the numerics of the computation: the
@@ -41,7 +41,7 @@ from yatdeploy.inputs import (
 from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.reference import Reference
-from yatdeploy.rewrite import count_yat_layers
+from yatdeploy.rewrite import count_yat_layers, yat_calls
 
 
 @dataclass(frozen=True)
@@ -450,12 +450,6 @@ def validate(
     checks: list[Check] = []
     warnings: list[str] = []
     nodes = len(yat_gemm_nodes(onnx_model))
-    layers = count_yat_layers(loaded.module)
-    if loaded.layers_are_identifiable:
-        checks.append(Check("YatGemm nodes", nodes == layers, f"{nodes} YatGemm nodes for {layers} YatNMN layers"))
-    else:
-        checks.append(Check("YatGemm nodes", True,
-                            f"{nodes} YatGemm nodes; {loaded.format} keeps no YatNMN options ({layers} layers decomposed)"))
     recorded_sha = metadata(onnx_model).get(META_SOURCE_SHA256)
     if recorded_sha and recorded_sha != loaded.sha256:
         warnings.append(f"{loaded.path} has changed since {onnx_path.name} was exported (sha256 differs)")
@@ -465,7 +459,14 @@ def validate(
 
     with progress.step(f"running PyTorch on {len(cases)} input cases"):
         what = f"the inputs and {option('int_ranges')}" if ranges else "the inputs"
+        calls = sum(yat_calls(reference.module, lambda: reference.run(cases[0].arrays, what)).values())
         expected = [reference.run(c.arrays, what) for c in cases]
+    if loaded.layers_are_identifiable:  # one YatGemm node per Yat layer call (YatNMN, YatEmbed.attend)
+        checks.insert(0, Check("YatGemm nodes", nodes == calls, f"{nodes} YatGemm nodes for {calls} Yat layer calls"))
+    else:
+        layers = count_yat_layers(loaded.module)
+        checks.insert(0, Check("YatGemm nodes", True, f"{nodes} YatGemm nodes; {loaded.format} keeps no YatNMN "
+                                                      f"options ({layers} layers decomposed)"))
     with progress.step("running PyTorch in float64, for the tolerances"):
         float64_runs, reference_note = reference.float64_runs([c.arrays for c in cases], expected)
     defaults = [_case_tolerances(dtype, want, None if float64_runs is None else runs)

@@ -1,0 +1,167 @@
+"""`yatdeploy demo --lm`: train a tiny Yat character LM on text that ships with the package, export it with
+dynamic batch and sequence length, validate it, and decode a prompt greedily in PyTorch and ONNX Runtime.
+
+The model is what an nmn user writes: a YatEmbed lookup plus learned positions, causal MultiHeadYatAttention,
+a YatNMN block, and the tied head YatEmbed.attend, which becomes one YatGemm node like the YatNMN.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from nmn.torch import MultiHeadYatAttention, YatEmbed, YatNMN
+from torch import nn
+
+from yatdeploy import api, backends
+from yatdeploy.onnx_export import ExportResult
+from yatdeploy.progress import Progress
+from yatdeploy.validation import ValidationReport
+
+TEXT_FILE = "yat_notes.txt"  # yatdeploy/data/: the project's own prose, nothing downloaded
+CONTEXT = 64  # the longest sequence the learned positions cover
+WIDTH, HEADS, WINDOW = 48, 4, 32
+INPUT = "ids"
+PROMPT = "The yat neuron "
+
+
+@cache
+def corpus() -> str:
+    return resources.files("yatdeploy").joinpath("data", TEXT_FILE).read_text(encoding="utf-8")
+
+
+@cache
+def vocabulary() -> tuple[str, ...]:
+    return tuple(sorted(set(corpus())))
+
+
+def encode(text: str) -> list[int]:
+    index = {c: i for i, c in enumerate(vocabulary())}
+    return [index[c] for c in text]
+
+
+def decode(ids: list[int]) -> str:
+    return "".join(vocabulary()[i] for i in ids)
+
+
+class CharYatLM(nn.Module):
+    def __init__(self, vocabulary_size: int, width: int = WIDTH, heads: int = HEADS, context: int = CONTEXT) -> None:
+        super().__init__()
+        self.embed = YatEmbed(vocabulary_size, width)
+        self.position = nn.Embedding(context, width)
+        self.norm = nn.LayerNorm(width)
+        self.attention = MultiHeadYatAttention(width, heads)
+        self.mlp = YatNMN(width, width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        h = self.embed(ids) + self.position(torch.arange(length, device=ids.device))
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        h = h + self.attention(self.norm(h), mask=causal[None, None])
+        h = h + self.mlp(h)
+        return self.embed.attend(h)
+
+
+def build_lm_model() -> nn.Module:
+    """The --arch entry point: the demo LM's architecture for the shipped text's vocabulary."""
+    return CharYatLM(len(vocabulary()))
+
+
+def train(model: nn.Module, steps: int, seed: int, progress: Progress) -> float:
+    data = torch.tensor(encode(corpus()))
+    generator = torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        starts = torch.randint(0, len(data) - WINDOW - 1, (32,), generator=generator)
+        x = torch.stack([data[s:s + WINDOW] for s in starts])
+        y = torch.stack([data[s + 1:s + WINDOW + 1] for s in starts])
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, len(vocabulary())), y.reshape(-1))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if (step + 1) % max(1, steps // 4) == 0:
+            progress.say(f"  step {step + 1}/{steps}: loss {loss.item():.3f}")
+    model.eval()
+    return float(loss.detach())
+
+
+def greedy(step, prompt: str, length: int) -> str:
+    """`length` characters after `prompt`, each the argmax of `step(ids)` at the last position, over the last
+    WINDOW characters (the length it was trained on)."""
+    ids = encode(prompt)
+    for _ in range(length):
+        ids.append(int(np.argmax(step(np.array([ids[-WINDOW:]], dtype=np.int64))[0, -1])))
+    return decode(ids[len(encode(prompt)):])
+
+
+@dataclass
+class LmDemoResult:
+    model_path: Path
+    onnx_path: Path
+    repository: Path
+    final_loss: float
+    export: ExportResult
+    report: ValidationReport
+    prompt: str
+    torch_text: str
+    onnx_text: str
+    backend: str
+    train_seconds: float
+    export_seconds: float
+    validate_seconds: float
+
+
+def run_lm_demo(out_dir: str | Path, *, steps: int = 300, seed: int = 0, continuation: int = 80,
+                progress: Progress | None = None) -> LmDemoResult:
+    progress = progress or Progress()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = corpus()
+    progress.say(f"[1/4] training a Yat character LM on {len(text)} characters of yatdeploy's own notes "
+                 f"({len(vocabulary())} symbols, {steps} steps)")
+    torch.manual_seed(seed)
+    model = build_lm_model()
+    started = time.perf_counter()
+    final_loss = train(model, steps, seed, progress)
+    train_seconds = time.perf_counter() - started
+    model_path = out / "lm.pt"
+    torch.save(model.state_dict(), model_path)
+
+    progress.say(f"[2/4] exporting {model_path} (state_dict + --arch yatdeploy.demo_lm:build_lm_model)")
+    onnx_path = out / "lm.onnx"
+    loaded = api.load(model_path, arch="yatdeploy.demo_lm:build_lm_model")
+    started = time.perf_counter()
+    export = api.export(loaded, [f"{INPUT}:int64[batch=1,seq={WINDOW}]"], onnx_path, validate=False,
+                        progress=progress)
+    export_seconds = time.perf_counter() - started
+    from yatdeploy import native
+    from yatdeploy.serving.repository import write_repository
+
+    repository = out / "repository"
+    write_repository(repository, "lm", onnx_path, op_library=native.ort_library_path())
+
+    progress.say("[3/4] validating against PyTorch at several batch sizes and lengths")
+    started = time.perf_counter()
+    report = api.validate(onnx_path, export.reference, progress=progress)
+    validate_seconds = time.perf_counter() - started
+    report.write_json(out / "validation.json")
+
+    progress.say(f"[4/4] greedy decoding of {PROMPT!r}, {continuation} characters")
+    backend = backends.default()
+    runner = backend.open(onnx_path, backends.Options())
+
+    def torch_step(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return loaded.module(torch.from_numpy(ids)).numpy()
+
+    torch_text = greedy(torch_step, PROMPT, continuation)
+    onnx_text = greedy(lambda ids: runner.run({INPUT: ids})[0], PROMPT, continuation)
+    return LmDemoResult(model_path, onnx_path, repository, final_loss, export, report, PROMPT, torch_text, onnx_text,
+                        backend.name, train_seconds, export_seconds, validate_seconds)
