@@ -20,7 +20,7 @@ from torch import nn
 from tests.model_zoo import YATNMN_OPTIONS, perturb, yat_mlp
 from yatdeploy import backends
 from yatdeploy.backends import ort
-from yatdeploy.graph import yat_gemm_nodes
+from yatdeploy.graph import node_elem_types, yat_gemm_nodes
 from yatdeploy.loading import file_sha256, load_model
 from yatdeploy.onnx_export import META_SOURCE_SHA256, ExportOptions, export_model
 from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
@@ -178,3 +178,51 @@ def test_a_failed_export_leaves_an_existing_file_alone(save_whole, tmp_path, pro
     with pytest.raises(YatDeployError):
         export_model(load_model(save_whole(yat_mlp())), target, ExportOptions((1, 99)), progress)
     assert target.read_bytes() == b"previous export"
+
+
+def test_a_tied_kernel_bank_exports_in_16_bit(save_whole, tmp_path):
+    """nmn refuses .to(dtype) on tied kernel-bank layers (it used to be an internal error, exit 3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(YatNMN(8, 6, tie_kernel_bank=True, kernel_bank_size=10, kernel_bank_id="export16"),
+                          nn.LayerNorm(6), nn.Linear(6, 8),
+                          YatNMN(8, 4, tie_kernel_bank=True, kernel_bank_id="export16")).eval()
+    loaded = load_model(save_whole(model))
+    result = export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 8), dtype="float16"))
+    assert result.yat_gemm_nodes == 2 and result.dtype == "float16"
+    assert model[0].weight.dtype == torch.float32  # the loaded model is left as it was
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert report.passed, report.failures()
+
+
+@pytest.mark.parametrize("inner", [torch.bfloat16, torch.float16])
+def test_a_16_bit_yat_layer_inside_a_float32_model_exports_in_one_precision(inner, save_whole, tmp_path):
+    torch.manual_seed(0)
+    model = perturb(nn.Sequential(YatNMN(16, 12), YatNMN(12, 4, dtype=inner))).eval()
+    loaded = load_model(save_whole(model))
+    result = export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16)))
+    assert result.yat_gemm_nodes == 2
+    elem_types = {onnx.helper.tensor_dtype_to_np_dtype(t) for t in node_elem_types(result.model).values()}
+    assert elem_types == {np.dtype(np.float32)}  # the 16-bit layer widened: one ONNX function for both
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert report.passed, report.failures()
+
+
+@pytest.mark.parametrize("opset", [18, 22])
+def test_other_opsets_export_and_validate(opset, tmp_path, capsys):
+    from yatdeploy.cli import EXIT_OK, main
+
+    torch.save(yat_mlp(), tmp_path / "m.pt")
+    assert main(["export", "-q", str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.onnx"), "--input-shape", "1,16",
+                 "--opset", str(opset)]) == EXIT_OK
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert {o.domain: o.version for o in model.opset_import}[""] == opset
+    assert {o.domain: o.version for o in model.functions[0].opset_import}[""] == opset
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_an_opset_outside_the_functions_range_is_refused(tmp_path, capsys):
+    from yatdeploy.cli import EXIT_USAGE, main
+
+    torch.save(yat_mlp(), tmp_path / "m.pt")
+    assert main(["export", "-q", str(tmp_path / "m.pt"), "--input-shape", "1,16", "--opset", "17"]) == EXIT_USAGE
+    assert "--opset 17: yatdeploy exports opsets 18 to 22" in capsys.readouterr().err

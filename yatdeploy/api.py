@@ -34,7 +34,7 @@ from yatdeploy.inputs import (
     parse_input,
 )
 from yatdeploy.loading import LoadedModel, from_module, load_model
-from yatdeploy.onnx_export import INPUT_NAME, ExportOptions, ExportResult, export_model
+from yatdeploy.onnx_export import INPUT_NAME, OPSET, ExportOptions, ExportResult, export_model
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.reference import Reference
 from yatdeploy.validation import Tolerance, ValidationReport
@@ -98,6 +98,7 @@ def export(
     *,
     dynamic_axes: DynamicAxes | None = None,
     dtype: str | None = None,
+    opset: int = OPSET,
     validate: bool = True,
     int_ranges: Mapping[str, tuple[int, int]] | None = None,
     arch: str | None = None,
@@ -116,7 +117,8 @@ def export(
     input, or one such dict per input; by default the first dim of every input is dynamic, labelled "batch".
     Also taken: a shape `(1, 784)` (one float input in the export dtype, batch dynamic), or input specs
     (`inputs.InputSpec` or "ids:int64[batch=1,seq=32]" strings). `dtype`: export in this dtype ("float32",
-    "float16", "bfloat16", "float64"), default the model's. `int_ranges`: [low, high) of integer inputs'
+    "float16", "bfloat16", "float64"), default the model's. `opset`: the ONNX opset (18 to 22, default 20).
+    `int_ranges`: [low, high) of integer inputs'
     random values. `tolerance`, `input_files`, `seed`: as for `validate`.
     """
     loaded = load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
@@ -135,6 +137,7 @@ def export(
     else:
         raise InputSpecError("example_inputs: expected a tensor, a tuple of tensors, a shape or input specs")
     options.int_ranges = dict(int_ranges or {})
+    options.opset = opset
     result = export_model(loaded, path, options, progress, examples=examples)
     if validate:
         result.report = _validate(result.path, result.reference, input_files=input_files, tolerance=tolerance,

@@ -12,7 +12,7 @@ from onnx import helper
 from yatdeploy import dtypes
 from yatdeploy.errors import OnnxModelError, option
 from yatdeploy.graph import node_elem_types
-from yatdeploy.ops.onnx_function import FUNCTION_OPSET, function_proto_for, precision_class
+from yatdeploy.ops.onnx_function import FUNCTION_OPSET, SUPPORTED_OPSETS, function_proto_for, precision_class
 from yatdeploy.spec import YAT_GEMM
 
 
@@ -27,16 +27,16 @@ def attach_yat_gemm_function(model: onnx.ModelProto) -> onnx.ModelProto:
             "16-bit and native precisions",
             f"export the model in one dtype ({option('dtype')})",
         )
+    imports = {o.domain: o for o in model.opset_import}
+    opset = imports[""].version if "" in imports else FUNCTION_OPSET
+    if opset not in SUPPORTED_OPSETS:
+        raise OnnxModelError(f"the model imports ONNX opset {opset}; the YatGemm function is defined for opsets "
+                             f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
     for existing in list(model.functions):
         if existing.domain == YAT_GEMM.domain and existing.name == YAT_GEMM.name:
             model.functions.remove(existing)
     if elem_types:
-        model.functions.append(function_proto_for(next(iter(elem_types))))
-    imports = {o.domain: o for o in model.opset_import}
-    if "" in imports and imports[""].version != FUNCTION_OPSET:
-        raise OnnxModelError(
-            f"the model imports ONNX opset {imports[''].version}; the YatGemm function is written for {FUNCTION_OPSET}"
-        )
+        model.functions.append(function_proto_for(next(iter(elem_types)), opset))
     if YAT_GEMM.domain not in imports:
         model.opset_import.append(helper.make_opsetid(YAT_GEMM.domain, YAT_GEMM.version))
     return model

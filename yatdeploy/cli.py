@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     from yatdeploy.backends.tensorrt import DEFAULT_PROFILE
     from yatdeploy.inputs import DEFAULT_BATCHES
     from yatdeploy.serving.repository import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE, ModelSource
+    from yatdeploy.spec import FUNCTION_OPSET as OPSET
     from yatdeploy.trt.engine import WORKSPACE_DEFAULT_MB
 
     default_batches = ",".join(str(b) for b in DEFAULT_BATCHES)
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="export in this dtype (casts the model); default: the model's parameter dtype",
     )
     export.add_argument("--static-batch", action="store_true", help="fix the batch dimension to the example's")
+    export.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, 18 to 22 (default {OPSET})")
     export.add_argument("--no-validate", action="store_true", help="skip the validation after export")
     export.add_argument(
         "--repository", metavar="DIR",
@@ -307,7 +309,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
     progress.say(f"loading {args.model}")
     loaded = api.load(args.model, arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key)
     progress.say(f"exporting ({loaded.format})")
-    result = api.export(loaded, specs or shape, output, dtype=args.dtype,
+    result = api.export(loaded, specs or shape, output, dtype=args.dtype, opset=args.opset,
                         dynamic_axes={} if args.static_batch else None, int_ranges=ranges, validate=False,
                         progress=progress)
     export_seconds = time.perf_counter() - started

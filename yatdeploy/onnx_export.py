@@ -32,7 +32,7 @@ from yatdeploy.graph import (
 )
 from yatdeploy.inputs import BATCH_LABEL, INTEGER_TYPES, InputSpec, check_specs, from_shape, model_specs
 from yatdeploy.loading import LoadedModel
-from yatdeploy.ops.onnx_function import FUNCTION_OPSET
+from yatdeploy.ops.onnx_function import FUNCTION_OPSET, SUPPORTED_OPSETS
 from yatdeploy.ops.onnx_schema import yat_gemm_op
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.reference import Reference
@@ -56,6 +56,7 @@ class ExportOptions:
     dynamic_batch: bool = True  # the shorthand's first dim is the dynamic batch
     inputs: tuple[InputSpec, ...] = ()  # every input (names, dtypes, dims and labels); overrides input_shape
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer inputs' example values
+    opset: int = OPSET  # the ONNX opset, one of SUPPORTED_OPSETS
 
     def specs(self, dtype: str) -> list[InputSpec]:
         if self.inputs:
@@ -87,7 +88,7 @@ def _translate_yat_gemm(x, w, b, eps: float, alpha: float):
 
 
 def _torchscript_to_onnx(module: torch.jit.ScriptModule, xs: tuple[torch.Tensor, ...], specs: list[InputSpec],
-                         output_names: list[str]) -> onnx.ModelProto:
+                         output_names: list[str], opset: int) -> onnx.ModelProto:
     # torch.export can't take a ScriptModule; the TorchScript-based exporter is the one that reads it.
     axes = {s.name: {i: d.label for i, d in enumerate(s.dims) if d.label} for s in specs}
     batch = specs[0].dims[0].label if specs[0].dims else None
@@ -98,7 +99,7 @@ def _torchscript_to_onnx(module: torch.jit.ScriptModule, xs: tuple[torch.Tensor,
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
-                module, xs, buffer, dynamo=False, opset_version=OPSET,
+                module, xs, buffer, dynamo=False, opset_version=opset,
                 input_names=[s.name for s in specs], output_names=output_names,
                 dynamic_axes={k: v for k, v in axes.items() if v} or None,
             )
@@ -116,9 +117,9 @@ def _dynamic_shapes(specs: list[InputSpec]) -> tuple[dict[int, object], ...] | N
 
 
 def _torch_export_to_onnx(module_or_program: object, xs: tuple[torch.Tensor, ...], specs: list[InputSpec],
-                          output_names: list[str]) -> onnx.ModelProto:
+                          output_names: list[str], opset: int) -> onnx.ModelProto:
     if isinstance(module_or_program, torch.jit.ScriptModule):
-        return _torchscript_to_onnx(module_or_program, xs, specs, output_names)
+        return _torchscript_to_onnx(module_or_program, xs, specs, output_names, opset)
     dynamic_shapes = _dynamic_shapes(specs)
     if isinstance(module_or_program, torch.export.ExportedProgram):
         dynamic_shapes = None  # a saved program keeps the shapes it was exported with
@@ -132,7 +133,7 @@ def _torch_export_to_onnx(module_or_program: object, xs: tuple[torch.Tensor, ...
                     module_or_program,
                     xs,
                     dynamo=True,
-                    opset_version=OPSET,
+                    opset_version=opset,
                     input_names=[s.name for s in specs],
                     output_names=output_names,
                     dynamic_shapes=dynamic_shapes,
@@ -246,7 +247,7 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
     target: object
     if loaded.layers_are_identifiable:
         with progress.step("rewriting Yat layers to YatGemm"):
-            rewrite = rewrite_yat_layers(reference.module)
+            rewrite = rewrite_yat_layers(reference.module, dtypes.by_name(dtype).torch)
         target = rewrite.module
         yat_layers = sum(calls.values())
         unused = [path or "<root>" for path, count in calls.items() if count == 0
@@ -267,8 +268,14 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
                 "ONNX ops; save the model with torch.save(model) to get YatGemm nodes"
             )
 
-    with progress.step(f"exporting to ONNX (opset {OPSET}, {_dims_text(specs)})"):
-        model = _torch_export_to_onnx(target, _traceable(xs, specs), specs, output_names)
+    if options.opset not in SUPPORTED_OPSETS:
+        raise InputSpecError(f"{option('opset')} {options.opset}: yatdeploy exports opsets {SUPPORTED_OPSETS.start} "
+                             f"to {SUPPORTED_OPSETS.stop - 1}")
+    with progress.step(f"exporting to ONNX (opset {options.opset}, {_dims_text(specs)})"):
+        model = _torch_export_to_onnx(target, _traceable(xs, specs), specs, output_names, options.opset)
+    opsets = {o.domain: o.version for o in model.opset_import}
+    if opsets.get("", options.opset) != options.opset:
+        raise ConsistencyError(f"torch.onnx.export wrote opset {opsets['']} for opset {options.opset}")
     with progress.step("attaching the YatGemm function"):
         attach_yat_gemm_function(model)
     nodes = len(yat_gemm_nodes(model))
@@ -299,7 +306,7 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
         except onnx.shape_inference.InferenceError as exc:
             # e.g. attention's Einsum in bfloat16: the exporter writes an op ONNX does not define for the dtype.
             raise YatDeployError(f"the exported {dtype} graph is not valid ONNX: {str(exc).splitlines()[0]}",
-                                 f"ONNX opset {OPSET} lacks that op in {dtype}; export in another dtype "
+                                 f"ONNX opset {options.opset} lacks that op in {dtype}; export in another dtype "
                                  f"({option('dtype')})") from exc
     with progress.step(f"saving {output}"):
         save_atomically(model, output)

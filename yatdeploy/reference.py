@@ -62,6 +62,27 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+def cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `module` in `dtype`, as module.to(dtype) gives it, nmn's tied kernel-bank YatNMN layers included
+    (nmn refuses to move them; their bank is shared by several layers, and is cast once here). Learnable eps
+    parameters keep their dtype, as nmn's own conversion keeps them."""
+    module = copy.deepcopy(module)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    seen: set[int] = set()
+    for sub in module.modules():
+        if not getattr(sub, "tie_kernel_bank", False):
+            sub._apply(convert, recurse=False)
+            continue
+        for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
+            if tensor is not None and id(tensor) not in seen and "epsilon" not in name:
+                seen.add(id(tensor))
+                tensor.data = convert(tensor.data)
+    return module
+
+
 def _is_float(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.floating) or array.dtype == dtypes.by_name("bfloat16").numpy
 
@@ -87,7 +108,7 @@ class Reference:
         module = loaded.module
         dtype = dtype or model_dtype(module)
         if loaded.layers_are_identifiable and model_dtype(module) != dtype:
-            module = copy.deepcopy(module).to(dtypes.by_name(dtype).torch)
+            module = cast_copy(module, dtypes.by_name(dtype).torch)
         return Reference(loaded, dtype, module)
 
     def run_tensors(self, xs: Sequence[torch.Tensor], what: str) -> list[torch.Tensor]:

@@ -46,6 +46,7 @@ class YatGemmLayer(nn.Module):
         alpha_in_compute_dtype: bool,
         normalize_input: bool,
         compute_dtype: torch.dtype | None,
+        widen: bool = False,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -55,6 +56,10 @@ class YatGemmLayer(nn.Module):
         self.alpha_in_compute_dtype = alpha_in_compute_dtype
         self.normalize_input = normalize_input
         self.compute_dtype = compute_dtype
+        # A 16-bit layer in a float32/float64 model: its product in float32 on the 16-bit operands, saturated
+        # to the 16-bit range (exactly YatGemm's 16-bit semantics), so that every YatGemm node of the model
+        # is of one precision class and one ONNX function serves them all.
+        self.widen = widen
 
     def forward(self, x: Tensor) -> Tensor:
         if self.compute_dtype is not None:
@@ -67,6 +72,10 @@ class YatGemmLayer(nn.Module):
         if self.alpha_in_compute_dtype:
             # nmn casts a learnable alpha to the compute dtype before it upcasts to float32.
             alpha = float(torch.tensor(alpha, dtype=x.dtype))
+        if self.widen and x.dtype in _SIXTEEN_BIT:
+            limit = torch.finfo(x.dtype).max
+            y = yat_gemm(x.float(), self.weight.to(x.dtype).float(), self.bias.to(x.dtype).float(), self.eps, alpha)
+            return y.clamp(-limit, limit).to(x.dtype)
         return yat_gemm(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps, alpha)
 
     def extra_repr(self) -> str:
@@ -103,7 +112,7 @@ def _finite_scalar(path: str, option: str, value: float) -> float:
     return value
 
 
-def fold_yatnmn(layer: YatNMN, path: str) -> tuple[YatGemmLayer, FoldedLayer]:
+def fold_yatnmn(layer: YatNMN, path: str, model_dtype: torch.dtype | None = None) -> tuple[YatGemmLayer, FoldedLayer]:
     """Fold one YatNMN's options into YatGemm inputs and attributes."""
     if type(layer).forward is not YatNMN.forward:
         raise UnsupportedLayerError(
@@ -187,6 +196,7 @@ def fold_yatnmn(layer: YatNMN, path: str) -> tuple[YatGemmLayer, FoldedLayer]:
         alpha_in_compute_dtype=alpha_in_compute_dtype,
         normalize_input=bool(layer.spherical),
         compute_dtype=compute_dtype,
+        widen=compute_dtype in _SIXTEEN_BIT and model_dtype not in _SIXTEEN_BIT,
     )
     return export_layer, FoldedLayer(path, in_features, out_features, options)
 
@@ -316,8 +326,11 @@ def count_yat_layers(module: nn.Module) -> int:
     return count
 
 
-def rewrite_yat_layers(model: nn.Module) -> RewriteResult:
-    """Return a copy of `model` whose YatNMN layers call YatGemm; the input model is left untouched."""
+def rewrite_yat_layers(model: nn.Module, dtype: torch.dtype | None = None) -> RewriteResult:
+    """Return a copy of `model` whose YatNMN layers call YatGemm; the input model is left untouched.
+
+    `dtype`: the model's (export) dtype; 16-bit layers inside a float32/float64 model are widened (YatGemmLayer).
+    """
     model = copy.deepcopy(model)
     result = RewriteResult(module=model)
     replacements: list[tuple[str, nn.Module]] = []
@@ -325,8 +338,10 @@ def rewrite_yat_layers(model: nn.Module) -> RewriteResult:
         if any(path.startswith(done + ".") for done, _ in replacements):
             continue
         if isinstance(sub, (YatNMN, YatEmbed)):
-            fold = fold_yatnmn if isinstance(sub, YatNMN) else fold_yatembed
-            export_layer, folded = fold(sub, path)
+            if isinstance(sub, YatNMN):
+                export_layer, folded = fold_yatnmn(sub, path, dtype)
+            else:
+                export_layer, folded = fold_yatembed(sub, path)
             replacements.append((path, export_layer))
             result.yat_layers.append(folded)
         elif is_nmn_layer(sub) and not isinstance(sub, (YatGemmLayer, YatEmbedLayer)):

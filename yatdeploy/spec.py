@@ -69,6 +69,12 @@ class OpSpec:
 YAT_DOMAIN = "yat"
 # TensorRT's ONNX parser reads these node attributes to pick a registered plugin over the
 # model-local function. The namespace must not contain '.', and "", "trt", "tensorrt" are reserved.
+# The ONNX opset the YatGemm function is written in and the models are exported at by default; its ops
+# (MatMul, Transpose, ReduceSumSquare with axes as an input, Max, Cast, CastLike, Clip) mean the same from
+# opset 18 to 22, so the function is declared at the model's opset in that range (ops/onnx_function.py).
+FUNCTION_OPSET = 20
+SUPPORTED_OPSETS = range(18, 23)
+
 PLUGIN_NAMESPACE = "yat"
 PLUGIN_VERSION = "1"
 

@@ -23,10 +23,10 @@ from onnxscript.values import OnnxFunction
 
 from yatdeploy import dtypes
 from yatdeploy.ops.onnx_schema import yat_opset
-from yatdeploy.spec import DEFAULT_EPS, YAT_GEMM
+from yatdeploy.spec import DEFAULT_EPS, FUNCTION_OPSET, SUPPORTED_OPSETS, YAT_GEMM
 
-# Must equal the exported model's opset, or the inliner sees two default opsets.
-FUNCTION_OPSET = 20
+# The function's default opset (FUNCTION_OPSET) must equal the exported model's, or the inliner sees two
+# default opsets: function_proto_for declares the body at the model's opset.
 
 
 def _native() -> OnnxFunction:
@@ -74,5 +74,12 @@ def precision_class(elem_type: int) -> str:
     return "native"
 
 
-def function_proto_for(elem_type: int) -> onnx.FunctionProto:
-    return function_for(elem_type).to_function_proto()
+def function_proto_for(elem_type: int, opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"the YatGemm function is defined for ONNX opsets {SUPPORTED_OPSETS.start} to "
+                         f"{SUPPORTED_OPSETS.stop - 1}, not {opset}")
+    proto = function_for(elem_type).to_function_proto()
+    for entry in proto.opset_import:
+        if entry.domain == "":
+            entry.version = opset
+    return proto
