@@ -226,3 +226,17 @@ def test_an_opset_outside_the_functions_range_is_refused(tmp_path, capsys):
     torch.save(yat_mlp(), tmp_path / "m.pt")
     assert main(["export", "-q", str(tmp_path / "m.pt"), "--input-shape", "1,16", "--opset", "17"]) == EXIT_USAGE
     assert "--opset 17: yatdeploy exports opsets 18 to 22" in capsys.readouterr().err
+
+
+def test_the_exported_file_gets_the_usual_permissions(tmp_path):
+    """A private (0600) model file can't be read by a server running as another user (a Triton container)."""
+    import os
+    import stat
+
+    torch.save(yat_mlp(), tmp_path / "m.pt")
+    old = os.umask(0o022)
+    try:
+        export_model(load_model(tmp_path / "m.pt"), tmp_path / "m.onnx", ExportOptions((1, 16)))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o644

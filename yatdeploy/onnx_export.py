@@ -173,6 +173,10 @@ def save_atomically(model: onnx.ModelProto, path: Path) -> None:
     os.close(fd)
     try:
         onnx.save_model(model, tmp)
+        # mkstemp makes the file private (0600); the export gets the mode any new file gets here.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
