@@ -126,32 +126,13 @@ def build_token_tagger() -> nn.Module:
     return perturb(TokenTagger()).eval()
 
 
-class TinyYatLM(nn.Module):
-    """A character LM as nmn users write one: YatEmbed lookup, causal MultiHeadYatAttention, a YatNMN block, and
-    the tied head YatEmbed.attend. int64 ids [batch, seq] -> logits [batch, seq, vocabulary]."""
-
-    def __init__(self, vocabulary: int = 40, width: int = 32, heads: int = 4, context: int = 64) -> None:
-        from nmn.torch import MultiHeadYatAttention, YatEmbed
-
-        super().__init__()
-        self.embed = YatEmbed(vocabulary, width)
-        self.position = nn.Embedding(context, width)
-        self.attention = MultiHeadYatAttention(width, heads)
-        self.norm = nn.LayerNorm(width)
-        self.mlp = YatNMN(width, width)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        length = ids.shape[1]
-        h = self.embed(ids) + self.position(torch.arange(length, device=ids.device))
-        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-        h = h + self.attention(self.norm(h), mask=causal[None, None])
-        h = h + self.mlp(h)
-        return self.embed.attend(h)
-
-
 def build_tiny_lm() -> nn.Module:
+    """yatdeploy's LM demo architecture (YatEmbed + positions, causal MultiHeadYatAttention, YatNMN, the attend
+    head) untrained, for 40 symbols, width 32, 4 heads, 64 positions."""
+    from yatdeploy.demo_lm import CharYatLM
+
     torch.manual_seed(0)
-    return perturb(TinyYatLM()).eval()
+    return perturb(CharYatLM(40, width=32, heads=4, context=64)).eval()
 
 
 class ReusedAndUnused(nn.Module):

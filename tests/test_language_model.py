@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import yatdeploy
-from tests.model_zoo import TinyYatLM, build_reused_and_unused, build_tiny_lm
+from tests.model_zoo import build_reused_and_unused, build_tiny_lm
 from yatdeploy import native
 from yatdeploy.cli import EXIT_OK, main
+from yatdeploy.demo_lm import CharYatLM
 from yatdeploy.errors import YatDeployError
 from yatdeploy.graph import yat_gemm_nodes
 from yatdeploy.rewrite import YatEmbedLayer, rewrite_yat_layers, yat_calls
@@ -107,12 +108,12 @@ def test_a_layer_called_twice_has_two_nodes_and_one_never_called_has_none(tmp_pa
 def test_an_lm_without_a_tied_head_keeps_its_lookup_only(tmp_path):
     """YatEmbed used only as a lookup: no YatGemm for it, and the lookup is exact."""
 
-    class LookupOnly(TinyYatLM):
+    class LookupOnly(CharYatLM):
         def forward(self, ids):
             return self.mlp(self.embed(ids))
 
     torch.manual_seed(0)
-    result = yatdeploy.export(LookupOnly().eval(), torch.zeros(2, 4, dtype=torch.long), tmp_path / "m.onnx",
+    result = yatdeploy.export(LookupOnly(40).eval(), torch.zeros(2, 4, dtype=torch.long), tmp_path / "m.onnx",
                               dynamic_axes={0: "batch", 1: "seq"})
     assert result.yat_gemm_nodes == 1 and result.report.passed
 

@@ -112,6 +112,28 @@ def _finite_scalar(path: str, option: str, value: float) -> float:
     return value
 
 
+def _check_eps(path: str, eps: float) -> float:
+    _finite_scalar(path, "epsilon", eps)
+    if not eps > 0:
+        raise UnsupportedLayerError(path, "epsilon", f"eps must be > 0, got {eps}")
+    return eps
+
+
+def _fold_alpha(layer: YatNMN | YatEmbed, path: str, options: dict[str, object]) -> tuple[float, bool]:
+    """(alpha, whether nmn applies it in the compute dtype) of a YatNMN's or YatEmbed's constant, learnable or
+    absent alpha; the option is recorded in `options`."""
+    if layer._constant_alpha_value is not None:
+        alpha, in_compute_dtype = float(layer._constant_alpha_value), False
+        options["alpha"] = f"constant {alpha:g}"
+    elif layer.alpha is not None:
+        alpha, in_compute_dtype = float(layer.alpha.detach().reshape(-1)[0]), True
+        options["alpha"] = f"learnable {alpha:g}"
+    else:
+        alpha, in_compute_dtype = 1.0, False
+        options["alpha"] = "none"
+    return _finite_scalar(path, "alpha", alpha), in_compute_dtype
+
+
 def fold_yatnmn(layer: YatNMN, path: str, model_dtype: torch.dtype | None = None) -> tuple[YatGemmLayer, FoldedLayer]:
     """Fold one YatNMN's options into YatGemm inputs and attributes."""
     if type(layer).forward is not YatNMN.forward:
@@ -161,22 +183,8 @@ def fold_yatnmn(layer: YatNMN, path: str, model_dtype: torch.dtype | None = None
         else:
             eps = float(layer.epsilon)
             options["eps"] = f"{eps:g}"
-        _finite_scalar(path, "epsilon", eps)
-        if not eps > 0:
-            raise UnsupportedLayerError(path, "epsilon", f"eps must be > 0, got {eps}")
-
-        alpha_in_compute_dtype = False
-        if layer._constant_alpha_value is not None:
-            alpha = float(layer._constant_alpha_value)
-            options["alpha"] = f"constant {alpha:g}"
-        elif layer.alpha is not None:
-            alpha = float(layer.alpha.detach().reshape(-1)[0])
-            alpha_in_compute_dtype = True
-            options["alpha"] = f"learnable {alpha:g}"
-        else:
-            alpha = 1.0
-            options["alpha"] = "none"
-        _finite_scalar(path, "alpha", alpha)
+        _check_eps(path, eps)
+        alpha, alpha_in_compute_dtype = _fold_alpha(layer, path, options)
 
     for tensor_name, tensor in (("weight", weight), ("bias", bias)):
         if not torch.isfinite(tensor).all():
@@ -258,21 +266,8 @@ def fold_yatembed(layer: YatEmbed, path: str) -> tuple[YatEmbedLayer, FoldedLaye
         if layer.spherical:
             weight = weight / torch.linalg.vector_norm(weight, dim=-1, keepdim=True).clamp(min=_NMN_NORM_EPS)
         options: dict[str, object] = {"head": "attend", "bias": "none", "eps": f"{float(layer.epsilon):g}"}
-        eps = _finite_scalar(path, "epsilon", float(layer.epsilon))
-        if not eps > 0:
-            raise UnsupportedLayerError(path, "epsilon", f"eps must be > 0, got {eps}")
-        alpha_in_compute_dtype = False
-        if layer._constant_alpha_value is not None:
-            alpha = float(layer._constant_alpha_value)
-            options["alpha"] = f"constant {alpha:g}"
-        elif layer.alpha is not None:
-            alpha = float(layer.alpha.detach().reshape(-1)[0])
-            alpha_in_compute_dtype = True
-            options["alpha"] = f"learnable {alpha:g}"
-        else:
-            alpha = 1.0
-            options["alpha"] = "none"
-        _finite_scalar(path, "alpha", alpha)
+        eps = _check_eps(path, float(layer.epsilon))
+        alpha, alpha_in_compute_dtype = _fold_alpha(layer, path, options)
         if not torch.isfinite(weight).all():
             raise UnsupportedLayerError(path, "embedding", "holds NaN or infinite values")
         if layer.spherical:
