@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from yatdeploy import dtypes, graph, native
 from yatdeploy.errors import OnnxModelError, YatDeployError, option
-from yatdeploy.files import file_sha256
+from yatdeploy.files import file_sha256, write_atomically
 from yatdeploy.graph import TensorSignature, load_onnx, node_elem_types, yat_gemm_nodes
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
@@ -73,6 +72,15 @@ class EngineSignature:
         path = signature_path(engine_path)
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
+
+    @staticmethod
+    def of_build(prepared: PreparedModel, profile: BatchProfile, plugin_layers: int, onnx_path: Path, version: str,
+                 gpu: str = "", **more) -> EngineSignature:
+        """The signature of an engine just built from `prepared` (the ONNX file at `onnx_path`)."""
+        built = {"host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **more.pop("built", {})}
+        return EngineSignature(inputs=[prepared.input], outputs=prepared.outputs, profile=profile,
+                               yat_gemm_nodes=prepared.yat_gemm_nodes, plugin_layers=plugin_layers,
+                               onnx_sha256=file_sha256(onnx_path), tensorrt=version, gpu=gpu, built=built, **more)
 
     @staticmethod
     def read(engine_path: Path) -> EngineSignature:
@@ -319,26 +327,14 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise YatDeployError(f"TensorRT could not build the engine (its messages are above; {option('verbose', True)} shows more)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    partial.write_bytes(bytes(serialized))
-    os.replace(partial, output)
+    write_atomically(output, bytes(serialized))
     if timing_cache is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
     import torch
 
-    signature = EngineSignature(
-        inputs=[prepared.input],
-        outputs=prepared.outputs,
-        profile=profile,
-        yat_gemm_nodes=prepared.yat_gemm_nodes,
-        plugin_layers=plugin_layers,
-        onnx_sha256=file_sha256(onnx_path),
-        tensorrt=trt.__version__,
-        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
-        built={"host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-    )
+    signature = EngineSignature.of_build(prepared, profile, plugin_layers, onnx_path, trt.__version__,
+                                         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
     signature.write(output)
     return BuildResult(output, signature, time.perf_counter() - started, prepared.notes)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from importlib import util
 from pathlib import Path
 
 from yatdeploy.errors import OnnxModelError, YatDeployError, option
-from yatdeploy.files import file_sha256
+from yatdeploy.files import file_sha256, write_atomically
 from yatdeploy.graph import load_onnx
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.trt import plugin_logic
@@ -220,10 +219,7 @@ def _build_here(onnx_path: Path, output: Path, profile: BatchProfile, options: R
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise _failure(errors, options.compute_capabilities)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    partial.write_bytes(bytes(serialized))
-    os.replace(partial, output)
+    write_atomically(output, bytes(serialized))
 
     fields = []
     if options.yat_plugin:
@@ -231,21 +227,11 @@ def _build_here(onnx_path: Path, output: Path, profile: BatchProfile, options: R
 
         fields = [{"node": name, "eps": eps, "alpha": alpha} for name, phase, eps, alpha in rtx_plugin.created
                   if phase == "BUILD"]
-    signature = EngineSignature(
-        inputs=[prepared.input],
-        outputs=prepared.outputs,
-        profile=profile,
-        yat_gemm_nodes=prepared.yat_gemm_nodes,
-        plugin_layers=plugin_layers,
-        onnx_sha256=file_sha256(onnx_path),
-        tensorrt=trt.__version__,
-        gpu="",  # built without one; it runs on the compute capabilities below
-        built={"host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "layers": len(layer_types)},
-        runtime=RUNTIME,
-        compute_capabilities=list(options.compute_capabilities),
-        plugin_fields=fields,
-    )
+    # gpu "": built without one; it runs on the compute capabilities recorded
+    signature = EngineSignature.of_build(prepared, profile, plugin_layers, onnx_path, trt.__version__,
+                                         built={"layers": len(layer_types)}, runtime=RUNTIME,
+                                         compute_capabilities=list(options.compute_capabilities),
+                                         plugin_fields=fields)
     signature.write(output)
     return BuildResult(output, signature, time.perf_counter() - started, prepared.notes)
 
