@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instead: train a tiny Yat character LM (YatEmbed, causal attention, YatNMN, the tied "
                            "attend head) on text shipped with yatdeploy, export it with dynamic batch and length, "
                            "validate it, and decode a prompt greedily in PyTorch and ONNX Runtime side by side")
-    demo.add_argument("--steps", type=int, default=300, help="--lm: training steps (default 300)")
+    demo.add_argument("--steps", type=int, default=1000, help="--lm: training steps (default 1000)")
     demo.add_argument("--tensorrt", action="store_true",
                       help="also build a TensorRT engine (model.plan) and validate it against PyTorch: the first "
                            "thing to run on a machine with TensorRT and a GPU")

@@ -118,7 +118,7 @@ class LmDemoResult:
     validate_seconds: float
 
 
-def run_lm_demo(out_dir: str | Path, *, steps: int = 300, seed: int = 0, continuation: int = 80,
+def run_lm_demo(out_dir: str | Path, *, steps: int = 1000, seed: int = 0, continuation: int = 80,
                 progress: Progress | None = None) -> LmDemoResult:
     progress = progress or Progress()
     out = Path(out_dir)
