@@ -239,10 +239,11 @@ def test_metrics_move(server):
     client.infer("mlp", [tensor])
     server.post("/v2/models/mlp/infer", b"{")
     after = server.get("/metrics")[1]
-    # Triton's names, with the _total suffix Prometheus' client gives every counter.
-    for name, grew in (("nv_inference_request_success_total", 1), ("nv_inference_request_failure_total", 1)):
+    # Triton's names exactly: no _total suffix (Prometheus' client would add one), TYPE counter.
+    for name, grew in (("nv_inference_request_success", 1), ("nv_inference_request_failure", 1)):
         assert count(after, name) == count(before, name) + grew, name
-    assert count(after, "nv_inference_count_total") >= count(before, "nv_inference_count_total") + 2
+    assert count(after, "nv_inference_count") >= count(before, "nv_inference_count") + 2
+    assert "# TYPE nv_inference_request_success counter" in after.decode() and b"_total" not in after
     assert "yatdeploy_queue_duration_seconds_bucket" in after.decode()
 
 
@@ -365,3 +366,38 @@ def test_a_per_model_backend_from_config_and_the_debug_log(exported, tmp_path):
         log = served.stop()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(e["id"] == "logged" and e["status"] == 200 and e["batch"] == 2 and e["model"] == "mlp" for e in lines)
+
+
+def test_statistics_carry_every_triton_field_for_one_model_and_for_all(exported):
+    """perf_analyzer needs compute_input, compute_infer and compute_output with equal counts; tritonclient's
+    get_inference_statistics() without a name asks for every model (GET /v2/models/stats)."""
+    repo = exported / "stats-repo"
+    for name in ("a", "b"):
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
+        (repo / name / "1" / "model.onnx").write_bytes((exported / "mlp.onnx").read_bytes())
+    running = Server(repo, wait_for="live")
+    try:
+        client = httpclient.InferenceServerClient(running.url)
+        for rows in (1, 3, 2):
+            x = np.ones((rows, 16), np.float32)
+            tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            client.infer("a", [tensor])
+        every = client.get_inference_statistics()["model_stats"]
+        one = client.get_inference_statistics("a")["model_stats"][0]
+        metrics = urllib.request.urlopen(f"http://{running.url}/metrics", timeout=10).read().decode()
+    finally:
+        running.stop()
+    assert sorted(m["name"] for m in every) == ["a", "b"]
+    assert next(m for m in every if m["name"] == "b")["inference_stats"]["success"]["count"] == 0
+    phases = one["inference_stats"]
+    assert set(phases) == {"success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+                           "cache_hit", "cache_miss"}
+    counts = {phases[p]["count"] for p in ("success", "queue", "compute_input", "compute_infer", "compute_output")}
+    assert counts == {3}
+    assert all(phases[p]["ns"] > 0 for p in ("success", "compute_input", "compute_infer", "compute_output"))
+    assert one["last_inference"] > 0 and one["inference_count"] == 6
+    assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in one["batch_stats"]) == one["inference_count"]
+    assert sum(b["compute_infer"]["count"] for b in one["batch_stats"]) == one["execution_count"]
+    assert 'nv_inference_compute_input_duration_us{model="a",version="1"}' in metrics
+    assert 'nv_inference_compute_output_duration_us{model="a",version="1"}' in metrics

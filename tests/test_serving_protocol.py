@@ -91,7 +91,7 @@ def _counts(server: Server) -> tuple[float, int]:
     """nv_inference_request_failure for mlp, and the statistics' fail count."""
     metrics = server.get("/metrics")[1].decode()
     failures = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                   if line.startswith("nv_inference_request_failure_total{") and 'model="mlp"' in line)
+                   if line.startswith("nv_inference_request_failure{") and 'model="mlp"' in line)
     stats = json.loads(server.get("/v2/models/mlp/stats")[1])["model_stats"][0]
     return failures, stats["inference_stats"]["fail"]["count"]
 
@@ -194,7 +194,7 @@ def test_an_unexpected_error_answers_json_500_is_counted_and_logged_once(mlp_onn
         stats = json.loads(_request(port, "GET", "/v2/models/mlp/stats")[2])["model_stats"][0]
         assert stats["inference_stats"]["fail"]["count"] == 2
         metrics = _request(port, "GET", "/metrics")[2].decode()
-        assert 'nv_inference_request_failure_total{model="mlp",version="1"} 2.0' in metrics
+        assert 'nv_inference_request_failure{model="mlp",version="1"} 2.0' in metrics
     finally:
         process.terminate()
         log, _ = process.communicate(timeout=30)

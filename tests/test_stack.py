@@ -109,7 +109,7 @@ def test_prometheus_scrapes_the_server(stack_server, tmp_path):
     try:
         stack_server.post("/v2/models/model/infer", b'{"inputs": [{"name": "input", "shape": [1, 16], '
                           b'"datatype": "FP32", "data": [' + b",".join([b"0.5"] * 16) + b"]}]}")
-        query = urllib.parse.quote('nv_inference_request_success_total{job="yatdeploy",model="model"}')
+        query = urllib.parse.quote('nv_inference_request_success{job="yatdeploy",model="model"}')
         deadline = time.monotonic() + 60
         value = None
         while time.monotonic() < deadline and value is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -211,6 +211,10 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
     async def server_metadata() -> Response:
         return _json({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
 
+    @app.get("/v2/models/stats")  # every model's statistics; before /v2/models/{name}, which would take "stats"
+    async def all_model_stats() -> Response:
+        return _json({"model_stats": [metrics.stats_json(m.name, m.version) for m in models]})
+
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> Response:
@@ -255,7 +259,9 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
         try:
             parsed = await read_request(request)
             feeds, batch = model.check(parsed)
+            input_s = time.perf_counter() - started
             result = await batchers[model.name].submit(feeds, batch)
+            writing = time.perf_counter()
             wanted = {o.name: o.binary for o in parsed.outputs} if parsed.outputs is not None else None
             outputs = [
                 (info.name, array, wanted[info.name] if wanted is not None else parsed.binary_default)
@@ -263,10 +269,12 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
                 if wanted is None or info.name in wanted
             ]
             content, header_length = encode_response(model.name, model.version, parsed.id, outputs)
+            output_s = time.perf_counter() - writing
         except Exception as exc:  # every failure answers JSON, is counted and logged once
             return failure(model, parsed.id if parsed is not None else None, exc, started)
         total = time.perf_counter() - started
-        metrics.record_request(model.name, model.version, True, total, result.queue_s, result.compute_s)
+        metrics.record_request(model.name, model.version, True, total, result.queue_s, result.compute_s, input_s,
+                               output_s)
         _log_request(model, parsed.id, 200, started, batch, result.queue_s, result.compute_s)
         if header_length is None:
             return Response(content, media_type="application/json")
@@ -274,7 +282,7 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -1,11 +1,17 @@
-"""Prometheus metrics, with Triton's names where they fit, and per-model statistics for /stats."""
+"""Prometheus metrics, with Triton's names where they fit, and per-model statistics for /stats.
+
+Triton's counters are exposed exactly as Triton names them (`nv_inference_request_success`, no `_total`:
+Prometheus' Python client would add that suffix to every counter, so dashboards and alerts written for
+Triton would not find them); yatdeploy's own histograms go through the client.
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 _LABELS = ("model", "version")
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -13,34 +19,87 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
-class ModelStats:
-    """Triton's statistics extension, per model: counts and cumulative nanoseconds."""
+class Duration:
+    count: int = 0
+    ns: int = 0
 
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    queue_count: int = 0
-    queue_ns: int = 0
-    compute_count: int = 0
-    compute_ns: int = 0
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += int(seconds * 1e9)
+
+    def as_json(self) -> dict:
+        return {"count": self.count, "ns": self.ns}
+
+
+# Triton's inference_stats phases: compute_input is the time to read a request's tensors into the model's
+# inputs (parsing and checking them here), compute_infer the model's run, compute_output the time to write
+# the response. Each successful request counts once in every phase, as perf_analyzer requires.
+PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+
+
+@dataclass
+class ModelStats:
+    """Triton's statistics extension, per model: counts and cumulative nanoseconds per phase, per batch size."""
+
+    phases: dict[str, Duration] = field(default_factory=lambda: {p: Duration() for p in PHASES})
+    # per executed batch size: compute_input / compute_infer / compute_output of the batches of that size
+    batches: dict[int, dict[str, Duration]] = field(default_factory=dict)
     inference_count: int = 0
     execution_count: int = 0
+    last_inference_ms: int = 0  # ms since the epoch of the last successful request
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+# Triton's counters: name -> help.
+TRITON_COUNTERS = {
+    "nv_inference_request_success": "Number of successful inference requests, all batch sizes",
+    "nv_inference_request_failure": "Number of failed inference requests, all batch sizes",
+    "nv_inference_count": "Number of inferences performed (batch items)",
+    "nv_inference_exec_count": "Number of model executions performed (batches)",
+    "nv_inference_request_duration_us": "Cumulative inference request duration in microseconds",
+    "nv_inference_queue_duration_us": "Cumulative inference queuing duration in microseconds",
+    "nv_inference_compute_input_duration_us": "Cumulative compute input duration in microseconds",
+    "nv_inference_compute_infer_duration_us": "Cumulative compute inference duration in microseconds",
+    "nv_inference_compute_output_duration_us": "Cumulative inference compute output duration in microseconds",
+}
+
+
+class TritonCounter:
+    """One of Triton's counters, per (model, version), rendered in Prometheus' text format under its own name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.values: dict[tuple[str, str], float] = {}
+        self.lock = threading.Lock()
+
+    def inc(self, model: str, version: str, amount: float = 1.0) -> None:
+        with self.lock:
+            self.values[model, version] = self.values.get((model, version), 0.0) + amount
+
+    def render(self) -> str:
+        with self.lock:
+            values = sorted(self.values.items())
+        lines = [f"# HELP {self.name} {TRITON_COUNTERS[self.name]}", f"# TYPE {self.name} counter"]
+        lines += [f'{self.name}{{model="{_escape(m)}",version="{_escape(v)}"}} {value!r}' for (m, v), value in values]
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.success = Counter("nv_inference_request_success", "Successful inference requests", _LABELS, registry=r)
-        self.failure = Counter("nv_inference_request_failure", "Failed inference requests", _LABELS, registry=r)
-        self.inferences = Counter("nv_inference_count", "Inferences performed (batch items)", _LABELS, registry=r)
-        self.executions = Counter("nv_inference_exec_count", "Batches executed", _LABELS, registry=r)
-        self.request_us = Counter("nv_inference_request_duration_us", "Cumulative request time", _LABELS, registry=r)
-        self.queue_us = Counter("nv_inference_queue_duration_us", "Cumulative queue time", _LABELS, registry=r)
-        self.compute_us = Counter("nv_inference_compute_infer_duration_us", "Cumulative compute time", _LABELS,
-                                  registry=r)
+        self.counters = {name: TritonCounter(name) for name in TRITON_COUNTERS}
+        c = self.counters
+        self.success, self.failure = c["nv_inference_request_success"], c["nv_inference_request_failure"]
+        self.inferences, self.executions = c["nv_inference_count"], c["nv_inference_exec_count"]
+        self.request_us, self.queue_us = c["nv_inference_request_duration_us"], c["nv_inference_queue_duration_us"]
+        self.input_us = c["nv_inference_compute_input_duration_us"]
+        self.compute_us = c["nv_inference_compute_infer_duration_us"]
+        self.output_us = c["nv_inference_compute_output_duration_us"]
         self.request_seconds = Histogram("yatdeploy_request_duration_seconds", "Request time, server side",
                                          _LABELS, buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_seconds = Histogram("yatdeploy_queue_duration_seconds", "Time in the batching queue", _LABELS,
@@ -51,57 +110,67 @@ class Metrics:
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.stats: dict[tuple[str, str], ModelStats] = {}
 
+    def exposition(self) -> bytes:
+        """/metrics: Triton's counters, then yatdeploy's histograms."""
+        return "".join(c.render() for c in self.counters.values()).encode() + generate_latest(self.registry)
+
     def model_stats(self, model: str, version: str) -> ModelStats:
         return self.stats.setdefault((model, version), ModelStats())
 
     def record_batch(self, model: str, version: str, items: int, compute_s: float) -> None:
         labels = (model, version)
-        self.executions.labels(*labels).inc()
-        self.inferences.labels(*labels).inc(items)
+        self.executions.inc(*labels)
+        self.inferences.inc(*labels, items)
         self.batch_size.labels(*labels).observe(items)
         self.compute_seconds.labels(*labels).observe(compute_s)
         stats = self.model_stats(model, version)
         with stats.lock:
             stats.execution_count += 1
             stats.inference_count += items
+            phases = stats.batches.setdefault(items, {p: Duration() for p in PHASES[3:6]})
+            phases["compute_infer"].add(compute_s)
+            # Inputs are read and outputs written per request, not per batch: the batch's entries count it
+            # with the time of its run only, so that their counts agree as Triton's do.
+            phases["compute_input"].add(0.0)
+            phases["compute_output"].add(0.0)
 
     def record_request(self, model: str, version: str, ok: bool, total_s: float, queue_s: float = 0.0,
-                       compute_s: float = 0.0) -> None:
+                       compute_s: float = 0.0, input_s: float = 0.0, output_s: float = 0.0) -> None:
         labels = (model, version)
         stats = self.model_stats(model, version)
         if ok:
-            self.success.labels(*labels).inc()
-            self.request_us.labels(*labels).inc(total_s * 1e6)
-            self.queue_us.labels(*labels).inc(queue_s * 1e6)
-            self.compute_us.labels(*labels).inc(compute_s * 1e6)
+            self.success.inc(*labels)
+            self.request_us.inc(*labels, total_s * 1e6)
+            self.queue_us.inc(*labels, queue_s * 1e6)
+            self.compute_us.inc(*labels, compute_s * 1e6)
+            self.input_us.inc(*labels, input_s * 1e6)
+            self.output_us.inc(*labels, output_s * 1e6)
             self.request_seconds.labels(*labels).observe(total_s)
             self.queue_seconds.labels(*labels).observe(queue_s)
         else:
-            self.failure.labels(*labels).inc()
+            self.failure.inc(*labels)
         with stats.lock:
             if ok:
-                stats.success_count += 1
-                stats.success_ns += int(total_s * 1e9)
-                stats.queue_count += 1
-                stats.queue_ns += int(queue_s * 1e9)
-                stats.compute_count += 1
-                stats.compute_ns += int(compute_s * 1e9)
+                for phase, seconds in (("success", total_s), ("queue", queue_s), ("compute_input", input_s),
+                                       ("compute_infer", compute_s), ("compute_output", output_s)):
+                    stats.phases[phase].add(seconds)
+                stats.last_inference_ms = int(time.time() * 1000)
             else:
-                stats.fail_count += 1
-                stats.fail_ns += int(total_s * 1e9)
+                stats.phases["fail"].add(total_s)
 
     def stats_json(self, model: str, version: str) -> dict:
+        """One entry of Triton's model_stats: every field its statistics extension has (the response cache,
+        which yatdeploy does not have, counts nothing)."""
         s = self.model_stats(model, version)
         with s.lock:
             return {
                 "name": model,
                 "version": version,
+                "last_inference": s.last_inference_ms,
                 "inference_count": s.inference_count,
                 "execution_count": s.execution_count,
-                "inference_stats": {
-                    "success": {"count": s.success_count, "ns": s.success_ns},
-                    "fail": {"count": s.fail_count, "ns": s.fail_ns},
-                    "queue": {"count": s.queue_count, "ns": s.queue_ns},
-                    "compute_infer": {"count": s.compute_count, "ns": s.compute_ns},
-                },
+                "inference_stats": {phase: d.as_json() for phase, d in s.phases.items()},
+                "batch_stats": [{"batch_size": size, **{p: d.as_json() for p, d in phases.items()}}
+                                for size, phases in sorted(s.batches.items())],
+                "memory_usage": [],
             }
