@@ -332,3 +332,69 @@ def test_serve_refuses_a_port_in_use(mlp_onnx):
         port = taken.getsockname()[1]
         line = _serve_fails(str(mlp_onnx), "--port", str(port), "--threads", "1")
     assert f"cannot listen on 127.0.0.1 port {port}: Address already in use" in line
+
+
+# --- compression (Content-Encoding / Accept-Encoding), as tritonclient sends and asks for it -----------------
+
+@pytest.mark.parametrize("request_encoding", [None, "gzip", "deflate"])
+@pytest.mark.parametrize("response_encoding", [None, "gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_compressed_requests_and_responses_with_tritonclient(server, mlp_onnx, request_encoding, response_encoding,
+                                                             binary):
+    import onnxruntime as ort
+    import tritonclient.http as httpclient
+
+    x = np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)  # a response worth compressing
+    tensor = httpclient.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=binary)
+    result = httpclient.InferenceServerClient(server.url).infer(
+        "mlp", [tensor], outputs=[httpclient.InferRequestedOutput("output", binary_data=binary)],
+        request_compression_algorithm=request_encoding, response_compression_algorithm=response_encoding)
+    want = ort.InferenceSession(str(mlp_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(result.as_numpy("output"), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_response_is_compressed_only_when_asked_and_worth_it(server):
+    import gzip
+    import zlib
+
+    body = _input(np.ones((64, 16)).tolist(), [64, 16])
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    for accept, expected in (("gzip, deflate", "gzip"), ("deflate", "deflate"), ("br", None), ("", None)):
+        connection.request("POST", INFER, body=body, headers={"Accept-Encoding": accept} if accept else {})
+        response = connection.getresponse()
+        payload = response.read()
+        assert response.status == 200 and response.getheader("Content-Encoding") == expected, accept
+        if expected is not None:
+            payload = gzip.decompress(payload) if expected == "gzip" else zlib.decompress(payload)
+        assert json.loads(payload)["outputs"][0]["shape"] == [64, 5]
+    connection.request("POST", INFER, body=_input([0.0] * 16), headers={"Accept-Encoding": "gzip"})
+    response = connection.getresponse()
+    response.read()
+    assert response.getheader("Content-Encoding") is None  # a small answer goes out as it is
+    connection.close()
+
+
+def test_bad_compressed_bodies_get_clear_errors(tmp_path, mlp_onnx):
+    import gzip
+    import zlib
+
+    running = Server(mlp_onnx, "--max-body-mb", "1")
+    try:
+        bomb = gzip.compress(b" " * (20 << 20))  # 20 MB of spaces in ~20 KB
+        assert len(bomb) < 1 << 20
+        status, message = _error_of(running.port, bomb, {"Content-Encoding": "gzip"})
+        assert (status, message) == (413, "the JSON request body, decompressed, exceeds the limit of 1048576 bytes")
+        status, message = _error_of(running.port, b"not gzip at all", {"Content-Encoding": "gzip"})
+        assert status == 400 and message.startswith("the request body is not gzip data")
+        status, message = _error_of(running.port, zlib.compress(_input([0.0] * 16))[:-6],
+                                    {"Content-Encoding": "deflate"})
+        assert (status, message) == (400, "the deflate request body is truncated")
+        status, message = _error_of(running.port, _input([0.0] * 16), {"Content-Encoding": "br"})
+        assert (status, message) == (415, "Content-Encoding 'br' is not supported (gzip, deflate or identity)")
+        raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        body = raw.compress(_input([0.0] * 16)) + raw.flush()
+        status, _, _ = _request(running.port, "POST", INFER, body, {"Content-Encoding": "deflate"})
+        assert status == 200  # raw deflate, as some clients send it
+    finally:
+        running.stop()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import logging
 import signal
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -82,6 +84,48 @@ async def _read_body(request: Request, limit: int, what: str = "request body") -
     if size > limit:
         raise ProtocolError(413, f"the {what} exceeds the limit of {limit} bytes")
     return b"".join(chunks)
+
+
+# Content-Encoding of requests and responses, as tritonclient's request/response_compression_algorithm send
+# and ask for them ("deflate" is zlib's format, as HTTP means it; raw deflate is taken too).
+ENCODINGS = ("gzip", "deflate")
+COMPRESS_MIN_BYTES = 1024  # smaller responses go out as they are, whatever the client accepts
+
+
+def _decompressed(body: bytes, encoding: str | None, limit: int, what: str) -> bytes:
+    """`body` decoded from its Content-Encoding, at most `limit` bytes once decoded (a small compressed body can
+    hold a huge one: it is never inflated past the limit)."""
+    name = (encoding or "identity").strip().lower()
+    if name == "identity":
+        return body
+    if name not in ENCODINGS:
+        raise ProtocolError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)")
+    for wbits in ((16 + zlib.MAX_WBITS,) if name == "gzip" else (zlib.MAX_WBITS, -zlib.MAX_WBITS)):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            data = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            error = exc
+            continue
+        if len(data) > limit or inflater.unconsumed_tail:
+            raise ProtocolError(413, f"the {what}, decompressed, exceeds the limit of {limit} bytes")
+        if not inflater.eof:
+            raise ProtocolError(400, f"the {name} request body is truncated")
+        return data
+    raise ProtocolError(400, f"the request body is not {name} data ({error})")
+
+
+def _compressed(content: bytes, accept: str) -> tuple[bytes, str | None]:
+    """The response body for a client that sent `accept` (Accept-Encoding): gzip or deflate when it asks for
+    one and the body is worth compressing, else as it is."""
+    asked = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    if len(content) < COMPRESS_MIN_BYTES:
+        return content, None
+    if "gzip" in asked:
+        return gzip.compress(content, compresslevel=1), "gzip"
+    if "deflate" in asked:
+        return zlib.compress(content, 1), "deflate"
+    return content, None
 
 
 def _flush_on_signals(batchers: dict[str, DynamicBatcher]) -> None:
@@ -160,10 +204,10 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
 
     async def read_request(request: Request) -> InferRequest:
         header_length = request.headers.get(HEADER_LENGTH)
-        if header_length is None:
-            body = await _read_body(request, json_limit, "JSON request body")
-        else:
-            body = await _read_body(request, settings.max_body_bytes)
+        limit, what = (json_limit, "JSON request body") if header_length is None else \
+            (settings.max_body_bytes, "request body")
+        body = _decompressed(await _read_body(request, limit, what), request.headers.get("content-encoding"),
+                             limit, what)
         if json_length(body, header_length) <= INLINE_PARSE_BYTES:
             return parse_request(body, header_length, json_limit)
         loop = asyncio.get_running_loop()
@@ -276,9 +320,13 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
         metrics.record_request(model.name, model.version, True, total, result.queue_s, result.compute_s, input_s,
                                output_s)
         _log_request(model, parsed.id, 200, started, batch, result.queue_s, result.compute_s)
+        content, encoding = _compressed(content, request.headers.get("accept-encoding", ""))
+        headers = {} if encoding is None else {"Content-Encoding": encoding, "Vary": "Accept-Encoding"}
         if header_length is None:
-            return Response(content, media_type="application/json")
-        return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+            return Response(content, media_type="application/json", headers=headers)
+        # The header length is the JSON part's length before compression, as Triton gives it.
+        return Response(content, media_type="application/octet-stream",
+                        headers={**headers, HEADER_LENGTH: str(header_length)})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
