@@ -398,3 +398,41 @@ def test_bad_compressed_bodies_get_clear_errors(tmp_path, mlp_onnx):
         assert status == 200  # raw deflate, as some clients send it
     finally:
         running.stop()
+
+
+# --- request parameters: timeout honoured; scheduling yatdeploy has not refused, never ignored ---------------
+
+def test_the_timeout_parameter_is_honoured(mlp_onnx):
+    """A lone request waits up to the 0.5 s batching delay for company: a 1 ms timeout expires first."""
+    running = Server(mlp_onnx, "--max-queue-delay-us", "500000")
+    try:
+        status, message = _error_of(running.port, _input([0.0] * 16, parameters={"timeout": 1000}))
+        assert (status, message) == (504, "the request's timeout of 1000 µs expired before it was answered")
+        status, _, payload = _request(running.port, "POST", INFER, _input([0.0] * 16, parameters={"timeout": 10**7}))
+        assert status == 200, payload
+        failures = json.loads(_request(running.port, "GET", "/v2/models/mlp/stats")[2])["model_stats"][0]
+        assert failures["inference_stats"]["fail"]["count"] == 1
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("parameters,message", [
+    ({"priority": 2}, "'priority' parameter asks for request priorities"),
+    ({"sequence_id": 7}, "'sequence_id' parameter asks for sequence batching"),
+    ({"sequence_id": "session-a"}, "'sequence_id' parameter asks for sequence batching"),
+    ({"sequence_start": True}, "'sequence_start' parameter asks for sequence batching"),
+    ({"timeout": "1s"}, "'timeout' parameter must be a number of microseconds >= 0, not '1s'"),
+    ({"timeout": -5}, "'timeout' parameter must be a number of microseconds >= 0, not -5"),
+])
+def test_scheduling_parameters_yatdeploy_does_not_have_are_refused(server, parameters, message):
+    status, error = _error_of(server.port, _input([0.0] * 16, parameters=parameters))
+    assert status == 400 and message in error
+
+
+def test_unset_scheduling_parameters_and_classification_requests(server):
+    unset = {"priority": 0, "sequence_id": 0, "sequence_start": False, "sequence_end": False, "timeout": 0}
+    assert _request(server.port, "POST", INFER, _input([0.0] * 16, parameters=unset))[0] == 200
+    body = json.dumps({"inputs": json.loads(_input([0.0] * 16))["inputs"],
+                       "outputs": [{"name": "output", "parameters": {"classification": 3}}]}).encode()
+    status, error = _error_of(server.port, body)
+    assert status == 400 and "the classification extension (classification/class_count) is not supported" in error

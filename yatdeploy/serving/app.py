@@ -304,7 +304,15 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
             parsed = await read_request(request)
             feeds, batch = model.check(parsed)
             input_s = time.perf_counter() - started
-            result = await batchers[model.name].submit(feeds, batch)
+            submitted = batchers[model.name].submit(feeds, batch)
+            if parsed.timeout_us:
+                try:
+                    result = await asyncio.wait_for(submitted, parsed.timeout_us / 1e6)
+                except asyncio.TimeoutError:
+                    raise ProtocolError(504, f"the request's timeout of {parsed.timeout_us} µs expired before it "
+                                             "was answered") from None
+            else:
+                result = await submitted
             writing = time.perf_counter()
             wanted = {o.name: o.binary for o in parsed.outputs} if parsed.outputs is not None else None
             outputs = [

@@ -48,6 +48,7 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None
     binary_default: bool = False
     parameters: dict = field(default_factory=dict)
+    timeout_us: int = 0  # the request's `timeout` parameter, microseconds; 0: none
 
 
 def _bad(message: str) -> ProtocolError:
@@ -227,6 +228,10 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
     raw_outputs = header.get("outputs")
     parameters = _parameters(header, "the request")
     binary_default = _flag(parameters, "binary_data_output", False, "the request's parameters")
+    _refuse_scheduling(parameters)
+    timeout = parameters.get("timeout", 0)
+    if type(timeout) is not int or timeout < 0:
+        raise _bad(f"the request's 'timeout' parameter must be a number of microseconds >= 0, not {timeout!r}")
     if "outputs" in header:
         if not isinstance(raw_outputs, list):
             raise _bad("'outputs' must be a list")
@@ -235,6 +240,9 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise _bad("every requested output needs a 'name'")
             where = f"output '{raw['name']}'"
+            if _parameters(raw, where).get("classification", 0):
+                raise _bad(f"{where}: the classification extension (classification/class_count) is not supported; "
+                           "ask for the output itself and take its top classes")
             outputs.append(RequestedOutput(raw["name"], _flag(_parameters(raw, where), "binary_data", binary_default,
                                                               where)))
     return InferRequest(
@@ -244,7 +252,24 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
         outputs=outputs,
         binary_default=binary_default,
         parameters=parameters,
+        timeout_us=timeout,
     )
+
+
+# Request parameters of Triton schedulers yatdeploy does not have, with their "not asked for" values.
+_SCHEDULING = {
+    "priority": ((0,), "request priorities (every request has one priority level here)"),
+    "sequence_id": ((0, ""), "sequence batching (stateful models)"),
+    "sequence_start": ((False,), "sequence batching (stateful models)"),
+    "sequence_end": ((False,), "sequence batching (stateful models)"),
+}
+
+
+def _refuse_scheduling(parameters: dict) -> None:
+    """A 400 for a parameter that asks for scheduling yatdeploy does not do, rather than ignoring it."""
+    for name, (unset, what) in _SCHEDULING.items():
+        if name in parameters and parameters[name] not in unset:
+            raise _bad(f"the request's '{name}' parameter asks for {what}, which yatdeploy's models do not support")
 
 
 def _json_data(array: np.ndarray) -> list:
