@@ -280,6 +280,24 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, str], None], list[str]]] = {
         lambda repo, name: (add_model(repo, name, "double", None),
                             (repo / name / "1" / "model.onnx").write_bytes(b"\x08\x07garbage")),
         ["model.onnx", "does not load"]),
+    # What yatdeploy does not do is said, never skipped or ignored.
+    "an_ensemble": (lambda repo, name: ((repo / name / "1").mkdir(parents=True),
+                                        (repo / name / "config.pbtxt").write_text(
+                                            f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 8\n')),
+                    ["platform ensemble: ensembles are not supported"]),
+    "sequence_batching": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, extra="sequence_batching { }")), ["sequence_batching is not supported"]),
+    "two_instances": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, extra="instance_group [ { count: 2 kind: KIND_CPU } ]")), ["instance_group count > 1"]),
+    "response_cache": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, extra="response_cache { enable: true }")), ["response_cache is not supported"]),
+    "all_versions": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, extra="version_policy { all { } }")), ["version_policy all", "one version of a model at a time"]),
+    "missing_specific_version": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, extra="version_policy { specific { versions: [ 3 ] } }")), ["no version 3 (found 1)"]),
+    "default_filename_absent": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, extra='default_model_filename: "net.onnx"')),
+        ["no version folder holds net.onnx (its default_model_filename)"]),
 }
 
 
@@ -409,3 +427,24 @@ def test_a_model_with_an_int64_output_gets_its_config_and_metadata(tmp_path):
     finally:
         running.stop()
     assert metadata["outputs"] == [{"name": "ids", "datatype": "INT64", "shape": [-1, 1]}]
+
+
+def test_default_model_filename_and_a_specific_version_are_honoured(tmp_path):
+    repo = tmp_path / "repo"
+    write_model(repo / "named" / "1" / "net.onnx", "double")
+    (repo / "named" / "config.pbtxt").write_text(config_text("named", extra='default_model_filename: "net.onnx"'))
+    for version in (1, 2):
+        write_model(repo / "pinned" / str(version) / "model.onnx", "double" if version == 1 else "centered")
+    (repo / "pinned" / "config.pbtxt").write_text(
+        config_text("pinned", extra="version_policy { specific { versions: [ 1 ] } }"))
+    running = Server(repo, log=tmp_path / "server.log")
+    try:
+        client = httpclient.InferenceServerClient(running.url)
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        for name in ("named", "pinned"):
+            tensor = httpclient.InferInput("x", [2, 4], "FP32")
+            tensor.set_data_from_numpy(x)
+            np.testing.assert_allclose(client.infer(name, [tensor]).as_numpy("y"), 2 * x)  # version 1 doubles
+        assert client.get_model_metadata("pinned")["versions"] == ["1"]
+    finally:
+        running.stop()

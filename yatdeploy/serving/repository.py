@@ -110,11 +110,39 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def _model_file(version_dir: Path) -> Path | None:
-    for name in (MODEL_FILE, PLAN_FILE):
+def _model_file(version_dir: Path, names: Sequence[str] = (MODEL_FILE, PLAN_FILE)) -> Path | None:
+    for name in names:
         if (version_dir / name).is_file():
             return version_dir / name
     return None
+
+
+def _peek_config(path: Path):
+    """The config.pbtxt's message for discovery, or None when it does not parse (read_config says why)."""
+    try:
+        return parse_config(path)
+    except YatDeployError:
+        return None
+
+
+def _served_version(name: str, config, found: list[tuple[int, Path, Path]]) -> tuple[int, Path, Path]:
+    """The version Triton's version_policy serves, among `found` (version, folder, model file), sorted: latest 1
+    (the default) or one specific version. Policies serving several versions at once are refused."""
+    policy = config.version_policy.WhichOneof("policy_choice") if config is not None else None
+    if policy == "specific":
+        wanted = list(config.version_policy.specific.versions)
+        if len(wanted) != 1:
+            raise YatDeployError(f"model '{name}': {CONFIG} version_policy specific {wanted}: yatdeploy serves one "
+                                 "version of a model at a time")
+        match = [entry for entry in found if entry[0] == wanted[0]]
+        if not match:
+            raise YatDeployError(f"model '{name}': {CONFIG} version_policy specific {wanted}: no version {wanted[0]} "
+                                 f"(found {', '.join(str(v) for v, _, _ in found)})")
+        return match[0]
+    if policy == "all" or (policy == "latest" and config.version_policy.latest.num_versions > 1):
+        raise YatDeployError(f"model '{name}': {CONFIG} version_policy {policy}: yatdeploy serves one version of a "
+                             "model at a time (use latest { num_versions: 1 } or specific)")
+    return found[-1]
 
 
 def _engine_backend(plan: Path) -> str:
@@ -137,14 +165,23 @@ def discover(path: str | Path) -> list[ModelSource]:
         return [ModelSource(path.stem, "1", path)]
     sources = []
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
-        versions = sorted((int(v.name), v) for v in folder.iterdir() if v.is_dir() and v.name.isdigit()
-                          and _model_file(v) is not None)
-        if not versions:
+        config = _peek_config(folder / CONFIG) if (folder / CONFIG).is_file() else None
+        default_name = config.default_model_filename if config is not None else ""
+        names = (default_name,) if default_name else (MODEL_FILE, PLAN_FILE)
+        versions = sorted((int(v.name), v) for v in folder.iterdir() if v.is_dir() and v.name.isdigit())
+        found = [(n, v, f) for n, v in versions if (f := _model_file(v, names)) is not None]
+        if not found:
+            if (folder / CONFIG).is_file() or versions:  # a model folder that serves nothing: say why, not skip it
+                sources.append(ModelSource(folder.name, str(versions[-1][0]) if versions else "1", folder,
+                                           error=_why_no_model(folder.name, config, names, versions)))
             continue
-        version, version_dir = versions[-1]  # Triton's default policy: the latest version
-        model_file = _model_file(version_dir)
+        try:
+            version, _, model_file = _served_version(folder.name, config, found)
+        except YatDeployError as exc:
+            sources.append(ModelSource(folder.name, str(found[-1][0]), found[-1][2], error=exc.text))
+            continue
         source = ModelSource(folder.name, str(version), model_file,
-                             backend=_engine_backend(model_file) if model_file.name == PLAN_FILE else None)
+                             backend=_engine_backend(model_file) if model_file.suffix == ".plan" else None)
         if (folder / CONFIG).is_file():
             try:
                 read_config(source, folder / CONFIG)
@@ -154,6 +191,15 @@ def discover(path: str | Path) -> list[ModelSource]:
     if not sources:
         raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE} or {PLAN_FILE})")
     return sources
+
+
+def _why_no_model(name: str, config, names: Sequence[str], versions: list[tuple[int, Path]]) -> str:
+    if config is not None and (config.platform == "ensemble" or config.HasField("ensemble_scheduling")):
+        return f"model '{name}': {CONFIG} platform ensemble: ensembles are not supported by yatdeploy"
+    if not versions:
+        return f"model '{name}': no version folder (<model>/1/{names[0]})"
+    return (f"model '{name}': no version folder holds {' or '.join(names)}"
+            + (" (its default_model_filename)" if len(names) == 1 else ""))
 
 
 def _config_error(source: ModelSource, field: str, problem: str) -> YatDeployError:
@@ -178,8 +224,16 @@ def read_config(source: ModelSource, path: Path) -> None:
         raise _config_error(source, "max_batch_size", f"{config.max_batch_size}: must be 0 (the first dimension "
                                                       "is not a batch dimension) or more")
     source.max_batch_size = config.max_batch_size
+    for field, present in (("ensemble_scheduling", config.HasField("ensemble_scheduling")),
+                           ("sequence_batching", config.HasField("sequence_batching")),
+                           ("response_cache", config.response_cache.enable)):
+        if present:
+            raise _config_error(source, field, "is not supported by yatdeploy")
+    if any(group.count > 1 for group in config.instance_group):
+        raise _config_error(source, "instance_group", "count > 1: yatdeploy runs one instance of a model (its "
+                                                      "intra-op threads use the cores)")
     backends, platforms = zip(*_TRITON_RUNTIMES.values())
-    expected = _TRITON_RUNTIMES[source.path.name]
+    expected = _TRITON_RUNTIMES[MODEL_FILE if source.path.suffix == ".onnx" else PLAN_FILE]
     for field, value, known in (("backend", config.backend, backends), ("platform", config.platform, platforms)):
         if value and value not in known:
             raise _config_error(source, field, f"{value!r}: yatdeploy serves {', '.join(known)}")
