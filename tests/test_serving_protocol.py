@@ -436,3 +436,85 @@ def test_unset_scheduling_parameters_and_classification_requests(server):
                        "outputs": [{"name": "output", "parameters": {"classification": 3}}]}).encode()
     status, error = _error_of(server.port, body)
     assert status == 400 and "the classification extension (classification/class_count) is not supported" in error
+
+
+# --- every datatype: strings (BYTES), bools and integers in and out ------------------------------------------
+
+@pytest.fixture(scope="module")
+def strings_server(tmp_path_factory):
+    """text BYTES [N, 2] and flag BOOL [N, 2] -> same BYTES, number INT32 (the text parsed), negated BOOL."""
+    from onnx import TensorProto, helper
+
+    folder = tmp_path_factory.mktemp("strings")
+    value = helper.make_tensor_value_info
+    nodes = [helper.make_node("Identity", ["text"], ["same"]),
+             helper.make_node("Cast", ["text"], ["number"], to=TensorProto.INT32),
+             helper.make_node("Not", ["flag"], ["negated"])]
+    model = helper.make_model(helper.make_graph(
+        nodes, "strings", [value("text", TensorProto.STRING, ["N", 2]), value("flag", TensorProto.BOOL, ["N", 2])],
+        [value("same", TensorProto.STRING, ["N", 2]), value("number", TensorProto.INT32, ["N", 2]),
+         value("negated", TensorProto.BOOL, ["N", 2])]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    import onnx
+
+    onnx.save(model, str(folder / "strings.onnx"))
+    from yatdeploy.serving.repository import write_repository
+
+    write_repository(folder / "repo", "strings", folder / "strings.onnx", op_library=None)
+    running = Server(folder / "repo")
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_bytes_bool_and_int32_tensors_with_tritonclient(strings_server, binary):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(strings_server.url)
+    metadata = client.get_model_metadata("strings")
+    assert [i["datatype"] for i in metadata["inputs"]] == ["BYTES", "BOOL"]
+    assert [o["datatype"] for o in metadata["outputs"]] == ["BYTES", "INT32", "BOOL"]
+    assert [i["data_type"] for i in client.get_model_config("strings")["input"]] == ["TYPE_STRING", "TYPE_BOOL"]
+    text = np.array([["12", "3"], ["40", "-7"], ["0", "99"]], dtype=object)
+    flag = np.array([[True, False], [False, True], [True, True]])
+    inputs = [httpclient.InferInput("text", [3, 2], "BYTES"), httpclient.InferInput("flag", [3, 2], "BOOL")]
+    inputs[0].set_data_from_numpy(text, binary_data=binary)
+    inputs[1].set_data_from_numpy(flag, binary_data=binary)
+    result = client.infer("strings", inputs, outputs=[httpclient.InferRequestedOutput(n, binary_data=binary)
+                                                      for n in ("same", "number", "negated")])
+    same = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("same").ravel()]
+    assert same == list(text.ravel())
+    np.testing.assert_array_equal(result.as_numpy("number"), text.astype(np.int32))
+    np.testing.assert_array_equal(result.as_numpy("negated"), ~flag)
+
+
+def _strings_error(port: int, body: bytes, headers: dict | None = None) -> tuple[int, str]:
+    status, content_type, payload = _request(port, "POST", "/v2/models/strings/infer", body, headers)
+    assert content_type == "application/json", (status, payload[:200])
+    return status, json.loads(payload)["error"]
+
+
+def _bytes_request(blob: bytes, shape: list[int]) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [
+        {"name": "text", "shape": shape, "datatype": "BYTES", "parameters": {"binary_data_size": len(blob)}},
+        {"name": "flag", "shape": shape, "datatype": "BOOL", "data": [True] * int(np.prod(shape))}]}).encode()
+    return header + blob, {"Inference-Header-Content-Length": str(len(header))}
+
+
+@pytest.mark.parametrize("blob,message", [
+    (b"\x02\x00\x00\x00ab\x01\x00", "BYTES element 1 has a truncated length"),
+    (b"\x09\x00\x00\x00ab", "BYTES element 0 claims 9 bytes, 2 follow"),
+    (b"\x02\x00\x00\x00\xff\xfe", "BYTES element 0 is not UTF-8 text"),
+    (b"\x01\x00\x00\x001", "1 BYTES elements for 2 in its shape"),
+])
+def test_bad_binary_bytes_are_refused_naming_the_element(strings_server, blob, message):
+    body, headers = _bytes_request(blob, [1, 2])
+    status, error = _strings_error(strings_server.port, body, headers)
+    assert status == 400 and message in error, error
+
+
+def test_json_bytes_must_be_strings(strings_server):
+    body = json.dumps({"inputs": [{"name": "text", "shape": [1, 2], "datatype": "BYTES", "data": [1, 2]},
+                                  {"name": "flag", "shape": [1, 2], "datatype": "BOOL", "data": [True, False]}]})
+    status, error = _strings_error(strings_server.port, body.encode())
+    assert status == 400 and "BYTES data holds integer values (strings expected)" in error

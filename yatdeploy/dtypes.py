@@ -37,8 +37,8 @@ class DType:
 
     @property
     def triton(self) -> str:
-        """The data_type in a Triton config.pbtxt, e.g. TYPE_FP32."""
-        return "TYPE_" + self.v2
+        """The data_type in a Triton config.pbtxt, e.g. TYPE_FP32 (TYPE_STRING for BYTES)."""
+        return "TYPE_STRING" if self.v2 == "BYTES" else "TYPE_" + self.v2
 
 
 FloatType = DType  # the name before the table had non-float rows
@@ -66,6 +66,8 @@ OTHER_TYPES: tuple[DType, ...] = (
     _integer("int16", TensorProto.INT16, "INT16", None),
     _integer("int32", TensorProto.INT32, "INT32", "INT32"),
     _integer("int64", TensorProto.INT64, "INT64", "INT64"),
+    # Strings: numpy object arrays of str (as ONNX Runtime takes them); BYTES in the protocol, UTF-8 on the wire.
+    DType("string", TensorProto.STRING, np.dtype(object), "tensor(string)", "BYTES", None),
 )
 TYPES: tuple[DType, ...] = FLOAT_TYPES + OTHER_TYPES
 

@@ -150,10 +150,12 @@ class Session:
         self._kernel_runs: dict[str, int] | None = None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Run on numpy inputs of any admitted dtype, bfloat16 included."""
-        ort_feeds = {name: _to_ort_value(array) for name, array in feeds.items()}
+        """Run on numpy inputs of any admitted dtype, bfloat16 and strings (object arrays of str) included."""
+        strings = any(a.dtype == object for a in feeds.values()) or any(o.dtype == "string" for o in self.outputs)
         try:
-            outputs = self.inner.run_with_ort_values(None, ort_feeds)
+            if strings:  # OrtValues can't hold strings; ORT's numpy path can (and has no bfloat16)
+                return self.inner.run(None, dict(feeds))
+            outputs = self.inner.run_with_ort_values(None, {n: _to_ort_value(a) for n, a in feeds.items()})
         except Exception as exc:
             raise OnnxModelError(f"ONNX Runtime failed to run the model: {str(exc).strip().splitlines()[0]}") from exc
         return [_from_ort_value(v) for v in outputs]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from yatdeploy import backends, graph
+from yatdeploy import backends, dtypes, graph
 from yatdeploy.errors import YatDeployError
 from yatdeploy.graph import TensorSignature
 from yatdeploy.serving.protocol import InferRequest, ProtocolError
@@ -100,7 +100,7 @@ class ServedModel:
         strip = 1 if self.max_batch_size > 0 else 0  # Triton's dims leave out a batch dimension
 
         def tensor(t: TensorSignature) -> dict:
-            return {"name": t.name, "data_type": "TYPE_" + t.datatype, "dims": list(t.shape[strip:])}
+            return {"name": t.name, "data_type": dtypes.row(t.dtype).triton, "dims": list(t.shape[strip:])}
 
         config = {
             "name": self.name,

@@ -107,6 +107,11 @@ def _array(data: object, shape: tuple[int, ...], datatype: str, name: str) -> np
     count = math.prod(shape)
     if len(values) != count:
         raise _bad(f"input '{name}': {len(values)} values for shape {list(shape)} ({count} expected)")
+    if datatype == BYTES:
+        if kinds - {str}:
+            names = ", ".join(sorted(_JSON_TYPE_NAMES.get(k, k.__name__) for k in kinds - {str}))
+            raise _bad(f"input '{name}': BYTES data holds {names} values (strings expected)")
+        return _strings(values, shape)
     allowed = {bool} if datatype == "BOOL" else {int} if dtype.kind in "iu" else {int, float, str}
     wrong = kinds - allowed
     if wrong:
@@ -204,14 +209,17 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
                 raise _bad(f"input '{name}' has both 'data' and binary_data_size")
             if type(size) is not int or size < 0:
                 raise _bad(f"input '{name}': binary_data_size must be a non-negative integer")
-            needed = math.prod(shape) * dtype.itemsize
+            needed = size if datatype == BYTES else math.prod(shape) * dtype.itemsize
             if size != needed:
                 raise _bad(f"input '{name}': binary_data_size is {size} bytes, shape {list(shape)} of {datatype} "
                            f"needs {needed}")
             if offset + size > len(binary):
                 raise _bad(f"input '{name}': the body ends after {len(binary) - offset} of its {size} binary bytes")
             try:
-                array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+                if datatype == BYTES:
+                    array = _strings(_length_prefixed(binary[offset:offset + size], math.prod(shape), name), shape)
+                else:
+                    array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
             except ValueError as exc:  # an empty tensor with a dimension numpy cannot index
                 raise _bad(f"input '{name}': shape {list(shape)}: {exc}") from None
             offset += size
@@ -272,9 +280,50 @@ def _refuse_scheduling(parameters: dict) -> None:
             raise _bad(f"the request's '{name}' parameter asks for {what}, which yatdeploy's models do not support")
 
 
+BYTES = "BYTES"
+
+
+def _strings(values: list, shape: tuple[int, ...]) -> np.ndarray:
+    """An object array of str of `shape` (ONNX Runtime's form of a string tensor)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array.reshape(shape)
+
+
+def _length_prefixed(data: bytes | memoryview, count: int, name: str) -> list[str]:
+    """BYTES in Triton's binary form: each element a 4-byte little-endian length, then its bytes (UTF-8)."""
+    values, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise _bad(f"input '{name}': BYTES element {len(values)} has a truncated length")
+        length = int.from_bytes(data[offset:offset + 4], "little")
+        end = offset + 4 + length
+        if end > len(data):
+            raise _bad(f"input '{name}': BYTES element {len(values)} claims {length} bytes, "
+                       f"{len(data) - offset - 4} follow")
+        try:
+            values.append(bytes(data[offset + 4:end]).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _bad(f"input '{name}': BYTES element {len(values)} is not UTF-8 text") from None
+        offset = end
+    if len(values) != count:
+        raise _bad(f"input '{name}': {len(values)} BYTES elements for {count} in its shape")
+    return values
+
+
+def _length_prefix(array: np.ndarray) -> bytes:
+    parts = []
+    for value in array.ravel().tolist():
+        raw = value.encode() if isinstance(value, str) else bytes(value)
+        parts.append(len(raw).to_bytes(4, "little") + raw)
+    return b"".join(parts)
+
+
 def _json_data(array: np.ndarray) -> list:
     """An output's values for JSON `data`: non-finite floats as NONFINITE_SPELLINGS (JSON has no literal for
     them; numpy, hence tritonclient's as_numpy, parses these strings back)."""
+    if array.dtype == object:  # strings (bytes from a model are sent as UTF-8 text, undecodable bytes replaced)
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in array.ravel().tolist()]
     if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
         return array.ravel().tolist()
     values = array.astype(np.float64, copy=False).ravel()
@@ -293,7 +342,7 @@ def encode_response(
     for name, array, binary in outputs:
         entry: dict = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
         if binary:
-            blob = np.ascontiguousarray(array).tobytes()
+            blob = _length_prefix(array) if array.dtype == object else np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
