@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -46,15 +47,18 @@ class Server:
     def __init__(self, path: Path, *args: str, wait_for: str = "ready", log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        if log is None:  # a file, never a pipe: the access log (a line per request) would fill a pipe and block it
+            handle, name = tempfile.mkstemp(prefix="yatdeploy-serve-", suffix=".log")
+            os.close(handle)
+            log = Path(name)
         self.log = log
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        out = log.open("w") if log is not None else subprocess.PIPE
+        out = log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "yatdeploy", "serve", str(path), "--port", str(self.port), "--threads", "1", *args],
             stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
         )
-        if log is not None:
-            out.close()
+        out.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

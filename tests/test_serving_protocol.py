@@ -518,3 +518,46 @@ def test_json_bytes_must_be_strings(strings_server):
                                   {"name": "flag", "shape": [1, 2], "datatype": "BOOL", "data": [True, False]}]})
     status, error = _strings_error(strings_server.port, body.encode())
     assert status == 400 and "BYTES data holds integer values (strings expected)" in error
+
+
+# --- the access log and CORS ------------------------------------------------------------------------------------
+
+def test_one_json_access_log_line_per_request_at_info(mlp_onnx, tmp_path):
+    running = Server(mlp_onnx, log=tmp_path / "serve.log")
+    try:
+        assert _request(running.port, "POST", INFER, _input([0.0] * 16, id="ok-1"))[0] == 200
+        assert _error_of(running.port, _input([None] * 16, id="bad-1"))[0] == 400
+    finally:
+        running.stop()
+    lines = [json.loads(line[line.index("{"):]) for line in running.output().splitlines()
+             if '"latency_us"' in line]
+    # (a request refused while it is read has no id the server can vouch for)
+    assert [(entry["id"], entry["model"], entry["status"]) for entry in lines] == [("ok-1", "mlp", 200),
+                                                                                  (None, "mlp", 400)]
+    assert all(entry["time"].endswith("+00:00") and entry["latency_us"] > 0 for entry in lines)
+    assert "error" not in lines[0] and "FP32 data holds null values" in lines[1]["error"]
+    assert running.output().count("FP32 data holds null values") == 1  # logged once, in its access line
+
+
+def test_cors_is_off_by_default_and_allows_the_origins_given(mlp_onnx):
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    plain = Server(mlp_onnx)
+    allowed = Server(mlp_onnx, "--cors-origin", "http://localhost:3000")
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", plain.port, timeout=30)
+        connection.request("POST", INFER, body=_input([0.0] * 16), headers={"Origin": "http://localhost:3000"})
+        response = connection.getresponse()
+        response.read()
+        assert response.getheader("Access-Control-Allow-Origin") is None
+        connection = http.client.HTTPConnection("127.0.0.1", allowed.port, timeout=30)
+        connection.request("OPTIONS", INFER, headers=preflight)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 200 and response.getheader("Access-Control-Allow-Origin") == "http://localhost:3000"
+        connection.request("POST", INFER, body=_input([0.0] * 16), headers={"Origin": "http://localhost:3000"})
+        response = connection.getresponse()
+        response.read()
+        assert response.getheader("Access-Control-Allow-Origin") == "http://localhost:3000"
+    finally:
+        plain.stop()
+        allowed.stop()

@@ -230,12 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue-size", type=int,
                        help=f"queued requests per model before 503 (default: config.pbtxt, else {DEFAULT_MAX_QUEUE_SIZE})")
     serve.add_argument("--no-batching", action="store_true", help="run every request on its own")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow browsers on ORIGIN (e.g. http://localhost:3000, or *) to call the service "
+                            "(CORS; repeatable; default: none)")
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (default 64 MB)")
     serve.add_argument("--threads", type=int,
                        help="ONNX Runtime intra-op threads per model (default: all cores but one, which the event "
                             "loop keeps)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                       help="debug logs one JSON line per request")
+                       help="info (default) writes one JSON access-log line per inference request (time, id, "
+                            "model, status, latency); warning keeps only problems")
 
     bench = commands.add_parser(
         "bench", parents=[common], help="load-test an Open Inference Protocol endpoint (ours or Triton's)",
@@ -484,7 +488,7 @@ def cmd_serve(args: argparse.Namespace, progress) -> int:
     settings = Settings(
         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
-        dynamic_batching=not args.no_batching,
+        dynamic_batching=not args.no_batching, cors_origins=tuple(args.cors_origin),
     )
     cores = len(os.sched_getaffinity(0))
     threads = args.threads if args.threads is not None else max(1, cores - 1)

@@ -12,6 +12,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import orjson
 from fastapi import FastAPI, Request
@@ -53,6 +54,7 @@ class Settings:
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None
     dynamic_batching: bool = True
+    cors_origins: tuple[str, ...] = ()  # origins browsers may call from (CORS); "*" for any; () for none
 
 
 def _json(data: object, status: int = 200) -> Response:
@@ -181,6 +183,11 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
 
     app = FastAPI(title="yatdeploy inference service", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=[HEADER_LENGTH, "Content-Encoding"])
     app.state.metrics = metrics
     app.state.batchers = batchers
 
@@ -214,21 +221,21 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
         return await loop.run_in_executor(parse_pool, parse_request, body, header_length, json_limit)
 
     def failure(model: ServedModel, request_id: str | None, exc: Exception, started: float) -> Response:
-        """The JSON error for a failed inference, counted and logged once."""
+        """The JSON error for a failed inference, counted and logged once: a client's mistake in its access-log
+        line, a server failure (500) as an error of its own, with the traceback for a bug of ours."""
+        client_error = True
         if isinstance(exc, ProtocolError):
             status, message = exc.status, exc.message
-            log.info("model %s: %d %s", model.name, status, message)
         elif isinstance(exc, ClientDisconnect):
             status, message = 400, "the client disconnected before the end of its request"
-            log.info("model %s: %s", model.name, message)
         elif isinstance(exc, OnnxModelError):
-            status, message = 500, exc.text
+            status, message, client_error = 500, exc.text, False
             log.error("model %s: 500 %s", model.name, message)
         else:
-            status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
+            status, message, client_error = 500, f"internal error: {type(exc).__name__}: {exc}", False
             log.exception("model %s: 500 %s", model.name, message)
         metrics.record_request(model.name, model.version, False, time.perf_counter() - started)
-        _log_request(model, request_id, status, started)
+        _log_request(model, request_id, status, started, error=message if client_error else None)
         return _error(status, message)
 
     def model_for(name: str, version: str | None) -> ServedModel:
@@ -344,10 +351,13 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
 
 
 def _log_request(model: ServedModel, request_id: str | None, status: int, started: float, batch: int = 0,
-                 queue_s: float = 0.0, compute_s: float = 0.0) -> None:
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug(orjson.dumps({
-            "model": model.name, "version": model.version, "id": request_id, "status": status, "batch": batch,
-            "queue_us": round(queue_s * 1e6), "compute_us": round(compute_s * 1e6),
-            "total_us": round((time.perf_counter() - started) * 1e6),
-        }).decode())
+                 queue_s: float = 0.0, compute_s: float = 0.0, error: str | None = None) -> None:
+    """The access log: one JSON line per inference request at info level (--log-level warning silences it)."""
+    if log.isEnabledFor(logging.INFO):
+        line = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "id": request_id,
+                "model": model.name, "version": model.version, "status": status,
+                "latency_us": round((time.perf_counter() - started) * 1e6), "batch": batch,
+                "queue_us": round(queue_s * 1e6), "compute_us": round(compute_s * 1e6)}
+        if error is not None:
+            line["error"] = error
+        log.info(orjson.dumps(line).decode())

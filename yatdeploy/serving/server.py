@@ -162,7 +162,7 @@ def serve(path: str | Path, *, host: str, port: int, backend: str | None, settin
     handler.setFormatter(logging.Formatter("%(message)s"))
     serving_log = logging.getLogger("yatdeploy.serving")
     serving_log.addHandler(handler)
-    serving_log.setLevel(log_level.upper())  # debug: one JSON line per request
+    serving_log.setLevel(log_level.upper())  # info: one JSON access-log line per request
     # Everything loaded so far (torch, ONNX, the sessions) lives as long as the process: keep it out of
     # the collector's full passes, which otherwise stall every request for ~0.2 s now and then.
     gc.collect()
