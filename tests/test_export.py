@@ -192,6 +192,7 @@ def test_a_tied_kernel_bank_exports_in_16_bit(save_whole, tmp_path):
     assert model[0].weight.dtype == torch.float32  # the loaded model is left as it was
     report = validate(tmp_path / "m.onnx", loaded)
     assert report.passed, report.failures()
+    assert report.reference == "a float64 run of the PyTorch model on the same inputs"  # the bank cast too
 
 
 @pytest.mark.parametrize("inner", [torch.bfloat16, torch.float16])

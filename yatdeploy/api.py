@@ -71,7 +71,7 @@ def _forward_names(module: nn.Module, count: int) -> list[str]:
 
 
 def _tensor_specs(module: nn.Module, tensors: Sequence[torch.Tensor], axes: DynamicAxes | None) -> list[InputSpec]:
-    per_input = [axes] * 1 if isinstance(axes, Mapping) else list(axes) if axes is not None else None
+    per_input = [axes] if isinstance(axes, Mapping) else list(axes) if axes is not None else None
     if per_input is not None and len(per_input) != len(tensors):
         raise InputSpecError(f"dynamic_axes has {len(per_input)} entries for {len(tensors)} example inputs")
     specs = []
@@ -118,26 +118,25 @@ def export(
     Also taken: a shape `(1, 784)` (one float input in the export dtype, batch dynamic), or input specs
     (`inputs.InputSpec` or "ids:int64[batch=1,seq=32]" strings). `dtype`: export in this dtype ("float32",
     "float16", "bfloat16", "float64"), default the model's. `opset`: the ONNX opset (18 to 22, default 20).
-    `int_ranges`: [low, high) of integer inputs'
-    random values. `tolerance`, `input_files`, `seed`: as for `validate`.
+    `int_ranges`: [low, high) of integer inputs' random values. `tolerance`, `input_files`, `seed`: as for
+    `validate`.
     """
     loaded = load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
     examples = None
+    common = {"dtype": dtype, "int_ranges": dict(int_ranges or {}), "opset": opset}
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     items = list(example_inputs)
     if items and all(isinstance(t, torch.Tensor) for t in items):
         examples = tuple(items)
-        options = ExportOptions(inputs=tuple(_tensor_specs(loaded.module, items, dynamic_axes)), dtype=dtype)
+        options = ExportOptions(inputs=tuple(_tensor_specs(loaded.module, items, dynamic_axes)), **common)
     elif items and all(isinstance(d, int) for d in items):
-        options = ExportOptions(tuple(items), dtype=dtype, dynamic_batch=dynamic_axes != {})
+        options = ExportOptions(tuple(items), dynamic_batch=dynamic_axes != {}, **common)
     elif items and all(isinstance(s, (InputSpec, str)) for s in items):
         specs = [s if isinstance(s, InputSpec) else parse_input(s) for s in items]
-        options = ExportOptions(inputs=tuple(check_specs(specs)), dtype=dtype)
+        options = ExportOptions(inputs=tuple(check_specs(specs)), **common)
     else:
         raise InputSpecError("example_inputs: expected a tensor, a tuple of tensors, a shape or input specs")
-    options.int_ranges = dict(int_ranges or {})
-    options.opset = opset
     result = export_model(loaded, path, options, progress, examples=examples)
     if validate:
         result.report = _validate(result.path, result.reference, input_files=input_files, tolerance=tolerance,
@@ -176,6 +175,6 @@ def validate(
     return _validate(
         onnx_path, reference, input_shape=None if input_shape is None else tuple(int(d) for d in input_shape),
         inputs=None if inputs is None else [s if isinstance(s, InputSpec) else parse_input(s) for s in inputs],
-        int_ranges=int_ranges, input_files=input_files, batches=batches, tolerance=tolerance, backend_names=backends, seed=seed,
-        engine=engine, progress=progress,
+        int_ranges=int_ranges, input_files=input_files, batches=batches, tolerance=tolerance,
+        backend_names=backends, seed=seed, engine=engine, progress=progress,
     )

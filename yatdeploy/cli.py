@@ -274,17 +274,12 @@ def _check_tolerance_args(args: argparse.Namespace) -> None:
             raise YatDeployError(f"--{name} {value}: must be a finite number >= 0")
 
 
-def _tolerance(args: argparse.Namespace, dtype: str):
-    """The user's tolerance, the flag not given completed from the fixed table; None (derived) without either."""
-    from yatdeploy.validation import FIXED_TOLERANCES, Tolerance
+def _tolerance(args: argparse.Namespace):
+    """The user's tolerance (validation completes the flag not given from its fixed table); None (derived)
+    without either."""
+    from yatdeploy.validation import Tolerance
 
-    if args.atol is None and args.rtol is None:
-        return None
-    fixed = FIXED_TOLERANCES[dtype]
-    return Tolerance(
-        atol=fixed.atol if args.atol is None else args.atol,
-        rtol=fixed.rtol if args.rtol is None else args.rtol,
-    )
+    return None if args.atol is None and args.rtol is None else Tolerance(args.atol, args.rtol)
 
 
 def _print_report(report, args: argparse.Namespace) -> int:
@@ -332,7 +327,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
         return EXIT_OK
     progress.say("validating")
     report = api.validate(result.path, result.reference, input_files=args.inputs, int_ranges=ranges,
-                          tolerance=_tolerance(args, result.dtype), seed=args.seed, progress=progress)
+                          tolerance=_tolerance(args), seed=args.seed, progress=progress)
     status = _print_report(report, args)
     if status != EXIT_OK:
         print(f"\n{result.path} was written but does not match PyTorch", file=sys.stderr)
@@ -341,8 +336,6 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
 
 def cmd_validate(args: argparse.Namespace, progress) -> int:
     from yatdeploy import api, backends
-    from yatdeploy.graph import load_onnx
-    from yatdeploy.inputs import precision
 
     for name in args.backend or []:
         backends.get(name)
@@ -351,7 +344,6 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
     shape = _shape(args.input_shape) if args.input_shape else None
     specs = _input_specs(args)
     ranges = _int_ranges(args)
-    dtype = precision(load_onnx(args.onnx_model))
     progress.say(f"loading {args.against}")
     loaded = api.load(args.against, arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key)
     if args.engine is not None:
@@ -364,7 +356,7 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
     report = api.validate(
         args.onnx_model, loaded, input_shape=shape, inputs=specs, int_ranges=ranges, input_files=args.inputs,
         batches=batches,
-        tolerance=_tolerance(args, dtype), backends=args.backend, seed=args.seed, engine=args.engine,
+        tolerance=_tolerance(args), backends=args.backend, seed=args.seed, engine=args.engine,
         progress=progress,
     )
     return _print_report(report, args)

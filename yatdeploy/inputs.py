@@ -233,14 +233,24 @@ def _batch_label(specs: Sequence[InputSpec]) -> str | None:
     return first.label if first is not None else None
 
 
-def _random_array(spec: InputSpec, sizes: Mapping[str, int], rng: np.random.Generator,
-                  int_range: tuple[int, int]) -> np.ndarray:
-    shape = tuple(sizes[d.label] if d.label is not None else d.size for d in spec.dims)
-    if spec.dtype == "bool":
-        return rng.random(shape) < 0.5
-    if spec.dtype in INTEGER_TYPES:
-        return rng.integers(int_range[0], int_range[1], size=shape).astype(spec.dtype)
-    return rng.standard_normal(shape).astype(np.float32).astype(dtypes.by_name(spec.dtype).numpy)
+def random_inputs(specs: Sequence[InputSpec], rng: np.random.Generator,
+                  int_ranges: Mapping[str, tuple[int, int]] | None = None,
+                  sizes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """One random array per input, by name: floats standard normal, integers within `int_ranges` (default
+    DEFAULT_INT_RANGE), bools either way; dynamic dims at `sizes` (default: the example's)."""
+    sizes = _labels(specs) if sizes is None else sizes
+    ranges = int_ranges or {}
+    arrays = {}
+    for spec in specs:
+        shape = tuple(sizes[d.label] if d.label is not None else d.size for d in spec.dims)
+        if spec.dtype == "bool":
+            arrays[spec.name] = rng.random(shape) < 0.5
+        elif spec.dtype in INTEGER_TYPES:
+            low, high = ranges.get(spec.name, DEFAULT_INT_RANGE)
+            arrays[spec.name] = rng.integers(low, high, size=shape).astype(spec.dtype)
+        else:
+            arrays[spec.name] = rng.standard_normal(shape).astype(np.float32).astype(dtypes.by_name(spec.dtype).numpy)
+    return arrays
 
 
 def random_cases(specs: Sequence[InputSpec], batches: Sequence[int], seed: int,
@@ -265,9 +275,7 @@ def random_cases(specs: Sequence[InputSpec], batches: Sequence[int], seed: int,
             if batch is not None:
                 at[batch] = min(2, max(batches))
             plans.append((f"random {label} {other}" + (f", batch {at[batch]}" if batch is not None else ""), at))
-    ranges = int_ranges or {}
-    return [InputCase(name, {s.name: _random_array(s, sizes, rng, ranges.get(s.name, DEFAULT_INT_RANGE))
-                             for s in specs}) for name, sizes in plans]
+    return [InputCase(name, random_inputs(specs, rng, int_ranges, sizes)) for name, sizes in plans]
 
 
 def _fits(spec: InputSpec, array: np.ndarray, batch: str | None) -> bool:

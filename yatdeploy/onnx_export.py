@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 import torch
 from nmn.torch import YatEmbed
@@ -30,12 +31,12 @@ from yatdeploy.graph import (
     META_YAT_LAYERS,
     yat_gemm_nodes,
 )
-from yatdeploy.inputs import BATCH_LABEL, INTEGER_TYPES, InputSpec, check_specs, from_shape, model_specs
+from yatdeploy.inputs import INTEGER_TYPES, InputSpec, check_specs, from_shape, model_specs, random_inputs
 from yatdeploy.loading import LoadedModel
 from yatdeploy.ops.onnx_function import FUNCTION_OPSET, SUPPORTED_OPSETS
 from yatdeploy.ops.onnx_schema import yat_gemm_op
 from yatdeploy.progress import QUIET, Progress
-from yatdeploy.reference import Reference
+from yatdeploy.reference import Reference, to_torch
 from yatdeploy.rewrite import RewriteResult, count_yat_layers, rewrite_yat_layers, yat_calls
 from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION
 
@@ -43,10 +44,8 @@ if TYPE_CHECKING:
     from yatdeploy.validation import ValidationReport
 
 INPUT_NAME = "input"
-BATCH_DIM_NAME = BATCH_LABEL
 MAX_DIM = 1 << 20  # the largest size a dynamic dim is declared to take
 OPSET = FUNCTION_OPSET
-
 
 
 @dataclass
@@ -185,20 +184,10 @@ def save_atomically(model: onnx.ModelProto, path: Path) -> None:
 
 def example_inputs(specs: list[InputSpec], reference: Reference, int_ranges: dict[str, tuple[int, int]],
                    seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Random example tensors of the specs' example shapes: floats normal, integers within the model's
-    embedding tables (or `int_ranges`), bools either way."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = []
-    for spec in specs:
-        shape = spec.shape
-        if spec.dtype == "bool":
-            tensors.append(torch.rand(shape, generator=generator) < 0.5)
-        elif spec.dtype in INTEGER_TYPES:
-            low, high = int_ranges.get(spec.name) or reference.int_range()
-            tensors.append(torch.randint(low, high, shape, generator=generator, dtype=getattr(torch, spec.dtype)))
-        else:
-            tensors.append(torch.randn(*shape, generator=generator).to(dtypes.by_name(spec.dtype).torch))
-    return tuple(tensors)
+    """Random example tensors of the specs' example shapes (inputs.random_inputs), integers within the model's
+    embedding tables unless `int_ranges` says otherwise."""
+    ranges = {s.name: int_ranges.get(s.name) or reference.int_range() for s in specs if s.dtype in INTEGER_TYPES}
+    return tuple(to_torch(a) for a in random_inputs(specs, np.random.default_rng(seed), ranges).values())
 
 
 def _traceable(tensors: tuple[torch.Tensor, ...], specs: list[InputSpec]) -> tuple[torch.Tensor, ...]:

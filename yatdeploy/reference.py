@@ -67,6 +67,8 @@ def cast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     (nmn refuses to move them; their bank is shared by several layers, and is cast once here). Learnable eps
     parameters keep their dtype, as nmn's own conversion keeps them."""
     module = copy.deepcopy(module)
+    if not any(getattr(sub, "tie_kernel_bank", False) for sub in module.modules()):
+        return module.to(dtype)
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if t.is_floating_point() else t
@@ -151,7 +153,7 @@ class Reference:
             return ([[np.asarray(w, dtype=np.float64) for w in want] for want in expected],
                     "the PyTorch run itself (a float64 export)")
         try:
-            module64 = copy.deepcopy(self.module).to(torch.float64)
+            module64 = cast_copy(self.module, torch.float64)
         except Exception as exc:
             return None, f"none: the model can't be cast to float64 ({_first_line(exc)})"
         runs = []

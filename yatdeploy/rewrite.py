@@ -33,6 +33,12 @@ _REQUIRED_STATE = (
 )
 
 
+def _saturated(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float32 result in a 16-bit `dtype`, clamped to its finite range first (as nmn and YatGemm saturate)."""
+    limit = torch.finfo(dtype).max
+    return y.clamp(-limit, limit).to(dtype)
+
+
 class YatGemmLayer(nn.Module):
     """The export form of one YatNMN layer: optional input normalisation, then one YatGemm."""
 
@@ -73,9 +79,8 @@ class YatGemmLayer(nn.Module):
             # nmn casts a learnable alpha to the compute dtype before it upcasts to float32.
             alpha = float(torch.tensor(alpha, dtype=x.dtype))
         if self.widen and x.dtype in _SIXTEEN_BIT:
-            limit = torch.finfo(x.dtype).max
             y = yat_gemm(x.float(), self.weight.to(x.dtype).float(), self.bias.to(x.dtype).float(), self.eps, alpha)
-            return y.clamp(-limit, limit).to(x.dtype)
+            return _saturated(y, x.dtype)
         return yat_gemm(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps, alpha)
 
     def extra_repr(self) -> str:
@@ -225,8 +230,7 @@ class YatEmbedLayer(nn.Module):
         if query.dtype in _SIXTEEN_BIT and self.embedding.dtype not in _SIXTEEN_BIT:
             # nmn computes a 16-bit query against the table as stored (float32), then saturates to the query's
             # dtype; YatGemm in 16-bit would round the table first.
-            limit = torch.finfo(query.dtype).max
-            return self.head(query.float()).clamp(-limit, limit).to(query.dtype)
+            return _saturated(self.head(query.float()), query.dtype)
         return self.head(query)
 
 
@@ -332,17 +336,18 @@ def rewrite_yat_layers(model: nn.Module, dtype: torch.dtype | None = None) -> Re
     for path, sub in model.named_modules():
         if any(path.startswith(done + ".") for done, _ in replacements):
             continue
-        if isinstance(sub, (YatNMN, YatEmbed)):
-            if isinstance(sub, YatNMN):
-                export_layer, folded = fold_yatnmn(sub, path, dtype)
-            else:
-                export_layer, folded = fold_yatembed(sub, path)
-            replacements.append((path, export_layer))
-            result.yat_layers.append(folded)
-        elif is_nmn_layer(sub) and not isinstance(sub, (YatGemmLayer, YatEmbedLayer)):
-            result.decomposed_layers.append(path)
-            if _padded_conv(sub):
-                replacements.append((path, PaddedYatConv(sub)))
+        if isinstance(sub, YatNMN):
+            export_layer, folded = fold_yatnmn(sub, path, dtype)
+        elif isinstance(sub, YatEmbed):
+            export_layer, folded = fold_yatembed(sub, path)
+        else:
+            if is_nmn_layer(sub) and not isinstance(sub, (YatGemmLayer, YatEmbedLayer)):
+                result.decomposed_layers.append(path)
+                if _padded_conv(sub):
+                    replacements.append((path, PaddedYatConv(sub)))
+            continue
+        replacements.append((path, export_layer))
+        result.yat_layers.append(folded)
     for path, export_layer in replacements:
         if path == "":
             result.module = export_layer

@@ -46,8 +46,12 @@ from yatdeploy.rewrite import count_yat_layers, yat_calls
 
 @dataclass(frozen=True)
 class Tolerance:
-    atol: float
-    rtol: float
+    atol: float | None  # None (with the other given): completed from FIXED_TOLERANCES for the model's dtype
+    rtol: float | None
+
+    def completed(self, dtype: str) -> Tolerance:
+        fixed = FIXED_TOLERANCES[dtype]
+        return Tolerance(fixed.atol if self.atol is None else self.atol, fixed.rtol if self.rtol is None else self.rtol)
 
 
 # The user's override (validate(tolerance=...), --atol/--rtol): |onnx - torch| <= atol + rtol * |torch|.
@@ -421,8 +425,9 @@ def validate(
 
     `engine`: a TensorRT engine for the tensorrt backend; without one, that backend builds its own.
 
-    `tolerance`: the user's (|onnx - torch| <= atol + rtol * |torch|); None derives one per input case and
-    output from PyTorch's own rounding error (`derived_tolerance`).
+    `tolerance`: the user's (|onnx - torch| <= atol + rtol * |torch|; one of the two left None is taken from
+    FIXED_TOLERANCES for the model's dtype); None derives one per input case and output from PyTorch's own
+    rounding error (`derived_tolerance`).
     """
     onnx_path = Path(onnx_path)
     onnx_model = load_onnx(onnx_path)
@@ -431,15 +436,18 @@ def validate(
         raise YatDeployError(f"{onnx_path.name} is in {dtype}, the PyTorch model given was prepared in {model.dtype}")
     reference = model if isinstance(model, Reference) else Reference.of(model, dtype)
     loaded = reference.loaded
+    if tolerance is not None:
+        tolerance = tolerance.completed(dtype)
     if input_shape is not None and inputs is None:
         inputs = [from_shape(input_shape, dtype)]
     specs = model_specs(onnx_model, inputs)
-    ranges = {s.name: reference.int_range() for s in specs if s.dtype in INTEGER_TYPES}
+    model_range = reference.int_range()
+    ranges = {s.name: model_range for s in specs if s.dtype in INTEGER_TYPES}
     unknown = sorted(set(int_ranges or {}) - set(ranges))
     if unknown:
         raise InputSpecError(f"{option('int_ranges')}: {', '.join(unknown)} is not an integer input of the model "
                              f"(its integer inputs: {', '.join(ranges) or 'none'})")
-    default_from = "the model's smallest embedding table" if reference.int_range() != DEFAULT_INT_RANGE else \
+    default_from = "the model's smallest embedding table" if model_range != DEFAULT_INT_RANGE else \
         "the default range (the model has no embedding table)"
     range_notes = {name: "given" if name in (int_ranges or {}) else default_from for name in ranges}
     ranges.update(int_ranges or {})
@@ -459,8 +467,10 @@ def validate(
 
     with progress.step(f"running PyTorch on {len(cases)} input cases"):
         what = f"the inputs and {option('int_ranges')}" if ranges else "the inputs"
-        calls = sum(yat_calls(reference.module, lambda: reference.run(cases[0].arrays, what)).values())
-        expected = [reference.run(c.arrays, what) for c in cases]
+        # The first case's run also counts the Yat layer calls (the YatGemm nodes the export should have).
+        expected = []
+        calls = sum(yat_calls(reference.module, lambda: expected.append(reference.run(cases[0].arrays, what))).values())
+        expected += [reference.run(c.arrays, what) for c in cases[1:]]
     if loaded.layers_are_identifiable:  # one YatGemm node per Yat layer call (YatNMN, YatEmbed.attend)
         checks.insert(0, Check("YatGemm nodes", nodes == calls, f"{nodes} YatGemm nodes for {calls} Yat layer calls"))
     else:

@@ -34,7 +34,8 @@ class Duration:
 # Triton's inference_stats phases: compute_input is the time to read a request's tensors into the model's
 # inputs (parsing and checking them here), compute_infer the model's run, compute_output the time to write
 # the response. Each successful request counts once in every phase, as perf_analyzer requires.
-PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+COMPUTE_PHASES = ("compute_input", "compute_infer", "compute_output")  # also batch_stats' fields
+PHASES = ("success", "fail", "queue", *COMPUTE_PHASES, "cache_hit", "cache_miss")
 
 
 @dataclass
@@ -127,7 +128,7 @@ class Metrics:
         with stats.lock:
             stats.execution_count += 1
             stats.inference_count += items
-            phases = stats.batches.setdefault(items, {p: Duration() for p in PHASES[3:6]})
+            phases = stats.batches.setdefault(items, {p: Duration() for p in COMPUTE_PHASES})
             phases["compute_infer"].add(compute_s)
             # Inputs are read and outputs written per request, not per batch: the batch's entries count it
             # with the time of its run only, so that their counts agree as Triton's do.

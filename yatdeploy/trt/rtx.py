@@ -164,10 +164,12 @@ def _failure(messages: list[str], capabilities: tuple[str, ...]) -> YatDeployErr
 
 
 def _build_here(onnx_path: Path, output: Path, profile: BatchProfile, options: RtxOptions,
-                progress: Progress) -> BuildResult:
-    """The build, in this process (a plugin build: in the child, where the library trap is handled)."""
+                progress: Progress, prepared: PreparedModel | None = None) -> BuildResult:
+    """The build, in this process (a plugin build: in the child, where the library trap is handled);
+    `prepared`: the ONNX model as prepare_model gave it, when the caller has it already."""
     trt = import_tensorrt_rtx()
-    prepared = prepare_model(load_onnx(onnx_path))
+    if prepared is None:
+        prepared = prepare_model(load_onnx(onnx_path))
     shapes = profile_shapes(prepared, profile)
     if not options.yat_plugin:
         _strip_plugin_attributes(prepared)
@@ -283,12 +285,13 @@ def build_rtx_engine(onnx_path: str | Path, output: str | Path, profile: BatchPr
     for capability in options.compute_capabilities:
         if capability not in COMPUTE_CAPABILITIES:
             raise YatDeployError(f"compute capability {capability}: not a TensorRT for RTX target")
-    profile_shapes(prepare_model(load_onnx(onnx_path)), profile)
+    prepared = prepare_model(load_onnx(onnx_path))
+    profile_shapes(prepared, profile)
     if options.yat_plugin and any(int(c) < PLUGIN_MIN_CAPABILITY for c in options.compute_capabilities):
         raise YatDeployError("yatdeploy's GPU kernels need compute capability 8.0 or newer: the plugin can't "
                              "target 7.5", f"drop 75, or build without {option('yat_plugin', True)}")
     import_tensorrt_rtx()
     if options.yat_plugin:
         return _build_in_child(onnx_path, output, profile, options, progress)
-    return _build_here(onnx_path, output, profile, options, progress)
+    return _build_here(onnx_path, output, profile, options, progress, prepared)
 
