@@ -1,8 +1,9 @@
-"""Serving benchmark: the service against in-process ONNX Runtime, and dynamic batching on vs off.
+"""Serving benchmark: the service against in-process ONNX Runtime, dynamic batching on vs off, HTTP and gRPC.
 
-Starts `yatdeploy serve` on 127.0.0.1 twice (batching on, then off), drives it with the same load
-generator as `yatdeploy bench`, and writes benchmarks/results/<date>-serving.json with the machine,
-versions and commands. The load generator shares the machine's cores with the server.
+Starts `yatdeploy serve` on 127.0.0.1 twice (batching on, then off), drives each over HTTP and over gRPC
+with the same load generator as `yatdeploy bench` and, where `make perf-analyzer` installed it, with NVIDIA's
+perf_analyzer at the same concurrencies, and writes benchmarks/results/<date>-serving.json with the machine,
+versions and commands. The load generators share the machine's cores with the server.
 
     python benchmarks/bench_serving.py MODEL.onnx [--duration 10] [--threads 1]
 """
@@ -10,7 +11,9 @@ versions and commands. The load generator shares the machine's cores with the se
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -35,8 +38,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "yatdeploy", "serve", str(model), "--port", str(port), *extra]
+def _serve(model: Path, port: int, grpc_port: int, extra: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "yatdeploy", "serve", str(model), "--port", str(port), "--grpc-port",
+               str(grpc_port), "--log-level", "warning", *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(300):
         try:
@@ -46,6 +50,32 @@ def _serve(model: Path, port: int, extra: list[str]) -> subprocess.Popen:
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("the server did not start")
+
+
+def _perf_analyzer():
+    """tools/perf_analyzer.py's PerfAnalyzer (binary, env), or None with the reason."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "perf_analyzer.py"
+    spec = importlib.util.spec_from_file_location("yatdeploy_tools_perf_analyzer", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.find()
+
+
+def _perf_analyzer_run(tool, url: str, protocol: str, model: str, concurrency: int, seconds: float) -> dict:
+    """perf_analyzer at one concurrency: its CSV row (throughput, latencies in µs) and the command."""
+    report = Path(f"/tmp/yatdeploy-perf-analyzer-{os.getpid()}.csv")
+    command = [str(tool.binary), "-m", model, "-u", url, "-i", protocol, "-f", str(report), "--concurrency-range",
+               str(concurrency), "--measurement-mode", "time_windows", "--measurement-interval",
+               str(int(seconds * 1000)), "--stability-percentage", "50", "--max-trials", "6"]
+    done = subprocess.run(command, env=tool.env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        return {"command": shlex.join(command), "error": (done.stdout + done.stderr)[-2000:]}
+    with report.open(newline="") as handle:
+        row = next(csv.DictReader(handle))
+    report.unlink()
+    return {"command": shlex.join(command), "inferences_per_second": float(row["Inferences/Second"]),
+            **{f"p{q}_us": int(row[f"p{q} latency"]) for q in (50, 90, 95, 99)}}
 
 
 def main() -> int:
@@ -58,41 +88,56 @@ def main() -> int:
     name = args.model.stem
     progress = Progress()
     runs = {}
-    for label, extra, concurrencies, onnx in (
-        ("batching_on", ["--threads", args.threads], [1, 32], args.model),
-        ("batching_off", ["--threads", args.threads, "--no-batching"], [32], None),
+    perf_analyzer, why_not = _perf_analyzer()
+    if perf_analyzer is None:
+        progress.say(f"perf_analyzer: not run ({why_not})")
+    for label, extra, concurrencies in (
+        ("batching_on", ["--threads", args.threads], [1, 32]),
+        ("batching_off", ["--threads", args.threads, "--no-batching"], [32]),
     ):
-        port = _free_port()
-        server = _serve(args.model, port, extra)
+        port, grpc_port = _free_port(), _free_port()
+        server = _serve(args.model, port, grpc_port, extra)
         try:
-            progress.say(f"{label}: yatdeploy serve {args.model} {' '.join(extra)}")
-            result = run_bench(f"http://127.0.0.1:{port}", name, concurrencies=concurrencies, rates=[],
-                               seconds=args.duration, warmup=2.0, batch=1, binary=True, max_inflight=256,
-                               onnx=onnx, progress=progress)
+            for protocol, url in (("http", f"http://127.0.0.1:{port}"), ("grpc", f"grpc://127.0.0.1:{grpc_port}")):
+                progress.say(f"{label}, {protocol}: yatdeploy serve {args.model} {' '.join(extra)}")
+                result = run_bench(url, name, concurrencies=concurrencies, rates=[], seconds=args.duration,
+                                   warmup=2.0, batch=1, binary=True, max_inflight=256,
+                                   onnx=args.model if 1 in concurrencies else None, progress=progress)
+                print(format_steps(result.steps))
+                runs[f"{label}_{protocol}"] = {"server_args": extra, **result.to_json()}
+                if perf_analyzer is not None:
+                    target = url.split("://")[1]
+                    runs[f"{label}_{protocol}"]["perf_analyzer"] = {
+                        str(c): _perf_analyzer_run(perf_analyzer, target, protocol, name, c, args.duration / 2)
+                        for c in concurrencies}
         finally:
             server.terminate()
             server.wait(timeout=30)
-        print(format_steps(result.steps))
-        runs[label] = {"server_args": extra, **result.to_json()}
 
-    on = {s["concurrency"]: s for s in runs["batching_on"]["steps"]}
-    off = {s["concurrency"]: s for s in runs["batching_off"]["steps"]}
-    summary = {
-        "batch1_server_p50_us": on[1]["p50_us"],
-        "batch1_in_process_p50_us": runs["batching_on"]["in_process_p50_us"],
-        "batch1_server_overhead_us": runs["batching_on"]["server_overhead_p50_us"],
-        "c32_batching_on_inferences_per_s": on[32]["inferences_per_second"],
-        "c32_batching_off_inferences_per_s": off[32]["inferences_per_second"],
-        "c32_batching_speedup": on[32]["inferences_per_second"] / off[32]["inferences_per_second"],
-        "c32_batching_on_p99_us": on[32]["p99_us"],
-        "c32_batching_off_p99_us": off[32]["p99_us"],
-    }
+    summary = {}
+    for protocol in ("http", "grpc"):
+        on = {s["concurrency"]: s for s in runs[f"batching_on_{protocol}"]["steps"]}
+        off = {s["concurrency"]: s for s in runs[f"batching_off_{protocol}"]["steps"]}
+        summary[protocol] = {
+            "batch1_server_p50_us": on[1]["p50_us"],
+            "batch1_in_process_p50_us": runs[f"batching_on_{protocol}"]["in_process_p50_us"],
+            "batch1_server_overhead_us": runs[f"batching_on_{protocol}"]["server_overhead_p50_us"],
+            "c32_batching_on_inferences_per_s": on[32]["inferences_per_second"],
+            "c32_batching_off_inferences_per_s": off[32]["inferences_per_second"],
+            "c32_batching_speedup": on[32]["inferences_per_second"] / off[32]["inferences_per_second"],
+            "c32_batching_on_p99_us": on[32]["p99_us"],
+            "c32_batching_off_p99_us": off[32]["p99_us"],
+        }
+        analyzed = runs[f"batching_on_{protocol}"].get("perf_analyzer", {})
+        for concurrency, figures in analyzed.items():
+            summary[protocol][f"perf_analyzer_c{concurrency}_inferences_per_s"] = figures.get("inferences_per_second")
+            summary[protocol][f"perf_analyzer_c{concurrency}_p50_us"] = figures.get("p50_us")
     result = {
         "date": dt.date.today().isoformat(),
         "command": "python " + shlex.join(sys.argv),
         "machine": {**_cpu(), "logical_cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                     "python": platform.python_version()},
-        "versions": {d: metadata.version(d) for d in ("onnxruntime", "fastapi", "uvicorn", "numpy")},
+        "versions": {d: metadata.version(d) for d in ("onnxruntime", "fastapi", "uvicorn", "grpcio", "numpy")},
         "summary": summary,
         "runs": runs,
     }

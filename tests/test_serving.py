@@ -47,6 +47,8 @@ class Server:
     def __init__(self, path: Path, *args: str, wait_for: str = "ready", log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         if log is None:  # a file, never a pipe: the access log (a line per request) would fill a pipe and block it
             handle, name = tempfile.mkstemp(prefix="yatdeploy-serve-", suffix=".log")
             os.close(handle)
@@ -55,7 +57,8 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         out = log.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "yatdeploy", "serve", str(path), "--port", str(self.port), "--threads", "1", *args],
+            [sys.executable, "-m", "yatdeploy", "serve", str(path), "--port", str(self.port), "--grpc-port",
+             str(self.grpc_port), "--threads", "1", *args],
             stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
         )
         out.close()
@@ -172,7 +175,7 @@ def _json_request(data, shape=(1, 16), datatype="FP32", name="input") -> bytes:
         ("/v2/models/mlp/infer", _json_request([0.0] * 17), {}, 400, "17 values for shape [1, 16]"),
         ("/v2/models/mlp/infer", b'{"inputs": [', {}, 400, "malformed JSON"),
         ("/v2/models/mlp/infer", _json_request([0.0] * 16, shape=(65, 16)), {}, 400, "16 values for shape [65, 16]"),
-        ("/v2/models/nope/infer", _json_request([0.0] * 16), {}, 404, "unknown model 'nope'"),
+        ("/v2/models/nope/infer", _json_request([0.0] * 16), {}, 404, "Request for unknown model: 'nope' is not found"),
         ("/v2/models/mlp/infer", b"x" * (2 << 20), {}, 413, "exceeds the limit"),
     ],
     ids=["name", "shape", "datatype", "too-little", "too-much", "malformed", "batch-data", "unknown", "oversized"],

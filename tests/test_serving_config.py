@@ -291,8 +291,8 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, str], None], list[str]]] = {
         name, extra="instance_group [ { count: 2 kind: KIND_CPU } ]")), ["instance_group count > 1"]),
     "response_cache": (lambda repo, name: add_model(repo, name, "double", config_text(
         name, extra="response_cache { enable: true }")), ["response_cache is not supported"]),
-    "all_versions": (lambda repo, name: add_model(repo, name, "double", config_text(
-        name, extra="version_policy { all { } }")), ["version_policy all", "one version of a model at a time"]),
+    "no_latest_version": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, extra="version_policy { latest { num_versions: 0 } }")), ["latest num_versions 0: must be at least 1"]),
     "missing_specific_version": (lambda repo, name: add_model(repo, name, "double", config_text(
         name, extra="version_policy { specific { versions: [ 3 ] } }")), ["no version 3 (found 1)"]),
     "default_filename_absent": (lambda repo, name: add_model(repo, name, "double", config_text(

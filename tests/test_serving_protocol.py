@@ -169,7 +169,7 @@ def test_every_failure_is_counted(server):
 def _start(command: list[str]) -> tuple[subprocess.Popen, int]:
     """A server process started with `command` + --port, once it is ready."""
     port = free_port()
-    process = subprocess.Popen([*command, "--port", str(port), "--threads", "1"], stdout=subprocess.PIPE,
+    process = subprocess.Popen([*command, "--port", str(port), "--grpc-port", "0", "--threads", "1"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -429,13 +429,31 @@ def test_scheduling_parameters_yatdeploy_does_not_have_are_refused(server, param
     assert status == 400 and message in error
 
 
-def test_unset_scheduling_parameters_and_classification_requests(server):
+def test_unset_scheduling_parameters_are_accepted(server):
     unset = {"priority": 0, "sequence_id": 0, "sequence_start": False, "sequence_end": False, "timeout": 0}
     assert _request(server.port, "POST", INFER, _input([0.0] * 16, parameters=unset))[0] == 200
-    body = json.dumps({"inputs": json.loads(_input([0.0] * 16))["inputs"],
+
+
+def test_classification_sends_the_top_classes_as_value_index_strings(server):
+    """Triton's classification extension: `classification: N` on an output answers BYTES [batch, N] of
+    "value:index", largest first, from the same numbers the plain output has."""
+    rows = [[0.1 * i - 0.4 * j for i in range(16)] for j in range(2)]
+    plain = json.loads(_request(server.port, "POST", INFER, _input(rows, shape=[2, 16]))[2])["outputs"][0]
+    values = np.array(plain["data"], np.float32).reshape(plain["shape"])
+    body = json.dumps({"inputs": json.loads(_input(rows, shape=[2, 16]))["inputs"],
                        "outputs": [{"name": "output", "parameters": {"classification": 3}}]}).encode()
+    status, _, payload = _request(server.port, "POST", INFER, body)
+    assert status == 200, payload
+    (output,) = json.loads(payload)["outputs"]
+    assert output["datatype"] == "BYTES" and output["shape"] == [2, 3]
+    for row, labels in zip(values, np.array(output["data"]).reshape(2, 3)):
+        top = np.argsort(-row, kind="stable")[:3]
+        assert [int(label.split(":")[1]) for label in labels] == top.tolist()
+        assert [float(label.split(":")[0]) for label in labels] == pytest.approx(row[top].tolist(), abs=1e-6)
+    body = json.dumps({"inputs": json.loads(_input([0.0] * 16))["inputs"],
+                       "outputs": [{"name": "output", "parameters": {"classification": -1}}]}).encode()
     status, error = _error_of(server.port, body)
-    assert status == 400 and "the classification extension (classification/class_count) is not supported" in error
+    assert status == 400 and "'classification' must be a number of classes >= 0, not -1" in error
 
 
 # --- every datatype: strings (BYTES), bools and integers in and out ------------------------------------------

@@ -34,7 +34,7 @@ def compose_config() -> dict:
 
 @needs_compose
 def test_the_compose_file_validates():
-    for extra in ([], ["--profile", "gpu"]):
+    for extra in ([], ["--profile", "gpu"], ["--profile", "grpc"]):
         done = subprocess.run(["docker-compose", "-f", str(COMPOSE), *extra, "config", "-q"],
                               capture_output=True, text=True, timeout=60, cwd=REPO)
         assert done.returncode == 0, done.stderr
@@ -43,7 +43,11 @@ def test_the_compose_file_validates():
 @needs_compose
 def test_the_stack_has_its_services():
     services = compose_config()["services"]
-    assert set(services) == {"server", "server-gpu", "loadgen", "prometheus"}
+    assert set(services) == {"server", "server-gpu", "loadgen", "loadgen-grpc", "prometheus"}
+    assert services["loadgen-grpc"]["profiles"] == ["grpc"]
+    host_ports = [p.get("published") if isinstance(p, dict) else p.split(":")[0]
+                  for s in services.values() for p in s.get("ports", [])]
+    assert len(host_ports) == len(set(map(str, host_ports))), host_ports  # GPU and CPU servers can run together
     assert services["server"]["healthcheck"]["test"][0] == "CMD"
     assert (REPO / services["server"]["build"]["dockerfile"]).is_file()
     assert services["loadgen"]["depends_on"]["server"]["condition"] == "service_healthy"
@@ -75,18 +79,20 @@ def stack_server(repository):
     # The same command, on the model repository here and a free port of 127.0.0.1.
     args = command[3:]
     args[args.index("--host") + 1] = "127.0.0.1"
-    port_index = args.index("--port")
-    del args[port_index:port_index + 2]
+    for flag in ("--port", "--grpc-port"):  # the Server takes free ports
+        index = args.index(flag)
+        del args[index:index + 2]
     server = Server(repository, *args)
     yield server
     server.stop()
 
 
-def test_the_loadgen_command_runs_against_the_server(stack_server, tmp_path):
-    command = _service_command("loadgen")
-    assert command[:2] == ["yatdeploy", "bench"]
+@pytest.mark.parametrize("service,scheme", [("loadgen", "http"), ("loadgen-grpc", "grpc")])
+def test_the_loadgen_command_runs_against_the_server(stack_server, tmp_path, service, scheme):
+    command = _service_command(service)
+    assert command[:2] == ["yatdeploy", "bench"] and command[2].startswith(f"{scheme}://")
     args = command[2:]
-    args[0] = f"http://{stack_server.url}"
+    args[0] = f"{scheme}://{stack_server.url if scheme == 'http' else stack_server.grpc_url}"
     args[args.index("--duration") + 1] = "0.5"
     args[args.index("--out") + 1] = str(tmp_path)
     args[args.index("--concurrency") + 1] = "1,4"

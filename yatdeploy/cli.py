@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from yatdeploy import backends
     from yatdeploy.backends.tensorrt import DEFAULT_PROFILE
     from yatdeploy.inputs import DEFAULT_BATCHES
-    from yatdeploy.serving.repository import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE, ModelSource
+    from yatdeploy.serving.repository import CONTROL_MODES, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE, ModelSource
     from yatdeploy.spec import FUNCTION_OPSET as OPSET
     from yatdeploy.trt.engine import WORKSPACE_DEFAULT_MB
 
@@ -211,15 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also build a TensorRT engine (model.plan) and validate it against PyTorch: the first "
                            "thing to run on a machine with TensorRT and a GPU")
     serve = commands.add_parser(
-        "serve", parents=[common], help="serve models over HTTP (Open Inference Protocol, KServe v2)",
+        "serve", parents=[common], help="serve models over HTTP and gRPC (Open Inference Protocol, KServe v2)",
         description="Serve one .onnx file (under its file stem) or a Triton-style model repository folder "
-                    "with FastAPI and uvicorn, speaking the Open Inference Protocol (KServe v2) with Triton's "
-                    "binary tensor extension, with dynamic batching and Prometheus metrics on /metrics.",
+                    "with FastAPI and uvicorn (HTTP) and grpcio (gRPC), speaking the Open Inference Protocol "
+                    "(KServe v2) as Triton does: binary tensors, classification, statistics, model configuration "
+                    "and repository control, with dynamic batching and Prometheus metrics on /metrics.",
     )
     serve.add_argument("path", metavar="MODEL_OR_REPOSITORY",
                        help="an .onnx file, a TensorRT .plan from build-engine, or a model repository folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001, Triton's; 0: no gRPC)")
+    serve.add_argument("--model-control-mode", choices=CONTROL_MODES, default="none",
+                       help="none (default): serve every model of the repository, no loading or unloading; "
+                            "explicit: serve what --load-model names, then load and unload on request "
+                            "(POST /v2/repository/models/NAME/load|unload), as Triton's")
+    serve.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                       help="with --model-control-mode explicit: a model to load at start-up (repeatable; * for all)")
     serve.add_argument("--backend", help=f"one of {backend_names} (default: config.pbtxt, else the fastest "
                                           "ONNX Runtime backend that works)")
     serve.add_argument("--max-batch-size", type=int,
@@ -247,14 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "any KServe v2 endpoint. Reports throughput, p50/p90/p95/p99 latency and errors per step; "
                     "writes bench.csv (perf_analyzer's columns), bench.html (plots) and bench.json to --out.",
     )
-    bench.add_argument("url", metavar="URL", help="the server, e.g. http://127.0.0.1:8000")
+    bench.add_argument("url", metavar="URL", help="the server: http://HOST:PORT (e.g. http://127.0.0.1:8000) or "
+                                                  "grpc://HOST:PORT (e.g. grpc://127.0.0.1:8001)")
     bench.add_argument("--model", required=True, help="the model's name")
     bench.add_argument("--concurrency", default="1,4,16,32", help="closed-loop concurrencies (default 1,4,16,32)")
     bench.add_argument("--rate", default="", help="open-loop request rates per second, e.g. 200,800 (default none)")
     bench.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (default 5)")
     bench.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step (default 1)")
     bench.add_argument("--batch", type=int, default=1, help="batch size of every request (default 1)")
-    bench.add_argument("--json-payload", action="store_true", help="send JSON tensors instead of binary ones")
+    bench.add_argument("--json-payload", action="store_true",
+                       help="HTTP: send JSON tensors instead of binary ones (gRPC always sends raw tensors)")
     bench.add_argument("--max-inflight", type=int, default=256, help="open-loop connection limit (default 256)")
     bench.add_argument("--onnx", metavar="FILE", help="the model's .onnx: also time it in-process, for the overhead")
     bench.add_argument("--out", default="yatdeploy-bench", metavar="DIR", help="output folder (default ./yatdeploy-bench)")
@@ -464,7 +474,8 @@ def _demo_lm(args: argparse.Namespace, progress) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, progress) -> int:
-    from yatdeploy.serving.app import Settings
+    from yatdeploy.serving.app import HttpSettings
+    from yatdeploy.serving.core import ServerSettings
     from yatdeploy.serving.server import serve
 
     for flag in ("max_batch_size", "max_queue_size"):
@@ -477,17 +488,21 @@ def cmd_serve(args: argparse.Namespace, progress) -> int:
         raise YatDeployError(f"--port {args.port}: not a port number")
     if not 1 / (1 << 20) <= args.max_body_mb <= 1 << 16:  # NaN fails too
         raise YatDeployError(f"--max-body-mb {args.max_body_mb}: must be more than 0 and at most 65536 (64 GB)")
-    settings = Settings(
-        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_batch_size=args.max_batch_size,
-        max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
-        dynamic_batching=not args.no_batching, cors_origins=tuple(args.cors_origin),
+    if not 0 <= args.grpc_port < 65536 or args.grpc_port == args.port:
+        raise YatDeployError(f"--grpc-port {args.grpc_port}: not a port number other than --port's (0: no gRPC)")
+    settings = ServerSettings(
+        max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+        max_queue_size=args.max_queue_size, dynamic_batching=not args.no_batching,
+        control_mode=args.model_control_mode,
     )
+    http_settings = HttpSettings(max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=tuple(args.cors_origin))
     cores = len(os.sched_getaffinity(0))
     threads = args.threads if args.threads is not None else max(1, cores - 1)
     if not 1 <= threads <= 4 * cores:
         raise YatDeployError(f"--threads {threads}: must be between 1 and {4 * cores} (4 x the {cores} cores usable)")
-    serve(args.path, host=args.host, port=args.port, backend=args.backend, settings=settings,
-          intra_op_threads=threads, log_level=args.log_level, progress=progress)
+    serve(args.path, host=args.host, port=args.port, grpc_port=args.grpc_port, backend=args.backend,
+          settings=settings, http_settings=http_settings, load=args.load_model, intra_op_threads=threads,
+          log_level=args.log_level, progress=progress)
     return EXIT_OK
 
 
@@ -530,6 +545,8 @@ def cmd_bench(args: argparse.Namespace, progress) -> int:
     onnx = Path(args.onnx) if args.onnx else None
     if onnx is not None and not onnx.is_file():
         raise YatDeployError(f"--onnx {onnx}: no such file")
+    if args.json_payload and args.url.startswith("grpc://"):
+        raise YatDeployError("--json-payload is for HTTP endpoints: gRPC sends raw tensors")
     result = run_bench(args.url, args.model, concurrencies=concurrencies, rates=rates, seconds=args.duration,
                        warmup=args.warmup, batch=args.batch, binary=not args.json_payload,
                        max_inflight=args.max_inflight, onnx=onnx, progress=progress)

@@ -12,7 +12,6 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import orjson
 from fastapi import FastAPI, Request
@@ -22,38 +21,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from yatdeploy import __version__
-from yatdeploy.errors import OnnxModelError
-from yatdeploy.serving.batching import DynamicBatcher
-from yatdeploy.serving.metrics import Metrics
-from yatdeploy.serving.model import ServedModel, UnavailableModel
+from yatdeploy.serving.core import InferenceServer
+from yatdeploy.serving.model import ServedModel
 from yatdeploy.serving.protocol import (
     HEADER_LENGTH,
     InferRequest,
     ProtocolError,
     encode_response,
     json_length,
+    parse_raw_request,
     parse_request,
 )
 
 log = logging.getLogger("yatdeploy.serving")
 
-SERVER_NAME = "yatdeploy"
 # A request whose JSON is longer is parsed in a worker thread, off the event loop.
 INLINE_PARSE_BYTES = 64 << 10
-EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration"]
 
 
 @dataclass
-class Settings:
+class HttpSettings:
     max_body_bytes: int = 64 << 20
     # The JSON part of a request (all of a JSON-only one): parsed, it takes ~10x its size in memory.
     # The smaller of this and max_body_bytes applies.
     max_json_bytes: int = 16 << 20
-    # None: each model's own (config.pbtxt or the default).
-    max_batch_size: int | None = None
-    max_queue_delay_us: int | None = None
-    max_queue_size: int | None = None
-    dynamic_batching: bool = True
     cors_origins: tuple[str, ...] = ()  # origins browsers may call from (CORS); "*" for any; () for none
 
 
@@ -130,56 +121,46 @@ def _compressed(content: bytes, accept: str) -> tuple[bytes, str | None]:
     return content, None
 
 
-def _flush_on_signals(batchers: dict[str, DynamicBatcher]) -> None:
+def _flush_on_signals(server: InferenceServer) -> None:
     """On SIGTERM/SIGINT, before the server's own handler starts its graceful shutdown, let every batcher run
     what it holds at once: the shutdown waits for in-flight requests, which must not wait for a batching
     delay. Chains to the handler uvicorn installed (it restores its predecessors itself on exit)."""
     if threading.current_thread() is not threading.main_thread():
         return  # signals are the main thread's; an app run elsewhere (a test client) has none to chain to
     loop = asyncio.get_running_loop()
-
-    def flush_all() -> None:
-        for batcher in batchers.values():
-            batcher.flush()
-
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(signum)
         if not callable(previous):
             continue
 
         def handler(received: int, frame, previous=previous) -> None:
-            loop.call_soon_threadsafe(flush_all)
+            loop.call_soon_threadsafe(server.flush)
             previous(received, frame)
 
         signal.signal(signum, handler)
 
 
-def create_app(models: list[ServedModel], settings: Settings | None = None,
-               unavailable: list[UnavailableModel] | None = None) -> FastAPI:
-    """The service for `models`; `unavailable` ones (failed to load) are reported not ready, with the reason."""
-    settings = settings or Settings()
-    metrics = Metrics()
-    by_name = {m.name: m for m in models}
-    failed = {m.name: m for m in unavailable or []}
-    batchers: dict[str, DynamicBatcher] = {}
-    for model in models:
-        model.override_batching(max_batch_size=settings.max_batch_size, max_queue_delay_us=settings.max_queue_delay_us,
-                                max_queue_size=settings.max_queue_size, dynamic_batching=settings.dynamic_batching)
+
+
+def create_app(server: InferenceServer, settings: HttpSettings | None = None,
+               companions: tuple = ()) -> FastAPI:
+    """The HTTP service of `server`. `companions`: other front ends (the gRPC service) started and stopped with
+    it: objects with async start() and stop(grace)."""
+    settings = settings or HttpSettings()
+    metrics = server.metrics
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        for model in models:
-            batcher = DynamicBatcher(model, metrics, max_batch_size=model.max_batch_size,
-                                     max_queue_delay_s=model.max_queue_delay_us / 1e6,
-                                     max_queue_size=model.max_queue_size)
-            batcher.start()
-            batchers[model.name] = batcher
-        _flush_on_signals(batchers)
+        await server.start()
+        for companion in companions:
+            await companion.start()
+        _flush_on_signals(server)
         yield
-        # uvicorn has drained the in-flight requests by now.
-        for batcher in batchers.values():
-            batcher.flush()
-            await batcher.stop()
+        # uvicorn has drained the in-flight HTTP requests by now; the gRPC ones get the same grace.
+        server.flush()
+        for companion in companions:
+            await companion.stop(grace=30.0)
+        await server.stop()
 
     app = FastAPI(title="yatdeploy inference service", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -188,8 +169,7 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=[HEADER_LENGTH, "Content-Encoding"])
-    app.state.metrics = metrics
-    app.state.batchers = batchers
+    app.state.server = server
 
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, exc: ProtocolError) -> Response:
@@ -209,44 +189,34 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
     parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-parse")
     json_limit = min(settings.max_json_bytes, settings.max_body_bytes)
 
-    async def read_request(request: Request) -> InferRequest:
+    async def read_request(request: Request, model: ServedModel) -> InferRequest:
         header_length = request.headers.get(HEADER_LENGTH)
         limit, what = (json_limit, "JSON request body") if header_length is None else \
             (settings.max_body_bytes, "request body")
         body = _decompressed(await _read_body(request, limit, what), request.headers.get("content-encoding"),
                              limit, what)
+        if header_length is not None and header_length.strip() == "0":  # a raw binary request: no JSON at all
+            if len(model.inputs) != 1:
+                raise ProtocolError(400, f"a raw binary request (header length 0) is for models with one input; "
+                                         f"model '{model.name}' has {len(model.inputs)}")
+            tensor = model.inputs[0]
+            return parse_raw_request(body, tensor.name, tensor.datatype, tuple(tensor.shape))
         if json_length(body, header_length) <= INLINE_PARSE_BYTES:
             return parse_request(body, header_length, json_limit)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(parse_pool, parse_request, body, header_length, json_limit)
 
-    def failure(model: ServedModel, request_id: str | None, exc: Exception, started: float) -> Response:
-        """The JSON error for a failed inference, counted and logged once: a client's mistake in its access-log
-        line, a server failure (500) as an error of its own, with the traceback for a bug of ours."""
-        client_error = True
-        if isinstance(exc, ProtocolError):
-            status, message = exc.status, exc.message
-        elif isinstance(exc, ClientDisconnect):
-            status, message = 400, "the client disconnected before the end of its request"
-        elif isinstance(exc, OnnxModelError):
-            status, message, client_error = 500, exc.text, False
-            log.error("model %s: 500 %s", model.name, message)
-        else:
-            status, message, client_error = 500, f"internal error: {type(exc).__name__}: {exc}", False
-            log.exception("model %s: 500 %s", model.name, message)
-        metrics.record_request(model.name, model.version, False, time.perf_counter() - started)
-        _log_request(model, request_id, status, started, error=message if client_error else None)
-        return _error(status, message)
-
-    def model_for(name: str, version: str | None) -> ServedModel:
-        model = by_name.get(name)
-        if model is None and name in failed:
-            raise ProtocolError(503, f"model '{name}' is not ready: {failed[name].reason}")
-        if model is None:
-            raise ProtocolError(404, f"unknown model '{name}'")
-        if version is not None and version != model.version:
-            raise ProtocolError(404, f"model '{name}' has no version '{version}' (served: {model.version})")
-        return model
+    async def optional_json(request: Request) -> dict:
+        body = await _read_body(request, 1 << 20, "request body")
+        if not body.strip():
+            return {}
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError(400, f"malformed JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ProtocolError(400, "the request must be a JSON object")
+        return value
 
     @app.get("/v2/health/live")
     async def live() -> Response:
@@ -254,87 +224,85 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        # As Triton's strict readiness: ready when every model of the repository is.
-        is_ready = len(batchers) == len(models) and not failed
+        is_ready = server.is_ready()
         return _json({"ready": is_ready}, 200 if is_ready else 503)
 
     @app.get("/v2")
     async def server_metadata() -> Response:
-        return _json({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+        return _json(server.server_metadata())
 
     @app.get("/v2/models/stats")  # every model's statistics; before /v2/models/{name}, which would take "stats"
     async def all_model_stats() -> Response:
-        return _json({"model_stats": [metrics.stats_json(m.name, m.version) for m in models]})
+        return _json({"model_stats": server.statistics()})
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> Response:
-        return _json(model_for(name, version).metadata())
+        return _json(server.metadata(name, version))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Response:
-        if name in failed:
-            return _json({"name": name, "ready": False, "error": f"model '{name}' is not ready: "
-                                                                f"{failed[name].reason}"}, 503)
-        model = model_for(name, version)
-        is_ready = model.name in batchers
-        return _json({"name": model.name, "ready": is_ready}, 200 if is_ready else 503)
+        is_ready, why = server.model_ready(name, version)
+        answer: dict = {"name": name, "ready": is_ready}
+        if why is not None:
+            answer["error"] = why
+        return _json(answer, 200 if is_ready else 503)
 
     @app.post("/v2/repository/index")
-    async def repository_index() -> Response:
-        """Triton's repository index: every model found, READY or UNAVAILABLE with the reason."""
-        entries = [{"name": m.name, "version": m.version, "state": "READY" if m.name in batchers else "UNAVAILABLE",
-                    "reason": ""} for m in models]
-        entries += [{"name": m.name, "version": m.version, "state": "UNAVAILABLE", "reason": m.reason}
-                    for m in failed.values()]
-        return _json(sorted(entries, key=lambda e: e["name"]))
+    async def repository_index(request: Request) -> Response:
+        """Triton's repository index: every model of the repository and its state."""
+        ready_only = (await optional_json(request)).get("ready", False)
+        if type(ready_only) is not bool:
+            raise ProtocolError(400, "'ready' must be true or false")
+        return _json(server.index(ready_only))
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def repository_load(name: str, request: Request) -> Response:
+        parameters = (await optional_json(request)).get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise ProtocolError(400, "'parameters' must be an object")
+        config = parameters.get("config")
+        if config is not None and not isinstance(config, str):
+            raise ProtocolError(400, "the load parameter 'config' must be a string (the model config as JSON)")
+        await server.load(name, config, [key for key in parameters if key.startswith("file:")])
+        return _json({})
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def repository_unload(name: str, request: Request) -> Response:
+        await optional_json(request)  # unload_dependents: no ensembles here, nothing depends on a model
+        await server.unload(name)
+        return _json({})
 
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")
     async def model_config(name: str, version: str | None = None) -> Response:
-        return _json(model_for(name, version).config())
+        return _json(server.config(name, version))
 
     @app.get("/v2/models/{name}/stats")
     @app.get("/v2/models/{name}/versions/{version}/stats")
     async def model_stats(name: str, version: str | None = None) -> Response:
-        model = model_for(name, version)
-        return _json({"model_stats": [metrics.stats_json(model.name, model.version)]})
+        return _json({"model_stats": server.statistics(name, version)})
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         started = time.perf_counter()
-        model = model_for(name, version)
+        deployed = server.deployed(name, version)
         parsed: InferRequest | None = None
         try:
-            parsed = await read_request(request)
-            feeds, batch = model.check(parsed)
-            input_s = time.perf_counter() - started
-            submitted = batchers[model.name].submit(feeds, batch)
-            if parsed.timeout_us:
-                try:
-                    result = await asyncio.wait_for(submitted, parsed.timeout_us / 1e6)
-                except asyncio.TimeoutError:
-                    raise ProtocolError(504, f"the request's timeout of {parsed.timeout_us} µs expired before it "
-                                             "was answered") from None
-            else:
-                result = await submitted
+            parsed = await read_request(request, deployed.model)
+            inference = await server.infer(deployed, parsed, started)
             writing = time.perf_counter()
-            wanted = {o.name: o.binary for o in parsed.outputs} if parsed.outputs is not None else None
-            outputs = [
-                (info.name, array, wanted[info.name] if wanted is not None else parsed.binary_default)
-                for info, array in zip(model.outputs, result.outputs)
-                if wanted is None or info.name in wanted
-            ]
-            content, header_length = encode_response(model.name, model.version, parsed.id, outputs)
+            content, header_length = encode_response(deployed.model.name, deployed.model.version, parsed.id,
+                                                     inference.outputs)
             output_s = time.perf_counter() - writing
         except Exception as exc:  # every failure answers JSON, is counted and logged once
-            return failure(model, parsed.id if parsed is not None else None, exc, started)
-        total = time.perf_counter() - started
-        metrics.record_request(model.name, model.version, True, total, result.queue_s, result.compute_s, input_s,
-                               output_s)
-        _log_request(model, parsed.id, 200, started, batch, result.queue_s, result.compute_s)
+            if isinstance(exc, ClientDisconnect):
+                exc = ProtocolError(400, "the client disconnected before the end of its request")
+            error = server.failed(deployed.model, parsed.id if parsed is not None else None, exc, started)
+            return _error(error.status, error.message)
+        server.succeeded(inference, started, output_s)
         content, encoding = _compressed(content, request.headers.get("accept-encoding", ""))
         headers = {} if encoding is None else {"Content-Encoding": encoding, "Vary": "Accept-Encoding"}
         if header_length is None:
@@ -348,16 +316,3 @@ def create_app(models: list[ServedModel], settings: Settings | None = None,
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def _log_request(model: ServedModel, request_id: str | None, status: int, started: float, batch: int = 0,
-                 queue_s: float = 0.0, compute_s: float = 0.0, error: str | None = None) -> None:
-    """The access log: one JSON line per inference request at info level (--log-level warning silences it)."""
-    if log.isEnabledFor(logging.INFO):
-        line = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "id": request_id,
-                "model": model.name, "version": model.version, "status": status,
-                "latency_us": round((time.perf_counter() - started) * 1e6), "batch": batch,
-                "queue_us": round(queue_s * 1e6), "compute_us": round(compute_s * 1e6)}
-        if error is not None:
-            line["error"] = error
-        log.info(orjson.dumps(line).decode())

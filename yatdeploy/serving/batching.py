@@ -54,11 +54,17 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model.name}")
         self._task: asyncio.Task | None = None
         self._flushing: asyncio.Future[None] | None = None  # done once flush() was called
+        self._waiting = 0
+        self._stopped = False
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._flushing = self._flushing or loop.create_future()
         self._task = loop.create_task(self._serve(), name=f"batcher-{self.model.name}")
+
+    def waiting(self) -> int:
+        """Requests submitted and not yet running, a batch still gathering included (Triton's pending count)."""
+        return self._waiting
 
     def flush(self) -> None:
         """Stop waiting for batches to fill: run what is queued, and all that comes later, at once."""
@@ -69,6 +75,7 @@ class DynamicBatcher:
             self._flushing.set_result(None)
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -84,12 +91,15 @@ class DynamicBatcher:
                 pending.future.set_exception(ProtocolError(503, f"model '{self.model.name}' is shutting down"))
 
     async def submit(self, feeds: dict[str, np.ndarray], batch: int) -> Result:
-        pending = Pending(feeds, batch, asyncio.get_running_loop().create_future())
-        try:
-            self.queue.put_nowait(pending)
-        except asyncio.QueueFull:
+        if self._stopped:  # a request that found the model just before it was unloaded
+            raise ProtocolError(503, f"model '{self.model.name}' version {self.model.version} was unloaded")
+        # Every request not yet running counts, those a gathering batch holds included (as Triton's queue size).
+        if self._waiting >= self.queue.maxsize:
             raise ProtocolError(503, f"model '{self.model.name}' is overloaded: its queue of "
-                                     f"{self.queue.maxsize} requests is full") from None
+                                     f"{self.queue.maxsize} requests is full")
+        pending = Pending(feeds, batch, asyncio.get_running_loop().create_future())
+        self.queue.put_nowait(pending)  # never full: it holds at most the _waiting requests
+        self._waiting += 1
         return await pending.future
 
     async def _next(self, timeout: float | None) -> Pending | None:
@@ -127,6 +137,7 @@ class DynamicBatcher:
                 batch.append(following)
                 size += following.batch
             started = time.perf_counter()
+            self._waiting -= len(batch)
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, batch)
             except Exception as exc:  # the model failed: every request of the batch gets the error

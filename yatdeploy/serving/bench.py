@@ -25,7 +25,7 @@ import numpy as np
 
 from yatdeploy.errors import YatDeployError
 from yatdeploy.serving.datatypes import DATATYPES
-from yatdeploy.serving.protocol import HEADER_LENGTH
+from yatdeploy.serving.protocol import BYTES, HEADER_LENGTH, tensor_bytes
 
 # perf_analyzer's CSV columns (latencies in µs), then ours.
 CSV_COLUMNS = [
@@ -70,13 +70,51 @@ class Step:
         return data
 
 
+# Request data the load generator sends: integers from 0 (an embedding's ids, an index) up to this, exclusive.
+SAMPLE_INT_HIGH = 10
+
+
+def sample(shape: list[int], datatype: str, rng: np.random.Generator, name: str) -> np.ndarray:
+    """Random request data of `datatype`: standard normals for floating point, integers in [0, SAMPLE_INT_HIGH)
+    (valid token ids and indices, never negative), random booleans, short strings of digits for BYTES."""
+    if datatype == BYTES:
+        array = np.empty(shape, dtype=object)
+        array.ravel()[:] = [str(v) for v in rng.integers(0, SAMPLE_INT_HIGH, size=int(np.prod(shape)))]
+        return array
+    dtype = DATATYPES.get(datatype)
+    if dtype is None:
+        raise YatDeployError(f"input '{name}': unsupported datatype {datatype}")
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if dtype.kind in "iu":
+        return rng.integers(0, SAMPLE_INT_HIGH, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(np.float32).astype(dtype)
+
+
+def _request_shape(tensor: dict, batch: int) -> list[int]:
+    shape = [int(d) for d in tensor["shape"]]
+    if shape and shape[0] == -1:
+        shape[0] = batch
+    if any(d < 0 for d in shape):
+        raise YatDeployError(f"input '{tensor['name']}' has dynamic dimensions {tensor['shape']} beyond the "
+                             "batch; the load generator can't pick them")
+    return shape
+
+
+def endpoint(url: str, model: str, batch: int, binary: bool, seed: int = 0) -> Endpoint | GrpcEndpoint:
+    """The endpoint at `url`: http://HOST:PORT (HTTP/REST) or grpc://HOST:PORT (gRPC)."""
+    if url.startswith("grpc://"):
+        return GrpcEndpoint(url, model, batch, seed)
+    return Endpoint(url, model, batch, binary, seed)
+
+
 class Endpoint:
     """A v2 endpoint: its model's signature, a prepared request, raw HTTP/1.1 keep-alive connections."""
 
     def __init__(self, url: str, model: str, batch: int, binary: bool, seed: int = 0) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme != "http" or not parts.hostname:
-            raise YatDeployError(f"{url}: expected http://HOST:PORT")
+            raise YatDeployError(f"{url}: expected http://HOST:PORT or grpc://HOST:PORT")
         self.host = parts.hostname
         self.port = parts.port or 80
         self.base = f"http://{self.host}:{self.port}"
@@ -104,23 +142,16 @@ class Endpoint:
         rng = np.random.default_rng(seed)
         inputs, blobs = [], []
         for tensor in metadata.get("inputs", []):
-            shape = list(tensor["shape"])
-            if shape and shape[0] == -1:
-                shape[0] = batch
-            if any(d < 0 for d in shape):
-                raise YatDeployError(f"input '{tensor['name']}' has dynamic dimensions {tensor['shape']} beyond the "
-                                     "batch; the load generator can't pick them")
-            dtype = DATATYPES.get(tensor["datatype"])
-            if dtype is None:
-                raise YatDeployError(f"input '{tensor['name']}': unsupported datatype {tensor['datatype']}")
-            array = rng.standard_normal(shape).astype(np.float32).astype(dtype)
+            shape = _request_shape(tensor, batch)
+            array = sample(shape, tensor["datatype"], rng, tensor["name"])
             entry = {"name": tensor["name"], "shape": shape, "datatype": tensor["datatype"]}
             if binary:
-                blob = array.tobytes()
+                blob = tensor_bytes(array)
                 entry["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
             else:
-                entry["data"] = array.astype(np.float64).ravel().tolist()
+                entry["data"] = array.ravel().tolist() if array.dtype.kind in "biuO" else \
+                    array.astype(np.float64).ravel().tolist()
             inputs.append(entry)
         header = {"inputs": inputs}
         if binary:
@@ -157,25 +188,80 @@ class Endpoint:
         except (YatDeployError, KeyError, IndexError, TypeError, ValueError):
             return None
 
+    async def exchange(self, connection: Connection, step: Step) -> tuple[bool, Connection]:
+        """One request: whether it succeeded, and a connection fit for the next one."""
+        reader, writer = connection
+        try:
+            status = await self.send(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            step.first_error = step.first_error or f"{type(exc).__name__}: {exc}"
+            writer.close()
+            return False, await self.connect()
+        if status != 200 and step.first_error is None:
+            step.first_error = f"HTTP {status}"
+        return status == 200, connection
+
+    async def close(self, connection: Connection) -> None:
+        connection[1].close()
+
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-async def _exchange(endpoint: Endpoint, connection: Connection, step: Step) -> tuple[bool, Connection]:
-    """One request: whether it succeeded, and a connection fit for the next one."""
-    reader, writer = connection
-    try:
-        status = await endpoint.send(reader, writer)
-    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-        step.first_error = step.first_error or f"{type(exc).__name__}: {exc}"
-        writer.close()
-        return False, await endpoint.connect()
-    if status != 200 and step.first_error is None:
-        step.first_error = f"HTTP {status}"
-    return status == 200, connection
+class GrpcEndpoint:
+    """A v2 endpoint over gRPC (Triton's GRPCInferenceService): a prepared ModelInferRequest with raw tensors,
+    as tritonclient sends it; a channel (an HTTP/2 connection) per client."""
+
+    def __init__(self, url: str, model: str, batch: int, seed: int = 0) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        parts = urlsplit(url)
+        if not parts.hostname or parts.port is None:
+            raise YatDeployError(f"{url}: expected grpc://HOST:PORT")
+        self.target = f"{parts.hostname}:{parts.port}"
+        self.model, self.batch = model, batch
+        self._grpc, self._pb2, self._stubs = grpc, service_pb2, service_pb2_grpc
+        with grpc.insecure_channel(self.target) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            try:
+                metadata = stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=model), timeout=10)
+            except grpc.RpcError as exc:
+                raise YatDeployError(f"{url}: model '{model}': {exc.code().name} {exc.details()}") from None
+        rng = np.random.default_rng(seed)
+        self.request = service_pb2.ModelInferRequest(model_name=model)
+        for tensor in metadata.inputs:
+            shape = _request_shape({"name": tensor.name, "shape": list(tensor.shape)}, batch)
+            self.request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+            self.request.raw_input_contents.append(tensor_bytes(sample(shape, tensor.datatype, rng, tensor.name)))
+
+    async def connect(self):
+        channel = self._grpc.aio.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        return channel, self._stubs.GRPCInferenceServiceStub(channel)
+
+    async def exchange(self, connection, step: Step) -> tuple[bool, object]:
+        try:
+            await connection[1].ModelInfer(self.request)
+        except self._grpc.aio.AioRpcError as exc:
+            step.first_error = step.first_error or f"{exc.code().name}: {exc.details()}"
+            return False, connection
+        return True, connection
+
+    async def close(self, connection) -> None:
+        await connection[0].close()
+
+    def server_stats(self) -> tuple[int, int, int] | None:
+        try:
+            with self._grpc.insecure_channel(self.target) as channel:
+                response = self._stubs.GRPCInferenceServiceStub(channel).ModelStatistics(
+                    self._pb2.ModelStatisticsRequest(name=self.model), timeout=10)
+            stats = response.model_stats[0].inference_stats
+            return stats.success.count, stats.queue.ns, stats.compute_infer.ns
+        except (self._grpc.RpcError, IndexError):
+            return None
 
 
-def _with_server_stats(endpoint: Endpoint, step: Step, before, after) -> None:
+def _with_server_stats(endpoint: Endpoint | GrpcEndpoint, step: Step, before, after) -> None:
     if before is None or after is None or after[0] <= before[0]:
         return
     count = after[0] - before[0]
@@ -183,7 +269,7 @@ def _with_server_stats(endpoint: Endpoint, step: Step, before, after) -> None:
     step.server_compute_us = (after[2] - before[2]) / count / 1e3
 
 
-async def closed_loop(endpoint: Endpoint, concurrency: int, seconds: float, warmup: float) -> Step:
+async def closed_loop(endpoint: Endpoint | GrpcEndpoint, concurrency: int, seconds: float, warmup: float) -> Step:
     step = Step(concurrency=concurrency, rate=None, batch=endpoint.batch)
     connections = [await endpoint.connect() for _ in range(concurrency)]
     start = time.perf_counter()
@@ -194,9 +280,9 @@ async def closed_loop(endpoint: Endpoint, concurrency: int, seconds: float, warm
         while True:
             t0 = time.perf_counter()
             if t0 >= stop:
-                connection[1].close()
+                await endpoint.close(connection)
                 return
-            ok, connection = await _exchange(endpoint, connection, step)
+            ok, connection = await endpoint.exchange(connection, step)
             if t0 >= measure_from:
                 step.record(ok, t0)
 
@@ -213,7 +299,7 @@ async def closed_loop(endpoint: Endpoint, concurrency: int, seconds: float, warm
     return step
 
 
-async def open_loop(endpoint: Endpoint, rate: float, seconds: float, warmup: float, max_inflight: int) -> Step:
+async def open_loop(endpoint: Endpoint | GrpcEndpoint, rate: float, seconds: float, warmup: float, max_inflight: int) -> Step:
     step = Step(concurrency=None, rate=rate, batch=endpoint.batch)
     idle: asyncio.Queue = asyncio.Queue()
     opened = 0
@@ -227,7 +313,7 @@ async def open_loop(endpoint: Endpoint, rate: float, seconds: float, warmup: flo
         if idle.empty() and opened < max_inflight:
             opened += 1
             idle.put_nowait(await endpoint.connect())
-        ok, connection = await _exchange(endpoint, await idle.get(), step)
+        ok, connection = await endpoint.exchange(await idle.get(), step)
         idle.put_nowait(connection)
         if scheduled >= measure_from:
             step.record(ok, scheduled)  # from the scheduled time: a late send is the server's delay too
@@ -245,7 +331,7 @@ async def open_loop(endpoint: Endpoint, rate: float, seconds: float, warmup: flo
     step.seconds = seconds
     _with_server_stats(endpoint, step, before, await asyncio.to_thread(endpoint.server_stats))
     while not idle.empty():
-        idle.get_nowait()[1].close()
+        await endpoint.close(idle.get_nowait())
     return step
 
 
@@ -260,7 +346,7 @@ def in_process_p50_us(onnx_path: Path, batch: int, repeat: int = 200) -> float:
     feeds = {}
     for t in model.inputs:
         shape = [batch if (i == 0 and d == -1) else d for i, d in enumerate(t.shape)]
-        feeds[t.name] = rng.standard_normal(shape).astype(np.float32).astype(DATATYPES[t.datatype])
+        feeds[t.name] = sample(shape, t.datatype, rng, t.name)
     for _ in range(20):
         model.run(feeds)
     times = []
@@ -371,16 +457,16 @@ class BenchResult:
 
 def run_bench(url: str, model: str, *, concurrencies: list[int], rates: list[float], seconds: float, warmup: float,
               batch: int, binary: bool, max_inflight: int, onnx: Path | None, progress) -> BenchResult:
-    endpoint = Endpoint(url, model, batch, binary)
+    target = endpoint(url, model, batch, binary)
     steps: list[Step] = []
 
     async def all_steps() -> None:
         for concurrency in concurrencies:
             with progress.step(f"closed loop, {concurrency} client(s), {warmup:g} s warm-up + {seconds:g} s"):
-                steps.append(await closed_loop(endpoint, concurrency, seconds, warmup))
+                steps.append(await closed_loop(target, concurrency, seconds, warmup))
         for rate in rates:
             with progress.step(f"open loop, {rate:g} requests/s, {warmup:g} s warm-up + {seconds:g} s"):
-                steps.append(await open_loop(endpoint, rate, seconds, warmup, max_inflight))
+                steps.append(await open_loop(target, rate, seconds, warmup, max_inflight))
 
     asyncio.run(all_steps())
     result = BenchResult(url, model, batch, binary, steps)

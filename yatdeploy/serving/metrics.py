@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -110,10 +111,27 @@ class Metrics:
         self.batch_size = Histogram("yatdeploy_batch_size", "Batch items per execution", _LABELS,
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.stats: dict[tuple[str, str], ModelStats] = {}
+        # Triton's nv_inference_pending_request_count: per served version, its requests awaiting execution.
+        self._pending: dict[tuple[str, str], Callable[[], int]] = {}
+
+    def watch_pending(self, model: str, version: str, count: Callable[[], int]) -> None:
+        self._pending[model, version] = count
+
+    def forget_pending(self, model: str, version: str) -> None:
+        self._pending.pop((model, version), None)
+
+    def _render_pending(self) -> str:
+        name = "nv_inference_pending_request_count"
+        lines = [f"# HELP {name} Instantaneous number of pending requests awaiting execution per-model.",
+                 f"# TYPE {name} gauge"]
+        lines += [f'{name}{{model="{_escape(m)}",version="{_escape(v)}"}} {count()}'
+                  for (m, v), count in sorted(self._pending.items())]
+        return "\n".join(lines) + "\n"
 
     def exposition(self) -> bytes:
-        """/metrics: Triton's counters, then yatdeploy's histograms."""
-        return "".join(c.render() for c in self.counters.values()).encode() + generate_latest(self.registry)
+        """/metrics: Triton's counters and pending-request gauge, then yatdeploy's histograms."""
+        triton = "".join(c.render() for c in self.counters.values()) + self._render_pending()
+        return triton.encode() + generate_latest(self.registry)
 
     def model_stats(self, model: str, version: str) -> ModelStats:
         return self.stats.setdefault((model, version), ModelStats())

@@ -153,3 +153,10 @@ class ServedModel:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.runner.run(feeds)
+
+    def close(self) -> None:
+        """Let go of the runner (its session and memory) once the model is unloaded."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+        self.runner = None

@@ -37,6 +37,7 @@ class ProtocolError(Exception):
 class RequestedOutput:
     name: str
     binary: bool
+    class_count: int = 0  # the classification extension: send the top class_count classes instead
 
 
 @dataclass
@@ -215,13 +216,7 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
                            f"needs {needed}")
             if offset + size > len(binary):
                 raise _bad(f"input '{name}': the body ends after {len(binary) - offset} of its {size} binary bytes")
-            try:
-                if datatype == BYTES:
-                    array = _strings(_length_prefixed(binary[offset:offset + size], math.prod(shape), name), shape)
-                else:
-                    array = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
-            except ValueError as exc:  # an empty tensor with a dimension numpy cannot index
-                raise _bad(f"input '{name}': shape {list(shape)}: {exc}") from None
+            array = tensor_from_bytes(binary[offset:offset + size], datatype, shape, name)
             offset += size
         else:
             if "data" not in raw:
@@ -236,10 +231,8 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
     raw_outputs = header.get("outputs")
     parameters = _parameters(header, "the request")
     binary_default = _flag(parameters, "binary_data_output", False, "the request's parameters")
-    _refuse_scheduling(parameters)
-    timeout = parameters.get("timeout", 0)
-    if type(timeout) is not int or timeout < 0:
-        raise _bad(f"the request's 'timeout' parameter must be a number of microseconds >= 0, not {timeout!r}")
+    refuse_scheduling(parameters)
+    timeout = check_timeout(parameters.get("timeout", 0))
     if "outputs" in header:
         if not isinstance(raw_outputs, list):
             raise _bad("'outputs' must be a list")
@@ -248,11 +241,13 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
                 raise _bad("every requested output needs a 'name'")
             where = f"output '{raw['name']}'"
-            if _parameters(raw, where).get("classification", 0):
-                raise _bad(f"{where}: the classification extension (classification/class_count) is not supported; "
-                           "ask for the output itself and take its top classes")
-            outputs.append(RequestedOutput(raw["name"], _flag(_parameters(raw, where), "binary_data", binary_default,
-                                                              where)))
+            if any(o.name == raw["name"] for o in outputs):
+                raise _bad(f"{where} is requested twice")
+            parameters_out = _parameters(raw, where)
+            # As Triton: binary_data_output is the default of the outputs not named; a named one is JSON unless
+            # its own binary_data says otherwise.
+            outputs.append(RequestedOutput(raw["name"], _flag(parameters_out, "binary_data", False, where),
+                                           class_count(parameters_out.get("classification", 0), where)))
     return InferRequest(
         id=request_id,
         inputs=inputs,
@@ -264,6 +259,48 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
     )
 
 
+def class_count(value: object, where: str) -> int:
+    """A requested output's `classification` parameter (the number of top classes to send; 0: the output)."""
+    if type(value) is not int or value < 0:
+        raise _bad(f"{where}: 'classification' must be a number of classes >= 0, not "
+                   f"{orjson.dumps(value).decode()[:40]}")
+    return value
+
+
+def check_timeout(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise _bad(f"the request's 'timeout' parameter must be a number of microseconds >= 0, not {value!r}")
+    return value
+
+
+def parse_raw_request(body: bytes, name: str, datatype: str, dims: tuple[int, ...]) -> InferRequest:
+    """Triton's raw binary request (Inference-Header-Content-Length: 0): the whole body is the tensor of a
+    model's only input, `name` of `datatype`, whose shape is its `dims` with the one free dimension (-1) deduced
+    from the body's size; BYTES: the body is one element."""
+    free = [i for i, d in enumerate(dims) if d < 0]
+    if datatype == BYTES:
+        shape = tuple(1 if d < 0 else d for d in dims)
+        if math.prod(shape) != 1:
+            raise _bad(f"a raw binary request is one BYTES element; input '{name}' has shape {list(dims)}")
+        try:
+            array = _strings([bytes(body).decode("utf-8")], shape)
+        except UnicodeDecodeError:
+            raise _bad(f"input '{name}': the raw BYTES body is not UTF-8 text") from None
+    else:
+        itemsize = DATATYPES[datatype].itemsize
+        fixed = math.prod(d for d in dims if d >= 0)
+        if len(free) > 1:
+            raise _bad(f"a raw binary request's shape can't be deduced: input '{name}' has {len(free)} free "
+                       f"dimensions {list(dims)} (send a JSON header with the shape)")
+        if fixed == 0 or len(body) % (fixed * itemsize) or (not free and len(body) != fixed * itemsize):
+            raise _bad(f"a raw binary request of {len(body)} bytes does not fit input '{name}': {datatype} of shape "
+                       f"{list(dims)}")
+        shape = tuple(len(body) // (fixed * itemsize) if d < 0 else d for d in dims)
+        array = tensor_from_bytes(body, datatype, shape, name)
+    # Triton answers a raw request with binary outputs: the client sent no JSON and may read none.
+    return InferRequest(id=None, inputs={name: array}, input_datatypes={name: datatype}, binary_default=True)
+
+
 # Request parameters of Triton schedulers yatdeploy does not have, with their "not asked for" values.
 _SCHEDULING = {
     "priority": ((0,), "request priorities (every request has one priority level here)"),
@@ -273,7 +310,7 @@ _SCHEDULING = {
 }
 
 
-def _refuse_scheduling(parameters: dict) -> None:
+def refuse_scheduling(parameters: dict) -> None:
     """A 400 for a parameter that asks for scheduling yatdeploy does not do, rather than ignoring it."""
     for name, (unset, what) in _SCHEDULING.items():
         if name in parameters and parameters[name] not in unset:
@@ -281,6 +318,22 @@ def _refuse_scheduling(parameters: dict) -> None:
 
 
 BYTES = "BYTES"
+
+
+def tensor_from_bytes(data: bytes | memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A tensor from its binary form (little-endian, row-major; BYTES length-prefixed), whose size has been
+    checked against `shape` (for BYTES: the element count is checked here)."""
+    try:
+        if datatype == BYTES:
+            return _strings(_length_prefixed(data, math.prod(shape), name), shape)
+        return np.frombuffer(data, dtype=DATATYPES[datatype]).reshape(shape)
+    except ValueError as exc:  # an empty tensor with a dimension numpy cannot index
+        raise _bad(f"input '{name}': shape {list(shape)}: {exc}") from None
+
+
+def tensor_bytes(array: np.ndarray) -> bytes:
+    """A tensor's binary form, as tensor_from_bytes reads it."""
+    return _length_prefix(array) if array.dtype == object else np.ascontiguousarray(array).tobytes()
 
 
 def _strings(values: list, shape: tuple[int, ...]) -> np.ndarray:
@@ -342,7 +395,7 @@ def encode_response(
     for name, array, binary in outputs:
         entry: dict = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
         if binary:
-            blob = _length_prefix(array) if array.dtype == object else np.ascontiguousarray(array).tobytes()
+            blob = tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -45,6 +45,9 @@ DEFAULT_MAX_QUEUE_SIZE = 256
 MAX_QUEUE_DELAY_US = 10_000_000
 # Triton's backend and platform names for what yatdeploy serves, by the model file each one loads.
 _TRITON_RUNTIMES = {MODEL_FILE: ("onnxruntime", "onnxruntime_onnx"), PLAN_FILE: ("tensorrt", "tensorrt_plan")}
+# Triton's --model-control-mode values yatdeploy has: every model at start-up and no changes (none), or only
+# what --load-model names, then what clients load and unload (explicit).
+CONTROL_MODES = ("none", "explicit")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -104,6 +107,16 @@ def parse_config(path: Path):
     return config
 
 
+def config_from_json(text: str):
+    """A ModelConfig message from its JSON form (a load request's `config` parameter), or a YatDeployError."""
+    from google.protobuf import json_format
+
+    try:
+        return json_format.Parse(text, model_config_pb2().ModelConfig())
+    except json_format.ParseError as exc:
+        raise YatDeployError(f"the configuration is not a valid Triton model config: {exc}") from None
+
+
 def check_model_name(name: str) -> str:
     if not _NAME.match(name):
         raise YatDeployError(f"model name {name!r}: use letters, digits, '_', '.' and '-' only")
@@ -125,24 +138,28 @@ def _peek_config(path: Path):
         return None
 
 
-def _served_version(name: str, config, found: list[tuple[int, Path, Path]]) -> tuple[int, Path, Path]:
-    """The version Triton's version_policy serves, among `found` (version, folder, model file), sorted: latest 1
-    (the default) or one specific version. Policies serving several versions at once are refused."""
+def _served_versions(name: str, config, found: list[tuple[int, Path, Path]]) -> list[tuple[int, Path, Path]]:
+    """The versions Triton's version_policy serves, among `found` (version, folder, model file), sorted: latest N
+    (the default: latest 1), all, or specific versions (each of which must be there)."""
     policy = config.version_policy.WhichOneof("policy_choice") if config is not None else None
     if policy == "specific":
-        wanted = list(config.version_policy.specific.versions)
-        if len(wanted) != 1:
-            raise YatDeployError(f"model '{name}': {CONFIG} version_policy specific {wanted}: yatdeploy serves one "
-                                 "version of a model at a time")
-        match = [entry for entry in found if entry[0] == wanted[0]]
-        if not match:
-            raise YatDeployError(f"model '{name}': {CONFIG} version_policy specific {wanted}: no version {wanted[0]} "
-                                 f"(found {', '.join(str(v) for v, _, _ in found)})")
-        return match[0]
-    if policy == "all" or (policy == "latest" and config.version_policy.latest.num_versions > 1):
-        raise YatDeployError(f"model '{name}': {CONFIG} version_policy {policy}: yatdeploy serves one version of a "
-                             "model at a time (use latest { num_versions: 1 } or specific)")
-    return found[-1]
+        wanted = sorted(set(config.version_policy.specific.versions))
+        present = {entry[0]: entry for entry in found}
+        missing = [v for v in wanted if v not in present]
+        if not wanted or missing:
+            raise YatDeployError(f"model '{name}': {CONFIG} version_policy specific {list(wanted)}: no version "
+                                 f"{', '.join(map(str, missing or ['listed']))} (found "
+                                 f"{', '.join(str(v) for v, _, _ in found)})")
+        return [present[v] for v in wanted]
+    if policy == "all":
+        return found
+    if policy == "latest":
+        count = config.version_policy.latest.num_versions
+        if count < 1:
+            raise YatDeployError(f"model '{name}': {CONFIG} version_policy latest num_versions {count}: must be at "
+                                 "least 1")
+        return found[-count:]
+    return found[-1:]
 
 
 def _engine_backend(plan: Path) -> str:
@@ -152,8 +169,10 @@ def _engine_backend(plan: Path) -> str:
     return engine_runtime(plan)
 
 
-def discover(path: str | Path) -> list[ModelSource]:
-    """The models at `path`: one .onnx file (served under its stem), or a Triton-style repository."""
+def discover(path: str | Path, only: str | None = None, config_override=None) -> list[ModelSource]:
+    """The model versions at `path`: one .onnx file (served under its stem), or a Triton-style repository,
+    one ModelSource per version its version_policy serves (`only`: of that model alone; `config_override`: a
+    ModelConfig message read instead of its config.pbtxt, as a load request may send one)."""
     path = Path(path)
     if not path.exists():
         raise YatDeployError(f"{path}: no such file or folder")
@@ -164,30 +183,35 @@ def discover(path: str | Path) -> list[ModelSource]:
             raise YatDeployError(f"{path}: expected an .onnx file, a TensorRT .plan or a model repository folder")
         return [ModelSource(path.stem, "1", path)]
     sources = []
-    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
-        config = _peek_config(folder / CONFIG) if (folder / CONFIG).is_file() else None
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and (only is None or p.name == only)):
+        has_config = config_override is not None or (folder / CONFIG).is_file()
+        config = config_override if config_override is not None else \
+            _peek_config(folder / CONFIG) if has_config else None
         default_name = config.default_model_filename if config is not None else ""
         names = (default_name,) if default_name else (MODEL_FILE, PLAN_FILE)
         versions = sorted((int(v.name), v) for v in folder.iterdir() if v.is_dir() and v.name.isdigit())
         found = [(n, v, f) for n, v in versions if (f := _model_file(v, names)) is not None]
         if not found:
-            if (folder / CONFIG).is_file() or versions:  # a model folder that serves nothing: say why, not skip it
+            if has_config or versions:  # a model folder that serves nothing: say why, not skip it
                 sources.append(ModelSource(folder.name, str(versions[-1][0]) if versions else "1", folder,
                                            error=_why_no_model(folder.name, config, names, versions)))
             continue
         try:
-            version, _, model_file = _served_version(folder.name, config, found)
+            served = _served_versions(folder.name, config, found)
         except YatDeployError as exc:
             sources.append(ModelSource(folder.name, str(found[-1][0]), found[-1][2], error=exc.text))
             continue
-        source = ModelSource(folder.name, str(version), model_file,
-                             backend=_engine_backend(model_file) if model_file.suffix == ".plan" else None)
-        if (folder / CONFIG).is_file():
-            try:
-                read_config(source, folder / CONFIG)
-            except YatDeployError as exc:
-                source.error = exc.text
-        sources.append(source)
+        for version, _, model_file in served:
+            source = ModelSource(folder.name, str(version), model_file,
+                                 backend=_engine_backend(model_file) if model_file.suffix == ".plan" else None)
+            if has_config:
+                try:
+                    read_config(source, folder / CONFIG, config_override)
+                except YatDeployError as exc:
+                    source.error = exc.text
+            sources.append(source)
+    if not sources and only is not None:
+        raise YatDeployError(f"model '{only}' is not in the repository {path}")
     if not sources:
         raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE} or {PLAN_FILE})")
     return sources
@@ -206,17 +230,19 @@ def _config_error(source: ModelSource, field: str, problem: str) -> YatDeployErr
     return YatDeployError(f"model '{source.name}': {CONFIG} {field} {problem}")
 
 
-def read_config(source: ModelSource, path: Path) -> None:
-    """Set `source` from its config.pbtxt, or raise a YatDeployError naming the model and the bad field.
+def read_config(source: ModelSource, path: Path, config=None) -> None:
+    """Set `source` from its config.pbtxt at `path` (or `config`, a ModelConfig message given instead), or raise
+    a YatDeployError naming the model and the bad field.
 
     What can be checked without loading the model is checked here; check_signature does the rest.
     """
     from yatdeploy import backends as registry
 
-    try:
-        config = parse_config(path)
-    except YatDeployError as exc:
-        raise YatDeployError(f"model '{source.name}': {exc.message}") from None
+    if config is None:
+        try:
+            config = parse_config(path)
+        except YatDeployError as exc:
+            raise YatDeployError(f"model '{source.name}': {exc.message}") from None
     source.config = path
     if config.name and config.name != source.name:
         raise _config_error(source, "name", f"{config.name!r} differs from its folder's, {source.name!r}")

@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 
 
 def load_models(path: str | Path, backend_name: str | None, intra_op_threads: int, progress: Progress,
-                ) -> tuple[list[ServedModel], list[UnavailableModel]]:
-    """The models at `path` that load, and those of a repository that do not, with the reason (said once on
-    stderr; the server reports them not ready). A single model file that does not load, or a repository of
-    which none does, is a YatDeployError."""
+                only: str | None = None, config=None) -> tuple[list[ServedModel], list[UnavailableModel]]:
+    """The model versions at `path` that load (`only`: of that model alone, with `config`, a ModelConfig, instead
+    of its config.pbtxt when given), and those of a repository that do not, with the reason. A single model
+    file that does not load is a YatDeployError."""
     from yatdeploy.serving.model import UnavailableModel
     from yatdeploy.serving.repository import discover
 
@@ -33,15 +33,45 @@ def load_models(path: str | Path, backend_name: str | None, intra_op_threads: in
         backends.get(backend_name)  # an unknown --backend is the command's mistake, not a model's
     models: list[ServedModel] = []
     unavailable: list[UnavailableModel] = []
-    for source in discover(path):
+    for source in discover(path, only, config):
         try:
             models.append(_load_model(source, backend_name, intra_op_threads, progress))
         except YatDeployError as exc:
             if Path(path).is_file():
                 raise
             unavailable.append(UnavailableModel(source.name, source.version, exc.text))
-    if not models:
+    if not models and only is None:
         raise YatDeployError(f"{path}: no model could be loaded: " + "; ".join(m.reason for m in unavailable))
+    return models, unavailable
+
+
+def repository_names(path: str | Path) -> list[str]:
+    """The names of the models at `path` (a repository's model folders, or a single file's stem)."""
+    from yatdeploy.serving.repository import discover
+
+    return sorted({source.name for source in discover(path)})
+
+
+def _startup_models(path: str | Path, backend_name: str | None, intra_op_threads: int, progress: Progress,
+                    control_mode: str, load: list[str]) -> tuple[list[ServedModel], list[UnavailableModel]]:
+    """What the server serves from the start: every model (control mode none), or those `load` names (explicit;
+    "*" for all). Mode none with nothing that loads is a YatDeployError: such a server could never serve."""
+    if control_mode == "none":
+        if load:
+            raise YatDeployError(f"{option('load_model')} is for {option('model_control_mode')} explicit")
+        models, unavailable = load_models(path, backend_name, intra_op_threads, progress)
+    else:
+        known = repository_names(path)
+        names = known if "*" in load else list(dict.fromkeys(load))
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise YatDeployError(f"{option('load_model')} {unknown[0]}: no such model in {path} (models: "
+                                 f"{', '.join(known)})")
+        models, unavailable = [], []
+        for name in names:
+            loaded, failed = load_models(path, backend_name, intra_op_threads, progress, only=name)
+            models += loaded
+            unavailable += failed
     for model in unavailable:
         print(f"yatdeploy serve: not serving {model.reason}", file=sys.stderr, flush=True)
     return models, unavailable
@@ -143,18 +173,35 @@ def _http_protocol() -> type | str:
     return BoundedHeadProtocol
 
 
-def serve(path: str | Path, *, host: str, port: int, backend: str | None, settings, intra_op_threads: int,
-          log_level: str, progress: Progress) -> None:
-    for module in ("fastapi", "uvicorn", "prometheus_client"):
+def serve(path: str | Path, *, host: str, port: int, grpc_port: int, backend: str | None, settings,
+          http_settings, load: list[str], intra_op_threads: int, log_level: str, progress: Progress) -> None:
+    """Serve the models at `path` over HTTP on `port` and gRPC on `grpc_port` (0: no gRPC). `settings`: the
+    InferenceServer's (batching overrides, control mode), `http_settings`: the HTTP app's."""
+    for module in ("fastapi", "uvicorn", "prometheus_client", *(("grpc",) if grpc_port else ())):
         if importlib.util.find_spec(module) is None:
             raise YatDeployError(f"serving needs {module}", "pip install 'yatdeploy[service]'")
     import uvicorn
 
     from yatdeploy.serving.app import create_app
+    from yatdeploy.serving.core import InferenceServer
 
     sockets = _listening_sockets(host, port)  # before loading: a taken port is said at once
-    models, unavailable = load_models(path, backend, intra_op_threads, progress)
-    app = create_app(models, settings, unavailable)
+    if grpc_port:
+        for probe in _listening_sockets(host, grpc_port):
+            probe.close()
+    models, unavailable = _startup_models(path, backend, intra_op_threads, progress, settings.control_mode, load)
+
+    def loader(name: str, config=None):
+        return load_models(path, backend, intra_op_threads, progress, only=name, config=config)
+
+    server_core = InferenceServer(models, unavailable, settings=settings, loader=loader,
+                                  repository_models=repository_names(path))
+    companions = ()
+    if grpc_port:
+        from yatdeploy.serving.grpc_service import GrpcFrontEnd
+
+        companions = (GrpcFrontEnd(server_core, host, grpc_port, http_settings.max_body_bytes),)
+    app = create_app(server_core, http_settings, companions)
     # uvicorn ends a graceful shutdown by raising the signal again under the handler it found: end with
     # status 0 then, every request having been answered (also for a SIGTERM before uvicorn starts).
     signal.signal(signal.SIGTERM, _exit_normally)
@@ -167,7 +214,8 @@ def serve(path: str | Path, *, host: str, port: int, backend: str | None, settin
     # the collector's full passes, which otherwise stall every request for ~0.2 s now and then.
     gc.collect()
     gc.freeze()
-    progress.say(f"serving {', '.join(m.name for m in models)} on http://{host}:{port}")
+    names = ", ".join(m.name for m in models) or "no model yet (load them through the repository API)"
+    progress.say(f"serving {names} on http://{host}:{port}" + (f" and grpc://{host}:{grpc_port}" if grpc_port else ""))
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
@@ -183,3 +231,5 @@ def serve(path: str | Path, *, host: str, port: int, backend: str | None, settin
         if server.started:
             raise
         raise YatDeployError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
+    if not server.started:
+        raise YatDeployError(f"the server did not start (see the error above; gRPC port {grpc_port})")

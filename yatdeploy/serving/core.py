@@ -1,0 +1,361 @@
+"""The inference server, whatever the transport: the models it serves, their batchers and statistics, the
+repository's control (load, unload, index), and inference from a parsed request to the outputs to send.
+
+The HTTP app (app.py) and the gRPC service (grpc_service.py) are thin translations of their wire formats to
+and from this object; a failure is a ProtocolError with an HTTP status, which the gRPC side maps to its codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import orjson
+
+from yatdeploy import __version__
+from yatdeploy.errors import OnnxModelError, YatDeployError
+from yatdeploy.serving.batching import DynamicBatcher
+from yatdeploy.serving.metrics import Metrics
+from yatdeploy.serving.model import ServedModel, UnavailableModel
+from yatdeploy.serving.protocol import InferRequest, ProtocolError
+from yatdeploy.serving.repository import CONTROL_MODES, config_from_json
+
+log = logging.getLogger("yatdeploy.serving")
+
+SERVER_NAME = "yatdeploy"
+EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration", "model_repository"]
+# How long an unload waits for the requests a version still holds before it stops the version's batcher.
+UNLOAD_DRAIN_S = 30.0
+
+# Loads one model of the repository, with a ModelConfig to use instead of its config.pbtxt or None: the versions
+# that load and those that do not, with the reason.
+Loader = Callable[[str, object], tuple[list[ServedModel], list[UnavailableModel]]]
+
+
+@dataclass
+class Deployed:
+    """A version being served: the model, its batcher, and the requests it holds (queued or running)."""
+
+    model: ServedModel
+    batcher: DynamicBatcher
+    in_flight: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Inference:
+    """A request answered: what to send back (output name, array, send it as binary) and how long it took."""
+
+    model: ServedModel
+    request: InferRequest
+    outputs: list[tuple[str, np.ndarray, bool]]
+    batch: int
+    queue_s: float
+    compute_s: float
+    input_s: float
+
+
+@dataclass
+class ServerSettings:
+    """What the server's command line overrides in every model (None: each model's own) and its control mode."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    max_queue_size: int | None = None
+    dynamic_batching: bool = True
+    control_mode: str = "none"
+
+
+class InferenceServer:
+    def __init__(self, models: list[ServedModel], unavailable: list[UnavailableModel] | None = None, *,
+                 settings: ServerSettings | None = None, loader: Loader | None = None,
+                 repository_models: list[str] | None = None) -> None:
+        """`models` are served from the start, `unavailable` ones are reported with their reason. `loader` and
+        `repository_models` (every model name of the repository) make the repository controllable."""
+        self.settings = settings or ServerSettings()
+        if self.settings.control_mode not in CONTROL_MODES:
+            raise ValueError(f"control mode {self.settings.control_mode!r}")
+        self.metrics = Metrics()
+        self._initial = list(models)
+        self._loader = loader
+        self._known = sorted(set(repository_models or []) | {m.name for m in [*models, *(unavailable or [])]})
+        self._served: dict[str, dict[str, Deployed]] = {}
+        self._failed: dict[str, list[UnavailableModel]] = {}
+        for model in unavailable or []:
+            self._failed.setdefault(model.name, []).append(model)
+        self._unloaded: set[str] = set()
+        self._control = asyncio.Lock()
+        self.started = False
+
+    # -- life cycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the batchers of the models loaded so far (needs the running event loop)."""
+        for model in self._initial:
+            self._deploy(model)
+        self._initial = []
+        self.started = True
+
+    def flush(self) -> None:
+        """Let every batcher run what it holds at once (shutting down: nothing waits for a batching delay)."""
+        for versions in self._served.values():
+            for deployed in versions.values():
+                deployed.batcher.flush()
+
+    async def stop(self) -> None:
+        self.flush()
+        for versions in self._served.values():
+            for deployed in versions.values():
+                await deployed.batcher.stop()
+        self._served.clear()
+
+    def _deploy(self, model: ServedModel) -> Deployed:
+        s = self.settings
+        model.override_batching(max_batch_size=s.max_batch_size, max_queue_delay_us=s.max_queue_delay_us,
+                                max_queue_size=s.max_queue_size, dynamic_batching=s.dynamic_batching)
+        batcher = DynamicBatcher(model, self.metrics, max_batch_size=model.max_batch_size,
+                                 max_queue_delay_s=model.max_queue_delay_us / 1e6, max_queue_size=model.max_queue_size)
+        batcher.start()
+        deployed = Deployed(model, batcher)
+        deployed.drained.set()
+        self._served.setdefault(model.name, {})[model.version] = deployed
+        self.metrics.watch_pending(model.name, model.version, batcher.waiting)
+        return deployed
+
+    # -- lookup ---------------------------------------------------------------------------------------------
+
+    def deployed(self, name: str, version: str | None = None) -> Deployed:
+        """The version asked for (None: the newest served), or a ProtocolError: 404 unknown, 503 not ready."""
+        versions = self._served.get(name)
+        if not versions:
+            if name in self._failed:
+                raise ProtocolError(503, f"model '{name}' is not ready: {self._reasons(name)}")
+            if name in self._known:
+                raise ProtocolError(503, f"model '{name}' is not loaded" + (" (unloaded)" if name in self._unloaded
+                                                                               else ""))
+            raise ProtocolError(404, unknown_model(name))
+        if version is None or version == "":
+            return versions[max(versions, key=int)]
+        if version not in versions:
+            failed = [m for m in self._failed.get(name, []) if m.version == version]
+            if failed:
+                raise ProtocolError(503, f"model '{name}' version {version} is not ready: {failed[0].reason}")
+            raise ProtocolError(404, f"{unknown_model(name, version)} (served: {', '.join(sorted(versions, key=int))})")
+        return versions[version]
+
+    def model(self, name: str, version: str | None = None) -> ServedModel:
+        return self.deployed(name, version).model
+
+    def _reasons(self, name: str) -> str:
+        return "; ".join(m.reason for m in self._failed.get(name, []))
+
+    def is_ready(self) -> bool:
+        """As Triton's strict readiness: started, and every model asked for is served."""
+        return self.started and not self._failed
+
+    def model_ready(self, name: str, version: str | None = None) -> tuple[bool, str | None]:
+        """Whether the model (version) is ready; when not, why. A ProtocolError 404 for a name never heard of."""
+        if name not in self._known and name not in self._served:
+            raise ProtocolError(404, unknown_model(name))
+        try:
+            self.deployed(name, version)
+        except ProtocolError as exc:
+            return False, exc.message
+        return True, None
+
+    def server_metadata(self) -> dict:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    def metadata(self, name: str, version: str | None = None) -> dict:
+        metadata = self.model(name, version).metadata()
+        if version is None:
+            metadata["versions"] = sorted(self._served[name], key=int)
+        return metadata
+
+    def config(self, name: str, version: str | None = None) -> dict:
+        return self.model(name, version).config()
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> list[dict]:
+        """Triton's model_stats entries: every served version of every model, of one model, or one version."""
+        if name is None:
+            chosen = [d.model for versions in self._served.values() for d in versions.values()]
+        elif version is None or version == "":
+            self.deployed(name)
+            chosen = [self._served[name][v].model for v in sorted(self._served[name], key=int)]
+        else:
+            chosen = [self.model(name, version)]
+        return [self.metrics.stats_json(m.name, m.version) for m in sorted(chosen, key=lambda m: (m.name,
+                                                                                                  int(m.version)))]
+
+    # -- repository -----------------------------------------------------------------------------------------
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """Triton's repository index: every model of the repository, each served version READY, a failed one
+        UNAVAILABLE with the reason, an unloaded one UNAVAILABLE "unloaded", one never loaded by name alone."""
+        entries: list[dict] = []
+        for name in self._known:
+            for version in sorted(self._served.get(name, {}), key=int):
+                entries.append({"name": name, "version": version, "state": "READY", "reason": ""})
+            if not ready_only:
+                entries += [{"name": name, "version": m.version, "state": "UNAVAILABLE", "reason": m.reason}
+                            for m in self._failed.get(name, [])]
+                if name not in self._served and name not in self._failed:
+                    entries.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"}
+                                   if name in self._unloaded else {"name": name})
+        return entries
+
+    def _controllable(self, action: str) -> None:
+        if self.settings.control_mode != "explicit" or self._loader is None:
+            raise ProtocolError(400, f"explicit model {action} is not allowed: the server runs with model control "
+                                     "mode 'none' (start it with --model-control-mode explicit)")
+
+    async def load(self, name: str, config_json: str | None = None, files: list[str] | None = None) -> None:
+        """Load (or reload) `name` from the repository: its versions are read again and swapped in once all have
+        loaded; the versions they replace finish the requests they hold. `config_json`: a ModelConfig in JSON to
+        use instead of the model's config.pbtxt (Triton's load `config` parameter). A ProtocolError 400 says why
+        not."""
+        self._controllable("load")
+        if files:
+            raise ProtocolError(400, f"failed to load '{name}': model files sent with the request ({files[0]!r}) are "
+                                     "not supported: put them in the repository")
+        async with self._control:
+            try:
+                config = config_from_json(config_json) if config_json is not None else None
+                models, failed = await asyncio.to_thread(self._loader, name, config)
+            except YatDeployError as exc:
+                raise ProtocolError(400, f"failed to load '{name}': {exc.text}") from None
+            if failed:
+                for model in models:
+                    model.close()
+                raise ProtocolError(400, f"failed to load '{name}': " + "; ".join(m.reason for m in failed))
+            old = self._served.pop(name, {})
+            self._failed.pop(name, None)
+            self._unloaded.discard(name)
+            if name not in self._known:
+                self._known = sorted([*self._known, name])
+            for model in models:
+                self._deploy(model)
+            await self._retire(old.values())
+        log.info("loaded model '%s' (versions %s)", name, ", ".join(m.version for m in models))
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`: new requests get 503 at once, those it holds are answered first."""
+        self._controllable("unload")
+        async with self._control:
+            if name not in self._known:
+                raise ProtocolError(400, f"failed to unload '{name}': no such model in the repository")
+            old = self._served.pop(name, {})
+            self._failed.pop(name, None)
+            self._unloaded.add(name)
+            await self._retire(old.values())
+        log.info("unloaded model '%s'", name)
+
+    async def _retire(self, versions) -> None:
+        for deployed in versions:
+            deployed.batcher.flush()
+            try:
+                await asyncio.wait_for(deployed.drained.wait(), UNLOAD_DRAIN_S)
+            except asyncio.TimeoutError:
+                log.warning("model '%s' version %s: requests still running after %.0f s; stopping it anyway",
+                            deployed.model.name, deployed.model.version, UNLOAD_DRAIN_S)
+            await deployed.batcher.stop()
+            self.metrics.forget_pending(deployed.model.name, deployed.model.version)
+            deployed.model.close()
+
+    # -- inference ------------------------------------------------------------------------------------------
+
+    async def infer(self, deployed: Deployed, request: InferRequest, started: float) -> Inference:
+        """Run `request` on `deployed` (from deployed()); `started`: when the request began to be read."""
+        model = deployed.model
+        feeds, batch = model.check(request)
+        input_s = time.perf_counter() - started
+        deployed.in_flight += 1
+        deployed.drained.clear()
+        try:
+            submitted = deployed.batcher.submit(feeds, batch)
+            if request.timeout_us:
+                try:
+                    result = await asyncio.wait_for(submitted, request.timeout_us / 1e6)
+                except asyncio.TimeoutError:
+                    raise ProtocolError(504, f"the request's timeout of {request.timeout_us} µs expired before it "
+                                             "was answered") from None
+            else:
+                result = await submitted
+        finally:
+            deployed.in_flight -= 1
+            if deployed.in_flight == 0:
+                deployed.drained.set()
+        wanted = {o.name: o for o in request.outputs} if request.outputs is not None else None
+        outputs = []
+        for info, array in zip(model.outputs, result.outputs):
+            if wanted is None:
+                outputs.append((info.name, array, request.binary_default))
+            elif info.name in wanted:
+                asked = wanted[info.name]
+                if asked.class_count:
+                    array = classify(array, asked.class_count, has_batch=model.max_batch_size > 0, name=info.name)
+                outputs.append((info.name, array, asked.binary))
+        return Inference(model, request, outputs, batch, result.queue_s, result.compute_s, input_s)
+
+    def succeeded(self, inference: Inference, started: float, output_s: float) -> None:
+        model = inference.model
+        self.metrics.record_request(model.name, model.version, True, time.perf_counter() - started,
+                                    inference.queue_s, inference.compute_s, inference.input_s, output_s)
+        access_log(model.name, model.version, inference.request.id, 200, started, inference.batch, inference.queue_s,
+                   inference.compute_s)
+
+    def failed(self, model: ServedModel, request_id: str | None, exc: Exception, started: float) -> ProtocolError:
+        """A failed inference as the error to answer, counted and logged once: a client's mistake in its
+        access-log line, a server failure (500) as an error of its own, with the traceback for a bug of ours."""
+        client_error = True
+        if isinstance(exc, ProtocolError):
+            error = exc
+        elif isinstance(exc, OnnxModelError):
+            error, client_error = ProtocolError(500, exc.text), False
+            log.error("model %s: 500 %s", model.name, error.message)
+        else:
+            error = ProtocolError(500, f"internal error: {type(exc).__name__}: {exc}")
+            client_error = False
+            log.exception("model %s: 500 %s", model.name, error.message)
+        self.metrics.record_request(model.name, model.version, False, time.perf_counter() - started)
+        access_log(model.name, model.version, request_id, error.status, started,
+                   error=error.message if client_error else None)
+        return error
+
+
+def unknown_model(name: str, version: str | None = None) -> str:
+    """Triton's words for a model or version it does not serve: its client examples look for this prefix."""
+    return f"Request for unknown model: '{name}'" + (f" version {version}" if version else "") + " is not found"
+
+
+def classify(array: np.ndarray, count: int, *, has_batch: bool, name: str) -> np.ndarray:
+    """Triton's classification extension: the `count` largest values of each batch item (of the whole tensor
+    without a batch dimension) as BYTES "value:index", largest first."""
+    if array.dtype.kind not in "fiu" and array.dtype.name != "bfloat16":
+        raise ProtocolError(400, f"output '{name}': classification needs a numeric output, not {array.dtype}")
+    rows = array.reshape(array.shape[0], -1) if has_batch else array.reshape(1, -1)
+    count = min(count, rows.shape[1])
+    values = rows.astype(np.float64)
+    order = np.argsort(-values, axis=1, kind="stable")[:, :count]
+    labels = np.empty(order.shape, dtype=object)
+    for r, indices in enumerate(order):
+        labels[r] = [f"{values[r, i]:f}:{i}" for i in indices]
+    return labels if has_batch else labels.reshape(count)
+
+
+def access_log(model: str, version: str, request_id: str | None, status: int, started: float, batch: int = 0,
+               queue_s: float = 0.0, compute_s: float = 0.0, error: str | None = None) -> None:
+    """The access log: one JSON line per inference request at info level (--log-level warning silences it)."""
+    if log.isEnabledFor(logging.INFO):
+        line = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "id": request_id,
+                "model": model, "version": version, "status": status,
+                "latency_us": round((time.perf_counter() - started) * 1e6), "batch": batch,
+                "queue_us": round(queue_s * 1e6), "compute_us": round(compute_s * 1e6)}
+        if error is not None:
+            line["error"] = error
+        log.info(orjson.dumps(line).decode())

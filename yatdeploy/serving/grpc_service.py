@@ -1,0 +1,294 @@
+"""The Open Inference Protocol over gRPC (Triton's GRPCInferenceService), on the same InferenceServer as HTTP.
+
+The messages and the service stubs are those tritonclient[grpc] ships (tritonclient.grpc.service_pb2 and
+service_pb2_grpc), so the wire format is Triton's own. Tensors come as raw_input_contents (what tritonclient
+sends) or typed InferTensorContents; outputs always go back as raw_output_contents, as Triton sends them.
+Failures are the InferenceServer's ProtocolErrors, given the gRPC status code Triton gives the same error.
+Not served (UNIMPLEMENTED, as the base servicer answers): shared memory, trace and log settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from yatdeploy.serving.core import InferenceServer
+from yatdeploy.serving.datatypes import DATATYPES, datatype_of
+from yatdeploy.serving.protocol import (
+    BYTES,
+    InferRequest,
+    ProtocolError,
+    RequestedOutput,
+    check_timeout,
+    class_count,
+    refuse_scheduling,
+    tensor_bytes,
+    tensor_from_bytes,
+)
+
+# The HTTP status of a ProtocolError -> the gRPC code Triton answers for that kind of failure.
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
+          504: grpc.StatusCode.DEADLINE_EXCEEDED}
+# InferTensorContents' field for each datatype that has one (FP16 and BF16 travel only as raw contents).
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", BYTES: "bytes_contents"}
+_INT64_MAX = 2**63 - 1
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(400, message)
+
+
+def _parameter(value: service_pb2.InferParameter) -> object:
+    which = value.WhichOneof("parameter_choice")
+    return getattr(value, which) if which is not None else None
+
+
+def _parameters(entries) -> dict:
+    return {key: _parameter(value) for key, value in entries.items()}
+
+
+def _shape(dims, name: str) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape) or math.prod(shape) > _INT64_MAX:
+        raise _bad(f"input '{name}': shape {list(shape)} must be non-negative sizes a tensor can hold")
+    return shape
+
+
+def _typed_contents(tensor, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An input sent in InferTensorContents' typed field for its datatype."""
+    name = tensor.name
+    field = _CONTENTS.get(datatype)
+    if field is None:
+        raise _bad(f"input '{name}': {datatype} data must be sent as raw_input_contents")
+    values = list(getattr(tensor.contents, field))
+    count = math.prod(shape)
+    if len(values) != count:
+        raise _bad(f"input '{name}': {len(values)} values in {field} for shape {list(shape)} ({count} expected)")
+    if datatype == BYTES:
+        try:
+            texts = [v.decode("utf-8") for v in values]
+        except UnicodeDecodeError:
+            raise _bad(f"input '{name}': a BYTES element is not UTF-8 text") from None
+        array = np.empty(count, dtype=object)
+        array[:] = texts
+        return array.reshape(shape)
+    dtype = DATATYPES[datatype]
+    if dtype.kind in "iu" and values:
+        limits = np.iinfo(dtype)
+        if min(values) < limits.min or max(values) > limits.max:
+            raise _bad(f"input '{name}': a value is out of {datatype}'s range [{limits.min}, {limits.max}]")
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
+    """A ModelInferRequest as the InferenceServer's request; a ProtocolError 400 naming what is malformed."""
+    parameters = _parameters(message.parameters)
+    refuse_scheduling(parameters)
+    timeout = check_timeout(parameters.get("timeout", 0))
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise _bad(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs (send every input "
+                   "raw, or none)")
+    if not message.inputs:
+        raise _bad("the request has no inputs")
+    inputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    for index, tensor in enumerate(message.inputs):
+        name = tensor.name
+        if not name:
+            raise _bad("every input needs a name")
+        if name in inputs:
+            raise _bad(f"input '{name}' is given twice")
+        if tensor.datatype not in DATATYPES:
+            raise _bad(f"input '{name}': unsupported datatype {tensor.datatype!r}")
+        shape = _shape(tensor.shape, name)
+        if raw:
+            if tensor.HasField("contents"):
+                raise _bad(f"input '{name}' has both contents and raw_input_contents")
+            blob = raw[index]
+            if tensor.datatype != BYTES:
+                needed = math.prod(shape) * DATATYPES[tensor.datatype].itemsize
+                if len(blob) != needed:
+                    raise _bad(f"input '{name}': raw_input_contents has {len(blob)} bytes, shape {list(shape)} of "
+                               f"{tensor.datatype} needs {needed}")
+            inputs[name] = tensor_from_bytes(blob, tensor.datatype, shape, name)
+        else:
+            inputs[name] = _typed_contents(tensor, tensor.datatype, shape)
+        datatypes[name] = tensor.datatype
+    outputs = None
+    names = [o.name for o in message.outputs]
+    if len(set(names)) != len(names):
+        raise _bad(f"output '{next(n for n in names if names.count(n) > 1)}' is requested twice")
+    if message.outputs:
+        outputs = [RequestedOutput(o.name, True, class_count(_parameters(o.parameters).get("classification", 0),
+                                                               f"output '{o.name}'"))
+                   for o in message.outputs]
+    return InferRequest(id=message.id or None, inputs=inputs, input_datatypes=datatypes, outputs=outputs,
+                        binary_default=True, parameters=parameters, timeout_us=timeout)
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, server: InferenceServer) -> None:
+        self.server = server
+
+    async def _answer(self, context, call):
+        """`call()`'s result, or the call aborted with the gRPC code of its ProtocolError."""
+        try:
+            return call()
+        except ProtocolError as exc:
+            await context.abort(_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+
+    async def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self.server.is_ready())
+
+    async def ModelReady(self, request, context):
+        try:
+            ready, _ = self.server.model_ready(request.name, request.version or None)
+        except ProtocolError:
+            ready = False  # an unknown model is not ready (HTTP answers 404 for the same)
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(**self.server.server_metadata())
+
+    async def ModelMetadata(self, request, context):
+        metadata = await self._answer(context, lambda: self.server.metadata(request.name, request.version or None))
+
+        def tensors(entries: list[dict]) -> list:
+            return [service_pb2.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"],
+                                                                     shape=t["shape"]) for t in entries]
+
+        return service_pb2.ModelMetadataResponse(name=metadata["name"], versions=metadata["versions"],
+                                                 platform=metadata["platform"], inputs=tensors(metadata["inputs"]),
+                                                 outputs=tensors(metadata["outputs"]))
+
+    async def ModelConfig(self, request, context):
+        config = await self._answer(context, lambda: self.server.config(request.name, request.version or None))
+        return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+    async def ModelStatistics(self, request, context):
+        stats = await self._answer(context, lambda: self.server.statistics(request.name or None,
+                                                                           request.version or None))
+        return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse(),
+                                     ignore_unknown_fields=True)
+
+    async def RepositoryIndex(self, request, context):
+        models = [service_pb2.RepositoryIndexResponse.ModelIndex(**entry) for entry in self.server.index(request.ready)]
+        return service_pb2.RepositoryIndexResponse(models=models)
+
+    async def RepositoryModelLoad(self, request, context):
+        parameters = request.parameters
+        config = None
+        if "config" in parameters:
+            config = parameters["config"].string_param
+        try:
+            await self.server.load(request.model_name, config, [key for key in parameters if key.startswith("file:")])
+        except ProtocolError as exc:
+            await context.abort(_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            await self.server.unload(request.model_name)
+        except ProtocolError as exc:
+            await context.abort(_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+        return service_pb2.RepositoryModelUnloadResponse()
+
+    async def _infer(self, message: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        """One inference, counted and logged; a ProtocolError (already counted) when it fails."""
+        started = time.perf_counter()
+        deployed = self.server.deployed(message.model_name, message.model_version or None)
+        parsed: InferRequest | None = None
+        try:
+            parsed = infer_request(message)
+            inference = await self.server.infer(deployed, parsed, started)
+            writing = time.perf_counter()
+            response = service_pb2.ModelInferResponse(model_name=deployed.model.name,
+                                                      model_version=deployed.model.version, id=message.id)
+            for name, array, _ in inference.outputs:
+                response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=list(array.shape))
+                response.raw_output_contents.append(tensor_bytes(array))
+            output_s = time.perf_counter() - writing
+        except Exception as exc:
+            raise self.server.failed(deployed.model, parsed.id if parsed is not None else (message.id or None), exc,
+                                     started) from None
+        self.server.succeeded(inference, started, output_s)
+        return response
+
+    async def ModelInfer(self, request, context):
+        try:
+            return await self._infer(request)
+        except ProtocolError as exc:
+            await context.abort(_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator:
+        """Every request of the stream runs as it arrives (so that they can share batches); each response, or
+        its error, goes back as soon as it is ready."""
+        answers: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def one(message) -> None:
+            try:
+                answer = service_pb2.ModelStreamInferResponse(infer_response=await self._infer(message))
+            except ProtocolError as exc:
+                answer = service_pb2.ModelStreamInferResponse(
+                    error_message=exc.message,
+                    infer_response=service_pb2.ModelInferResponse(model_name=message.model_name,
+                                                                  model_version=message.model_version,
+                                                                  id=message.id))
+            await answers.put(answer)
+
+        async def read() -> None:
+            running: set[asyncio.Task] = set()
+            try:
+                async for message in request_iterator:
+                    task = asyncio.ensure_future(one(message))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running)
+            finally:
+                await answers.put(done)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await answers.get()) is not done:
+                yield answer
+        finally:
+            reader.cancel()
+
+
+class GrpcFrontEnd:
+    """The gRPC server, started and stopped with the HTTP app (create_app's companions)."""
+
+    def __init__(self, server: InferenceServer, host: str, port: int, max_message_bytes: int) -> None:
+        self.server, self.host, self.port, self.max_message_bytes = server, host, port, max_message_bytes
+        self._grpc: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        # so_reuseport off: a second server on the same port is an error, not a silent share of its traffic.
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0),
+                                              ("grpc.max_receive_message_length", self.max_message_bytes),
+                                              ("grpc.max_send_message_length", -1)])
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.server), self._grpc)
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self._grpc.add_insecure_port(address)
+        await self._grpc.start()
+
+    async def stop(self, grace: float) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
