@@ -8,12 +8,12 @@ STAMP := $(VENV)/.installed
 # (pyproject.toml). Elsewhere AUTO: a CPU-only build, without triton. A value from the environment wins.
 YATDEPLOY_CUDA ?= $(if $(shell command -v nvcc 2>/dev/null),ON,AUTO)
 
-.PHONY: demo test bench install system-deps clean
+.PHONY: demo test bench install system-deps perf-analyzer triton-ort clean
 
 demo: $(STAMP)
 	$(BIN)/yatdeploy demo
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps perf-analyzer triton-ort
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -42,6 +42,26 @@ system-deps:
 	  else \
 	    echo "note:$$missing not installed and apt-get is not usable here; their tests will skip"; \
 	  fi; \
+	fi
+
+# NVIDIA's perf_analyzer (the binary in the tritonclient 2.48.0 wheel, with libcudart and libb64 beside it) into
+# $(VENV)/tools/perf_analyzer; does nothing when it is already there. Where it can't be had, its test skips.
+perf-analyzer: $(STAMP)
+	@$(BIN)/python tools/perf_analyzer.py || echo "note: perf_analyzer not installed; tests/test_perf_analyzer.py will skip"
+
+# onnxruntime as Triton's ONNX Runtime backend has it (TRITON_ORT_VERSION: the ort_version of build.py's
+# DEFAULT_TRITON_VERSION_MAP in triton-inference-server/server, branch r26.08, Triton 2.72.0 / container 26.08;
+# docs/triton.md), with its dependencies, in a folder of its own outside the venv's site-packages:
+# tests/test_portable_repository.py loads an exported repository with it in a clean interpreter. Installed once
+# per version; where pip can't get it, that test skips.
+TRITON_ORT_VERSION := 1.28.0
+TRITON_ORT := $(VENV)/triton-ort
+triton-ort: $(STAMP)
+	@if [ ! -d $(TRITON_ORT)/onnxruntime-$(TRITON_ORT_VERSION).dist-info ]; then \
+	  rm -rf $(TRITON_ORT) && \
+	  $(BIN)/python -m pip install --disable-pip-version-check --no-warn-conflicts -q --target $(TRITON_ORT) \
+	    onnxruntime==$(TRITON_ORT_VERSION) numpy || \
+	  { rm -rf $(TRITON_ORT); echo "note: onnxruntime $(TRITON_ORT_VERSION) not installed into $(TRITON_ORT); tests/test_portable_repository.py will skip"; }; \
 	fi
 
 clean:

@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", help="model name in the repository (default: the output file's stem)")
     export.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help=f"max_batch_size in config.pbtxt (default {DEFAULT_MAX_BATCH_SIZE})")
+    from yatdeploy.serving.repository import DEFAULT_OP_LIBRARY_ROOT
+
+    export.add_argument(
+        "--op-library-root", metavar="DIR", default=DEFAULT_OP_LIBRARY_ROOT,
+        help="with --repository: the absolute path the repository will have where Triton runs. The custom-op "
+             "library and the OpenBLAS it links are copied beside config.pbtxt, whose op_library_filename is "
+             f"written as DIR/<name>/libyatdeploy_ort.so (default {DEFAULT_OP_LIBRARY_ROOT}, Triton's convention: "
+             "-v REPO:/models ... --model-repository=/models; /mnt/models under KServe; the repository's own "
+             "absolute path, e.g. \"$(realpath REPO)\", for a Triton on this machine). docs/triton.md",
+    )
     _add_model_source_args(export)
     _add_tolerance_args(export)
 
@@ -331,7 +341,8 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
         from yatdeploy.serving.repository import write_repository
 
         folder = write_repository(args.repository, args.name or result.path.stem, result.path,
-                                  op_library=native.ort_library_path(), max_batch_size=args.max_batch_size)
+                                  op_library=native.ort_library_path(), max_batch_size=args.max_batch_size,
+                                  op_library_root=args.op_library_root)
         print(f"wrote model repository entry {folder}")
     if args.no_validate:
         return EXIT_OK

@@ -12,6 +12,8 @@ import ctypes
 import functools
 import json
 import os
+import struct
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -87,14 +89,99 @@ def build_info() -> dict:
 @functools.cache
 def preload_dependencies() -> None:
     """Load the BLAS the library links against, so it resolves wherever the library was installed."""
-    try:
-        import scipy_openblas32
-    except ImportError:
+    lib_dir = _openblas_lib_dir()
+    if lib_dir is None:
         return
-    lib_dir = Path(scipy_openblas32.get_lib_dir())
     for candidate in sorted(lib_dir.glob("libscipy_openblas*.so*")):
         ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
         return
+
+
+@dataclass(frozen=True)
+class ElfDynamic:
+    """What the dynamic loader reads from a shared library: the libraries it needs (DT_NEEDED) and where it looks
+    for them first (DT_RUNPATH, else the older DT_RPATH), as written (`$ORIGIN` unexpanded)."""
+
+    needed: tuple[str, ...]
+    runpath: tuple[str, ...]
+
+
+_DT_NEEDED, _DT_RPATH, _DT_RUNPATH = 1, 15, 29
+_SHT_DYNAMIC = 6
+
+
+def elf_dynamic(path: str | Path) -> ElfDynamic:
+    """Read the dynamic section of a 64-bit ELF file (the libraries built here and the wheels' are), with no tool
+    (readelf, patchelf) needed. ValueError for anything else."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] not in (1, 2):
+        raise ValueError(f"{path}: not a 64-bit ELF file")
+    order = "<" if data[5] == 1 else ">"
+    shoff, = struct.unpack_from(order + "Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from(order + "HH", data, 0x3A)
+    sections = [struct.unpack_from(order + "IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    needed: list[str] = []
+    runpath: list[str] = []
+    rpath: list[str] = []
+    for _name, kind, _flags, _addr, offset, size, link, _info, _align, _entsize in sections:
+        if kind != _SHT_DYNAMIC:
+            continue
+        strings = sections[link][4]
+
+        def string(at: int, strings: int = strings) -> str:
+            start = strings + at
+            return data[start:data.index(b"\0", start)].decode()
+
+        for entry in range(offset, offset + size, 16):
+            tag, value = struct.unpack_from(order + "qQ", data, entry)
+            if tag == 0:
+                break
+            if tag == _DT_NEEDED:
+                needed.append(string(value))
+            elif tag in (_DT_RUNPATH, _DT_RPATH):
+                (runpath if tag == _DT_RUNPATH else rpath).extend(p for p in string(value).split(":") if p)
+    return ElfDynamic(tuple(needed), tuple(runpath or rpath))
+
+
+def _expand_origin(entry: str, library: Path) -> Path:
+    origin = str(library.resolve().parent)
+    return Path(entry.replace("${ORIGIN}", origin).replace("$ORIGIN", origin))
+
+
+def _openblas_lib_dir() -> Path | None:
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    return Path(scipy_openblas32.get_lib_dir())
+
+
+def library_dependencies(library: str | Path) -> dict[str, Path]:
+    """The shared libraries that `library` needs from outside the system, by the name it asks for (DT_NEEDED), and
+    theirs in turn: what has to travel with it to load on another machine. A name counts when its RUNPATH finds it
+    (`$ORIGIN` expanded) or, for OpenBLAS, in scipy-openblas32 (where a library in a build folder finds it only
+    through preload_dependencies). Whatever else it needs (libc, libstdc++, libgcc_s, libm) is the target system's."""
+    found: dict[str, Path] = {}
+    pending = [Path(library).resolve()]
+    while pending:
+        current = pending.pop()
+        dynamic = elf_dynamic(current)
+        folders = [_expand_origin(entry, current) for entry in dynamic.runpath]
+        for name in dynamic.needed:
+            if name in found:
+                continue
+            places = list(folders)
+            if name.startswith("libscipy_openblas") and (openblas := _openblas_lib_dir()) is not None:
+                places.append(openblas)
+            path = next((folder / name for folder in places if (folder / name).is_file()), None)
+            if path is None:
+                if name.startswith("libscipy_openblas"):
+                    raise FileNotFoundError(f"{current} needs {name}, which is neither in its RUNPATH "
+                                            f"({':'.join(dynamic.runpath) or 'none'}) nor in scipy-openblas32")
+                continue
+            found[name] = path.resolve()
+            pending.append(found[name])
+    return found
 
 
 def gpu_count() -> int:

@@ -25,7 +25,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 
 import onnx
 
@@ -360,9 +360,10 @@ def _text(config) -> str:
     return text_format.MessageToString(config)
 
 
-def config_text(name: str, model: onnx.ModelProto, *, op_library: Path | None, max_batch_size: int,
+def config_text(name: str, model: onnx.ModelProto, *, op_library: str | PurePath | None, max_batch_size: int,
                 max_queue_delay_us: int = 0, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
-    """config.pbtxt for an ONNX model: Triton's ModelConfig message in protobuf text format."""
+    """config.pbtxt for an ONNX model: Triton's ModelConfig message in protobuf text format. `op_library` is
+    written as given: the custom-op library's path where Triton will run (op_library_path)."""
     pb2 = model_config_pb2()
     config = pb2.ModelConfig(name=name, backend="onnxruntime", max_batch_size=max_batch_size)
     _add_tensors(config.input, [graph.signature(v) for v in graph.graph_inputs(model)], batching=True)
@@ -375,21 +376,78 @@ def config_text(name: str, model: onnx.ModelProto, *, op_library: Path | None, m
     return _text(config)
 
 
+# Where Triton sees the model repository: the folder its docs mount and pass as --model-repository. The
+# custom-op library's path in config.pbtxt is written for it (write_repository's op_library_root).
+DEFAULT_OP_LIBRARY_ROOT = "/models"
+
+
 def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *, op_library: Path | None,
-                     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, version: int = 1) -> Path:
-    """Copy an exported model into `<repository>/<name>/<version>/model.onnx` with its config.pbtxt."""
+                     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, version: int = 1,
+                     op_library_root: str | PurePath = DEFAULT_OP_LIBRARY_ROOT) -> Path:
+    """Copy an exported model into `<repository>/<name>/<version>/model.onnx` with its config.pbtxt.
+
+    With `op_library` (the custom-op library), the library and the libraries it needs from outside the system
+    (OpenBLAS) are copied into `<repository>/<name>/` beside config.pbtxt, and the config's op_library_filename
+    names the copy as Triton will see it: `<op_library_root>/<name>/<file>`, `op_library_root` being the
+    repository's absolute path where Triton runs (/models, Triton's convention, by default; /mnt/models under
+    KServe; the repository's own absolute path for a Triton on this machine). docs/triton.md."""
     check_model_name(name)
     if max_batch_size < 1:
         raise YatDeployError(f"{option('max_batch_size')} {max_batch_size}: must be at least 1")
     model = onnx.load(str(onnx_path), load_external_data=False)
     if not graph.model_has_batch_dim(model):
         raise YatDeployError(f"a repository model needs a dynamic batch dimension (it was exported with {option('dynamic_batch', False)})")
+    library_path = op_library_path(op_library_root, name, op_library) if op_library is not None else None
     folder = Path(repository) / name
     (folder / str(version)).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, folder / str(version) / MODEL_FILE)
-    config = config_text(name, model, op_library=op_library, max_batch_size=max_batch_size)
+    if op_library is not None:
+        copy_op_library(op_library, folder)
+    config = config_text(name, model, op_library=library_path, max_batch_size=max_batch_size)
     (folder / CONFIG).write_text(config)
     return folder
+
+
+def op_library_path(root: str | PurePath, name: str, op_library: str | Path) -> PurePosixPath:
+    """op_library_filename for model `name`: where its copy of `op_library` is when the repository is at `root`.
+
+    Triton's ONNX Runtime backend hands the string as it is to RegisterCustomOpsLibrary (dlopen), which would
+    read a relative path against the server's working directory: `root` must be absolute."""
+    root = PurePosixPath(root)
+    if not root.is_absolute():
+        raise YatDeployError(f"{option('op_library_root')} {str(root)!r}: give the absolute path the repository will "
+                             f"have where Triton runs ({DEFAULT_OP_LIBRARY_ROOT}, Triton's convention; /mnt/models "
+                             "under KServe; the repository's own absolute path for a Triton on this machine)")
+    return root / check_model_name(name) / Path(op_library).name
+
+
+def copy_op_library(op_library: str | Path, folder: Path) -> list[Path]:
+    """Copy the custom-op library, and the libraries it needs from outside the system (OpenBLAS, under the names
+    the library asks for), into `folder`; return the copies. The library finds them there through its `$ORIGIN`
+    RUNPATH (custom_ops/CMakeLists.txt): a library built without one is refused, as its copy would not load."""
+    from yatdeploy import native
+
+    op_library = Path(op_library)
+    try:
+        dynamic = native.elf_dynamic(op_library)
+        needs = native.library_dependencies(op_library)
+    except (OSError, ValueError) as exc:
+        raise YatDeployError(f"custom-op library {op_library}: {exc}") from None
+    if needs and not any(entry in ("$ORIGIN", "${ORIGIN}") for entry in dynamic.runpath):
+        raise YatDeployError(f"custom-op library {op_library} has no $ORIGIN in its RUNPATH "
+                             f"({':'.join(dynamic.runpath) or 'none'}), so a copy would not find "
+                             f"{', '.join(needs)} beside it", "rebuild it: make install")
+    copies = []
+    for target_name, source in [(op_library.name, op_library), *needs.items()]:
+        target = folder / target_name
+        copies.append(target)
+        if target.exists() and target.resolve() == source.resolve():
+            continue
+        # A new file renamed into place: a server that has the old copy loaded keeps its pages intact.
+        partial = target.with_name(f".{target_name}.partial")
+        shutil.copyfile(source, partial)
+        partial.replace(target)
+    return copies
 
 
 def engine_config_text(name: str, signature, *, max_queue_delay_us: int = 0,
