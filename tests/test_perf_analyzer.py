@@ -18,13 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="the service extra is not installed")
 
-from tests.model_zoo import yat_mlp  # noqa: E402
 from tests.test_serving import Server  # noqa: E402
-from yatdeploy.cli import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -63,13 +60,9 @@ def tool():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """The mlp test model as mlp.onnx (served as "mlp": input "input" [-1, 16] FP32, output "output" [-1, 5])."""
-    folder = tmp_path_factory.mktemp("perf-analyzer")
-    torch.save(yat_mlp(), folder / "mlp.pt")
-    assert main(["export", "-q", str(folder / "mlp.pt"), "-o", str(folder / "mlp.onnx"), "--input-shape", "1,16",
-                 "--no-validate"]) == 0
-    return folder / "mlp.onnx"
+def model(exported_mlp) -> Path:
+    """The session's mlp test model (served as "mlp": input "input" [-1, 16] FP32, output "output" [-1, 5])."""
+    return exported_mlp.onnx
 
 
 @dataclass

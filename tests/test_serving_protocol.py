@@ -21,11 +21,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the service extra is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
 
-import torch  # noqa: E402
 
-from tests.model_zoo import yat_mlp  # noqa: E402
 from tests.test_serving import REPO, Server, free_port  # noqa: E402
-from yatdeploy.cli import main  # noqa: E402
 
 INFER = "/v2/models/mlp/infer"
 # A server whose ServedModel.run fails with an error no code path expects: the catch-all's case.
@@ -43,12 +40,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def mlp_onnx(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("mlp")
-    torch.save(yat_mlp(), folder / "mlp.pt")
-    assert main(["export", "-q", str(folder / "mlp.pt"), "-o", str(folder / "mlp.onnx"), "--input-shape", "1,16",
-                 "--no-validate"]) == 0
-    return folder / "mlp.onnx"
+def mlp_onnx(exported_mlp) -> Path:
+    return exported_mlp.onnx  # served as "mlp"
 
 
 @pytest.fixture(scope="module")

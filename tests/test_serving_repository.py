@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,10 +77,15 @@ def test_the_latest_two_versions_are_served_side_by_side(repository):
         server.stop()
 
 
-def test_explicit_mode_loads_and_unloads_on_request(repository, tmp_path):
+def _explicit(repository, tmp_path, load: str) -> tuple[Path, Server]:
+    """A copy of the repository (a test may change it) served in explicit mode, `load` loaded at start-up."""
     repo = tmp_path / "repo"
     shutil.copytree(repository / "repo", repo)
-    server = Server(repo, "--model-control-mode", "explicit", "--load-model", "other")
+    return repo, Server(repo, "--model-control-mode", "explicit", "--load-model", load)
+
+
+def test_explicit_mode_loads_and_unloads_on_request(repository, tmp_path):
+    repo, server = _explicit(repository, tmp_path, "other")
     try:
         client = httpclient.InferenceServerClient(server.url)
         assert client.is_server_ready() and client.is_model_ready("other") and not client.is_model_ready("mlp")
@@ -125,10 +131,8 @@ def test_explicit_mode_loads_and_unloads_on_request(repository, tmp_path):
         server.stop()
 
 
-def test_a_model_that_fails_to_load_says_why_and_keeps_the_old_versions_out(repository, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(repository / "repo", repo)
-    server = Server(repo, "--model-control-mode", "explicit", "--load-model", "*")
+def test_a_failed_reload_says_why_and_keeps_serving_what_was_served(repository, tmp_path):
+    repo, server = _explicit(repository, tmp_path, "*")
     try:
         client = httpclient.InferenceServerClient(server.url)
         assert client.is_model_ready("mlp") and client.is_model_ready("other")
