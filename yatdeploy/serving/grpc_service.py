@@ -45,6 +45,11 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
 _INT64_MAX = 2**63 - 1
 
 
+async def _abort(context, error: ProtocolError) -> None:
+    """End the call with `error`'s message and the gRPC code Triton gives that kind of failure."""
+    await context.abort(_CODES.get(error.status, grpc.StatusCode.UNKNOWN), error.message)
+
+
 def _bad(message: str) -> ProtocolError:
     return ProtocolError(400, message)
 
@@ -147,7 +152,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return call()
         except ProtocolError as exc:
-            await context.abort(_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+            await _abort(context, exc)
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -198,14 +203,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             await self.server.load(request.model_name, config, [key for key in parameters if key.startswith("file:")])
         except ProtocolError as exc:
-            await context.abort(_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+            await _abort(context, exc)
         return service_pb2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
         try:
             await self.server.unload(request.model_name)
         except ProtocolError as exc:
-            await context.abort(_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+            await _abort(context, exc)
         return service_pb2.RepositoryModelUnloadResponse()
 
     async def _infer(self, message: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
@@ -233,7 +238,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return await self._infer(request)
         except ProtocolError as exc:
-            await context.abort(_CODES.get(exc.status, grpc.StatusCode.UNKNOWN), exc.message)
+            await _abort(context, exc)
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator:
         """Every request of the stream runs as it arrives (so that they can share batches); each response, or
