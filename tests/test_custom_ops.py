@@ -366,3 +366,50 @@ def test_cuda_kernel_paths(dtype, m, k, n, bias, w_as_input):
     for _ in range(2):  # the second run reuses the cached |w|² (constant W) or recomputes it
         got = ort.run(session, feeds)[0]
         _assert_close(got, _reference(x, w, b, 1e-3, 0.75, dtype), dtype)
+
+
+OLD_RUNTIME = r"""
+import ctypes, sys
+
+# An ONNX Runtime too old for the library: its OrtApiBase has no API of the library's version, only API 1, whose
+# first entry (CreateStatus) records the message the library sends back.
+got = {}
+CREATE_STATUS = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
+GET_API = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+VERSION = ctypes.CFUNCTYPE(ctypes.c_char_p)
+
+
+def create_status(code, message):
+    got["code"], got["message"] = code, message.decode()
+    return 0x5EED
+
+
+create_status_fn = CREATE_STATUS(create_status)
+api_1 = (ctypes.c_void_p * 2)(ctypes.cast(create_status_fn, ctypes.c_void_p), None)
+get_api_fn = GET_API(lambda version: ctypes.addressof(api_1) if version == 1 else None)
+version_fn = VERSION(lambda: b"1.16.3")
+
+
+class ApiBase(ctypes.Structure):
+    _fields_ = [("GetApi", GET_API), ("GetVersionString", VERSION)]
+
+
+library = ctypes.CDLL(sys.argv[1])
+library.RegisterCustomOps.restype = ctypes.c_void_p
+library.RegisterCustomOps.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+status = library.RegisterCustomOps(None, ctypes.byref(ApiBase(get_api_fn, version_fn)))
+print(hex(status or 0), got["code"], got["message"])
+"""
+
+
+def test_an_onnx_runtime_too_old_for_the_library_gets_an_error_not_a_crash():
+    """Triton releases before 25.03 ship an ONNX Runtime older than the API the library asks for: registering it
+    there must answer an error status naming both versions (Triton then reports the model unloadable)."""
+    from yatdeploy import native
+
+    done = subprocess.run([sys.executable, "-c", OLD_RUNTIME, str(native.ort_library_path())], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    status, code, message = done.stdout.split(" ", 2)
+    assert status == "0x5eed" and code == "1"  # ORT_FAIL
+    assert "needs ONNX Runtime 1." in message and "this is ONNX Runtime 1.16.3" in message, message

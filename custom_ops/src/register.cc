@@ -2,6 +2,7 @@
 // library was built with (cpu/ always; cuda/ when built with YATDEPLOY_WITH_CUDA). Registration only: the
 // kernels live in cpu/ and cuda/, what they share in common/.
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "common/yat_gemm_ort.h"
@@ -35,7 +36,18 @@ std::vector<Ort::CustomOpDomain>& Domains() {
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    // An ONNX Runtime older than the headers the library was built with (e.g. an older Triton's): it has no
+    // API of this version, but its first one can still carry the error instead of a crash.
+    const OrtApi* first = api_base->GetApi(1);
+    const std::string message = "yatdeploy's custom-op library needs ONNX Runtime 1." +
+                                std::to_string(ORT_API_VERSION) + " or newer (its API version " +
+                                std::to_string(ORT_API_VERSION) + "); this is ONNX Runtime " +
+                                api_base->GetVersionString();
+    return first != nullptr ? first->CreateStatus(ORT_FAIL, message.c_str()) : nullptr;
+  }
+  Ort::InitApi(api);
   try {
     std::lock_guard<std::mutex> lock(registry_mutex);
     Ort::CustomOpDomain domain{yat::spec::kDomain};
