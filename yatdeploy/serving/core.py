@@ -186,7 +186,7 @@ class InferenceServer:
             chosen = [d.model for versions in self._served.values() for d in versions.values()]
         elif version is None or version == "":
             self.deployed(name)
-            chosen = [self._served[name][v].model for v in sorted(self._served[name], key=int)]
+            chosen = [d.model for d in self._served[name].values()]
         else:
             chosen = [self.model(name, version)]
         return [self.metrics.stats_json(m.name, m.version) for m in sorted(chosen, key=lambda m: (m.name,

@@ -26,11 +26,15 @@ from yatdeploy.serving.protocol import (
     InferRequest,
     ProtocolError,
     RequestedOutput,
+    check_binary_size,
+    check_int_range,
     check_timeout,
     class_count,
     refuse_scheduling,
+    string_tensor,
     tensor_bytes,
     tensor_from_bytes,
+    tensor_shape,
 )
 
 # The HTTP status of a ProtocolError -> the gRPC code Triton answers for that kind of failure.
@@ -42,7 +46,6 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents", BYTES: "bytes_contents"}
-_INT64_MAX = 2**63 - 1
 
 
 async def _abort(context, error: ProtocolError) -> None:
@@ -63,13 +66,6 @@ def _parameters(entries) -> dict:
     return {key: _parameter(value) for key, value in entries.items()}
 
 
-def _shape(dims, name: str) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in dims)
-    if any(d < 0 for d in shape) or math.prod(shape) > _INT64_MAX:
-        raise _bad(f"input '{name}': shape {list(shape)} must be non-negative sizes a tensor can hold")
-    return shape
-
-
 def _typed_contents(tensor, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
     """An input sent in InferTensorContents' typed field for its datatype."""
     name = tensor.name
@@ -85,15 +81,9 @@ def _typed_contents(tensor, datatype: str, shape: tuple[int, ...]) -> np.ndarray
             texts = [v.decode("utf-8") for v in values]
         except UnicodeDecodeError:
             raise _bad(f"input '{name}': a BYTES element is not UTF-8 text") from None
-        array = np.empty(count, dtype=object)
-        array[:] = texts
-        return array.reshape(shape)
-    dtype = DATATYPES[datatype]
-    if dtype.kind in "iu" and values:
-        limits = np.iinfo(dtype)
-        if min(values) < limits.min or max(values) > limits.max:
-            raise _bad(f"input '{name}': a value is out of {datatype}'s range [{limits.min}, {limits.max}]")
-    return np.array(values, dtype=dtype).reshape(shape)
+        return string_tensor(texts, shape)
+    check_int_range(values, datatype, name)
+    return np.array(values, dtype=DATATYPES[datatype]).reshape(shape)
 
 
 def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
@@ -117,16 +107,12 @@ def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
             raise _bad(f"input '{name}' is given twice")
         if tensor.datatype not in DATATYPES:
             raise _bad(f"input '{name}': unsupported datatype {tensor.datatype!r}")
-        shape = _shape(tensor.shape, name)
+        shape = tensor_shape(list(tensor.shape), name)
         if raw:
             if tensor.HasField("contents"):
                 raise _bad(f"input '{name}' has both contents and raw_input_contents")
             blob = raw[index]
-            if tensor.datatype != BYTES:
-                needed = math.prod(shape) * DATATYPES[tensor.datatype].itemsize
-                if len(blob) != needed:
-                    raise _bad(f"input '{name}': raw_input_contents has {len(blob)} bytes, shape {list(shape)} of "
-                               f"{tensor.datatype} needs {needed}")
+            check_binary_size(len(blob), tensor.datatype, shape, name, f"raw_input_contents has {len(blob)} bytes")
             inputs[name] = tensor_from_bytes(blob, tensor.datatype, shape, name)
         else:
             inputs[name] = _typed_contents(tensor, tensor.datatype, shape)

@@ -56,7 +56,8 @@ def _bad(message: str) -> ProtocolError:
     return ProtocolError(400, message)
 
 
-def _shape(raw: object, name: str) -> tuple[int, ...]:
+def tensor_shape(raw: object, name: str) -> tuple[int, ...]:
+    """An input's shape as sent: a list of non-negative integers of at most 2**63-1 elements in all."""
     if not isinstance(raw, list) or not all(type(d) is int and d >= 0 for d in raw):
         raise _bad(f"input '{name}': 'shape' must be a list of non-negative integers")
     if any(d > _INT64_MAX for d in raw) or math.prod(raw) > _INT64_MAX:
@@ -112,7 +113,7 @@ def _array(data: object, shape: tuple[int, ...], datatype: str, name: str) -> np
         if kinds - {str}:
             names = ", ".join(sorted(_JSON_TYPE_NAMES.get(k, k.__name__) for k in kinds - {str}))
             raise _bad(f"input '{name}': BYTES data holds {names} values (strings expected)")
-        return _strings(values, shape)
+        return string_tensor(values, shape)
     allowed = {bool} if datatype == "BOOL" else {int} if dtype.kind in "iu" else {int, float, str}
     wrong = kinds - allowed
     if wrong:
@@ -124,10 +125,7 @@ def _array(data: object, shape: tuple[int, ...], datatype: str, name: str) -> np
             raise _bad(f"input '{name}': {datatype} data holds the string {min(unknown)!r}; the only strings "
                        f"allowed are {', '.join(map(repr, NONFINITE_SPELLINGS))}")
         values = [NONFINITE_SPELLINGS[v] if type(v) is str else v for v in values]
-    if dtype.kind in "iu" and values:
-        limits = np.iinfo(dtype)
-        if min(values) < limits.min or max(values) > limits.max:
-            raise _bad(f"input '{name}': a value is out of {datatype}'s range [{limits.min}, {limits.max}]")
+    check_int_range(values, datatype, name)
     if dtype.kind in "biu":
         return _converted(values, dtype).reshape(shape)
     try:
@@ -139,6 +137,22 @@ def _array(data: object, shape: tuple[int, ...], datatype: str, name: str) -> np
     if np.count_nonzero(np.isinf(array)) != np.count_nonzero(np.isinf(wide)):
         raise _bad(f"input '{name}': a value is out of {datatype}'s range")
     return array.reshape(shape)
+
+
+def check_int_range(values: list, datatype: str, name: str) -> None:
+    """A 400 when an integer datatype's values (Python ints) do not all fit it."""
+    dtype = DATATYPES[datatype]
+    if dtype.kind in "iu" and values:
+        limits = np.iinfo(dtype)
+        if min(values) < limits.min or max(values) > limits.max:
+            raise _bad(f"input '{name}': a value is out of {datatype}'s range [{limits.min}, {limits.max}]")
+
+
+def check_binary_size(size: int, datatype: str, shape: tuple[int, ...], name: str, described: str) -> None:
+    """A 400 when `size` binary bytes are not what `shape` of `datatype` takes (BYTES: any size; its elements are
+    counted when read). `described`: what sent that size, for the message."""
+    if datatype != BYTES and size != (needed := math.prod(shape) * DATATYPES[datatype].itemsize):
+        raise _bad(f"input '{name}': {described}, shape {list(shape)} of {datatype} needs {needed}")
 
 
 def _flag(parameters: dict, key: str, default: bool, where: str) -> bool:
@@ -202,18 +216,14 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
         datatype = raw.get("datatype")
         if datatype not in DATATYPES:
             raise _bad(f"input '{name}': unsupported datatype {datatype!r}")
-        shape = _shape(raw.get("shape"), name)
-        dtype = DATATYPES[datatype]
+        shape = tensor_shape(raw.get("shape"), name)
         size = _parameters(raw, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if "data" in raw:
                 raise _bad(f"input '{name}' has both 'data' and binary_data_size")
             if type(size) is not int or size < 0:
                 raise _bad(f"input '{name}': binary_data_size must be a non-negative integer")
-            needed = size if datatype == BYTES else math.prod(shape) * dtype.itemsize
-            if size != needed:
-                raise _bad(f"input '{name}': binary_data_size is {size} bytes, shape {list(shape)} of {datatype} "
-                           f"needs {needed}")
+            check_binary_size(size, datatype, shape, name, f"binary_data_size is {size} bytes")
             if offset + size > len(binary):
                 raise _bad(f"input '{name}': the body ends after {len(binary) - offset} of its {size} binary bytes")
             array = tensor_from_bytes(binary[offset:offset + size], datatype, shape, name)
@@ -283,7 +293,7 @@ def parse_raw_request(body: bytes, name: str, datatype: str, dims: tuple[int, ..
         if math.prod(shape) != 1:
             raise _bad(f"a raw binary request is one BYTES element; input '{name}' has shape {list(dims)}")
         try:
-            array = _strings([bytes(body).decode("utf-8")], shape)
+            array = string_tensor([bytes(body).decode("utf-8")], shape)
         except UnicodeDecodeError:
             raise _bad(f"input '{name}': the raw BYTES body is not UTF-8 text") from None
     else:
@@ -325,7 +335,7 @@ def tensor_from_bytes(data: bytes | memoryview, datatype: str, shape: tuple[int,
     checked against `shape` (for BYTES: the element count is checked here)."""
     try:
         if datatype == BYTES:
-            return _strings(_length_prefixed(data, math.prod(shape), name), shape)
+            return string_tensor(_length_prefixed(data, math.prod(shape), name), shape)
         return np.frombuffer(data, dtype=DATATYPES[datatype]).reshape(shape)
     except ValueError as exc:  # an empty tensor with a dimension numpy cannot index
         raise _bad(f"input '{name}': shape {list(shape)}: {exc}") from None
@@ -336,7 +346,7 @@ def tensor_bytes(array: np.ndarray) -> bytes:
     return _length_prefix(array) if array.dtype == object else np.ascontiguousarray(array).tobytes()
 
 
-def _strings(values: list, shape: tuple[int, ...]) -> np.ndarray:
+def string_tensor(values: list, shape: tuple[int, ...]) -> np.ndarray:
     """An object array of str of `shape` (ONNX Runtime's form of a string tensor)."""
     array = np.empty(len(values), dtype=object)
     array[:] = values

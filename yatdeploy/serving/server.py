@@ -53,15 +53,16 @@ def repository_names(path: str | Path) -> list[str]:
 
 
 def _startup_models(path: str | Path, backend_name: str | None, intra_op_threads: int, progress: Progress,
-                    control_mode: str, load: list[str]) -> tuple[list[ServedModel], list[UnavailableModel]]:
+                    control_mode: str, load: list[str], known: list[str],
+                    ) -> tuple[list[ServedModel], list[UnavailableModel]]:
     """What the server serves from the start: every model (control mode none), or those `load` names (explicit;
-    "*" for all). Mode none with nothing that loads is a YatDeployError: such a server could never serve."""
+    "*" for all) among `known`, the repository's. Mode none with nothing that loads is a YatDeployError: such a
+    server could never serve."""
     if control_mode == "none":
         if load:
             raise YatDeployError(f"{option('load_model')} is for {option('model_control_mode')} explicit")
         models, unavailable = load_models(path, backend_name, intra_op_threads, progress)
     else:
-        known = repository_names(path)
         names = known if "*" in load else list(dict.fromkeys(load))
         unknown = [name for name in names if name not in known]
         if unknown:
@@ -189,13 +190,15 @@ def serve(path: str | Path, *, host: str, port: int, grpc_port: int, backend: st
     if grpc_port:
         for probe in _listening_sockets(host, grpc_port):
             probe.close()
-    models, unavailable = _startup_models(path, backend, intra_op_threads, progress, settings.control_mode, load)
+    known = repository_names(path)
+    models, unavailable = _startup_models(path, backend, intra_op_threads, progress, settings.control_mode, load,
+                                          known)
 
     def loader(name: str, config=None):
         return load_models(path, backend, intra_op_threads, progress, only=name, config=config)
 
     server_core = InferenceServer(models, unavailable, settings=settings, loader=loader,
-                                  repository_models=repository_names(path))
+                                  repository_models=known)
     companions = ()
     if grpc_port:
         from yatdeploy.serving.grpc_service import GrpcFrontEnd
