@@ -29,6 +29,7 @@ from yatdeploy.serving.protocol import (
     ProtocolError,
     encode_response,
     json_length,
+    json_object,
     parse_raw_request,
     parse_request,
 )
@@ -208,15 +209,7 @@ def create_app(server: InferenceServer, settings: HttpSettings | None = None,
 
     async def optional_json(request: Request) -> dict:
         body = await _read_body(request, 1 << 20, "request body")
-        if not body.strip():
-            return {}
-        try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise ProtocolError(400, f"malformed JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ProtocolError(400, "the request must be a JSON object")
-        return value
+        return json_object(body) if body.strip() else {}
 
     @app.get("/v2/health/live")
     async def live() -> Response:

@@ -169,6 +169,17 @@ def _parameters(raw: dict, where: str) -> dict:
     return parameters
 
 
+def json_object(text: bytes | memoryview) -> dict:
+    """A request's JSON, which must be an object; a 400 otherwise."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _bad(f"malformed JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _bad("the request must be a JSON object")
+    return value
+
+
 def json_length(body: bytes, header_length: str | None) -> int:
     """The length of the body's JSON part: all of it, or what Inference-Header-Content-Length says."""
     if header_length is None:
@@ -190,12 +201,7 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
     if max_json_bytes is not None and json_size > max_json_bytes:
         raise ProtocolError(413, f"the request's JSON of {json_size} bytes exceeds the JSON limit of "
                                  f"{max_json_bytes} bytes (send large tensors as binary data)")
-    try:
-        header = orjson.loads(body[:json_size])
-    except orjson.JSONDecodeError as exc:
-        raise _bad(f"malformed JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise _bad("the request must be a JSON object")
+    header = json_object(body[:json_size])
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise _bad("the request has no 'inputs' list")
