@@ -65,7 +65,10 @@ def test_weights_changed_after_export_fail_and_name_the_output(exported_mlp, tmp
     report = validate(path, loaded)
     assert not report.passed
     failures = report.failures()
-    assert failures and all("output 'output'" in line for line in failures)
+    per_output = [line for line in failures if "if these differences are acceptable" not in line]
+    assert per_output and all("output 'output'" in line for line in per_output)
+    # and per backend, one line with the flag that would accept them all
+    assert len(failures) - len(per_output) == len([b for b in report.backends if b.available])
     assert "FAILED" in format_report(report)
 
 
@@ -318,7 +321,7 @@ def _swap_yat_units(arrays, layers):
 
 CORRUPTIONS = {
     "float32": {
-        # 1% of the weights' RMS on one element: the weakest, caught at 8x its tolerance (layer 1).
+        # 1% of the weights' RMS on one element: the weakest, caught at several times its tolerance.
         "yat0 weight +1%": _bump_weight(0, 0.01),
         "yat1 weight +1%": _bump_weight(1, 0.01),
         "head weight +1%": _bump_weight(2, 0.01),
@@ -352,7 +355,7 @@ def test_a_corrupted_export_fails_with_the_default_tolerances(digits, tmp_path, 
     # The message says which tolerance was used, why, and how to accept the difference if wanted.
     problem = failed[0].problem
     assert f"PyTorch's own {dtype} error against its float64 run" in problem
-    assert f"more than {dtype} rounding explains" in problem and "pass `atol`" in problem
+    assert f"more than {dtype} rounding explains" in problem and "pass `atol`" in report.failures()[-1]
     assert all(c.onnx_err > 2 * c.torch_err for c in failed)
 
 
@@ -386,7 +389,7 @@ def test_the_cli_derives_the_tolerance_unless_given_and_completes_a_single_flag(
               "--backend", "ort-cpu"]
     assert main([*common, "--report", str(tmp_path / "derived.json")]) == EXIT_OK
     out = capsys.readouterr().out
-    assert "tolerance per output: atol = 4 x torch err" in out and "torch err" in out and "top-1" in out
+    assert f"tolerance per output: atol = {ROUNDING_FACTOR:g} x torch err" in out and "torch err" in out and "top-1" in out
     data = json.loads((tmp_path / "derived.json").read_text())
     assert data["tolerance"] is None and "float64" in data["tolerance_rule"]
     row = data["backends"][0]["comparisons"][0]
@@ -459,3 +462,68 @@ def test_a_float64_export_is_its_own_reference(save_whole, tmp_path, progress):
     assert all(c.torch_err == 0 and c.tolerance_from == "derived" for c in report.backends[0].comparisons)
     tamper_first_yat_weight(tmp_path / "m.onnx", 1.001)  # 0.1% on one layer's weights
     assert not validate(tmp_path / "m.onnx", loaded).passed
+
+
+# Issue 20: an untrained Sequential(YatNMN(512, 160), LayerNorm(160), YatNMN(160, 12)) whose batch-of-one case
+# PyTorch happened to compute almost exactly (5e-9 against float64) failed its own validation at 1.1e-7 (21.7x
+# as far as PyTorch, 1 ulp of the output's scale) with the advice "pass --atol -4.98e-06". Seeds 1002 and 1015 of
+# benchmarks/validation_zoo.py's issue_mlp reproduce it on this project's CPU.
+@pytest.fixture(scope="module")
+def issue_mlp(tmp_path_factory):
+    import yatdeploy
+    from nmn.torch import YatNMN
+
+    torch.manual_seed(1002)
+    model = torch.nn.Sequential(YatNMN(512, 160), torch.nn.LayerNorm(160), YatNMN(160, 12)).eval()
+    path = tmp_path_factory.mktemp("issue_mlp") / "m.onnx"
+    result = yatdeploy.export(model, torch.randn(1, 512), path, validate=False)
+    return result.reference, path
+
+
+def test_a_batch_of_one_where_pytorch_is_exact_by_chance_is_held_to_its_like_inputs_error(issue_mlp):
+    reference, path = issue_mlp
+    report = validate(path, reference, seed=1002)
+    assert report.passed, report.failures()
+    one = [c for b in report.backends if b.available for c in b.comparisons if c.case == "random batch 1"]
+    larger = [c for b in report.backends if b.available for c in b.comparisons if c.case == "random batch 32"]
+    # Its torch err is the random batches' largest relative to their scale, not its own lucky near-zero.
+    for comp, big in zip(one, larger):
+        assert comp.torch_err / comp.max_abs_torch >= big.torch_err / big.max_abs_torch * (1 - 1e-9)
+    assert "largest relative to each batch's max|torch|" in report.tolerance_rule
+
+
+def test_derived_tolerances_pool_the_random_batches_only():
+    from yatdeploy.validation import derived_tolerances
+
+    exact = [np.array([1.0, -2.0]), np.array([4.0, 1.0, 0.5]), np.array([10.0])]
+    # PyTorch: exact on the first random batch, 1e-6 of its scale off on the second; the user's case exact.
+    torch_out = [exact[0].astype(np.float32), (exact[1] + np.array([4e-6, 0, 0])).astype(np.float32),
+                 exact[2].astype(np.float32)]
+    tolerances = derived_tolerances("float32", [[t] for t in torch_out], [[e] for e in exact], pooled=2)
+    second = tolerances[1].torch_errs[0]
+    assert second == pytest.approx(4e-6, rel=0.1)  # float32's spacing at 4 is 4.8e-7
+    assert tolerances[0].torch_errs[0] == pytest.approx(second / 4.0 * 2.0)  # its relative error, at scale 2
+    assert tolerances[2].torch_errs[0] == 0.0  # the user's data stands alone
+    assert tolerances[0].tolerances[0].atol > ROUNDING_FACTOR * second / 2.0
+    assert all(t.source == "derived" for t in tolerances)
+
+
+@pytest.mark.parametrize("factor", [1.0001, 1.01])
+def test_the_advice_on_a_derived_failure_names_one_flag_that_suffices_and_is_never_negative(issue_mlp, tmp_path,
+                                                                                           factor):
+    import re
+
+    reference, path = issue_mlp
+    changed = tmp_path / "changed.onnx"
+    changed.write_bytes(path.read_bytes())
+    tamper_first_yat_weight(changed, factor)
+    report = validate(changed, reference, seed=1002, backend_names=["ort-function"])
+    assert not report.passed
+    summary = report.failures()[-1]
+    assert summary.startswith("ort-function: if these differences are acceptable, pass "), summary
+    suggested = re.findall(r"`(atol|rtol)` ([-0-9.e+]+)", summary.split(": either alone")[0])
+    assert {flag for flag, _ in suggested} == {"atol", "rtol"} and all(float(v) >= 0 for _, v in suggested), summary
+    for flag, value in suggested:  # either flag alone, with the value said, makes the whole validation pass
+        given = Tolerance(atol=float(value), rtol=None) if flag == "atol" else Tolerance(atol=None, rtol=float(value))
+        again = validate(changed, reference, seed=1002, backend_names=["ort-function"], tolerance=given)
+        assert again.passed, (flag, value, again.failures())
