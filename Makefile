@@ -25,9 +25,18 @@ install: $(STAMP)
 NATIVE_SOURCES := $(wildcard custom_ops/CMakeLists.txt custom_ops/cmake/* custom_ops/src/*.* custom_ops/src/*/*.*) \
 	yatdeploy/spec.py \
 	$(addprefix yatdeploy/gpu/,kernel.py configs.py common.py aot.py host_table.py)
+comma := ,
+NATIVE_PARTS := the ONNX Runtime custom-op library$(if $(filter ON,$(YATDEPLOY_CUDA)), and (nvcc is here) the GPU kernels$(comma) compiled ahead of time)
+# The first run installs and compiles for several minutes: it says so, and pip lists what it fetches as it goes.
 $(STAMP): pyproject.toml CMakeLists.txt $(NATIVE_SOURCES)
+	@echo "[install 1/3] creating $(VENV) (the first run only: later runs reuse it)"
 	$(PYTHON) -m venv $(VENV)
-	YATDEPLOY_CUDA=$(YATDEPLOY_CUDA) $(BIN)/python -m pip install --disable-pip-version-check -q -e '.[cpu,service,test]'
+	@echo "[install 2/3] pip installs yatdeploy, torch, ONNX Runtime and the service and test packages, listing each"
+	@echo "              as it comes, then builds the native parts with CMake: $(NATIVE_PARTS)."
+	@echo "              This takes several minutes on 2 cores, with no output from the build until it ends."
+	YATDEPLOY_CUDA=$(YATDEPLOY_CUDA) $(BIN)/python -m pip install --disable-pip-version-check --progress-bar off \
+	  -e '.[cpu,service,test]'
+	@echo "[install 3/3] installed into $(VENV)"
 	touch $(STAMP)
 
 # Debian tools the tests use: docker-compose validates docker-compose.yml (no Docker engine needed) and
