@@ -85,3 +85,13 @@ def test_a_negated_switch_is_spelled_both_ways():
     with spelled(lambda name, value: {"dynamic_batch": "--static-batch", "trust_pickle": "--trust-pickle"}[name]):
         assert str(error) == "exported with --static-batch; pass --trust-pickle"
     assert error.text == "exported with dynamic_batch=False; pass trust_pickle=True"
+
+
+def test_messages_carry_no_terminal_colour_codes():
+    """torch's exporter colours parts of its messages; a message yatdeploy shows never carries the codes."""
+    from yatdeploy.errors import YatDeployError
+
+    error = YatDeployError("torch.onnx.export failed: \x1b[96mThis is step 1/3\x1b[0m of exporting",
+                           "\x1b]8;;https://x\x07see\x1b]8;;\x07 the \x1b[1;31mdocs\x1b[m")
+    assert str(error) == "torch.onnx.export failed: This is step 1/3 of exporting (see the docs)"
+    assert "\x1b" not in error.text

@@ -193,3 +193,164 @@ def test_a_bad_npz_member_is_bad_input(exported_mlp, tmp_path, capsys, member, m
     assert main(["validate", "-q", str(out), "--against", str(model_file), "--inputs", str(path)]) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0])
+
+
+# ---- outputs: written whole or not at all; a place that can't take them is the user's to change (exit 2)
+
+def _file_size_limit(max_bytes: int):
+    """preexec_fn: writes past `max_bytes` fail with EFBIG (SIGXFSZ ignored), as on a full disk, for any user."""
+
+    def limit() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return limit
+
+
+def _run_limited(max_bytes: int, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-m", "yatdeploy", *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=300, preexec_fn=_file_size_limit(max_bytes))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else b"<dir>"
+            for p in sorted(folder.rglob("*"))} if folder.exists() else {}
+
+
+def test_an_export_onto_a_full_disk_leaves_the_previous_file_and_no_partial_one(model_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.onnx").write_bytes(b"previous export")
+    done = _run_limited(2000, "export", "-q", str(model_file), "-o", str(out / "m.onnx"), "--input-shape", "1,16",
+                        "--no-validate")
+    assert done.returncode == EXIT_USAGE, done.stderr
+    line = _single_error(done.stderr)
+    assert "m.onnx" in line and "file size limit" in line and "internal error" not in line
+    assert _tree(out) == {"m.onnx": b"previous export"}
+
+
+def test_a_repository_entry_is_written_whole_or_not_at_all(model_file, exported_mlp, tmp_path):
+    from yatdeploy import native
+    from yatdeploy.serving.repository import write_repository
+
+    library = native.ort_library_path()
+    if library is None or library.stat().st_size < 60_000:
+        pytest.skip("needs the built custom-op library (larger than the model) to fill the disk while copying it")
+    repo = tmp_path / "repo"
+    write_repository(repo, "m", exported_mlp.onnx, op_library=None)  # a previous entry
+    before = _tree(repo)
+    # model.onnx (a few kB) fits; the custom-op library copied beside config.pbtxt does not
+    done = _run_limited(50_000, "export", "-q", str(model_file), "-o", str(tmp_path / "m.onnx"), "--input-shape",
+                        "1,16", "--no-validate", "--repository", str(repo))
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert "file size limit" in _single_error(done.stderr)
+    assert _tree(repo) == before  # no half entry, no staging folder left beside it
+    fresh = tmp_path / "fresh"
+    done = _run_limited(50_000, "export", "-q", str(model_file), "-o", str(tmp_path / "m.onnx"), "--input-shape",
+                        "1,16", "--no-validate", "--repository", str(fresh))
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert not fresh.exists()
+
+
+def test_a_validation_report_onto_a_full_disk_leaves_no_file(exported_mlp, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    report.write_text("previous report")
+    # The file size limit set once validation has run (ONNX Runtime's profiler writes files while it runs).
+    script = (
+        "import resource, signal, sys, yatdeploy\n"
+        "from yatdeploy.errors import YatDeployError\n"
+        f"report = yatdeploy.validate({str(exported_mlp.onnx)!r}, {str(exported_mlp.source)!r}, batches=(1,))\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+        "try:\n"
+        f"    report.write_json({str(report)!r})\n"
+        "except YatDeployError as exc:\n"
+        "    sys.exit(str(exc))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 1 and "report.json" in done.stderr and "file size limit" in done.stderr, done.stderr
+    assert _tree(tmp_path) == {"report.json": b"previous report"}
+    # /dev/full: ENOSPC, written in place (a device is not replaced by a file)
+    assert main(["validate", "-q", str(exported_mlp.onnx), "--against", str(exported_mlp.source), "--batches", "1",
+                 "--report", "/dev/full"]) == EXIT_USAGE
+    assert "no space left" in _error_line(capsys)
+    assert Path("/dev/full").is_char_device()
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda t, m, o: ["export", str(m), "--input-shape", "1,16", "-o", str(t)], "is a folder"),
+    (lambda t, m, o: ["export", str(m), "--input-shape", "1,16", "-o", str(t / "file" / "m.onnx")], "not a folder"),
+    (lambda t, m, o: ["export", str(m), "--input-shape", "1,16", "-o", str(t / "m.onnx"), "--repository",
+                      str(t / "file")], "not a folder"),
+    (lambda t, m, o: ["export", str(m), "--input-shape", "1,16", "-o", str(t / "m.onnx"), "--report", str(t)],
+     "is a folder"),
+    (lambda t, m, o: ["validate", str(o), "--against", str(m), "--report", str(t)], "is a folder"),
+    (lambda t, m, o: ["export", str(m), "--input-shape", "1,16", "-o", "/sys/yatdeploy-test/m.onnx"], "/sys"),
+], ids=["output-dir", "output-under-a-file", "repository-file", "report-dir", "validate-report-dir", "read-only"])
+def test_an_output_that_cannot_be_written_is_one_line_exit_2(exported_mlp, tmp_path, capsys, make_args, message):
+    (tmp_path / "file").write_text("a file, not a folder")
+    before = _tree(tmp_path)
+    assert main(make_args(tmp_path, exported_mlp.source, exported_mlp.onnx)) == EXIT_USAGE
+    line = _error_line(capsys)
+    assert message in line and "internal error" not in line
+    assert _tree(tmp_path) == before
+
+
+def test_ctrl_c_during_export_exits_130_with_one_line_and_no_files(save_whole, tmp_path):
+    """SIGINT while torch.onnx.export runs (the exporter wraps the KeyboardInterrupt in its own error)."""
+    import signal
+    import time
+
+    from nmn.torch import YatNMN
+
+    torch.manual_seed(0)
+    source = save_whole(torch.nn.Sequential(*[YatNMN(64, 64) for _ in range(40)]).eval())
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "yatdeploy", "export", str(source), "--input-shape", "1,64", "-o", str(out / "m.onnx"),
+         "--repository", str(out / "repo")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env=env)
+    seen = ""
+    while "exporting to ONNX" not in seen:
+        char = process.stderr.read(1)
+        assert char, seen
+        seen += char
+    time.sleep(1.5)  # inside torch.onnx.export (seconds for 40 layers; its first import of torch._dynamo among them)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, seen + stderr
+    assert "Traceback" not in stderr
+    lines = [line for line in (seen + stderr).splitlines() if line.startswith("yatdeploy ")]
+    assert lines == ["yatdeploy export: interrupted"], seen + stderr
+    assert _tree(out) in ({}, {"": b"<dir>"}) and not list(tmp_path.glob("**/*.partial"))
+
+
+class Branchy(torch.nn.Module):
+    """Control flow on a value: torch.export can't trace it."""
+
+    def __init__(self):
+        super().__init__()
+        from nmn.torch import YatNMN
+
+        self.yat = YatNMN(16, 4)
+
+    def forward(self, x):
+        y = self.yat(x)
+        return y if y.sum() > 0 else -y
+
+
+def test_an_exporter_error_names_its_cause_without_colour_codes(tmp_path, capsys):
+    torch.save(Branchy().state_dict(), tmp_path / "branchy.pt")
+    assert main(["export", "-q", str(tmp_path / "branchy.pt"), "--arch", "tests.test_cli:Branchy", "--input-shape",
+                 "1,16", "-o", str(tmp_path / "b.onnx")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    line = _single_error(err)
+    assert "\x1b" not in err
+    assert "torch.onnx.export failed" in line and "data-dependent" in line, line
+    assert not (tmp_path / "b.onnx").exists()

@@ -95,7 +95,7 @@ def test_leading_dimensions_export(save_whole, tmp_path, progress):
 @pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
 def test_other_dtypes_export_and_validate(dtype, save_whole, tmp_path, progress):
     torch.manual_seed(0)
-    # Only Yat layers: ONNX Runtime's CPU provider has no bfloat16 LayerNorm or Gemm.
+    # Only Yat layers: nothing computed in float32 between casts (test_a_bfloat16_export_runs_on_...'s case).
     model = perturb(nn.Sequential(YatNMN(16, 12), YatNMN(12, 5, spherical=True))).eval()
     loaded = load_model(save_whole(model))
     result = export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16), dtype=dtype), progress)
@@ -105,12 +105,88 @@ def test_other_dtypes_export_and_validate(dtype, save_whole, tmp_path, progress)
     assert report.dtype == dtype
 
 
-def test_a_backend_that_cannot_run_a_dtype_is_a_validation_failure(save_whole, tmp_path, progress):
-    loaded = load_model(save_whole(yat_mlp()))
-    export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16), dtype="bfloat16"), progress)
-    report = validate(tmp_path / "m.onnx", loaded)
+def test_a_backend_that_cannot_run_a_dtype_is_a_validation_failure(tmp_path):
+    """A file written by another exporter (yatdeploy refuses to write one: below)."""
+    import io
+    from contextlib import redirect_stdout
+
+    from yatdeploy.loading import from_module
+
+    model = nn.Sequential(nn.Linear(16, 4)).eval()
+    with redirect_stdout(io.StringIO()):
+        torch.onnx.export(model.to(torch.bfloat16), (torch.randn(2, 16, dtype=torch.bfloat16),), tmp_path / "m.onnx",
+                          dynamo=True, input_names=["input"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    report = validate(tmp_path / "m.onnx", from_module(model), input_shape=(1, 16), backend_names=["ort-function"])
     assert not report.passed
     assert any("can't load the model" in line and "Gemm" in line for line in report.failures())
+
+
+def test_a_bfloat16_export_runs_on_onnx_runtimes_cpu_provider(save_whole, tmp_path):
+    """ONNX Runtime's CPU provider has almost no bfloat16 kernels (no Gemm, MatMul, Add...): those ops compute in
+    float32 between casts, as PyTorch computes them on the CPU, instead of a file no CPU session can open."""
+    loaded = load_model(save_whole(yat_mlp()))
+    result = export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16), dtype="bfloat16"))
+    assert any("Gemm" in note and "float32" in note for note in result.notes), result.notes
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert [i.type.tensor_type.elem_type for i in (*model.graph.input, *model.graph.output)] \
+        == [onnx.TensorProto.BFLOAT16] * 2
+    assert result.yat_gemm_nodes == len(yat_gemm_nodes(model)) == 2
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert report.passed, report.failures()
+
+
+def test_an_export_no_cpu_session_can_open_is_refused_before_writing(save_whole, tmp_path):
+    """ONNX Runtime's CPU provider has no float64 Conv: refused naming the op, nothing written."""
+    from yatdeploy.errors import YatDeployError
+
+    torch.manual_seed(0)
+    loaded = load_model(save_whole(nn.Sequential(YatConv2D(1, 2, 3), nn.Flatten(), YatNMN(2 * 4 * 4, 3)).eval()))
+    with pytest.raises(YatDeployError) as info:
+        export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 1, 6, 6), dtype="float64"))
+    message = str(info.value)
+    assert "no float64 kernel for Conv" in message and "export in float16 or float32" in message, message
+    assert list(tmp_path.iterdir()) == [tmp_path / "model.pt"]
+
+
+@pytest.mark.parametrize("name", ["meta", "graph", "code"])
+def test_a_submodule_named_like_a_graph_module_attribute_exports(name, tmp_path):
+    """torch.onnx.export fails on a top-level child named as a torch.fx.GraphModule attribute (meta, graph, code...),
+    even a plain nn.Linear; the export renames it internally."""
+    from yatdeploy.loading import from_module
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = YatNMN(16, 8)
+            setattr(self, name, nn.Linear(8, 4))
+
+        def forward(self, x):
+            return getattr(self, name)(self.body(x))
+
+    torch.manual_seed(0)
+    loaded = from_module(perturb(Named()).eval())
+    result = export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16)))
+    assert result.yat_gemm_nodes == 1
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert report.passed, report.failures()
+
+
+def test_a_declared_float_input_takes_the_export_dtype(save_whole, tmp_path):
+    """--input 'x:float32[...]' --dtype float16: the model is cast to float16, and so is the input it takes."""
+    import io
+
+    from yatdeploy.inputs import parse_input
+    from yatdeploy.progress import Progress
+
+    loaded = load_model(save_whole(yat_mlp()))
+    said = io.StringIO()
+    result = export_model(loaded, tmp_path / "m.onnx",
+                          ExportOptions(inputs=(parse_input("x:float32[batch=1,16]"),), dtype="float16"),
+                          Progress(said))
+    assert [(s.name, s.dtype) for s in result.inputs] == [("x", "float16")]
+    assert "input 'x' declared float32 is exported as float16" in said.getvalue()
+    report = validate(tmp_path / "m.onnx", loaded)
+    assert report.passed, report.failures()
 
 
 @pytest.mark.parametrize(

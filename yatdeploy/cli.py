@@ -20,13 +20,14 @@ EXIT_VALIDATION_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
 EXIT_REQUESTS_FAILED = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 _DESCRIPTION = """\
 Deploy PyTorch Yat (nmn) models through ONNX. Every nmn YatNMN layer becomes one yat.YatGemm node,
 and the model carries YatGemm as an ONNX function, so a plain onnxruntime runs it.
 
-exit status: 0 success, 1 validation failed, 2 bad input (message on stderr), 3 internal error,
-4 bench: some requests failed"""
+exit status: 0 success, 1 validation failed, 2 bad input or an output that can't be written (message on
+stderr), 3 internal error, 4 bench: some requests failed, 130 interrupted (Ctrl-C; no partial file is left)"""
 
 
 def _add_model_source_args(parser: argparse.ArgumentParser) -> None:
@@ -307,7 +308,7 @@ def _print_report(report, args: argparse.Namespace) -> int:
 
     print(format_report(report))
     if args.report:
-        report.write_json(args.report)
+        report.write_json(args.report)  # whole or not at all; a place that can't take it is a one-line error
         print(f"\nreport written to {args.report}")
     return EXIT_OK if report.passed else EXIT_VALIDATION_FAILED
 
@@ -324,6 +325,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     if output.resolve() == Path(args.model).resolve():
         raise YatDeployError(f"-o {output} would overwrite the model file")
+    _check_outputs(output, args.report, args.repository)
     started = time.perf_counter()
     progress.say(f"loading {args.model}")
     loaded = api.load(args.model, arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key)
@@ -365,6 +367,7 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
     shape = _shape(args.input_shape) if args.input_shape else None
     specs = _input_specs(args)
     ranges = _int_ranges(args)
+    _check_outputs(None, args.report)
     progress.say(f"loading {args.against}")
     loaded = api.load(args.against, arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key)
     if args.engine is not None:
@@ -390,6 +393,7 @@ def cmd_build_engine(args: argparse.Namespace, progress) -> int:
     output = Path(args.output) if args.output else source.with_suffix(".plan")
     if output.resolve() == source.resolve():
         raise YatDeployError(f"-o {output} would overwrite the ONNX model")
+    _check_outputs(output, None, args.repository)
     if args.workspace_mb < 1:
         raise YatDeployError(f"--workspace-mb {args.workspace_mb}: must be at least 1")
     rtx = args.runtime == "tensorrt-rtx"
@@ -434,6 +438,17 @@ def cmd_build_engine(args: argparse.Namespace, progress) -> int:
         print(f"wrote model repository entry {folder}")
     print(f"next: yatdeploy validate {source} --against MODEL.pt --backend {s.runtime} --engine {result.path}")
     return EXIT_OK
+
+
+def _check_outputs(output: Path | None, report: str | None, repository: str | None = None) -> None:
+    """Refuse, before any work, an output path that can't be written: a folder for a file, a path under a file."""
+    from yatdeploy import files
+
+    for path in (output, report):
+        if path is not None:
+            files.check_output(path)
+    if repository is not None:
+        files.check_output_folder(repository)
 
 
 def cmd_demo(args: argparse.Namespace, progress) -> int:
@@ -648,27 +663,49 @@ def _run(handler, args: argparse.Namespace, progress) -> int:
         cause = exc.__cause__
         more = "" if args.debug or cause is None or isinstance(cause, YatDeployError) else \
             " (--debug shows the underlying error in full)"
-        print(f"yatdeploy {args.command}: error: {exc}{more}", file=sys.stderr)
+        _say(f"yatdeploy {args.command}: error: {exc}{more}")
         return EXIT_USAGE
     except ConsistencyError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"yatdeploy {args.command}: internal error: a consistency check failed: {exc} "
-              "(run with --debug for the traceback, and please report it)", file=sys.stderr)
+        _say(f"yatdeploy {args.command}: internal error: a consistency check failed: {exc} "
+             "(run with --debug for the traceback, and please report it)")
         return EXIT_INTERNAL
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # every output is written whole or not at all (yatdeploy.files): none is left half
+        _say(f"yatdeploy {args.command}: interrupted")
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (`yatdeploy doctor | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except Exception as exc:  # a bug of ours: say so, keep the traceback behind --debug
+    except OSError as exc:
+        from yatdeploy.files import WRITE_ENVIRONMENT, output_error
+
+        if exc.errno not in WRITE_ENVIRONMENT:
+            return _internal_error(exc, args)
+        # A write the command makes outside yatdeploy.files (a cache, a library's file): still the machine's
+        # problem, for the user to change.
         if args.debug:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"yatdeploy {args.command}: internal error: {type(exc).__name__}: {first} "
-              "(run with --debug for the traceback, and please report it)", file=sys.stderr)
-        return EXIT_INTERNAL
+        _say(f"yatdeploy {args.command}: error: {output_error(exc.filename or 'a file', exc)}")
+        return EXIT_USAGE
+    except Exception as exc:  # a bug of ours: say so, keep the traceback behind --debug
+        return _internal_error(exc, args)
+
+
+def _internal_error(exc: Exception, args: argparse.Namespace) -> int:
+    if args.debug:
+        traceback.print_exc()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    _say(f"yatdeploy {args.command}: internal error: {type(exc).__name__}: {first} "
+         "(run with --debug for the traceback, and please report it)")
+    return EXIT_INTERNAL
+
+
+def _say(line: str) -> None:
+    """An error line on stderr: one line, without the escape codes a library's message may carry."""
+    from yatdeploy.errors import plain
+
+    print(" ".join(plain(line).split("\n")), file=sys.stderr)
 
 
 if __name__ == "__main__":

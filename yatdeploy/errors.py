@@ -4,6 +4,9 @@ A message names the caller's options through `option()`, never as a command-line
 called from Python as well as from the CLI, and each words the option its own way. Messages are spelled
 when they are shown (`str(error)`, `render(text)`): as Python keywords (trust_pickle=True, `arch`) by
 default, as the CLI's flags (`--trust-pickle`, `--arch`) inside the CLI's `spelled(...)` block.
+
+A message may quote a third-party exception (torch's exporter colours parts of its own): `plain()` takes the
+terminal escape codes out, and every message is shown through it (`render`, the CLI's error lines).
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ from contextlib import contextmanager
 
 _MARK = "\x00"
 _OPTION = re.compile(f"{_MARK}([a-z_]+)(?:=(True|False))?{_MARK}")
+# Terminal escape sequences: CSI (colours, \x1b[96m ... \x1b[0m), OSC (hyperlinks, titles), and any other ESC pair.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-_]?")
+
+
+def plain(text: str) -> str:
+    """`text` without terminal escape codes (colours, hyperlinks)."""
+    return _ESCAPES.sub("", text)
 
 
 def option(name: str, value: bool | None = None) -> str:
@@ -45,8 +55,9 @@ def spelled(spelling: Spelling) -> Iterator[None]:
 
 
 def render(text: str) -> str:
-    """`text` with every option() placeholder spelled as this process names options."""
-    return _OPTION.sub(lambda m: _spelling(m.group(1), None if m.group(2) is None else m.group(2) == "True"), text)
+    """`text` with every option() placeholder spelled as this process names options, without escape codes."""
+    named = _OPTION.sub(lambda m: _spelling(m.group(1), None if m.group(2) is None else m.group(2) == "True"), text)
+    return plain(named)
 
 
 class YatDeployError(Exception):

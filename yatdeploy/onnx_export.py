@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-import os
-import tempfile
+import re
 import warnings
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -18,9 +18,9 @@ import onnx
 import torch
 from nmn.torch import YatEmbed
 
-from yatdeploy import __version__, dtypes, graph
+from yatdeploy import __version__, dtypes, files, graph
 from yatdeploy.attach import attach_yat_gemm_function
-from yatdeploy.errors import ConsistencyError, InputSpecError, YatDeployError, option
+from yatdeploy.errors import ConsistencyError, InputSpecError, YatDeployError, option, plain
 from yatdeploy.graph import (
     META_DTYPE,
     META_INPUT_SHAPE,
@@ -103,8 +103,34 @@ def _torchscript_to_onnx(module: torch.jit.ScriptModule, xs: tuple[torch.Tensor,
                 dynamic_axes={k: v for k, v in axes.items() if v} or None,
             )
         except Exception as exc:
-            raise YatDeployError(f"torch.onnx.export (TorchScript) failed: {str(exc).strip().splitlines()[0]}") from exc
+            raise _export_failed("torch.onnx.export (TorchScript)", exc) from exc
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = plain(str(exc)).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
+
+
+def _export_failed(what: str, exc: Exception) -> YatDeployError:
+    """The exporter's error as one line: its first line and, where it wraps another, the innermost cause (the
+    exporter's own first line says only which of its steps failed). A Ctrl-C the exporter turned into another error
+    (one raised while handling it, as when it lands in an import the exporter makes) is raised again as one."""
+    chain, seen = [], set()  # the exceptions behind `exc`, each one's cause (else what it was raised handling)
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    if any(isinstance(e, KeyboardInterrupt) for e in chain):
+        raise KeyboardInterrupt
+    message = _first_line(exc).split(" Next steps:")[0].strip()
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    if root is not exc:
+        message += f" (caused by {type(root).__name__}: {_first_line(root)})"
+    return YatDeployError(f"{what} failed: {message}")
 
 
 def _dynamic_shapes(specs: list[InputSpec]) -> tuple[dict[int, object], ...] | None:
@@ -115,6 +141,36 @@ def _dynamic_shapes(specs: list[InputSpec]) -> tuple[dict[int, object], ...] | N
     return shapes if any(shapes) else None
 
 
+class _Root(torch.nn.Module):
+    """A root above a module whose own attributes are named as torch.fx.GraphModule's (`_graph_module_names`)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = inner
+
+    def forward(self, *args):
+        return self.model(*args)
+
+
+_GRAPH_MODULE_NAMES: frozenset[str] | None = None
+
+
+def _graph_module_names() -> frozenset[str]:
+    """The attributes of a torch.fx.GraphModule (meta, graph, code, recompile, ...). torch.onnx.export rebuilds the
+    module's top level as one, so a child, parameter or buffer of the root named so (even an nn.Linear `meta`)
+    makes it fail ("Node meta_weight target meta.weight references nonexistent attribute weight of meta")."""
+    global _GRAPH_MODULE_NAMES
+    if _GRAPH_MODULE_NAMES is None:
+        _GRAPH_MODULE_NAMES = frozenset(dir(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())))
+    return _GRAPH_MODULE_NAMES
+
+
+def _clashing_names(module: torch.nn.Module) -> list[str]:
+    own = {*module._modules, *module._parameters, *module._buffers,
+           *(k for k, v in vars(module).items() if isinstance(v, torch.Tensor))}
+    return sorted(own & _graph_module_names())
+
+
 def _torch_export_to_onnx(module_or_program: object, xs: tuple[torch.Tensor, ...], specs: list[InputSpec],
                           output_names: list[str], opset: int) -> onnx.ModelProto:
     if isinstance(module_or_program, torch.jit.ScriptModule):
@@ -122,12 +178,17 @@ def _torch_export_to_onnx(module_or_program: object, xs: tuple[torch.Tensor, ...
     dynamic_shapes = _dynamic_shapes(specs)
     if isinstance(module_or_program, torch.export.ExportedProgram):
         dynamic_shapes = None  # a saved program keeps the shapes it was exported with
+    elif isinstance(module_or_program, torch.nn.Module) and _clashing_names(module_or_program):
+        # Exported one level down, the names clash no more (the weights are then named model.<name>...).
+        module_or_program = _Root(module_or_program)
+        dynamic_shapes = None if dynamic_shapes is None else (dynamic_shapes,)  # forward(*args): one tuple
     table = {torch.ops.yatdeploy.yat_gemm.default: _translate_yat_gemm}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            # The exporter prints its capture strategies to stdout; the CLI's stdout is the report.
-            with redirect_stdout(io.StringIO()):
+            # The exporter prints its capture strategies to stdout, and the graphs it tried to stderr when it fails;
+            # the CLI's stdout is the report, its stderr the progress and one line per error (the cause in it).
+            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
                 program = torch.onnx.export(
                     module_or_program,
                     xs,
@@ -142,7 +203,7 @@ def _torch_export_to_onnx(module_or_program: object, xs: tuple[torch.Tensor, ...
                     report=False,
                 )
         except Exception as exc:
-            raise YatDeployError(f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}") from exc
+            raise _export_failed("torch.onnx.export", exc) from exc
     return program.model_proto
 
 
@@ -166,20 +227,10 @@ def _set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
 
 
 def save_atomically(model: onnx.ModelProto, path: Path) -> None:
-    """Write next to the target and rename, so a failed write never clobbers an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        # mkstemp makes the file private (0600); the export gets the mode any new file gets here.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write next to the target and rename (files.writing): a failed write (a full disk, Ctrl-C) never leaves a
+    partial file or clobbers an existing one, and says what to change."""
+    with files.writing(path) as partial:
+        onnx.save_model(model, str(partial))
 
 
 def example_inputs(specs: list[InputSpec], reference: Reference, int_ranges: dict[str, tuple[int, int]],
@@ -213,6 +264,99 @@ def _check_dynamic_dims_kept(model: onnx.ModelProto, specs: list[InputSpec]) -> 
                 )
 
 
+def _in_export_dtype(specs: list[InputSpec], dtype: str, progress: Progress) -> list[InputSpec]:
+    """The specs with every float input in the export dtype: the model was cast to `dtype` (the caller's
+    dtype option), so its layers take that dtype only ("mixed dtype" otherwise)."""
+    out = []
+    for spec in specs:
+        if spec.dtype in dtypes.NAMES and spec.dtype != dtype:
+            progress.say(f"  input '{spec.name}' declared {spec.dtype} is exported as {dtype} (the export dtype)")
+            spec = dataclasses.replace(spec, dtype=dtype)
+        out.append(spec)
+    return out
+
+
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+_SIXTEEN_BIT = ("float16", "bfloat16")
+
+
+def _cpu_session_failure(model: onnx.ModelProto) -> tuple[str, str, str] | None:
+    """(op, opset version, node) of the first node ONNX Runtime's CPU provider has no kernel for (plain ONNX
+    Runtime: YatGemm inlined from its function), or None when a CPU session opens the model. Any other failure to
+    open it is left to validation to report."""
+    import onnxruntime as ort
+
+    if model.ByteSize() >= 2**31 - 1:  # past protobuf's limit: no in-memory session; validation opens the file
+        return None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's NotImplemented and Fail are not exported under stable names
+        found = _NO_KERNEL.search(str(exc))
+        return found.groups() if found is not None else None
+    return None
+
+
+def _widen(model: onnx.ModelProto, op: str, dtype: str) -> bool:
+    """Make every `op` node of the main graph compute in float32 on its `dtype` operands: a Cast to float32 before
+    it, one back to `dtype` after. PyTorch computes these layers so on the CPU (float32 accumulation, one rounding
+    to the 16-bit type), so the values are PyTorch's. False when no such node has a `dtype` operand to cast."""
+    from onnx import TensorProto, helper
+
+    elem = dtypes.by_name(dtype).onnx
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    nodes, widened, changed = [], {}, False
+    for node in model.graph.node:
+        ins = [n for n in node.input if n and types.get(n) == elem]
+        outs = [n for n in node.output if n and types.get(n) == elem]
+        if node.op_type != op or node.domain not in ("", "ai.onnx") or not (ins or outs):
+            nodes.append(node)
+            continue
+        for name in ins:
+            if name not in widened:
+                widened[name] = f"{name}__yatdeploy_float32"
+                nodes.append(helper.make_node("Cast", [name], [widened[name]], name=f"{name}__yatdeploy_widen",
+                                              to=TensorProto.FLOAT))
+        node.input[:] = [widened.get(n, n) if n in ins else n for n in node.input]
+        after = []
+        for index, name in enumerate(node.output):
+            if name in outs:
+                node.output[index] = f"{name}__yatdeploy_float32"
+                after.append(helper.make_node("Cast", [node.output[index]], [name], name=f"{name}__yatdeploy_narrow",
+                                              to=elem))
+        nodes += [node, *after]
+        changed = True
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return changed
+
+
+def _runnable_on_cpu(model: onnx.ModelProto, dtype: str) -> list[str]:
+    """Make the model one that ONNX Runtime's CPU provider opens, or refuse it before it is written.
+
+    That provider has next to no bfloat16 kernels (no Gemm, MatMul, Add, Relu...; YatGemm's function computes in
+    float32): in a 16-bit model, the ops it lacks compute in float32 between casts (`_widen`), so the file runs on
+    every backend, Triton's ONNX Runtime on CPU included. An op missing otherwise (Conv in float64) is refused, naming
+    it, as the file would fail every CPU backend's validation. Returns the ops widened."""
+    widened: list[str] = []
+    while (failure := _cpu_session_failure(model)) is not None:
+        op, version, node = failure
+        if dtype not in _SIXTEEN_BIT or op in widened or not _widen(model, op, dtype):
+            others = " or ".join(t for t in ("float16", "float32") if t != dtype)
+            raise YatDeployError(
+                f"ONNX Runtime's CPU provider has no {dtype} kernel for {op} (opset {version}; node '{node}'), so no "
+                "CPU session could open the exported model; nothing was written",
+                f"export in {others} ({option('dtype')})",
+            )
+        widened.append(op)
+    return widened
+
+
 def _dims_text(specs: list[InputSpec]) -> str:
     labels = list(dict.fromkeys(d.label for s in specs for d in s.dims if d.label))
     return f"dynamic {', '.join(labels)}" if labels else "static shapes"
@@ -222,7 +366,7 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
                  reference: Reference | None = None, examples: tuple[torch.Tensor, ...] | None = None) -> ExportResult:
     """`reference`: the model as prepared for this export's dtype, when the caller has it already; `examples`:
     the example tensors (default: random ones of the inputs' example shapes)."""
-    output = Path(output)
+    output = files.check_output(output)  # a folder or a path under a file is refused before any work
     if reference is None:
         reference = Reference.of(loaded, options.dtype)
     elif options.dtype not in (None, reference.dtype) or reference.loaded is not loaded:
@@ -230,6 +374,11 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
     dtype = reference.dtype
     notes: list[str] = []
     specs = options.specs(dtype)
+    if options.dtype is not None:
+        declared, specs = specs, _in_export_dtype(specs, dtype, progress)
+        if examples is not None:
+            examples = tuple(x.to(dtypes.by_name(new.dtype).torch) if new.dtype != old.dtype else x
+                             for x, old, new in zip(examples, declared, specs))
     xs = examples if examples is not None else example_inputs(specs, reference, options.int_ranges)
     what = f"{option('inputs')}" if options.inputs else f"{option('input_shape')} and {option('dtype')}"
     with progress.step("checking the model runs on the example input"):
@@ -301,6 +450,18 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
             raise YatDeployError(f"the exported {dtype} graph is not valid ONNX: {str(exc).splitlines()[0]}",
                                  f"ONNX opset {options.opset} lacks that op in {dtype}; export in another dtype "
                                  f"({option('dtype')})") from exc
+    if dtype != "float32":
+        with progress.step("checking ONNX Runtime's CPU provider can open it"):
+            widened = _runnable_on_cpu(model, dtype)
+        if widened:
+            try:
+                onnx.checker.check_model(model, full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+                raise ConsistencyError(f"the model with {', '.join(widened)} widened to float32 fails onnx.checker: "
+                                       f"{str(exc).splitlines()[0]}") from exc
+            them = "it" if len(widened) == 1 else "them"
+            notes.append(f"{', '.join(widened)} computed in float32 between casts, as PyTorch computes on the CPU: "
+                         f"ONNX Runtime's CPU provider has no {dtype} kernel for {them}")
     with progress.step(f"saving {output}"):
         save_atomically(model, output)
     return ExportResult(

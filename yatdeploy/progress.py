@@ -25,9 +25,9 @@ class Progress:
             print(f"  {what} ...", end="", file=self.stream, flush=True)
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
             if self.enabled:
-                print(" failed", file=self.stream, flush=True)
+                print(" interrupted" if isinstance(exc, KeyboardInterrupt) else " failed", file=self.stream, flush=True)
             raise
         if self.enabled:
             print(f" {time.perf_counter() - started:.2f} s", file=self.stream, flush=True)

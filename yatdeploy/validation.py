@@ -217,7 +217,10 @@ class ValidationReport:
         return data
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2, allow_nan=True) + "\n")
+        """Write the report whole or not at all (files.write_atomically); YatDeployError where it can't be."""
+        from yatdeploy.files import write_atomically
+
+        write_atomically(Path(path), (json.dumps(self.to_json(), indent=2, allow_nan=True) + "\n").encode())
 
 
 def compare(actual: np.ndarray, expected: np.ndarray, tol: Tolerance) -> tuple[float, float, int]:

@@ -398,13 +398,16 @@ def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *
     if not graph.model_has_batch_dim(model):
         raise YatDeployError(f"a repository model needs a dynamic batch dimension (it was exported with {option('dynamic_batch', False)})")
     library_path = op_library_path(op_library_root, name, op_library) if op_library is not None else None
-    folder = Path(repository) / name
-    (folder / str(version)).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(onnx_path, folder / str(version) / MODEL_FILE)
-    if op_library is not None:
-        copy_op_library(op_library, folder)
     config = config_text(name, model, op_library=library_path, max_batch_size=max_batch_size)
-    (folder / CONFIG).write_text(config)
+    folder = Path(repository) / name
+    # The entry as a unit: written in full beside the folder, then moved in (config.pbtxt last), so a full disk or
+    # Ctrl-C leaves the folder as it was.
+    with staged_folder(folder, last=(CONFIG,)) as stage:
+        (stage / str(version)).mkdir()
+        shutil.copyfile(onnx_path, stage / str(version) / MODEL_FILE)
+        if op_library is not None:
+            copy_op_library(op_library, stage)
+        (stage / CONFIG).write_text(config)
     return folder
 
 
@@ -478,10 +481,12 @@ def write_engine_repository(repository: str | Path, name: str, engine_path: str 
     if signature.profile.min > 1 and graph.has_batch_dim(signature.inputs[0].shape):
         raise YatDeployError(f"{engine_path}: its profile starts at batch {signature.profile.min}; Triton sends "
                              f"batches from 1 (rebuild with {option('min_batch')} 1)")
+    config = engine_config_text(name, signature)
     folder = Path(repository) / name
-    target = folder / str(version) / PLAN_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(engine_path, target)
-    shutil.copyfile(signature_path(engine_path), signature_path(target))
-    (folder / CONFIG).write_text(engine_config_text(name, signature))
+    with staged_folder(folder, last=(CONFIG,)) as stage:  # the entry as a unit, as write_repository's
+        target = stage / str(version) / PLAN_FILE
+        target.parent.mkdir()
+        shutil.copyfile(engine_path, target)
+        shutil.copyfile(signature_path(engine_path), signature_path(target))
+        (stage / CONFIG).write_text(config)
     return folder

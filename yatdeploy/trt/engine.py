@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from yatdeploy import dtypes, graph, native
 from yatdeploy.errors import OnnxModelError, YatDeployError, option
-from yatdeploy.files import file_sha256, write_atomically
+from yatdeploy.files import file_sha256, write_atomically, writing
 from yatdeploy.graph import TensorSignature, load_onnx, node_elem_types, yat_gemm_nodes
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
@@ -69,8 +69,9 @@ class EngineSignature:
     plugin_fields: list[dict] = field(default_factory=list)  # per plugin layer: node, eps, alpha as received
 
     def write(self, engine_path: Path) -> Path:
+        """Write the signature beside `engine_path`, whole or not at all."""
         path = signature_path(engine_path)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
         return path
 
     @staticmethod
@@ -103,6 +104,14 @@ class EngineSignature:
 
 def signature_path(engine_path: Path) -> Path:
     return engine_path.with_name(engine_path.name + SIGNATURE_SUFFIX)
+
+
+def write_engine(output: Path, engine: bytes, signature: EngineSignature) -> None:
+    """The engine and its signature beside it, both written in full before either takes its place (files.writing),
+    so a full disk or Ctrl-C leaves the previous pair, or nothing, never one without the other."""
+    with writing(signature_path(output)) as signature_partial, writing(output) as engine_partial:
+        signature_partial.write_text(json.dumps(asdict(signature), indent=2) + "\n")
+        engine_partial.write_bytes(engine)
 
 
 def engine_runtime(engine_path: Path) -> str:
@@ -327,14 +336,12 @@ def build_engine(onnx_path: str | Path, output: str | Path, profile: BatchProfil
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise YatDeployError(f"TensorRT could not build the engine (its messages are above; {option('verbose', True)} shows more)")
-    write_atomically(output, bytes(serialized))
     if timing_cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+        write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
 
     import torch
 
     signature = EngineSignature.of_build(prepared, profile, plugin_layers, onnx_path, trt.__version__,
                                          gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-    signature.write(output)
+    write_engine(output, bytes(serialized), signature)
     return BuildResult(output, signature, time.perf_counter() - started, prepared.notes)

@@ -25,7 +25,7 @@ from importlib import util
 from pathlib import Path
 
 from yatdeploy.errors import OnnxModelError, YatDeployError, option
-from yatdeploy.files import file_sha256, write_atomically
+from yatdeploy.files import file_sha256
 from yatdeploy.graph import load_onnx
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.trt import plugin_logic
@@ -37,6 +37,7 @@ from yatdeploy.trt.engine import (
     check_plugin_layers,
     prepare_model,
     profile_shapes,
+    write_engine,
 )
 
 RUNTIME = "tensorrt-rtx"
@@ -221,7 +222,6 @@ def _build_here(onnx_path: Path, output: Path, profile: BatchProfile, options: R
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise _failure(errors, options.compute_capabilities)
-    write_atomically(output, bytes(serialized))
 
     fields = []
     if options.yat_plugin:
@@ -234,7 +234,7 @@ def _build_here(onnx_path: Path, output: Path, profile: BatchProfile, options: R
                                          built={"layers": len(layer_types)}, runtime=RUNTIME,
                                          compute_capabilities=list(options.compute_capabilities),
                                          plugin_fields=fields)
-    signature.write(output)
+    write_engine(output, bytes(serialized), signature)
     return BuildResult(output, signature, time.perf_counter() - started, prepared.notes)
 
 
