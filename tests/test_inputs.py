@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -13,9 +14,18 @@ import torch
 import yatdeploy
 from tests.model_zoo import build_token_tagger, build_two_inputs, yat_mlp
 from yatdeploy.cli import EXIT_OK, EXIT_USAGE, main
-from yatdeploy.errors import InputSpecError
+from yatdeploy.errors import InputSpecError, OnnxModelError
 from yatdeploy.graph import META_INPUTS, metadata
-from yatdeploy.inputs import Dim, InputSpec, parse_input, parse_int_ranges
+from yatdeploy.inputs import (
+    Dim,
+    InputLimits,
+    InputSpec,
+    check_specs,
+    file_metadata,
+    parse_input,
+    parse_int_ranges,
+    recorded_limits,
+)
 
 
 @pytest.mark.parametrize("text,spec", [
@@ -23,6 +33,7 @@ from yatdeploy.inputs import Dim, InputSpec, parse_input, parse_int_ranges
     ("x:float16[4,3]", InputSpec("x", "float16", (Dim(4), Dim(3)))),
     (" mask : bool [ batch=2 , 7 ] ", InputSpec("mask", "bool", (Dim(2, "batch"), Dim(7)))),
     ("scalar:float32[]", InputSpec("scalar", "float32", ())),
+    ("ids:int64[batch=1,seq=16:1024]", InputSpec("ids", "int64", (Dim(1, "batch"), Dim(16, "seq", 1024)))),
 ])
 def test_input_specs_parse(text, spec):
     assert parse_input(text) == spec
@@ -35,10 +46,56 @@ def test_input_specs_parse(text, spec):
     ("ids:int64[batch=0]", "expected a size >= 1"),
     ("ids:int64[1 2=3]", "a label is a name"),
     ("ids:int64[batch=x]", "expected a size"),
+    ("ids:int64[batch=1,seq=16:8]", "its maximum 8 is below the example's size 16"),
+    ("ids:int64[batch=1,16:32]", "only a dynamic dim has a maximum"),
+    ("ids:int64[batch=1,seq=16:x]", "expected a size"),
 ])
 def test_a_bad_input_spec_says_what_is_wrong(text, message):
     with pytest.raises(InputSpecError, match=message):
         parse_input(text)
+
+
+def test_a_label_has_one_maximum_which_every_dim_of_it_gets():
+    specs = check_specs([parse_input("ids:int64[batch=1,seq=4:64]"), parse_input("mask:bool[batch=1,seq=4]")])
+    assert specs[1].dims[1] == Dim(4, "seq", 64)
+    with pytest.raises(InputSpecError, match="dim seq has the maximum 64 in ids and 32 in mask"):
+        check_specs([parse_input("ids:int64[batch=1,seq=4:64]"), parse_input("mask:bool[batch=1,seq=4:32]")])
+    # The record keeps the maximum and the valid values; a record of an older export (no maximum) still reads.
+    spec = InputSpec("ids", "int64", (Dim(1, "batch"), Dim(4, "seq", 64)), values=(0, 40))
+    assert InputSpec.from_json(json.loads(json.dumps(spec.as_json()))) == spec
+    assert InputSpec.from_json({"name": "ids", "dtype": "int64", "dims": [[1, "batch"], [4, "seq"]]}) == \
+        InputSpec("ids", "int64", (Dim(1, "batch"), Dim(4, "seq")))
+
+
+def test_the_limits_name_the_first_value_outside_and_the_dim_too_long():
+    limits = InputSpec("ids", "int64", (Dim(1, "batch"), Dim(4, "seq", 8)), values=(0, 40)).limits
+    assert limits.problem("ids", np.array([[1, 2, 39]])) is None
+    assert limits.problem("ids", np.array([[1, 2, 3, 45, 50]])) == \
+        "input 'ids': value 45 at [0, 3] is outside [0, 40) (the embedding's vocabulary)"
+    assert limits.problem("ids", np.array([[0], [-1]])) == \
+        "input 'ids': value -1 at [1, 0] is outside [0, 40) (the embedding's vocabulary)"
+    assert limits.problem("ids", np.zeros((2, 9), np.int64)) == \
+        "input 'ids': dim 1 is 9, longer than the model's maximum of 8"
+    assert limits.problem("ids", np.zeros((2, 0), np.int64)) is None
+
+
+def test_the_metadata_of_a_file_is_read_without_its_graph(tmp_path):
+    from onnx import TensorProto, helper
+
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [256, 256], np.ones(65536, np.float32))
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 256])], [weights]))
+    model.metadata_props.add(key=META_INPUTS, value='[{"name": "x", "dtype": "float32", "dims": [[1, "batch", 8]]}]')
+    model.metadata_props.add(key="other", value="é")
+    onnx.save(model, tmp_path / "m.onnx")
+    assert file_metadata(tmp_path / "m.onnx") == metadata(model)
+    assert recorded_limits(file_metadata(tmp_path / "m.onnx")) == {"x": InputLimits(None, (8,))}
+    whole = (tmp_path / "m.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(OnnxModelError, match="cut.onnx: its metadata can't be read"):
+        file_metadata(tmp_path / "cut.onnx")
 
 
 def test_one_label_is_one_size_and_names_do_not_repeat(tmp_path, capsys):
@@ -116,7 +173,9 @@ def test_a_token_model_validates_at_several_lengths_through_the_api(tmp_path):
     cases = {c.case for b in report.backends if b.available for c in b.comparisons}
     assert {"random batch 1", "random batch 32", "random seq 1, batch 2", "random seq 4, batch 2"} <= cases
     recorded = metadata(onnx.load(str(tmp_path / "tagger.onnx")))[META_INPUTS]
-    assert InputSpec.from_json(json.loads(recorded)[0]) == parse_input("input:int64[batch=1,seq=8]")
+    # nn.Embedding(30, ...) takes ids in [0, 30): recorded with the dims.
+    assert InputSpec.from_json(json.loads(recorded)[0]) == replace(parse_input("input:int64[batch=1,seq=8]"),
+                                                                    values=(0, 30))
     # Fixed length: only batch varies
     fixed = yatdeploy.export(model, ids, tmp_path / "fixed.onnx", dynamic_axes={0: "batch"})
     assert not any("seq" in c.case for b in fixed.report.backends for c in b.comparisons)

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", action="append", dest="inputs_spec", metavar="NAME:DTYPE[DIM,...]",
         help="one model input, in order (repeatable): DTYPE is a float type, int32, int64 or bool; a dim is a "
              "fixed size or LABEL=SIZE, dynamic with that example size and shared by every dim of the label, "
-             "e.g. 'ids:int64[batch=1,seq=32]'",
+             "or LABEL=SIZE:MAX, at most MAX (recorded, validated at MAX, refused past it when served), "
+             "e.g. 'ids:int64[batch=1,seq=32]', 'ids:int64[batch=1,seq=16:1024]'",
     )
     export.add_argument(
         "--dtype", choices=dtypes.NAMES,

@@ -1,10 +1,13 @@
 """A model's inputs: what the user declares at export (`InputSpec`), and the cases validation runs.
 
 An input is a name, a dtype (a float type, int32, int64 or bool) and dims; a dim is fixed, or dynamic with a
-label (`batch`, `seq`) and the size of the example. Inputs that share a label share the dimension. The
-export records the specs in the model's metadata; validation reads them back (or, for other ONNX files,
-reads what the graph says) and runs random cases at several sizes of every dynamic dim, plus the user's
-arrays. numpy and onnx only (no torch): the CLI reads DEFAULT_BATCHES for its help.
+label (`batch`, `seq`), the size of the example and, where known, the largest size the model takes. Inputs
+that share a label share the dimension. An integer input that indexes an embedding table also has the values
+it may take, [0, the table's rows). The export records the specs, limits included, in the model's metadata
+(`limits_from_graph` finds them in the exported graph); validation reads them back (or, for other ONNX files,
+reads what the graph says) and runs random cases at several sizes of every dynamic dim (its maximum
+included), plus the user's arrays; the server refuses requests outside the limits (`InputLimits`). numpy and
+onnx only (no torch): the CLI reads DEFAULT_BATCHES for its help.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
+from google.protobuf.message import DecodeError
 
 from yatdeploy import dtypes, graph
 from yatdeploy.errors import InputSpecError, OnnxModelError, option
@@ -35,9 +40,45 @@ DEFAULT_INT_RANGE = (0, 16)
 class Dim:
     size: int  # the example's size
     label: str | None = None  # None: fixed at `size`; else dynamic, shared by every dim of this label
+    max: int | None = None  # a dynamic dim's largest size ('seq=16:1024', or a position table's rows); None: any
 
     def __str__(self) -> str:
-        return str(self.size) if self.label is None else f"{self.label}={self.size}"
+        if self.label is None:
+            return str(self.size)
+        return f"{self.label}={self.size}" + (f":{self.max}" if self.max is not None else "")
+
+    def as_json(self) -> list:
+        return [self.size, self.label] if self.max is None else [self.size, self.label, self.max]
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What a model takes of an input beyond its dtype and dims, checked before it runs (the server's 400).
+
+    `values`: [low, high) of an integer input that indexes an embedding table: [0, its rows). ONNX's Gather
+    would also take -rows..-1, counting from the end, but PyTorch's embedding refuses negative ids: a negative
+    id would get an answer the model never gives, so it is outside too. `max_dims`: per dimension of the
+    model's shape (the batch one included), the largest size the model takes, None where any."""
+
+    values: tuple[int, int] | None = None
+    max_dims: tuple[int | None, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.values is not None or any(m is not None for m in self.max_dims)
+
+    def problem(self, name: str, array: np.ndarray) -> str | None:
+        """Why `array` is outside the limits (the first dim too long, else the first value outside), or None."""
+        for i, (size, most) in enumerate(zip(array.shape, self.max_dims)):
+            if most is not None and size > most:
+                return f"input '{name}': dim {i} is {size}, longer than the model's maximum of {most}"
+        if self.values is None or array.size == 0 or array.dtype.kind not in "iu":
+            return None
+        low, high = self.values
+        if array.min() >= low and array.max() < high:
+            return None
+        at = np.unravel_index(int(np.argmax((array < low) | (array >= high))), array.shape)
+        return (f"input '{name}': value {array[at]} at [{', '.join(map(str, at))}] is outside [{low}, {high}) "
+                "(the embedding's vocabulary)")
 
 
 @dataclass(frozen=True)
@@ -45,20 +86,32 @@ class InputSpec:
     name: str
     dtype: str  # one of INPUT_TYPES
     dims: tuple[Dim, ...]
+    values: tuple[int, int] | None = None  # an integer input's valid values, [low, high) (InputLimits.values)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(d.size for d in self.dims)
 
+    @property
+    def limits(self) -> InputLimits:
+        return InputLimits(self.values, tuple(d.max for d in self.dims))
+
     def __str__(self) -> str:
         return f"{self.name}:{self.dtype}[{','.join(map(str, self.dims))}]"
 
     def as_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "dims": [[d.size, d.label] for d in self.dims]}
+        record = {"name": self.name, "dtype": self.dtype, "dims": [d.as_json() for d in self.dims]}
+        if self.values is not None:
+            record["values"] = list(self.values)
+        return record
 
     @staticmethod
     def from_json(raw: Mapping) -> InputSpec:
-        return InputSpec(str(raw["name"]), str(raw["dtype"]), tuple(Dim(int(s), lab) for s, lab in raw["dims"]))
+        """An `as_json` record; records of exports before the limits (no maximum, no values) read too."""
+        dims = tuple(Dim(int(d[0]), d[1], None if len(d) < 3 or d[2] is None else int(d[2])) for d in raw["dims"])
+        values = raw.get("values")
+        return InputSpec(str(raw["name"]), str(raw["dtype"]), dims,
+                         None if values is None else (int(values[0]), int(values[1])))
 
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w.:/-]*?)\s*:\s*(\w+)\s*\[(.*)\]\s*$")
@@ -66,7 +119,8 @@ _LABEL = re.compile(r"^[A-Za-z_]\w*$")
 
 
 def parse_input(text: str) -> InputSpec:
-    """'NAME:DTYPE[DIM,...]', a dim being a size (fixed) or LABEL=SIZE (dynamic): 'ids:int64[batch=1,seq=32]'."""
+    """'NAME:DTYPE[DIM,...]', a dim being a size (fixed), LABEL=SIZE (dynamic) or LABEL=SIZE:MAX (dynamic, at
+    most MAX): 'ids:int64[batch=1,seq=32]', 'ids:int64[batch=1,seq=16:1024]'."""
     match = _SPEC.match(text)
     if not match:
         raise InputSpecError(f"{option('inputs')} {text!r}: expected NAME:DTYPE[DIM,...], e.g. 'ids:int64[batch=1,seq=32]'")
@@ -75,12 +129,20 @@ def parse_input(text: str) -> InputSpec:
         raise InputSpecError(f"{option('inputs')} {text!r}: dtype {dtype!r} is not one of {', '.join(INPUT_TYPES)}")
     dims = []
     for part in (p.strip() for p in body.split(",")) if body.strip() else ():
-        label, _, size = part.rpartition("=")
+        label, _, sizes = part.rpartition("=")
+        size, colon, most = sizes.partition(":")
         if label and not _LABEL.match(label):
             raise InputSpecError(f"{option('inputs')} {text!r}: dim {part!r}: a label is a name, e.g. seq=32")
-        if not size.isdigit() or int(size) < 1:
-            raise InputSpecError(f"{option('inputs')} {text!r}: dim {part!r}: expected a size >= 1 or LABEL=SIZE")
-        dims.append(Dim(int(size), label or None))
+        if not size.isdigit() or int(size) < 1 or (colon and not most.isdigit()):
+            raise InputSpecError(f"{option('inputs')} {text!r}: dim {part!r}: expected a size >= 1, LABEL=SIZE or "
+                                 "LABEL=SIZE:MAX")
+        if colon and not label:
+            raise InputSpecError(f"{option('inputs')} {text!r}: dim {part!r}: only a dynamic dim has a maximum "
+                                 "(LABEL=SIZE:MAX, e.g. seq=16:1024)")
+        if colon and int(most) < int(size):
+            raise InputSpecError(f"{option('inputs')} {text!r}: dim {part!r}: its maximum {most} is below the "
+                                 f"example's size {size}")
+        dims.append(Dim(int(size), label or None, int(most) if colon else None))
     return check_specs([InputSpec(name, dtype, tuple(dims))])[0]
 
 
@@ -93,11 +155,13 @@ def from_shape(shape: Sequence[int], dtype: str, *, dynamic_batch: bool = True, 
 
 
 def check_specs(specs: Sequence[InputSpec]) -> list[InputSpec]:
-    """Distinct names; every label with one size throughout (the example must agree with itself)."""
+    """Distinct names; every label with one size throughout (the example must agree with itself), and one
+    maximum, which every dim of the label gets wherever it is given."""
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise InputSpecError(f"input names repeat: {', '.join(names)}")
     sizes: dict[str, tuple[int, str]] = {}
+    maxima: dict[str, tuple[int, str]] = {}
     for spec in specs:
         for dim in spec.dims:
             if dim.label is None:
@@ -106,7 +170,13 @@ def check_specs(specs: Sequence[InputSpec]) -> list[InputSpec]:
             if first[0] != dim.size:
                 raise InputSpecError(f"dim {dim.label} is {first[0]} in {first[1]} and {dim.size} in {spec.name}: "
                                      "dims of one label are one dimension, of one size in the example")
-    return list(specs)
+            if dim.max is not None:
+                most = maxima.setdefault(dim.label, (dim.max, spec.name))
+                if most[0] != dim.max:
+                    raise InputSpecError(f"dim {dim.label} has the maximum {most[0]} in {most[1]} and {dim.max} in "
+                                         f"{spec.name}: dims of one label are one dimension, of one maximum")
+    return [replace(s, dims=tuple(replace(d, max=maxima[d.label][0]) if d.label in maxima else d for d in s.dims))
+            for s in specs]
 
 
 def parse_int_ranges(texts: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -133,18 +203,260 @@ def model_specs(model: onnx.ModelProto, given: Sequence[InputSpec] | None = None
     values = graph.graph_inputs(model)
     if not values:
         raise OnnxModelError("the model has no inputs to feed")
-    if given is not None:
-        return _check_against_graph(list(given), values)
     recorded = metadata(model)
-    if META_INPUTS in recorded:
+    record = _recorded_specs(recorded)
+    if given is not None:
+        return _with_recorded_limits(_check_against_graph(list(given), values), record or [])
+    if record is not None:
         try:
-            return _check_against_graph([InputSpec.from_json(r) for r in json.loads(recorded[META_INPUTS])], values)
+            return _check_against_graph(record, values)
         except (KeyError, TypeError, ValueError) as exc:
             raise OnnxModelError(f"the model's metadata {META_INPUTS} is damaged ({exc})") from None
     if META_INPUT_SHAPE in recorded and len(values) == 1:  # exports of yatdeploy 0.1 before several inputs
         shape = tuple(int(d) for d in recorded[META_INPUT_SHAPE].split(","))
         return _check_against_graph([_from_value(values[0], shape)], values)
     return [_from_value(v, None) for v in values]
+
+
+def _recorded_specs(recorded: Mapping[str, str]) -> list[InputSpec] | None:
+    """The export's record of the inputs (META_INPUTS), None without one; an OnnxModelError if it is damaged."""
+    if META_INPUTS not in recorded:
+        return None
+    try:
+        return [InputSpec.from_json(r) for r in json.loads(recorded[META_INPUTS])]
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise OnnxModelError(f"the model's metadata {META_INPUTS} is damaged ({exc})") from None
+
+
+def _with_recorded_limits(specs: list[InputSpec], record: list[InputSpec]) -> list[InputSpec]:
+    """`specs` (the user's, checked against the graph) with the limits the export recorded where they give none."""
+    by_name = {r.name: r for r in record}
+    merged = []
+    for spec in specs:
+        was = by_name.get(spec.name)
+        if was is None or len(was.dims) != len(spec.dims):
+            merged.append(spec)
+            continue
+        dims = tuple(replace(d, max=old.max) if d.label is not None and d.max is None else d
+                     for d, old in zip(spec.dims, was.dims))
+        merged.append(replace(spec, dims=dims, values=spec.values or was.values))
+    return check_specs(merged)
+
+
+def recorded_limits(recorded: Mapping[str, str]) -> dict[str, InputLimits]:
+    """Each input's limits as the export recorded them in the metadata `recorded` (graph.metadata, or
+    file_metadata); none for a model without the record."""
+    return {s.name: s.limits for s in _recorded_specs(recorded) or [] if s.limits}
+
+
+_METADATA_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["metadata_props"].number
+
+
+def _varint(file) -> int | None:
+    value = shift = 0
+    while True:
+        byte = file.read(1)
+        if not byte:
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("a varint of more than 10 bytes")
+
+
+def file_metadata(path: str | Path) -> dict[str, str]:
+    """An ONNX file's metadata_props, read without parsing its graph, which holds the weights: the model's
+    top-level fields are walked and all but the metadata skipped over. An OnnxModelError if the file is not a
+    well-formed ModelProto there."""
+    kept = bytearray()
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, 2)
+            file.seek(0)
+            while (key := _varint(file)) is not None:
+                start = file.tell()
+                wire = key & 7
+                if wire == 0:
+                    if _varint(file) is None:
+                        raise ValueError("the file ends inside a field")
+                elif wire in (1, 5):
+                    file.seek(8 if wire == 1 else 4, 1)
+                elif wire == 2:
+                    length = _varint(file)
+                    if length is None:
+                        raise ValueError("the file ends inside a field")
+                    if key >> 3 == _METADATA_FIELD:
+                        entry = file.read(length)
+                        kept += _encode_varint(key) + _encode_varint(length) + entry
+                    else:
+                        file.seek(length, 1)
+                else:
+                    raise ValueError(f"wire type {wire} at byte {start}")
+                if file.tell() > size:
+                    raise ValueError("the file ends inside a field")
+        model = onnx.ModelProto()
+        model.ParseFromString(bytes(kept))
+    except (OSError, ValueError, DecodeError) as exc:
+        raise OnnxModelError(f"{Path(path).name}: its metadata can't be read ({exc})") from None
+    return metadata(model)
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+# --- limits found in the exported graph -------------------------------------------------------------------
+
+# Ops that pass an integer tensor's values on unchanged (reshaped, reordered, repeated, or cast between
+# integer types): ids reaching a Gather through them are the ids as sent.
+_SAME_VALUES = {"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand"}
+# Ops that pass a shape's entry on as a number.
+_SAME_NUMBER = {"Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze"}
+
+
+@dataclass(frozen=True)
+class _Bound:
+    limit: int
+    why: str  # "the model's position table 'position.weight' has 64 rows"
+
+
+class _Graph:
+    """The main graph's producers, constants and symbolic dims, for tracing where a Gather's indices come from."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.producer = {out: node for node in model.graph.node for out in node.output}
+        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.inputs = {v.name: v for v in graph.graph_inputs(model)}
+        self.shapes = {v.name: v.type.tensor_type.shape.dim
+                       for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]
+                       if v.type.HasField("tensor_type")}
+
+    def _through(self, name: str, ops: set[str]) -> str:
+        while (node := self.producer.get(name)) is not None and node.op_type in ops and node.input:
+            name = node.input[0]
+        return name
+
+    def table_rows(self, name: str, axis: int) -> tuple[str, int] | None:
+        """The constant table a Gather reads, and its size along `axis`."""
+        name = self._through(name, {"Identity", "Cast"})
+        if name in self.initializers:
+            dims = list(self.initializers[name].dims)
+        elif (node := self.producer.get(name)) is not None and node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            dims = list(value.dims) if value is not None else []
+        else:
+            return None
+        return (name, dims[axis]) if -len(dims) <= axis < len(dims) else None
+
+    def integer_input(self, name: str) -> str | None:
+        """The integer graph input whose values `name` holds unchanged, if any."""
+        name = self._through(name, _SAME_VALUES)
+        value = self.inputs.get(name)
+        return name if value is not None and graph.dtype_name(value.type.tensor_type.elem_type) in INTEGER_TYPES \
+            else None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            return onnx.numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return None if value is None else onnx.numpy_helper.to_array(value)
+        return None
+
+    def symbolic_dim(self, name: str) -> str | None:
+        """The symbolic dim (its dim_param) whose size `name` holds: Shape(x)[d] taken by Shape's start/end or
+        by a Gather of the shape, where x's dim d is symbolic."""
+        node = self.producer.get(self._through(name, _SAME_NUMBER))
+        if node is None:
+            return None
+        if node.op_type == "Gather":
+            index = self.constant(node.input[1])
+            shape = self.producer.get(self._through(node.input[0], {"Identity"}))
+            if shape is None or shape.op_type != "Shape" or index is None or index.size != 1 or \
+                    any(a.name in ("start", "end") for a in shape.attribute):
+                return None
+            return self._dim_param(shape.input[0], int(index.reshape(())))
+        if node.op_type == "Shape":
+            attrs = {a.name: a.i for a in node.attribute}
+            dims = self.shapes.get(node.input[0])
+            if dims is None or "start" not in attrs:
+                return None
+            start, end = attrs["start"], attrs.get("end", len(dims))
+            start, end = (start + len(dims) if start < 0 else start), (end + len(dims) if end < 0 else end)
+            return self._dim_param(node.input[0], start) if end - start == 1 else None
+        return None
+
+    def _dim_param(self, name: str, index: int) -> str | None:
+        dims = self.shapes.get(name)
+        if dims is None or not -len(dims) <= index < len(dims):
+            return None
+        return dims[index].dim_param or None
+
+    def position_dim(self, name: str) -> str | None:
+        """The symbolic dim T when `name` holds Range(start, T, 1) (positions arange(T)), passed on unchanged."""
+        node = self.producer.get(self._through(name, _SAME_VALUES))
+        if node is None or node.op_type != "Range":
+            return None
+        start, delta = self.constant(node.input[0]), self.constant(node.input[2])
+        if start is None or delta is None or start.size != 1 or delta.size != 1 or int(delta.reshape(())) != 1 \
+                or int(start.reshape(())) < 0:
+            return None
+        return self.symbolic_dim(node.input[1])
+
+
+def limits_from_graph(model: onnx.ModelProto) -> tuple[dict[str, _Bound], dict[str, _Bound]]:
+    """What the exported graph's lookups bound: each integer input that indexes a table (a Gather of an
+    initializer: an embedding) takes values in [0, the smallest such table's rows); each symbolic dim T that
+    positions arange(T) index a table by is at most that table's rows. (input name -> bound of its values,
+    dim_param -> bound of the dim)."""
+    traced = _Graph(model)
+    values: dict[str, _Bound] = {}
+    dims: dict[str, _Bound] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        table = traced.table_rows(node.input[0], axis)
+        if table is None:
+            continue
+        name, rows = table
+        if (ids := traced.integer_input(node.input[1])) is not None:
+            if ids not in values or rows < values[ids].limit:
+                values[ids] = _Bound(rows, f"the model's embedding table '{name}' has {rows} rows")
+        elif (dim := traced.position_dim(node.input[1])) is not None:
+            if dim not in dims or rows < dims[dim].limit:
+                dims[dim] = _Bound(rows, f"the model's position table '{name}' has {rows} rows")
+    return values, dims
+
+
+def with_graph_limits(specs: Sequence[InputSpec], model: onnx.ModelProto) -> list[InputSpec]:
+    """`specs` (checked against `model`'s graph) with the limits limits_from_graph finds: an integer input's
+    values, and a dim's maximum, unless the user declared a smaller one (a larger one is refused)."""
+    values, dims = limits_from_graph(model)
+    out = []
+    for spec, value in zip(specs, graph.graph_inputs(model)):
+        fitted = []
+        for dim, declared in zip(value.type.tensor_type.shape.dim, spec.dims):
+            bound = dims.get(dim.dim_param) if dim.dim_param and declared.label is not None else None
+            if bound is None:
+                fitted.append(declared)
+            elif declared.max is not None and declared.max > bound.limit:
+                raise InputSpecError(f"input '{spec.name}': dim {declared.label} is declared up to {declared.max}, "
+                                     f"but {bound.why}", f"declare at most {declared.label}={declared.size}:"
+                                                         f"{bound.limit} in {option('inputs')}")
+            else:
+                fitted.append(replace(declared, max=min(bound.limit, declared.max or bound.limit)))
+        bound = values.get(spec.name)
+        out.append(replace(spec, dims=tuple(fitted), values=(0, bound.limit) if bound is not None else spec.values))
+    return check_specs(out)
 
 
 def _dtype_of(value: onnx.ValueInfoProto) -> str:
@@ -194,7 +506,7 @@ def _check_against_graph(specs: list[InputSpec], values: list[onnx.ValueInfoProt
             elif want.label is None:  # free in the graph: validated at several sizes, this one the example's
                 want = Dim(want.size, dim.dim_param or (BATCH_LABEL if i == 0 else f"{value.name}_dim{i}"))
             fitted.append(want)
-        checked.append(InputSpec(spec.name, _dtype_of(value), tuple(fitted)))
+        checked.append(InputSpec(spec.name, _dtype_of(value), tuple(fitted), spec.values))
     return check_specs(checked)
 
 
@@ -256,24 +568,31 @@ def random_inputs(specs: Sequence[InputSpec], rng: np.random.Generator,
 def random_cases(specs: Sequence[InputSpec], batches: Sequence[int], seed: int,
                  int_ranges: Mapping[str, tuple[int, int]] | None = None) -> list[InputCase]:
     """One case per batch size (other dynamic dims at the example's size), then, for every other dynamic
-    dim, cases at sizes 1 and half the example's (batch 2): a model that only works at the example's
-    sequence length fails here. A fixed first dim takes one case at its size."""
+    dim, cases at sizes 1 and half the example's (batch 2) and at its maximum where it has one (batch 1): a
+    model that only works at the example's sequence length fails here. A fixed first dim takes one case at
+    its size; a batch with a maximum is not tried past it."""
     rng = np.random.default_rng(seed)
     example = _labels(specs)
+    maxima = {d.label: d.max for s in specs for d in s.dims if d.label is not None and d.max is not None}
     batch = _batch_label(specs)
     plans: list[tuple[str, dict[str, int]]] = []
     if batch is None:
         first = specs[0].dims[0].size if specs[0].dims else None
         plans.append(("random" if first is None else f"random batch {first}", dict(example)))
     else:
+        if batch in maxima:
+            batches = sorted({min(b, maxima[batch]) for b in batches})
         plans += [(f"random batch {b}", {**example, batch: b}) for b in batches]
     for label, size in example.items():
         if label == batch:
             continue
-        for other in sorted({1, max(1, size // 2)} - {size}):
+        tried = [(other, min(2, max(batches))) for other in sorted({1, max(1, size // 2)} - {size})]
+        if maxima.get(label, size) != size:
+            tried.append((maxima[label], 1))
+        for other, rows in tried:
             at = {**example, label: other}
             if batch is not None:
-                at[batch] = min(2, max(batches))
+                at[batch] = rows
             plans.append((f"random {label} {other}" + (f", batch {at[batch]}" if batch is not None else ""), at))
     return [InputCase(name, random_inputs(specs, rng, int_ranges, sizes)) for name, sizes in plans]
 

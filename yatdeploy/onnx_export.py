@@ -31,7 +31,15 @@ from yatdeploy.graph import (
     META_YAT_LAYERS,
     yat_gemm_nodes,
 )
-from yatdeploy.inputs import INTEGER_TYPES, InputSpec, check_specs, from_shape, model_specs, random_inputs
+from yatdeploy.inputs import (
+    INTEGER_TYPES,
+    InputSpec,
+    check_specs,
+    from_shape,
+    model_specs,
+    random_inputs,
+    with_graph_limits,
+)
 from yatdeploy.loading import LoadedModel
 from yatdeploy.ops.onnx_function import FUNCTION_OPSET, SUPPORTED_OPSETS
 from yatdeploy.ops.onnx_schema import yat_gemm_op
@@ -59,7 +67,13 @@ class ExportOptions:
 
     def specs(self, dtype: str) -> list[InputSpec]:
         if self.inputs:
-            return check_specs(self.inputs)
+            specs = check_specs(self.inputs)
+            for spec in specs:
+                for dim in spec.dims:
+                    if dim.max is not None and dim.max > MAX_DIM:
+                        raise InputSpecError(f"input '{spec.name}': dim {dim}: a maximum above {MAX_DIM} is not "
+                                             "exported (validation runs the model at its maximum)")
+            return specs
         if not self.input_shape:
             raise InputSpecError(f"no inputs declared: give {option('input_shape')} or {option('inputs')}")
         return [from_shape(self.input_shape, dtype, dynamic_batch=self.dynamic_batch, name=INPUT_NAME)]
@@ -426,7 +440,8 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
     # What the graph declares, with the example's sizes (a saved torch.export program keeps its own shapes).
     if loaded.program is None:
         _check_dynamic_dims_kept(model, specs)
-    specs = model_specs(model, specs)
+    # ... and the limits its lookups set (an embedding's vocabulary, a position table's length), recorded with them.
+    specs = with_graph_limits(model_specs(model, specs), model)
     recorded = {
         **{f"{META_PREFIX}version.{k}": v for k, v in _package_versions().items()},
         META_SOURCE_SHA256: loaded.sha256,

@@ -9,8 +9,15 @@ import numpy as np
 from yatdeploy import backends, dtypes, graph
 from yatdeploy.errors import YatDeployError
 from yatdeploy.graph import TensorSignature
+from yatdeploy.inputs import InputLimits, file_metadata, recorded_limits
 from yatdeploy.serving.protocol import InferRequest, ProtocolError
-from yatdeploy.serving.repository import DEFAULT_MAX_BATCH_SIZE, ModelSource, check_signature
+from yatdeploy.serving.repository import (
+    DEFAULT_MAX_BATCH_SIZE,
+    LIMIT_PREFIX,
+    ModelSource,
+    check_signature,
+    limit_parameters,
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +50,8 @@ class ServedModel:
             intra_op_threads=intra_op_threads, allow_spinning=False, batch_profile=(1, min(8, batch), batch)))
         self.inputs = list(self.runner.inputs)
         self.outputs = list(self.runner.outputs)
-        self._engine_max_batch: int | None = None  # the runner's largest batch, along a batch dimension
+        # The largest batch, along a batch dimension, the runner takes (an engine's profile) or the inputs' limits.
+        self._engine_max_batch: int | None = None
         if self.runner.max_batch is not None and graph.has_batch_dim(self.inputs[0].shape):
             self._engine_max_batch = self.runner.max_batch
         self._has_batch_dim = all(graph.has_batch_dim(t.shape) for t in [*self.inputs, *self.outputs])
@@ -53,9 +61,34 @@ class ServedModel:
             shapes = check_signature(source, self.inputs, self.outputs)
             self.inputs = [replace(t, shape=shapes[t.name]) for t in self.inputs]
             self.outputs = [replace(t, shape=shapes[t.name]) for t in self.outputs]
+        self.limits = self._limits(source)
+        batch_limits = [limit.max_dims[0] for limit in self.limits.values() if limit.max_dims and self.max_batch_size]
+        if any(most is not None for most in batch_limits):  # a batch with a maximum ('batch=1:8'): merged ones too
+            self._engine_max_batch = min(m for m in [*batch_limits, self._engine_max_batch] if m is not None)
         if self._engine_max_batch is not None and self.max_batch_size > 0:
             self.max_batch_size = min(self.max_batch_size, self._engine_max_batch)
         self.dynamic_batching = source.dynamic_batching
+
+    def _limits(self, source: ModelSource) -> dict[str, InputLimits]:
+        """Each input's limits: the export's record in the model's metadata, each overridden by the
+        config.pbtxt's limit parameters where it gives them (checked against the inputs here)."""
+        limits = recorded_limits(file_metadata(source.path)) if source.path.suffix == ".onnx" else {}
+        shapes = {t.name: t.shape for t in self.inputs}
+        limits = {name: limit for name, limit in limits.items()
+                  if name in shapes and len(limit.max_dims) == len(shapes[name])}
+        batch = (None,) if source.max_batch_size > 0 else ()
+        for name, given in source.input_limits.items():
+            if name not in shapes:
+                raise YatDeployError(f"model '{self.name}': config.pbtxt parameters {LIMIT_PREFIX}{name}.*: the model "
+                                     f"has no input '{name}' (inputs: {', '.join(shapes)})")
+            was = limits.get(name, InputLimits(None, (None,) * len(shapes[name])))
+            max_dims = batch + given.max_dims if given.max_dims else was.max_dims
+            if len(max_dims) != len(shapes[name]):
+                raise YatDeployError(f"model '{self.name}': config.pbtxt parameters {LIMIT_PREFIX}{name}.max_dims: "
+                                     f"{len(given.max_dims)} sizes for the {len(shapes[name]) - len(batch)} dims of "
+                                     f"input '{name}'")
+            limits[name] = InputLimits(given.values if given.values is not None else was.values, max_dims)
+        return {name: limit for name, limit in limits.items() if limit}
 
     @property
     def merges_requests(self) -> bool:
@@ -110,6 +143,9 @@ class ServedModel:
             "input": [tensor(t) for t in self.inputs],
             "output": [tensor(t) for t in self.outputs],
         }
+        parameters = limit_parameters(self.limits, batching=strip == 1)
+        if parameters:
+            config["parameters"] = {key: {"string_value": value} for key, value in parameters.items()}
         if self.dynamic_batching:
             config["dynamic_batching"] = {
                 "max_queue_delay_microseconds": self.max_queue_delay_us,
@@ -136,6 +172,9 @@ class ServedModel:
             ):
                 raise ProtocolError(400, f"input '{info.name}': shape {list(array.shape)}, the model takes "
                                          f"{list(info.shape)}")
+            limits = self.limits.get(info.name)
+            if limits is not None and (problem := limits.problem(info.name, array)) is not None:
+                raise ProtocolError(400, problem)  # what ONNX Runtime would fail on (a Gather), or answer wrongly
             if self.max_batch_size == 0:  # no batch dimension: one inference per request, as Triton counts
                 batch = 1
             elif batch is None:

@@ -16,26 +16,42 @@ Inference Server; yatdeploy reads the fields it shares with Triton, with Triton'
 - `backend`/`platform`, `input`/`output` (names, data_type, dims) must match the model file.
 
 A config that breaks any of these makes its model unavailable (ModelSource.error), not the repository.
+
+Nothing outside the repository is served, read or described: `default_model_filename` (in config.pbtxt or a load
+request's config) is a plain file name in the version folder, and a model file, version folder or config.pbtxt that
+is a symbolic link out of the repository is refused with one message whatever the link points to. Messages name a
+model's files by their path in the repository (ModelSource.shown), never by the server's absolute path. A folder
+whose name is not valid UTF-8 is no model (a model name is text in URLs, JSON and metrics): skipped_folders names
+it for a warning.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
 
 import onnx
 
 from yatdeploy import graph
 from yatdeploy.errors import YatDeployError, option
+from yatdeploy.files import staged_folder
 from yatdeploy.graph import TensorSignature
+from yatdeploy.inputs import InputLimits, recorded_limits
 
 CONFIG = "config.pbtxt"
 # A free-form ModelConfig parameter, which Triton ignores, naming yatdeploy's backend for the model.
 BACKEND_PARAMETER = "yatdeploy_backend"
+# Free-form ModelConfig parameters stating an input's limits (inputs.InputLimits), written from the export's
+# record, for Triton users to read and yatdeploy's server to check (it answers 400 outside them):
+#   yatdeploy.input.<name>.range     "LO:HI"  an integer input's values lie in [LO, HI) (an embedding's rows)
+#   yatdeploy.input.<name>.max_dims  "D,..."  the largest size of each of the config's `dims` (-1: any)
+LIMIT_PREFIX = "yatdeploy.input."
+LIMIT_KINDS = ("range", "max_dims")
 MODEL_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -78,6 +94,27 @@ class ModelSource:
     inputs: tuple[ConfigTensor, ...] = ()  # as the config lists them (none listed: not checked)
     outputs: tuple[ConfigTensor, ...] = ()
     error: str | None = None  # why the model cannot be served (a bad config), None if it can be tried
+    # The config's limit parameters, by input: values None / max_dims () where it gives none; max_dims as the
+    # config's dims (without the batch dimension when max_batch_size > 0).
+    input_limits: dict[str, InputLimits] = field(default_factory=dict)
+    # The model file as messages name it: its path in the repository (mlp/1/model.onnx), or a lone file's name.
+    shown: str = ""
+    repository: Path | None = None  # the repository folder it is in (None: a lone file)
+
+    def __post_init__(self) -> None:
+        self.shown = self.shown or self.path.name
+
+    def public(self, text: str) -> str:
+        """`text` (a loader's message) with the server's paths of this model's file and repository said as paths in
+        the repository: what a client may read."""
+        file = {str(self.path), str(self.path.absolute()), os.path.realpath(self.path)}
+        roots = set() if self.repository is None else \
+            {str(self.repository), str(self.repository.absolute()), os.path.realpath(self.repository)}
+        for absolute in sorted(file, key=len, reverse=True):
+            text = text.replace(absolute, self.shown)
+        for root in sorted(roots, key=len, reverse=True):
+            text = text.replace(root.rstrip(os.sep) + os.sep, "")
+        return text
 
 
 def model_config_pb2():
@@ -96,14 +133,15 @@ def model_config_pb2():
     return module
 
 
-def parse_config(path: Path):
+def parse_config(path: Path, shown: str | None = None):
+    """The ModelConfig in the file at `path`, or a YatDeployError naming the file as `shown` (default: `path`)."""
     from google.protobuf import text_format
 
     config = model_config_pb2().ModelConfig()
     try:
         text_format.Parse(path.read_text(), config)
     except (text_format.ParseError, UnicodeDecodeError) as exc:
-        raise YatDeployError(f"{path}: not a valid Triton model config: {exc}") from None
+        raise YatDeployError(f"{shown or path}: not a valid Triton model config: {exc}") from None
     return config
 
 
@@ -123,10 +161,64 @@ def check_model_name(name: str) -> str:
     return name
 
 
-def _model_file(version_dir: Path, names: Sequence[str] = (MODEL_FILE, PLAN_FILE)) -> Path | None:
-    for name in names:
-        if (version_dir / name).is_file():
-            return version_dir / name
+def _is_text(name: str) -> bool:
+    """Whether a file name read from the disk is valid UTF-8 (os.fsdecode keeps other bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_read(name: str) -> str:
+    """A file name that may not be UTF-8, as a message shows it: caf\\xe9."""
+    return repr(os.fsencode(name))[2:-1]
+
+
+def model_folders(path: Path) -> list[Path]:
+    """The model folders of the repository at `path`, sorted: its folders whose names are valid UTF-8."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and _is_text(p.name))
+
+
+def skipped_folders(path: str | Path) -> list[str]:
+    """The folders of the repository at `path` that are no model because their names are not valid UTF-8, as
+    messages show them."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    return sorted(_as_read(p.name) for p in path.iterdir() if not _is_text(p.name) and p.is_dir())
+
+
+def _default_file_names(name: str, config, what: str) -> tuple[str, ...]:
+    """The file names a version folder may serve: the config's default_model_filename, else model.onnx and model.plan.
+    A default_model_filename that is not a plain file name is refused with one message whatever it names (`what`:
+    the config it is in, as the message says it)."""
+    value = config.default_model_filename if config is not None else ""
+    if not value:
+        return (MODEL_FILE, PLAN_FILE)
+    if not value.strip() or value in (".", "..") or any(c in value for c in "/\\\x00"):
+        raise YatDeployError(f"model '{name}': {what} default_model_filename must be a plain file name in the "
+                             "version folder (no '/' or '\\', not '.', '..' or blank)")
+    return (value,)
+
+
+def _check_inside(name: str, path: Path, repository: Path, root: str) -> None:
+    """A YatDeployError when `path`, in the repository, resolves (symbolic links followed) outside `root`, the
+    repository's real path; the message is the same whether or not what the link points to exists."""
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        shown = path.relative_to(repository).as_posix()
+        raise YatDeployError(f"model '{name}': {shown} is a link to outside the repository: refused")
+
+
+def _model_file(name: str, version_dir: Path, names: Sequence[str], repository: Path, root: str) -> Path | None:
+    """The model file of a version folder: the first of `names` there; a YatDeployError for a link out of the
+    repository."""
+    for file_name in names:
+        candidate = version_dir / file_name
+        if os.path.lexists(candidate):
+            _check_inside(name, candidate, repository, root)
+            if candidate.is_file():
+                return candidate
     return None
 
 
@@ -175,45 +267,75 @@ def discover(path: str | Path, only: str | None = None, config_override=None) ->
     ModelConfig message read instead of its config.pbtxt, as a load request may send one)."""
     path = Path(path)
     if not path.exists():
-        raise YatDeployError(f"{path}: no such file or folder")
+        # `only`: a load request's answer, which names no path of the server
+        raise YatDeployError(f"{path}: no such file or folder" if only is None else
+                             f"model '{only}': the model repository is gone")
     if path.is_file():
+        if not _is_text(path.stem):
+            raise YatDeployError(f"{_as_read(path.name)}: a model's name (the file's stem) must be valid UTF-8: "
+                                 "rename the file")
         if path.suffix == ".plan":
             return [ModelSource(path.stem, "1", path, backend=_engine_backend(path))]
         if path.suffix != ".onnx":
             raise YatDeployError(f"{path}: expected an .onnx file, a TensorRT .plan or a model repository folder")
         return [ModelSource(path.stem, "1", path)]
     sources = []
-    for folder in sorted(p for p in path.iterdir() if p.is_dir() and (only is None or p.name == only)):
-        has_config = config_override is not None or (folder / CONFIG).is_file()
-        config = config_override if config_override is not None else \
-            _peek_config(folder / CONFIG) if has_config else None
-        default_name = config.default_model_filename if config is not None else ""
-        names = (default_name,) if default_name else (MODEL_FILE, PLAN_FILE)
-        versions = sorted((int(v.name), v) for v in folder.iterdir() if v.is_dir() and v.name.isdigit())
-        found = [(n, v, f) for n, v in versions if (f := _model_file(v, names)) is not None]
-        if not found:
-            if has_config or versions:  # a model folder that serves nothing: say why, not skip it
-                sources.append(ModelSource(folder.name, str(versions[-1][0]) if versions else "1", folder,
-                                           error=_why_no_model(folder.name, config, names, versions)))
-            continue
-        try:
-            served = _served_versions(folder.name, config, found)
-        except YatDeployError as exc:
-            sources.append(ModelSource(folder.name, str(found[-1][0]), found[-1][2], error=exc.text))
-            continue
-        for version, _, model_file in served:
-            source = ModelSource(folder.name, str(version), model_file,
-                                 backend=_engine_backend(model_file) if model_file.suffix == ".plan" else None)
-            if has_config:
-                try:
-                    read_config(source, folder / CONFIG, config_override)
-                except YatDeployError as exc:
-                    source.error = exc.text
-            sources.append(source)
+    root = os.path.realpath(path)
+    for folder in model_folders(path):
+        if only is None or folder.name == only:
+            sources += _model_sources(folder, path, root, config_override)
     if not sources and only is not None:
-        raise YatDeployError(f"model '{only}' is not in the repository {path}")
+        raise YatDeployError(f"model '{only}' is not in the repository")
     if not sources:
         raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE} or {PLAN_FILE})")
+    return sources
+
+
+def _model_sources(folder: Path, repository: Path, root: str, config_override) -> list[ModelSource]:
+    """One ModelSource per version of the model in `folder` that its version_policy serves, or one with the error
+    that makes the model unavailable. `root`: the repository's real path."""
+    name = folder.name
+    config_path = folder / CONFIG
+    version = "1"
+    try:
+        if config_override is None and os.path.lexists(config_path):
+            _check_inside(name, config_path, repository, root)
+        has_config = config_override is not None or config_path.is_file()
+        config = config_override if config_override is not None else \
+            _peek_config(config_path) if has_config else None
+        names = _default_file_names(name, config, "the load request's config" if config_override is not None
+                                    else CONFIG)
+        versions = sorted((int(v.name), v) for v in folder.iterdir()
+                          if v.name.isascii() and v.name.isdigit() and v.is_dir())
+        found = []
+        for number, version_dir in versions:
+            version = str(number)
+            _check_inside(name, version_dir, repository, root)
+            if (model_file := _model_file(name, version_dir, names, repository, root)) is not None:
+                found.append((number, version_dir, model_file))
+        version = str(versions[-1][0]) if versions else "1"
+    except YatDeployError as exc:
+        return [ModelSource(name, version, folder, error=exc.text, repository=repository)]
+    if not found:
+        if has_config or versions:  # a model folder that serves nothing: say why, not skip it
+            return [ModelSource(name, version, folder, error=_why_no_model(name, config, names, versions),
+                                repository=repository)]
+        return []
+    try:
+        served = _served_versions(name, config, found)
+    except YatDeployError as exc:
+        return [ModelSource(name, str(found[-1][0]), found[-1][2], error=exc.text, repository=repository)]
+    sources = []
+    for number, _, model_file in served:
+        source = ModelSource(name, str(number), model_file, shown=model_file.relative_to(repository).as_posix(),
+                             repository=repository,
+                             backend=_engine_backend(model_file) if model_file.suffix == ".plan" else None)
+        if has_config:
+            try:
+                read_config(source, config_path, config_override)
+            except YatDeployError as exc:
+                source.error = exc.text
+        sources.append(source)
     return sources
 
 
@@ -240,7 +362,7 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
 
     if config is None:
         try:
-            config = parse_config(path)
+            config = parse_config(path, shown=CONFIG)
         except YatDeployError as exc:
             raise YatDeployError(f"model '{source.name}': {exc.message}") from None
     source.config = path
@@ -270,6 +392,7 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
         if source.backend not in registry.names():
             raise _config_error(source, f"parameters[{BACKEND_PARAMETER}]",
                                 f"{source.backend!r}: not a backend (known: {', '.join(registry.names())})")
+    source.input_limits = read_limit_parameters(source, config.parameters)
     source.dynamic_batching = config.HasField("dynamic_batching")
     if source.dynamic_batching:
         delay = config.dynamic_batching.max_queue_delay_microseconds
@@ -354,6 +477,51 @@ def _dynamic_batching(config, max_queue_delay_us: int, max_queue_size: int) -> N
     config.dynamic_batching.SetInParent()  # present even with every field at its default
 
 
+def limit_parameters(limits: Mapping[str, InputLimits], batching: bool) -> dict[str, str]:
+    """The config parameters (LIMIT_PREFIX) stating `limits`; max_dims without the batch dim when `batching`."""
+    parameters = {}
+    for name, limit in limits.items():
+        if limit.values is not None:
+            parameters[f"{LIMIT_PREFIX}{name}.range"] = f"{limit.values[0]}:{limit.values[1]}"
+        dims = limit.max_dims[1:] if batching else limit.max_dims
+        if any(d is not None for d in dims):
+            parameters[f"{LIMIT_PREFIX}{name}.max_dims"] = ",".join(str(graph.DYNAMIC if d is None else d)
+                                                                    for d in dims)
+    return parameters
+
+
+def read_limit_parameters(source: ModelSource, parameters) -> dict[str, InputLimits]:
+    """The limits a config's parameters state (a ModelConfig's `parameters` map), by input; a YatDeployError
+    naming a malformed one. Whether each names an input of the model, of that rank, is checked once it is
+    loaded (serving.model)."""
+    limits: dict[str, InputLimits] = {}
+    for key in sorted(parameters):
+        if not key.startswith(LIMIT_PREFIX):
+            continue
+        name, _, kind = key[len(LIMIT_PREFIX):].rpartition(".")
+        text = parameters[key].string_value
+        if not name or kind not in LIMIT_KINDS:
+            raise _config_error(source, f"parameters[{key}]", f"is not a limit: expected {LIMIT_PREFIX}<input>."
+                                                              f"{' or .'.join(LIMIT_KINDS)}")
+        was = limits.get(name, InputLimits())
+        try:
+            if kind == "range":
+                low, high = (int(v) for v in text.split(":"))
+                if low >= high:
+                    raise ValueError
+                limits[name] = InputLimits((low, high), was.max_dims)
+            else:
+                dims = tuple(int(v) for v in text.split(","))
+                if any(d < 1 and d != graph.DYNAMIC for d in dims):
+                    raise ValueError
+                limits[name] = InputLimits(was.values, tuple(None if d == graph.DYNAMIC else d for d in dims))
+        except ValueError:
+            expected = "LO:HI with LO < HI, e.g. 0:512" if kind == "range" else \
+                "one size per dim of the config's dims, each at least 1 or -1 for any, e.g. 1024"
+            raise _config_error(source, f"parameters[{key}]", f"{text!r}: expected {expected}") from None
+    return limits
+
+
 def _text(config) -> str:
     from google.protobuf import text_format
 
@@ -370,6 +538,8 @@ def config_text(name: str, model: onnx.ModelProto, *, op_library: str | PurePath
     _add_tensors(config.output, [graph.signature(v) for v in model.graph.output], batching=True)
     _dynamic_batching(config, max_queue_delay_us, max_queue_size)
     config.instance_group.add(kind=pb2.ModelInstanceGroup.KIND_CPU, count=1)
+    for key, value in limit_parameters(recorded_limits(graph.metadata(model)), batching=True).items():
+        config.parameters[key].string_value = value
     if op_library is not None:
         # Triton's ONNX Runtime backend registers this library in every session of the model.
         config.model_operations.op_library_filename.append(str(op_library))
