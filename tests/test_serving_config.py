@@ -330,12 +330,14 @@ def test_the_good_model_serves_beside_the_bad_ones(bad_server):
 
 
 @pytest.mark.parametrize("name", list(BAD_MODELS))
-def test_a_bad_model_is_not_ready_and_says_why(bad_server, name):
+def test_a_bad_model_is_not_ready_and_says_why(bad_server, bad_repository, name):
     fragments = [f"model '{name}'", *BAD_MODELS[name][1]]
     client = httpclient.InferenceServerClient(bad_server.url)
     assert not client.is_model_ready(name)
     status, body = bad_server.get(f"/v2/models/{name}/ready")
     assert status == 503 and all(f in body.decode() for f in fragments), body
+    # A client reads the model's name and its files' paths in the repository, never the server's paths.
+    assert str(bad_repository.parent) not in body.decode() and "/tmp/" not in body.decode(), body
     with pytest.raises(InferenceServerException) as metadata_error:
         client.get_model_metadata(name)
     assert all(f in str(metadata_error.value) for f in fragments), metadata_error.value
@@ -448,3 +450,69 @@ def test_default_model_filename_and_a_specific_version_are_honoured(tmp_path):
         assert client.get_model_metadata("pinned")["versions"] == ["1"]
     finally:
         running.stop()
+
+
+# --- readiness and start-up errors (Triton's --strict-readiness and --exit-on-error) --------------------------
+
+@pytest.fixture(scope="module")
+def one_bad_repository(tmp_path_factory) -> Path:
+    """good and other serve; garbage_model does not load."""
+    repo = tmp_path_factory.mktemp("one_bad") / "repo"
+    add_model(repo, "good", "double", config_text("good"))
+    add_model(repo, "other", "double", config_text("other"))
+    BAD_MODELS["garbage_model"][0](repo, "garbage_model")
+    return repo
+
+
+def _ready_both_ways(server: Server) -> tuple[int, bool, bool]:
+    """/v2/health/ready's status, tritonclient's HTTP is_server_ready and gRPC ServerReady."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(server.grpc_url) as grpc_client:
+        grpc_ready = grpc_client.is_server_ready()
+    return server.get("/v2/health/ready")[0], httpclient.InferenceServerClient(server.url).is_server_ready(), \
+        grpc_ready
+
+
+@pytest.mark.parametrize("flags, ready", [((), False), (("--strict-readiness", "true"), False),
+                                          (("--strict-readiness", "false"), True),
+                                          (("--strict-readiness=false",), True)])
+def test_strict_readiness_decides_whether_a_partly_loaded_server_is_ready(one_bad_repository, flags, ready):
+    """Strict (the default, Triton's): ready only when every model is; not strict: ready once it serves what it
+    could load. Either way the good models serve and the bad one is reported, over HTTP and gRPC alike."""
+    server = Server(one_bad_repository, *flags, wait_for="live", log=one_bad_repository.parent / "server.log")
+    try:
+        assert _ready_both_ways(server) == ((200, True, True) if ready else (503, False, False))
+        client = httpclient.InferenceServerClient(server.url)
+        assert client.is_model_ready("good") and client.is_model_ready("other")
+        assert not client.is_model_ready("garbage_model")
+        tensor = httpclient.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+        np.testing.assert_allclose(client.infer("good", [tensor]).as_numpy("y"), 2 * np.ones((1, 4)))
+    finally:
+        server.stop()
+
+
+def test_not_strict_a_server_in_explicit_mode_is_ready_with_a_failed_startup_model(one_bad_repository):
+    server = Server(one_bad_repository, "--model-control-mode", "explicit", "--load-model", "*",
+                    "--strict-readiness", "false", wait_for="live", log=one_bad_repository.parent / "server.log")
+    try:
+        assert _ready_both_ways(server) == (200, True, True)
+    finally:
+        server.stop()
+
+
+def test_exit_on_error_ends_a_start_up_with_a_model_that_does_not_load(one_bad_repository, capsys):
+    for flags in (("--exit-on-error", "true"), ("--exit-on-error=true",),
+                  ("--model-control-mode", "explicit", "--load-model", "garbage_model", "--exit-on-error", "true")):
+        assert main(["serve", "-q", str(one_bad_repository), "--port", str(free_port()), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("yatdeploy serve: error: ") and err.count("\n") == 1, err
+        assert "model 'garbage_model'" in err and "does not load" in err and "--exit-on-error" in err, err
+        assert str(one_bad_repository) not in err
+
+
+def test_readiness_flags_take_triton_booleans_only(one_bad_repository, capsys):
+    for flag in ("--strict-readiness", "--exit-on-error"):
+        assert main(["serve", "-q", str(one_bad_repository), "--port", str(free_port()), flag, "maybe"]) == 2
+        assert f"{flag} maybe: must be true or false" in capsys.readouterr().err

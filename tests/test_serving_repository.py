@@ -226,3 +226,166 @@ def test_the_statistics_and_index_are_json_objects(repository):
         assert status == 200 and [s["version"] for s in json.loads(body)["model_stats"]] == ["3"]
     finally:
         server.stop()
+
+
+# --- default_model_filename and links: nothing outside the repository is served, nothing about it is said ----
+
+# Each is refused, over HTTP and gRPC alike, with one message whatever exists at the place it names.
+_NOT_PLAIN = ["../../../outside/secret.onnx", "OUTSIDE_ABSOLUTE", "/etc/passwd", "/etc/no_such_file", "..", ".",
+              "1/model.onnx", "..\\..\\outside\\secret.onnx", "  ", "model.onnx\x00.txt"]
+
+
+@pytest.fixture
+def escape_repository(tmp_path):
+    """repo/mlp: y = 2x; outside/secret.onnx (outside the repository): y = x - mean(x), another answer."""
+    from tests.test_serving_config import add_model, config_text, write_model
+
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", "double", config_text("mlp"))
+    write_model(tmp_path / "outside" / "secret.onnx", "centered")
+    (tmp_path / "outside" / "folder").mkdir()
+    write_model(tmp_path / "outside" / "folder" / "model.onnx", "centered")
+    # Links out of the repository: to a file that is there, to one that is not, and a version folder.
+    (repo / "mlp" / "1" / "link.onnx").symlink_to(tmp_path / "outside" / "secret.onnx")
+    (repo / "mlp" / "1" / "dangling.onnx").symlink_to(tmp_path / "outside" / "no_such_file.onnx")
+    # The same links in config.pbtxt, read at start-up.
+    for name, extra in (("dotdot", 'default_model_filename: "../../../outside/secret.onnx"'),
+                        ("absolute", f'default_model_filename: "{tmp_path / "outside" / "secret.onnx"}"'),
+                        ("linked", 'default_model_filename: "link.onnx"')):
+        add_model(repo, name, "double", config_text(name, extra=extra))
+        (repo / name / "1" / "link.onnx").symlink_to(tmp_path / "outside" / "secret.onnx")
+    add_model(repo, "linked_file", "double", config_text("linked_file"))
+    (repo / "linked_file" / "1" / "model.onnx").unlink()
+    (repo / "linked_file" / "1" / "model.onnx").symlink_to(tmp_path / "outside" / "secret.onnx")
+    (repo / "linked_version").mkdir()
+    (repo / "linked_version" / "config.pbtxt").write_text(config_text("linked_version"))
+    (repo / "linked_version" / "1").symlink_to(tmp_path / "outside" / "folder")
+    return tmp_path
+
+
+def _double_answers(url: str) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    tensor = httpclient.InferInput("x", [2, 4], "FP32")
+    tensor.set_data_from_numpy(x)
+    np.testing.assert_array_equal(httpclient.InferenceServerClient(url).infer("mlp", [tensor]).as_numpy("y"), 2 * x)
+
+
+def _no_server_path(message: str, root: Path) -> None:
+    for path in {str(root), str(root.resolve())}:
+        assert path not in message, message
+
+
+def test_a_load_request_serves_nothing_outside_the_model_folder(escape_repository):
+    root = escape_repository
+    server = Server(root / "repo", "--model-control-mode", "explicit", "--load-model", "mlp")
+    try:
+        client = httpclient.InferenceServerClient(server.url)
+        answers: dict[str, list[str]] = {"http": [], "grpc": []}
+        with grpcclient.InferenceServerClient(server.grpc_url) as grpc_client:
+            for value in [*_NOT_PLAIN, "link.onnx", "dangling.onnx"]:
+                if value == "OUTSIDE_ABSOLUTE":
+                    value = str(root / "outside" / "secret.onnx")
+                config = json.dumps({"name": "mlp", "max_batch_size": 8, "default_model_filename": value})
+                for transport, loader in (("http", client), ("grpc", grpc_client)):
+                    with pytest.raises(InferenceServerException) as refused:
+                        loader.load_model("mlp", config=config)
+                    message = str(refused.value)
+                    assert "failed to load 'mlp'" in message, message
+                    assert ("link to outside the repository" if value.endswith("link.onnx") or value == "dangling.onnx"
+                            else "default_model_filename must be a plain file name") in message, message
+                    _no_server_path(message, root)
+                    answers[transport].append(message)
+                _double_answers(server.url)  # still its own model, never secret.onnx
+        for messages in answers.values():
+            by_value = dict(zip([*_NOT_PLAIN, "link.onnx", "dangling.onnx"], messages))
+            # No existence oracle: a path that exists and one that does not get the very same answer.
+            assert by_value["/etc/passwd"] == by_value["/etc/no_such_file"] == by_value["../../../outside/secret.onnx"]
+            # A link to a file that is there and one to a file that is not: the same words, each naming its link.
+            assert by_value["link.onnx"].replace("link.onnx", "L") == \
+                by_value["dangling.onnx"].replace("dangling.onnx", "L")
+        assert [m.split(": ", 1)[1] for m in answers["grpc"]] == [m.split(": ", 1)[1] for m in answers["http"]]
+        client.load_model("mlp")  # its own config again: loads
+        _double_answers(server.url)
+    finally:
+        server.stop()
+
+
+def test_config_pbtxt_and_links_cannot_reach_outside_the_repository(escape_repository):
+    root = escape_repository
+    server = Server(root / "repo", wait_for="live", log=root / "server.log")
+    try:
+        client = httpclient.InferenceServerClient(server.url)
+        _double_answers(server.url)
+        index = {entry["name"]: entry for entry in client.get_model_repository_index()}
+        for name in ("dotdot", "absolute", "linked", "linked_file", "linked_version"):
+            entry = index[name]
+            assert entry["state"] == "UNAVAILABLE" and f"model '{name}'" in entry["reason"], entry
+            _no_server_path(entry["reason"], root)
+            status, body = server.get(f"/v2/models/{name}/ready")
+            assert status == 503
+            _no_server_path(body.decode(), root)
+        assert "default_model_filename" in index["dotdot"]["reason"]
+        assert index["dotdot"]["reason"] == index["absolute"]["reason"].replace("'absolute'", "'dotdot'")
+        assert "outside the repository" in index["linked"]["reason"]
+        assert "linked_file/1/model.onnx" in index["linked_file"]["reason"]
+        assert "outside the repository" in index["linked_version"]["reason"]
+    finally:
+        server.stop()
+
+
+def test_a_folder_name_that_is_not_utf8_is_skipped_and_every_endpoint_answers(tmp_path):
+    """A model name is text (URLs, JSON, Prometheus labels are UTF-8): a folder whose name is not valid UTF-8 is
+    no model. It is skipped with a warning at start-up; the other models, the index, the statistics and /metrics
+    answer as without it (/metrics answered 500 for every model)."""
+    import os
+
+    from tests.test_serving_config import add_model, config_text, write_model
+
+    repo = tmp_path / "repo"
+    add_model(repo, "mlp", "double", config_text("mlp"))
+    bad = os.path.join(os.fsencode(repo), b"caf\xe9")  # latin-1, not UTF-8
+    os.mkdir(bad)
+    os.mkdir(os.path.join(bad, b"1"))
+    write_model(Path(os.fsdecode(os.path.join(bad, b"1", b"model.onnx"))), "double")
+    server = Server(repo, log=tmp_path / "server.log")
+    try:
+        _double_answers(server.url)
+        status, body = server.get("/metrics")
+        assert status == 200 and 'nv_inference_request_success{model="mlp",version="1"} 1.0' in body.decode()
+        status, answer = server.post("/v2/repository/index", b"")
+        assert status == 200 and [entry["name"] for entry in answer] == ["mlp"]
+        status, body = server.get("/v2/models/stats")
+        assert status == 200 and [s["name"] for s in json.loads(body)["model_stats"]] == ["mlp"]
+        assert httpclient.InferenceServerClient(server.url).is_server_ready()
+        with grpcclient.InferenceServerClient(server.grpc_url) as grpc_client:
+            assert [m.name for m in grpc_client.get_model_repository_index().models] == ["mlp"]
+        assert "skipping folder 'caf\\xe9': its name is not valid UTF-8" in server.output()
+    finally:
+        server.stop()
+
+
+def test_a_loaders_message_names_the_model_file_by_its_path_in_the_repository(tmp_path):
+    """ONNX Runtime and the other loaders name the file they were given: what a client reads says its path in the
+    repository instead, however the server reached it (as given, absolute, through a link)."""
+    import os
+
+    from tests.test_serving_config import add_model
+    from yatdeploy.serving.repository import discover
+
+    add_model(tmp_path / "repo", "m", "double", None)
+    (tmp_path / "alias").symlink_to(tmp_path / "repo")
+    [source] = discover(tmp_path / "alias")
+    for path in (source.path, source.path.absolute(), Path(os.path.realpath(source.path))):
+        assert source.public(f"Load model from {path} failed") == "Load model from m/1/model.onnx failed"
+    assert source.public(f"{tmp_path / 'repo'}/m/config.pbtxt: bad") == "m/config.pbtxt: bad"
+
+
+def test_a_hidden_folder_such_as_an_entry_being_written_is_no_model(repository, tmp_path):
+    """export --repository stages a new entry in '.<name>.XXXX.partial' beside it (files.staged_folder): a server
+    that scans the repository meanwhile must not take it for a model."""
+    from yatdeploy.serving.repository import discover
+
+    copy = tmp_path / "repository"
+    shutil.copytree(repository / "repo", copy)
+    shutil.copytree(copy / "mlp", copy / ".mlp.k2j4.partial")
+    assert {source.name for source in discover(copy)} == {"mlp", "other"}

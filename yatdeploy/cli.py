@@ -240,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "(POST /v2/repository/models/NAME/load|unload), as Triton's")
     serve.add_argument("--load-model", action="append", default=[], metavar="NAME",
                        help="with --model-control-mode explicit: a model to load at start-up (repeatable; * for all)")
+    serve.add_argument("--strict-readiness", default="true", nargs="?", const="true", metavar="BOOL",
+                       help="true (default, as Triton): /v2/health/ready (and gRPC ServerReady) is 200 only while "
+                            "every model asked for is served; false: ready once the server serves what it could "
+                            "load, a model that failed staying unavailable with its reason")
+    serve.add_argument("--exit-on-error", default="false", nargs="?", const="true", metavar="BOOL",
+                       help="true: exit (status 2, with the reasons) when a model asked for at start-up does not "
+                            "load, as Triton does by default; false (default): serve the models that load and "
+                            "report the others (exit 2 only when none loads)")
     serve.add_argument("--backend", help=f"one of {backend_names} (default: config.pbtxt, else the fastest "
                                           "ONNX Runtime backend that works)")
     serve.add_argument("--max-batch-size", type=int,
@@ -529,8 +537,16 @@ def cmd_serve(args: argparse.Namespace, progress) -> int:
         raise YatDeployError(f"--threads {threads}: must be between 1 and {4 * cores} (4 x the {cores} cores usable)")
     serve(args.path, host=args.host, port=args.port, grpc_port=args.grpc_port, backend=args.backend,
           settings=settings, http_settings=http_settings, load=args.load_model, intra_op_threads=threads,
-          log_level=args.log_level, progress=progress)
+          log_level=args.log_level, progress=progress, exit_on_error=exit_on_error)
     return EXIT_OK
+
+
+def _boolean(flag: str, text: str) -> bool:
+    """A boolean flag's value as Triton's command line spells it: true/false, on/off, 1/0."""
+    value = text.strip().lower()
+    if value not in ("true", "on", "1", "false", "off", "0"):
+        raise YatDeployError(f"{flag} {text}: must be true or false")
+    return value in ("true", "on", "1")
 
 
 def _numbers(text: str, flag: str, kind=int, **options) -> list:

@@ -62,13 +62,17 @@ class Inference:
 
 @dataclass
 class ServerSettings:
-    """What the server's command line overrides in every model (None: each model's own) and its control mode."""
+    """What the server's command line overrides in every model (None: each model's own), its control mode and
+    its readiness."""
 
     max_batch_size: int | None = None
     max_queue_delay_us: int | None = None
     max_queue_size: int | None = None
     dynamic_batching: bool = True
     control_mode: str = "none"
+    # Triton's --strict-readiness: ready only while every model asked for is served (True), or once started,
+    # serving what could be loaded (False).
+    strict_readiness: bool = True
 
 
 class InferenceServer:
@@ -155,8 +159,9 @@ class InferenceServer:
         return "; ".join(m.reason for m in self._failed.get(name, []))
 
     def is_ready(self) -> bool:
-        """As Triton's strict readiness: started, and every model asked for is served."""
-        return self.started and not self._failed
+        """Started and, with strict readiness (Triton's default), every model asked for served; without it, once
+        started, whatever could be loaded. HTTP's /v2/health/ready and gRPC's ServerReady both answer this."""
+        return self.started and (not self.settings.strict_readiness or not self._failed)
 
     def model_ready(self, name: str, version: str | None = None) -> tuple[bool, str | None]:
         """Whether the model (version) is ready; when not, why. A ProtocolError 404 for a name never heard of."""

@@ -176,8 +176,9 @@ def _as_read(name: str) -> str:
 
 
 def model_folders(path: Path) -> list[Path]:
-    """The model folders of the repository at `path`, sorted: its folders whose names are valid UTF-8."""
-    return sorted(p for p in path.iterdir() if p.is_dir() and _is_text(p.name))
+    """The model folders of the repository at `path`, sorted: its folders whose names are valid UTF-8 and not
+    hidden (a name starting with '.', such as the staging folder of an entry being written, files.staged_folder)."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and _is_text(p.name) and not p.name.startswith("."))
 
 
 def skipped_folders(path: str | Path) -> list[str]:

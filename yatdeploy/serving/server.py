@@ -53,11 +53,16 @@ def repository_names(path: str | Path) -> list[str]:
 
 
 def _startup_models(path: str | Path, backend_name: str | None, intra_op_threads: int, progress: Progress,
-                    control_mode: str, load: list[str], known: list[str],
+                    control_mode: str, load: list[str], known: list[str], exit_on_error: bool = False,
                     ) -> tuple[list[ServedModel], list[UnavailableModel]]:
     """What the server serves from the start: every model (control mode none), or those `load` names (explicit;
     "*" for all) among `known`, the repository's. Mode none with nothing that loads is a YatDeployError: such a
-    server could never serve."""
+    server could never serve; so is any model that does not load with `exit_on_error` (Triton's --exit-on-error)."""
+    from yatdeploy.serving.repository import skipped_folders
+
+    for folder in skipped_folders(path):
+        print(f"yatdeploy serve: skipping folder '{folder}': its name is not valid UTF-8, so it is no model (a model "
+              "name is text in URLs, JSON and metrics; rename it)", file=sys.stderr, flush=True)
     if control_mode == "none":
         if load:
             raise YatDeployError(f"{option('load_model')} is for {option('model_control_mode')} explicit")
@@ -73,12 +78,27 @@ def _startup_models(path: str | Path, backend_name: str | None, intra_op_threads
             loaded, failed = load_models(path, backend_name, intra_op_threads, progress, only=name)
             models += loaded
             unavailable += failed
+    if exit_on_error and unavailable:
+        for model in models:
+            model.close()
+        raise YatDeployError(f"not starting ({option('exit_on_error')} is true): a model did not load: "
+                             + "; ".join(m.reason for m in unavailable))
     for model in unavailable:
         print(f"yatdeploy serve: not serving {model.reason}", file=sys.stderr, flush=True)
     return models, unavailable
 
 
 def _load_model(source: ModelSource, backend_name: str | None, intra_op_threads: int,
+                progress: Progress) -> ServedModel:
+    """The model `source` loaded, or a YatDeployError naming the model and its file as a client may read them
+    (repository paths, not the server's)."""
+    try:
+        return _open_model(source, backend_name, intra_op_threads, progress)
+    except YatDeployError as exc:
+        raise YatDeployError(source.public(exc.message), exc.hint and source.public(exc.hint)) from None
+
+
+def _open_model(source: ModelSource, backend_name: str | None, intra_op_threads: int,
                 progress: Progress) -> ServedModel:
     from yatdeploy.serving.model import ServedModel
 
@@ -103,7 +123,7 @@ def _load_model(source: ModelSource, backend_name: str | None, intra_op_threads:
             raise YatDeployError(f"model '{source.name}': {exc}") from None
         except Exception as exc:  # a corrupt or unloadable model file: ONNX's, ONNX Runtime's or TensorRT's error
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise YatDeployError(f"model '{source.name}': {source.path} does not load: "
+            raise YatDeployError(f"model '{source.name}': {source.shown} does not load: "
                                  f"{type(exc).__name__}: {first}") from None
 
 
@@ -175,9 +195,12 @@ def _http_protocol() -> type | str:
 
 
 def serve(path: str | Path, *, host: str, port: int, grpc_port: int, backend: str | None, settings,
-          http_settings, load: list[str], intra_op_threads: int, log_level: str, progress: Progress) -> None:
+          http_settings, load: list[str], intra_op_threads: int, log_level: str, progress: Progress,
+          exit_on_error: bool = False) -> None:
     """Serve the models at `path` over HTTP on `port` and gRPC on `grpc_port` (0: no gRPC). `settings`: the
-    InferenceServer's (batching overrides, control mode), `http_settings`: the HTTP app's."""
+    InferenceServer's (batching overrides, control mode, readiness), `http_settings`: the HTTP app's.
+    `exit_on_error`: a model that does not load at start-up ends the command (Triton's --exit-on-error); without
+    it, the server serves what loads and reports the rest."""
     for module in ("fastapi", "uvicorn", "prometheus_client", *(("grpc",) if grpc_port else ())):
         if importlib.util.find_spec(module) is None:
             raise YatDeployError(f"serving needs {module}", "pip install 'yatdeploy[service]'")
@@ -192,7 +215,7 @@ def serve(path: str | Path, *, host: str, port: int, grpc_port: int, backend: st
             probe.close()
     known = repository_names(path)
     models, unavailable = _startup_models(path, backend, intra_op_threads, progress, settings.control_mode, load,
-                                          known)
+                                          known, exit_on_error)
 
     def loader(name: str, config=None):
         return load_models(path, backend, intra_op_threads, progress, only=name, config=config)
