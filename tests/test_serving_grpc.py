@@ -251,3 +251,24 @@ def test_bench_sends_valid_strings_and_booleans(strings_server, tmp_path, scheme
                  "0", "--out", str(out)]) == 0
     (step,) = json.loads((out / "bench.json").read_text())["steps"]
     assert step["requests"] > 0 and step["errors"] == 0, step
+
+
+def test_liveness_answers_within_100_ms_while_a_large_grpc_request_is_decoded(strings_server):  # noqa: F811
+    """2 million BYTES elements as raw contents (9 MB): decoded off the event loop HTTP shares; the batch is far
+    over max_batch_size, so the call ends INVALID_ARGUMENT once the decode ends."""
+    from tests.test_serving_protocol import LIVENESS_BOUND_S, _length_prefixed, _liveness_during, _mixed_strings
+
+    blob = _length_prefixed(_mixed_strings(2_000_000).tolist())
+    message = service_pb2.ModelInferRequest(model_name="strings", raw_input_contents=[blob, b"\x01" * 2_000_000])
+    message.inputs.add(name="text", datatype="BYTES", shape=[1_000_000, 2])
+    message.inputs.add(name="flag", datatype="BOOL", shape=[1_000_000, 2])
+
+    def send() -> grpc.RpcError:
+        with grpc.insecure_channel(strings_server.grpc_url, options=[("grpc.max_send_message_length", -1)]) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, timeout=300)
+        return caught.value
+
+    worst, probes, error = _liveness_during(strings_server.port, send)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the model's max_batch_size" in error.details()
+    assert probes >= 3 and worst < LIVENESS_BOUND_S, (worst, probes)

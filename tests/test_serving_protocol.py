@@ -306,13 +306,15 @@ def _serve_fails(*args: str) -> str:
     (["--max-body-mb", "0"], "--max-body-mb 0.0: must be more than 0"),
     (["--max-body-mb", "-1"], "--max-body-mb -1.0: must be more than 0"),
     (["--max-body-mb", "nan"], "--max-body-mb nan"),
+    (["--max-inflight-body-mb", "0"], "--max-inflight-body-mb 0.0: must be more than 0"),
+    (["--max-inflight-body-mb", "nan"], "--max-inflight-body-mb nan"),
     (["--threads", "0"], "--threads 0: must be between 1 and"),
     (["--threads", "-2"], "--threads -2: must be between 1 and"),
     (["--threads", "100000"], "--threads 100000: must be between 1 and"),
     (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not an address to listen on"),
     (["--host", "999.1.1.1"], "--host 999.1.1.1: not an address to listen on"),
     (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1 port"),  # TEST-NET-1: no interface has it
-], ids=["body-0", "body-negative", "body-nan", "threads-0", "threads-negative", "threads-huge", "host-unknown",
+], ids=["body-0", "body-negative", "body-nan", "inflight-0", "inflight-nan", "threads-0", "threads-negative", "threads-huge", "host-unknown",
         "host-invalid", "host-not-here"])
 def test_serve_refuses_bad_settings_with_one_line(mlp_onnx, args, message):
     assert message in _serve_fails(str(mlp_onnx), "--port", str(free_port()), *args)
@@ -572,3 +574,247 @@ def test_cors_is_off_by_default_and_allows_the_origins_given(mlp_onnx):
     finally:
         plain.stop()
         allowed.stop()
+
+
+# --- nothing holds the event loop: BYTES tensors and large answers are decoded and encoded off it -------------
+
+LIVENESS_BOUND_S = 0.1  # issue 20: liveness answers within 100 ms during any request
+
+
+def _liveness_during(port: int, send) -> tuple[float, int, object]:
+    """The slowest /v2/health/live round trip (each on a new connection, as a probe makes it) seen from another
+    thread while `send()` runs, the number of probes, and what `send()` returned."""
+    import threading
+
+    worst, probes, done = [0.0], [0], threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            began = time.perf_counter()
+            assert _live_status(port) == 200
+            worst[0] = max(worst[0], time.perf_counter() - began)
+            probes[0] += 1
+            time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        result = send()
+    finally:
+        done.set()
+        prober.join()
+    return worst[0], probes[0], result
+
+
+def _mixed_strings(count: int) -> np.ndarray:
+    """`count` strings of varied lengths and scripts, the empty string included."""
+    words = ["", "a", "hé", "日本語", "x" * 17, "\x00nul\x00", "🙂"]
+    return np.array([words[i % len(words)] for i in range(count)], dtype=object)
+
+
+def _length_prefixed(values) -> bytes:
+    return b"".join(len(v.encode()).to_bytes(4, "little") + v.encode() for v in values)
+
+
+@pytest.fixture(scope="module")
+def identity_server(tmp_path_factory):
+    """text (BYTES [-1] -> same) and copy (FP32 [-1] -> same), max_batch_size 0: any number of elements runs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    repository = tmp_path_factory.mktemp("identity")
+    for name, element, datatype in (("text", TensorProto.STRING, "TYPE_STRING"),
+                                    ("copy", TensorProto.FLOAT, "TYPE_FP32")):
+        (repository / name / "1").mkdir(parents=True)
+        value = helper.make_tensor_value_info
+        model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], name,
+                                                    [value("x", element, ["N"])], [value("y", element, ["N"])]),
+                                  opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.save(model, str(repository / name / "1" / "model.onnx"))
+        (repository / name / "config.pbtxt").write_text(
+            f'name: "{name}"\nmax_batch_size: 0\ninput [ {{ name: "x" data_type: {datatype} dims: [ -1 ] }} ]\n'
+            f'output [ {{ name: "y" data_type: {datatype} dims: [ -1 ] }} ]\n')
+    running = Server(repository)
+    yield running
+    running.stop()
+
+
+def test_liveness_answers_within_100_ms_while_bytes_are_decoded(strings_server):
+    """9 MB of 2 million BYTES elements (stalled liveness for seconds when decoded on the event loop); the batch
+    is far over max_batch_size, so the answer is a 400 once the decode ends."""
+    blob = _length_prefixed(_mixed_strings(2_000_000).tolist())
+    header = json.dumps({"inputs": [
+        {"name": "text", "shape": [1_000_000, 2], "datatype": "BYTES", "parameters": {"binary_data_size": len(blob)}},
+        {"name": "flag", "shape": [1_000_000, 2], "datatype": "BOOL", "parameters": {"binary_data_size": 2_000_000}},
+    ]}).encode()
+    body, headers = header + blob + b"\x01" * 2_000_000, {"Inference-Header-Content-Length": str(len(header))}
+    worst, probes, (status, error) = _liveness_during(strings_server.port,
+                                                      lambda: _strings_error(strings_server.port, body, headers))
+    assert status == 400 and "batch size 1000000 exceeds the model's max_batch_size" in error, error
+    assert probes >= 3 and worst < LIVENESS_BOUND_S, (worst, probes)
+
+
+@pytest.mark.parametrize("case", ["bytes-binary", "bytes-json", "fp32-json-gzip"])
+def test_liveness_answers_within_100_ms_while_an_answer_is_encoded(identity_server, case):
+    """A whole round trip of a large tensor (decode, run, encode, compress); every answer is checked. BYTES stays
+    at 250,000 elements: ONNX Runtime's own conversion of a string tensor holds the GIL (~50 ns an element)."""
+    import gzip
+
+    if case.startswith("bytes"):
+        values = _mixed_strings(250_000)
+        blob, model = _length_prefixed(values.tolist()), "text"
+        datatype = "BYTES"
+    else:
+        values = np.arange(2_000_000, dtype=np.float32) / 8  # 8 MB
+        blob, model = values.tobytes(), "copy"
+        datatype = "FP32"
+    binary_out = case == "bytes-binary"
+    header = json.dumps({"inputs": [{"name": "x", "shape": [len(values)], "datatype": datatype,
+                                     "parameters": {"binary_data_size": len(blob)}}],
+                         "outputs": [{"name": "y", "parameters": {"binary_data": binary_out}}]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(header))}
+    if case.endswith("gzip"):
+        headers["Accept-Encoding"] = "gzip"
+
+    def send() -> tuple[int, dict, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", identity_server.port, timeout=300)
+        connection.request("POST", f"/v2/models/{model}/infer", body=header + blob, headers=headers)
+        response = connection.getresponse()
+        answer = response.status, dict(response.getheaders()), response.read()
+        connection.close()
+        return answer
+
+    worst, probes, (status, answer_headers, payload) = _liveness_during(identity_server.port, send)
+    assert status == 200, payload[:300]
+    if answer_headers.get("content-encoding") == "gzip":
+        payload = gzip.decompress(payload)
+    if binary_out:
+        length = int(answer_headers["inference-header-content-length"])
+        assert payload[length:] == blob
+    else:
+        (output,) = json.loads(payload)["outputs"]
+        assert output["shape"] == [len(values)] and output["data"] == values.tolist()
+    assert probes >= 3 and worst < LIVENESS_BOUND_S, (worst, probes)
+
+
+def test_bytes_tensors_round_trip_through_the_binary_form():
+    from yatdeploy.serving.protocol import ProtocolError, tensor_bytes, tensor_from_bytes
+
+    for values in (_mixed_strings(70_001), np.array([""] * 70_000, object), np.array(["abc"] * 3, object),
+                   np.array(["é"] * 5, object), np.array([], object)):
+        blob = tensor_bytes(values)
+        assert blob == _length_prefixed(values.tolist())
+        decoded = tensor_from_bytes(blob, "BYTES", values.shape, "t")
+        assert decoded.dtype == object and decoded.tolist() == values.tolist()
+        assert all(type(v) is str for v in decoded.tolist())
+    # Elements of one length but not text, or not as many as the shape says: the element-by-element messages.
+    for blob, message in ((b"\x01\x00\x00\x00a" * 2 + b"\x01\x00\x00\x00\xff", "element 2 is not UTF-8"),
+                          (b"\x00\x00\x00\x00" * 4, "4 BYTES elements for 3 in its shape"),
+                          (b"\x02\x00\x00\x00ab" * 2 + b"\x02\x00\x00\x00a", "element 2 claims 2 bytes, 1 follow"),
+                          (b"\x00\x00\x00\x00" * 2 + b"\x00\x00", "element 2 has a truncated length"),
+                          (b"\x01\x00\x00\x00a" * 2 + b"\x01\x00\x00\x00\x00", None)):  # NUL is text: read one by one
+        if message is None:
+            assert tensor_from_bytes(blob, "BYTES", (3,), "t").tolist() == ["a", "a", "\x00"]
+            continue
+        with pytest.raises(ProtocolError) as caught:
+            tensor_from_bytes(blob, "BYTES", (3,), "t")
+        assert caught.value.status == 400 and message in caught.value.message, caught.value.message
+
+
+# --- request bodies in flight are bounded: past --max-inflight-body-mb, 503 at once --------------------------
+
+def _hold_upload(port: int, declared: int, sent: bytes, headers: dict | None = None) -> socket.socket:
+    """A request whose Content-Length says `declared` bytes, of which only `sent` go out: the server holds it."""
+    held = socket.create_connection(("127.0.0.1", port), timeout=120)
+    lines = "".join(f"{key}: {value}\r\n" for key, value in (headers or {}).items())
+    held.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {declared}\r\n{lines}\r\n"
+                 .encode() + sent)
+    return held
+
+
+def _answer_of(connection: socket.socket) -> tuple[int, dict]:
+    answer = _read_to_end(connection)
+    connection.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_request_bodies_past_the_in_flight_limit_get_503_at_once(mlp_onnx):
+    import gzip
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    running = Server(mlp_onnx, "--max-body-mb", "16", "--max-inflight-body-mb", "16")
+    try:
+        held = _hold_upload(running.port, 12 << 20, b"\x00" * (1 << 20))  # 12 MB announced, 1 MB sent
+        time.sleep(0.5)
+        # 8 MB more is past the 16 MB: refused before its body is read (none of it is ever sent here).
+        refused = _hold_upload(running.port, 8 << 20, b"")
+        status, answer = _answer_of(refused)
+        assert status == 503 and "request bodies in flight" in answer["error"], answer
+        # A gzip bomb of 16 KB counts by what it inflates to: refused once the 16 MB are reached, not at its own
+        # 16 MB limit (413).
+        status, message = _error_of(running.port, gzip.compress(b" " * (15 << 20)), {"Content-Encoding": "gzip"})
+        assert status == 503 and "request bodies in flight" in message, (status, message)
+        # gRPC messages count in the same budget: UNAVAILABLE, as Triton answers a full queue.
+        with grpcclient.InferenceServerClient(running.grpc_url) as client:
+            tensor = grpcclient.InferInput("input", [64, 20 << 10], "FP32")
+            tensor.set_data_from_numpy(np.zeros((64, 20 << 10), np.float32))  # 5 MB
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("mlp", [tensor])
+            assert caught.value.status() == "StatusCode.UNAVAILABLE", caught.value
+            assert "request bodies in flight" in caught.value.message()
+            # The held request ends: the budget is free again.
+            held.sendall(b"\x00" * (11 << 20))
+            status, answer = _answer_of(held)
+            assert status == 400, answer
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("mlp", [tensor])
+            assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value  # the model's shape
+        header, headers = _binary([131072, 16], 8 << 20)
+        status, message = _error_of(running.port, header + b"\x00" * (8 << 20), headers)
+        assert status == 400 and "exceeds the model's max_batch_size" in message, message
+    finally:
+        running.stop()
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) << 10
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak RSS from /proc")
+def test_concurrent_large_bodies_and_gzip_bombs_keep_the_server_s_memory_bounded(mlp_onnx):
+    """Eight 23 MB bodies and ten gzip bombs at once against a 48 MB budget: some are refused with 503, and the
+    server's peak RSS grows by a small multiple of the budget (~60 MB here), not by the sum of the bodies (~410 MB
+    before)."""
+    import gzip
+    import threading
+
+    running = Server(mlp_onnx, "--max-body-mb", "24", "--max-inflight-body-mb", "48")
+    try:
+        before = _peak_rss_bytes(running.process.pid)
+        header, headers = _binary([23 << 14, 16], 23 << 20)
+        large = header + b"\x00" * (23 << 20)  # under the 24 MB limit
+        bomb = gzip.compress(b" " * (32 << 20))  # 32 KB
+        answers: list[tuple[int, str]] = []
+
+        def send(body: bytes, extra: dict) -> None:
+            answers.append(_error_of(running.port, body, extra))
+
+        threads = [threading.Thread(target=send, args=(large, headers)) for _ in range(8)]
+        threads += [threading.Thread(target=send, args=(bomb, {"Content-Encoding": "gzip"})) for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        added = _peak_rss_bytes(running.process.pid) - before
+    finally:
+        running.stop()
+    statuses = sorted(status for status, _ in answers)
+    assert len(answers) == 18 and set(statuses) <= {400, 413, 503}, answers
+    assert 503 in statuses, statuses
+    assert all("request bodies in flight" in message for status, message in answers if status == 503), answers
+    assert added < 160 << 20, f"the server's peak RSS grew by {added >> 20} MB"

@@ -262,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow browsers on ORIGIN (e.g. http://localhost:3000, or *) to call the service "
                             "(CORS; repeatable; default: none)")
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (default 64 MB)")
+    serve.add_argument("--max-inflight-body-mb", type=float, default=256.0,
+                       help="request bodies held at once, over HTTP and gRPC, read, decompressed or waiting for "
+                            "their answer (default 256 MB); past it a request gets 503 (gRPC: UNAVAILABLE) at "
+                            "once, as for a full queue; a lone request always goes on")
     serve.add_argument("--threads", type=int,
                        help="ONNX Runtime intra-op threads per model (default: all cores but one, which the event "
                             "loop keeps)")
@@ -523,14 +527,19 @@ def cmd_serve(args: argparse.Namespace, progress) -> int:
         raise YatDeployError(f"--port {args.port}: not a port number")
     if not 1 / (1 << 20) <= args.max_body_mb <= 1 << 16:  # NaN fails too
         raise YatDeployError(f"--max-body-mb {args.max_body_mb}: must be more than 0 and at most 65536 (64 GB)")
+    if not 1 / (1 << 20) <= args.max_inflight_body_mb <= 1 << 20:  # NaN fails too
+        raise YatDeployError(f"--max-inflight-body-mb {args.max_inflight_body_mb}: must be more than 0 and at most "
+                             "1048576 (1 TB)")
     if not 0 <= args.grpc_port < 65536 or args.grpc_port == args.port:
         raise YatDeployError(f"--grpc-port {args.grpc_port}: not a port number other than --port's (0: no gRPC)")
     settings = ServerSettings(
         max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size, dynamic_batching=not args.no_batching,
-        control_mode=args.model_control_mode,
+        control_mode=args.model_control_mode, strict_readiness=_boolean("--strict-readiness", args.strict_readiness),
     )
-    http_settings = HttpSettings(max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=tuple(args.cors_origin))
+    exit_on_error = _boolean("--exit-on-error", args.exit_on_error)
+    http_settings = HttpSettings(max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=tuple(args.cors_origin),
+                                 max_inflight_body_bytes=int(args.max_inflight_body_mb * (1 << 20)))
     cores = len(os.sched_getaffinity(0))
     threads = args.threads if args.threads is not None else max(1, cores - 1)
     if not 1 <= threads <= 4 * cores:

@@ -1,4 +1,9 @@
-"""The HTTP service: Open Inference Protocol routes over FastAPI, one DynamicBatcher per model."""
+"""The HTTP service: Open Inference Protocol routes over FastAPI, one DynamicBatcher per model.
+
+The event loop only moves bytes: a body larger than INLINE_BYTES, or compressed, is decompressed and
+decoded in a worker thread, and a large answer encoded and compressed in another, so health checks and small
+requests keep being answered during any request. The bodies held at once are bounded (protocol.BodyBudget).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from fastapi import FastAPI, Request
@@ -25,6 +30,9 @@ from yatdeploy.serving.core import InferenceServer
 from yatdeploy.serving.model import ServedModel
 from yatdeploy.serving.protocol import (
     HEADER_LENGTH,
+    INLINE_BYTES,
+    BodyBudget,
+    BodyClaim,
     InferRequest,
     ProtocolError,
     encode_response,
@@ -36,8 +44,8 @@ from yatdeploy.serving.protocol import (
 
 log = logging.getLogger("yatdeploy.serving")
 
-# A request whose JSON is longer is parsed in a worker thread, off the event loop.
-INLINE_PARSE_BYTES = 64 << 10
+# A compressed body is inflated this much at a time, each piece counted in the body budget as it comes.
+INFLATE_STEP_BYTES = 1 << 20
 
 
 @dataclass
@@ -47,6 +55,12 @@ class HttpSettings:
     # The smaller of this and max_body_bytes applies.
     max_json_bytes: int = 16 << 20
     cors_origins: tuple[str, ...] = ()  # origins browsers may call from (CORS); "*" for any; () for none
+    # The bytes of bodies held at once, over HTTP and gRPC (--max-inflight-body-mb); past it, 503 at once.
+    max_inflight_body_bytes: int = 256 << 20
+    body_budget: BodyBudget = field(init=False)  # the one budget of that limit, which gRPC shares
+
+    def __post_init__(self) -> None:
+        self.body_budget = BodyBudget(self.max_inflight_body_bytes)
 
 
 def _json(data: object, status: int = 200) -> Response:
@@ -57,27 +71,35 @@ def _error(status: int, message: str) -> Response:
     return _json({"error": message}, status)
 
 
-async def _read_body(request: Request, limit: int, what: str = "request body") -> bytes:
+async def _read_body(request: Request, limit: int, what: str, claim: BodyClaim) -> bytearray:
     """The whole body, or a 413 once it passes `limit` bytes (`what`: the limit's name in the message).
 
-    An over-limit body of up to 4 × limit is read to its end (and dropped) before the 413 goes out, so
-    that a client still sending it reads the answer instead of a broken pipe; a larger one is cut off.
+    The body counts in `claim` from the start: its Content-Length at once (a 503 before any of it is read when
+    that passes the budget), else as its chunks arrive. An over-limit body of up to 4 × limit is read to its end
+    (and dropped) before the 413 goes out, so that a client still sending it reads the answer instead of a
+    broken pipe; a larger one is cut off.
     """
     declared = request.headers.get("content-length")
     declared_size = int(declared) if declared is not None and declared.isdigit() else None
     if declared_size is not None and declared_size > 4 * limit:
         raise ProtocolError(413, f"the {what} of {declared_size} bytes exceeds the limit of {limit} bytes")
-    chunks = []
+    counted = min(declared_size or 0, limit)
+    claim.add(counted)
+    body = bytearray()
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > 4 * limit:
             break
         if size <= limit:
-            chunks.append(chunk)
+            if size > counted:
+                claim.add(size - counted)
+                counted = size
+            body += chunk
     if size > limit:
         raise ProtocolError(413, f"the {what} exceeds the limit of {limit} bytes")
-    return b"".join(chunks)
+    claim.release(counted - size)  # a body shorter than announced
+    return body
 
 
 # Content-Encoding of requests and responses, as tritonclient's request/response_compression_algorithm send
@@ -86,9 +108,9 @@ ENCODINGS = ("gzip", "deflate")
 COMPRESS_MIN_BYTES = 1024  # smaller responses go out as they are, whatever the client accepts
 
 
-def _decompressed(body: bytes, encoding: str | None, limit: int, what: str) -> bytes:
+def _decompressed(body: bytearray, encoding: str | None, limit: int, what: str, claim: BodyClaim) -> bytearray:
     """`body` decoded from its Content-Encoding, at most `limit` bytes once decoded (a small compressed body can
-    hold a huge one: it is never inflated past the limit)."""
+    hold a huge one: it is never inflated past the limit), counted in `claim` as it inflates."""
     name = (encoding or "identity").strip().lower()
     if name == "identity":
         return body
@@ -96,13 +118,22 @@ def _decompressed(body: bytes, encoding: str | None, limit: int, what: str) -> b
         raise ProtocolError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)")
     for wbits in ((16 + zlib.MAX_WBITS,) if name == "gzip" else (zlib.MAX_WBITS, -zlib.MAX_WBITS)):
         inflater = zlib.decompressobj(wbits)
+        data = bytearray()
+        pending: bytes | bytearray = body
         try:
-            data = inflater.decompress(body, limit + 1)
+            while True:
+                piece = inflater.decompress(pending, INFLATE_STEP_BYTES)
+                pending = inflater.unconsumed_tail
+                claim.add(len(piece))
+                data += piece
+                if len(data) > limit:
+                    raise ProtocolError(413, f"the {what}, decompressed, exceeds the limit of {limit} bytes")
+                if not pending and (inflater.eof or not piece):
+                    break
         except zlib.error as exc:
+            claim.release(len(data))
             error = exc
             continue
-        if len(data) > limit or inflater.unconsumed_tail:
-            raise ProtocolError(413, f"the {what}, decompressed, exceeds the limit of {limit} bytes")
         if not inflater.eof:
             raise ProtocolError(400, f"the {name} request body is truncated")
         return data
@@ -120,6 +151,20 @@ def _compressed(content: bytes, accept: str) -> tuple[bytes, str | None]:
     if "deflate" in asked:
         return zlib.compress(content, 1), "deflate"
     return content, None
+
+
+class _Answer(Response):
+    """A response that gives its request's claim on the body budget back once it is sent (or sending failed)."""
+
+    def __init__(self, content: bytes, claim: BodyClaim, **options) -> None:
+        super().__init__(content, **options)
+        self.claim = claim
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.claim.release()
 
 
 def _flush_on_signals(server: InferenceServer) -> None:
@@ -185,31 +230,52 @@ def create_app(server: InferenceServer, settings: HttpSettings | None = None,
         # Outside infer (which answers its own): the JSON answer; uvicorn then logs the traceback once.
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    # Large JSON is parsed here, one request at a time: the event loop stays free, and the memory a parse
-    # takes (~10x the JSON) is held for one request at most.
+    # Large or compressed bodies are decompressed and decoded here, one request at a time: the event loop stays
+    # free, and the memory a JSON parse takes (~10x the JSON) is held for one request at most. Large answers
+    # are encoded and compressed in the other.
     parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-parse")
+    answer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-answer")
     json_limit = min(settings.max_json_bytes, settings.max_body_bytes)
+    budget = settings.body_budget
 
-    async def read_request(request: Request, model: ServedModel) -> InferRequest:
+    async def read_request(request: Request, model: ServedModel, claim: BodyClaim) -> InferRequest:
         header_length = request.headers.get(HEADER_LENGTH)
         limit, what = (json_limit, "JSON request body") if header_length is None else \
             (settings.max_body_bytes, "request body")
-        body = _decompressed(await _read_body(request, limit, what), request.headers.get("content-encoding"),
-                             limit, what)
-        if header_length is not None and header_length.strip() == "0":  # a raw binary request: no JSON at all
-            if len(model.inputs) != 1:
-                raise ProtocolError(400, f"a raw binary request (header length 0) is for models with one input; "
-                                         f"model '{model.name}' has {len(model.inputs)}")
-            tensor = model.inputs[0]
-            return parse_raw_request(body, tensor.name, tensor.datatype, tuple(tensor.shape))
-        if json_length(body, header_length) <= INLINE_PARSE_BYTES:
-            return parse_request(body, header_length, json_limit)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(parse_pool, parse_request, body, header_length, json_limit)
+        body = await _read_body(request, limit, what, claim)
+        encoding = request.headers.get("content-encoding")
+
+        def decode() -> InferRequest:
+            data = _decompressed(body, encoding, limit, what, claim)
+            if header_length is not None and header_length.strip() == "0":  # a raw binary request: no JSON at all
+                if len(model.inputs) != 1:
+                    raise ProtocolError(400, f"a raw binary request (header length 0) is for models with one "
+                                             f"input; model '{model.name}' has {len(model.inputs)}")
+                tensor = model.inputs[0]
+                parsed = parse_raw_request(data, tensor.name, tensor.datatype, tuple(tensor.shape))
+            else:
+                parsed = parse_request(data, header_length, json_limit)
+            # A BYTES tensor holds a reference per element besides its text.
+            claim.add(sum(8 * array.size for array in parsed.inputs.values() if array.dtype == object))
+            return parsed
+
+        if len(body) <= INLINE_BYTES and (encoding or "identity").strip().lower() == "identity":
+            return decode()
+        return await asyncio.get_running_loop().run_in_executor(parse_pool, decode)
+
+    async def off_loop_when(large: bool, function, *args):
+        """function(*args), in the answer worker thread when `large`."""
+        if not large:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(answer_pool, function, *args)
 
     async def optional_json(request: Request) -> dict:
-        body = await _read_body(request, 1 << 20, "request body")
-        return json_object(body) if body.strip() else {}
+        claim = budget.claim()
+        try:
+            body = await _read_body(request, 1 << 20, "request body", claim)
+            return json_object(body) if body.strip() else {}
+        finally:
+            claim.release()
 
     @app.get("/v2/health/live")
     async def live() -> Response:
@@ -283,26 +349,38 @@ def create_app(server: InferenceServer, settings: HttpSettings | None = None,
         started = time.perf_counter()
         deployed = server.deployed(name, version)
         parsed: InferRequest | None = None
+        claim = budget.claim()  # released once the answer is sent
         try:
-            parsed = await read_request(request, deployed.model)
+            parsed = await read_request(request, deployed.model, claim)
             inference = await server.infer(deployed, parsed, started)
             writing = time.perf_counter()
-            content, header_length = encode_response(deployed.model.name, deployed.model.version, parsed.id,
-                                                     inference.outputs)
+            large = sum(array.nbytes for _, array, _ in inference.outputs) > INLINE_BYTES
+            content, header_length = await off_loop_when(large, encode_response, deployed.model.name,
+                                                         deployed.model.version, parsed.id, inference.outputs)
             output_s = time.perf_counter() - writing
         except Exception as exc:  # every failure answers JSON, is counted and logged once
+            claim.release()
             if isinstance(exc, ClientDisconnect):
                 exc = ProtocolError(400, "the client disconnected before the end of its request")
             error = server.failed(deployed.model, parsed.id if parsed is not None else None, exc, started)
             return _error(error.status, error.message)
+        except BaseException:
+            claim.release()
+            raise
         server.succeeded(inference, started, output_s)
-        content, encoding = _compressed(content, request.headers.get("accept-encoding", ""))
+        try:
+            content, encoding = await off_loop_when(len(content) > INLINE_BYTES, _compressed, content,
+                                                    request.headers.get("accept-encoding", ""))
+        except BaseException:
+            claim.release()
+            raise
+        claim.add(len(content), refuse=False)  # computed already: counted until sent, never refused
         headers = {} if encoding is None else {"Content-Encoding": encoding, "Vary": "Accept-Encoding"}
         if header_length is None:
-            return Response(content, media_type="application/json", headers=headers)
+            return _Answer(content, claim, media_type="application/json", headers=headers)
         # The header length is the JSON part's length before compression, as Triton gives it.
-        return Response(content, media_type="application/octet-stream",
-                        headers={**headers, HEADER_LENGTH: str(header_length)})
+        return _Answer(content, claim, media_type="application/octet-stream",
+                       headers={**headers, HEADER_LENGTH: str(header_length)})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

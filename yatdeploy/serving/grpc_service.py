@@ -4,6 +4,8 @@ The messages and the service stubs are those tritonclient[grpc] ships (tritoncli
 service_pb2_grpc), so the wire format is Triton's own. Tensors come as raw_input_contents (what tritonclient
 sends) or typed InferTensorContents; outputs always go back as raw_output_contents, as Triton sends them.
 Failures are the InferenceServer's ProtocolErrors, given the gRPC status code Triton gives the same error.
+A large request is decoded, and a large answer encoded, in worker threads, off the event loop; each message
+counts in the body budget HTTP shares (UNAVAILABLE past it, as Triton answers a full queue).
 Not served (UNIMPLEMENTED, as the base servicer answers): shared memory, trace and log settings.
 """
 
@@ -13,25 +15,29 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from yatdeploy.serving.core import InferenceServer
+from yatdeploy.serving.core import Deployed, InferenceServer
 from yatdeploy.serving.datatypes import DATATYPES, datatype_of
 from yatdeploy.serving.protocol import (
     BYTES,
+    INLINE_BYTES,
+    BodyBudget,
+    BodyClaim,
     InferRequest,
     ProtocolError,
+    SLICE,
     RequestedOutput,
     check_binary_size,
     check_int_range,
     check_timeout,
     class_count,
     refuse_scheduling,
-    string_tensor,
     tensor_bytes,
     tensor_from_bytes,
     tensor_shape,
@@ -67,23 +73,44 @@ def _parameters(entries) -> dict:
 
 
 def _typed_contents(tensor, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """An input sent in InferTensorContents' typed field for its datatype."""
+    """An input sent in InferTensorContents' typed field for its datatype, read SLICE values at a time (from a
+    worker thread, the event loop has the GIL between slices)."""
     name = tensor.name
     field = _CONTENTS.get(datatype)
     if field is None:
         raise _bad(f"input '{name}': {datatype} data must be sent as raw_input_contents")
-    values = list(getattr(tensor.contents, field))
+    contents = getattr(tensor.contents, field)
     count = math.prod(shape)
-    if len(values) != count:
-        raise _bad(f"input '{name}': {len(values)} values in {field} for shape {list(shape)} ({count} expected)")
-    if datatype == BYTES:
-        try:
-            texts = [v.decode("utf-8") for v in values]
-        except UnicodeDecodeError:
-            raise _bad(f"input '{name}': a BYTES element is not UTF-8 text") from None
-        return string_tensor(texts, shape)
-    check_int_range(values, datatype, name)
-    return np.array(values, dtype=DATATYPES[datatype]).reshape(shape)
+    if len(contents) != count:
+        raise _bad(f"input '{name}': {len(contents)} values in {field} for shape {list(shape)} ({count} expected)")
+    array = np.empty(count, dtype=DATATYPES[datatype])
+    for start in range(0, count, SLICE):
+        values = contents[start:start + SLICE]
+        if datatype == BYTES:
+            try:
+                values = [v.decode("utf-8") for v in values]
+            except UnicodeDecodeError:
+                raise _bad(f"input '{name}': a BYTES element is not UTF-8 text") from None
+        else:
+            check_int_range(values, datatype, name)
+        array[start:start + SLICE] = values
+    return array.reshape(shape)
+
+
+def _message_bytes(message: service_pb2.ModelInferRequest) -> int:
+    """About what a request message holds: its raw tensors, and 8 bytes a typed value."""
+    typed = sum(len(getattr(t.contents, _CONTENTS[t.datatype])) for t in message.inputs
+                if t.HasField("contents") and t.datatype in _CONTENTS)
+    return sum(map(len, message.raw_input_contents)) + 8 * typed
+
+
+def _infer_response(deployed: Deployed, request_id: str, outputs) -> service_pb2.ModelInferResponse:
+    response = service_pb2.ModelInferResponse(model_name=deployed.model.name, model_version=deployed.model.version,
+                                              id=request_id)
+    for name, array, _ in outputs:
+        response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=list(array.shape))
+        response.raw_output_contents.append(tensor_bytes(array))
+    return response
 
 
 def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
@@ -130,8 +157,17 @@ def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, server: InferenceServer) -> None:
+    def __init__(self, server: InferenceServer, budget: BodyBudget) -> None:
         self.server = server
+        self.budget = budget
+        # As HTTP's: large messages decoded one at a time, large answers encoded in the other.
+        self._parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-grpc-parse")
+        self._answer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-grpc-answer")
+
+    async def _off_loop_when(self, large: bool, pool: ThreadPoolExecutor, function, *args):
+        if not large:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
 
     async def _answer(self, context, call):
         """`call()`'s result, or the call aborted with the gRPC code of its ProtocolError."""
@@ -204,21 +240,31 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         deployed = self.server.deployed(message.model_name, message.model_version or None)
         parsed: InferRequest | None = None
+        claim = self.budget.claim()  # until the answer is handed to gRPC
         try:
-            parsed = infer_request(message)
+            size = _message_bytes(message)
+            claim.add(size)
+            parsed = await self._off_loop_when(size > INLINE_BYTES, self._parse_pool, self._decode, message, claim)
             inference = await self.server.infer(deployed, parsed, started)
             writing = time.perf_counter()
-            response = service_pb2.ModelInferResponse(model_name=deployed.model.name,
-                                                      model_version=deployed.model.version, id=message.id)
-            for name, array, _ in inference.outputs:
-                response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=list(array.shape))
-                response.raw_output_contents.append(tensor_bytes(array))
+            large = sum(array.nbytes for _, array, _ in inference.outputs) > INLINE_BYTES
+            response = await self._off_loop_when(large, self._answer_pool, _infer_response, deployed, message.id,
+                                                 inference.outputs)
             output_s = time.perf_counter() - writing
         except Exception as exc:
             raise self.server.failed(deployed.model, parsed.id if parsed is not None else (message.id or None), exc,
                                      started) from None
+        finally:
+            claim.release()
         self.server.succeeded(inference, started, output_s)
         return response
+
+    @staticmethod
+    def _decode(message: service_pb2.ModelInferRequest, claim: BodyClaim) -> InferRequest:
+        parsed = infer_request(message)
+        # A BYTES tensor holds a reference per element besides its text.
+        claim.add(sum(8 * array.size for array in parsed.inputs.values() if array.dtype == object))
+        return parsed
 
     async def ModelInfer(self, request, context):
         try:
@@ -266,8 +312,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 class GrpcFrontEnd:
     """The gRPC server, started and stopped with the HTTP app (create_app's companions)."""
 
-    def __init__(self, server: InferenceServer, host: str, port: int, max_message_bytes: int) -> None:
+    def __init__(self, server: InferenceServer, host: str, port: int, max_message_bytes: int,
+                 budget: BodyBudget) -> None:
+        """`budget`: the bytes of bodies held at once, shared with the HTTP app (HttpSettings.body_budget)."""
         self.server, self.host, self.port, self.max_message_bytes = server, host, port, max_message_bytes
+        self.budget = budget
         self._grpc: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -275,7 +324,8 @@ class GrpcFrontEnd:
         self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                               ("grpc.max_receive_message_length", self.max_message_bytes),
                                               ("grpc.max_send_message_length", -1)])
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.server), self._grpc)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.server, self.budget),
+                                                                    self._grpc)
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         self._grpc.add_insecure_port(address)
         await self._grpc.start()

@@ -1,12 +1,17 @@
 """The Open Inference Protocol (KServe v2) wire format, including Triton's binary tensor extension.
 
 Knows nothing of models: it turns request bodies into named numpy arrays and arrays into response
-bodies, and raises ProtocolError (an HTTP status and a message) on anything malformed.
+bodies, and raises ProtocolError (an HTTP status and a message) on anything malformed. Decoding and encoding
+run in worker threads (app.py, grpc_service.py): no step here holds the GIL for more than a slice of SLICE
+values, so the event loop keeps answering meanwhile. BodyBudget bounds the bytes of bodies held at once,
+whatever the transport.
 """
 
 from __future__ import annotations
 
 import math
+import struct
+import threading
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -19,9 +24,13 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # Non-finite floating-point values in JSON `data`, which has no literal for them (both ways).
 NONFINITE_SPELLINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _INT64_MAX = 2**63 - 1
-# Large `data` is checked and converted this many values at a time: a parse in a worker thread then lets the
-# event loop have the GIL between slices instead of holding it for a whole tensor.
-_SLICE = 1 << 16
+# Large tensors are checked, converted and serialized this many values at a time: a parse or an encoding in a
+# worker thread then lets the event loop have the GIL between slices instead of holding it for a whole tensor.
+SLICE = 1 << 16
+_U32 = struct.Struct("<I")
+# A request body (or gRPC message) larger than this is decoded in a worker thread, and an answer whose tensors
+# are larger encoded in one; smaller ones are not worth the trip.
+INLINE_BYTES = 64 << 10
 _JSON_TYPE_NAMES = {type(None): "null", bool: "boolean", int: "integer", float: "non-integer number", str: "string",
                     dict: "object", list: "list"}
 
@@ -67,15 +76,15 @@ def tensor_shape(raw: object, name: str) -> tuple[int, ...]:
 
 def _types(values: list) -> set[type]:
     kinds: set[type] = set()
-    for start in range(0, len(values), _SLICE):
-        kinds.update(map(type, values[start:start + _SLICE]))
+    for start in range(0, len(values), SLICE):
+        kinds.update(map(type, values[start:start + SLICE]))
     return kinds
 
 
 def _converted(values: list, dtype: np.dtype) -> np.ndarray:
     array = np.empty(len(values), dtype)
-    for start in range(0, len(values), _SLICE):
-        array[start:start + _SLICE] = values[start:start + _SLICE]
+    for start in range(0, len(values), SLICE):
+        array[start:start + SLICE] = values[start:start + SLICE]
     return array
 
 
@@ -144,7 +153,8 @@ def check_int_range(values: list, datatype: str, name: str) -> None:
     dtype = DATATYPES[datatype]
     if dtype.kind in "iu" and values:
         limits = np.iinfo(dtype)
-        if min(values) < limits.min or max(values) > limits.max:
+        slices = [values[start:start + SLICE] for start in range(0, len(values), SLICE)]
+        if min(map(min, slices)) < limits.min or max(map(max, slices)) > limits.max:
             raise _bad(f"input '{name}': a value is out of {datatype}'s range [{limits.min}, {limits.max}]")
 
 
@@ -341,7 +351,7 @@ def tensor_from_bytes(data: bytes | memoryview, datatype: str, shape: tuple[int,
     checked against `shape` (for BYTES: the element count is checked here)."""
     try:
         if datatype == BYTES:
-            return string_tensor(_length_prefixed(data, math.prod(shape), name), shape)
+            return _length_prefixed(data, math.prod(shape), name).reshape(shape)
         return np.frombuffer(data, dtype=DATATYPES[datatype]).reshape(shape)
     except ValueError as exc:  # an empty tensor with a dimension numpy cannot index
         raise _bad(f"input '{name}': shape {list(shape)}: {exc}") from None
@@ -354,37 +364,88 @@ def tensor_bytes(array: np.ndarray) -> bytes:
 
 def string_tensor(values: list, shape: tuple[int, ...]) -> np.ndarray:
     """An object array of str of `shape` (ONNX Runtime's form of a string tensor)."""
-    array = np.empty(len(values), dtype=object)
-    array[:] = values
-    return array.reshape(shape)
+    return _converted(values, np.dtype(object)).reshape(shape)
 
 
-def _length_prefixed(data: bytes | memoryview, count: int, name: str) -> list[str]:
-    """BYTES in Triton's binary form: each element a 4-byte little-endian length, then its bytes (UTF-8)."""
-    values, offset = [], 0
-    while offset < len(data):
-        if offset + 4 > len(data):
-            raise _bad(f"input '{name}': BYTES element {len(values)} has a truncated length")
-        length = int.from_bytes(data[offset:offset + 4], "little")
-        end = offset + 4 + length
-        if end > len(data):
-            raise _bad(f"input '{name}': BYTES element {len(values)} claims {length} bytes, "
-                       f"{len(data) - offset - 4} follow")
-        try:
-            values.append(bytes(data[offset + 4:end]).decode("utf-8"))
-        except UnicodeDecodeError:
-            raise _bad(f"input '{name}': BYTES element {len(values)} is not UTF-8 text") from None
-        offset = end
+def _length_prefixed(data: bytes | memoryview, count: int, name: str) -> np.ndarray:
+    """BYTES in Triton's binary form: each element a 4-byte little-endian length, then its bytes (UTF-8); a flat
+    object array of str."""
+    same = _same_length_text(data, count)
+    if same is not None:
+        return same
+    view = memoryview(data)
+    unpack = _U32.unpack_from
+    values: list[str] = []
+    append = values.append
+    offset, size = 0, len(view)
+    try:
+        while offset < size:
+            (length,) = unpack(view, offset)
+            start = offset + 4
+            offset = start + length
+            if offset > size:
+                raise _bad(f"input '{name}': BYTES element {len(values)} claims {length} bytes, {size - start} follow")
+            append(str(view[start:offset], "utf-8"))
+    except struct.error:
+        raise _bad(f"input '{name}': BYTES element {len(values)} has a truncated length") from None
+    except UnicodeDecodeError:
+        raise _bad(f"input '{name}': BYTES element {len(values)} is not UTF-8 text") from None
     if len(values) != count:
         raise _bad(f"input '{name}': {len(values)} BYTES elements for {count} in its shape")
-    return values
+    return _converted(values, np.dtype(object))
+
+
+def _same_length_text(data: bytes | memoryview, count: int) -> np.ndarray | None:
+    """The `count` elements at once, when they all have the same length and hold ASCII text without NUL: the
+    binary form is then a table numpy reads whole (16 million empty strings: no loop over them). None otherwise,
+    malformed data included (read element by element, which says what is wrong)."""
+    if count == 0 or len(data) < 4:
+        return None
+    length = _U32.unpack_from(data)[0]
+    if len(data) != count * (4 + length):
+        return None
+    lengths = np.ndarray((count,), np.dtype("<u4"), data, strides=(4 + length,))
+    if lengths.min() != length or lengths.max() != length:
+        return None
+    array = np.empty(count, dtype=object)
+    if length == 0:
+        for start in range(0, count, SLICE):
+            array[start:start + SLICE] = ""
+        return array
+    text = np.frombuffer(data, np.uint8).reshape(count, 4 + length)[:, 4:]
+    for start in range(0, count, SLICE):
+        rows = text[start:start + SLICE]
+        if rows.min() == 0 or rows.max() >= 0x80:
+            return None
+        # ASCII without NUL: numpy's fixed-width strings hold it exactly (they drop trailing NULs only).
+        array[start:start + SLICE] = np.ascontiguousarray(rows).view(f"S{length}").ravel().astype(f"U{length}")
+    return array
 
 
 def _length_prefix(array: np.ndarray) -> bytes:
+    """The binary form of a BYTES tensor (str elements as UTF-8), built SLICE elements at a time: the lengths
+    and the text are interleaved by numpy, not element by element, and ASCII text is encoded a slice at once."""
+    flat = array.ravel()
     parts = []
-    for value in array.ravel().tolist():
-        raw = value.encode() if isinstance(value, str) else bytes(value)
-        parts.append(len(raw).to_bytes(4, "little") + raw)
+    for start in range(0, flat.size, SLICE):
+        values = flat[start:start + SLICE].tolist()
+        try:
+            joined = "".join(values)
+        except TypeError:  # bytes among them
+            joined = None
+        if joined is not None and joined.isascii():  # then each element's UTF-8 is as long as the element
+            text, lengths = joined.encode("ascii"), np.fromiter(map(len, values), np.int64, len(values))
+        else:
+            raws = [v.encode() if isinstance(v, str) else bytes(v) for v in values]
+            text, lengths = b"".join(raws), np.fromiter(map(len, raws), np.int64, len(raws))
+        out = np.empty(4 * len(values) + len(text), np.uint8)
+        heads = 4 * np.arange(len(values)) + np.cumsum(lengths) - lengths  # where each element's length goes
+        slots = (heads[:, None] + np.arange(4)).ravel()
+        out[slots] = lengths.astype("<u4").view(np.uint8)
+        content = np.ones(out.size, bool)
+        content[slots] = False
+        out[content] = np.frombuffer(text, np.uint8)
+        parts.append(out)
     return b"".join(parts)
 
 
@@ -402,6 +463,13 @@ def _json_data(array: np.ndarray) -> list:
             for v in values.tolist()]
 
 
+def _json_text(array: np.ndarray) -> bytes:
+    """An output's `data` as JSON text, serialized SLICE values at a time."""
+    flat = array.ravel()
+    slices = [orjson.dumps(_json_data(flat[start:start + SLICE]))[1:-1] for start in range(0, flat.size, SLICE)]
+    return b"[" + b",".join(slices) + b"]"
+
+
 def encode_response(
     model_name: str, model_version: str, request_id: str | None, outputs: list[tuple[str, np.ndarray, bool]]
 ) -> tuple[bytes, int | None]:
@@ -414,13 +482,62 @@ def encode_response(
             blob = tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
-        else:
-            entry["data"] = _json_data(array)
-        entries.append(entry)
-    response: dict = {"model_name": model_name, "model_version": model_version, "outputs": entries}
+            entries.append(orjson.dumps(entry))
+        else:  # the data's JSON written a slice at a time, then put in its place
+            entries.append(orjson.dumps(entry)[:-1] + b',"data":' + _json_text(array) + b"}")
+    response: dict = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         response["id"] = request_id
-    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    header = orjson.dumps(response)[:-1] + b',"outputs":[' + b",".join(entries) + b"]}"
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)
+
+
+class BodyBudget:
+    """The bytes of request bodies the server holds at once, over both transports: bodies being read (counted as
+    they arrive, or at once from their Content-Length), decompressed (as they inflate), decoded (a BYTES tensor's
+    object array), and answers, until each answer is sent. A request that would pass `limit` is refused with a
+    503 at once, as Triton answers a full queue (gRPC: UNAVAILABLE), unless it is the only one holding any: a
+    lone request always goes on, whatever the limit. Thread-safe (decompression runs in a worker thread)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._holders = 0  # claims holding bytes
+        self._lock = threading.Lock()
+
+    def claim(self) -> BodyClaim:
+        return BodyClaim(self)
+
+
+class BodyClaim:
+    """One request's share of a BodyBudget: add() as what it holds grows, release() once it is answered."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def add(self, size: int, *, refuse: bool = True) -> None:
+        """Count `size` more bytes; a ProtocolError 503 when they would pass the limit (`refuse`: False counts
+        them anyway, for an answer already computed)."""
+        budget = self.budget
+        with budget._lock:
+            alone = budget._holders == (1 if self.bytes else 0)
+            if refuse and not alone and budget.held + size > budget.limit:
+                raise ProtocolError(503, f"the server is overloaded: the request bodies in flight would exceed its "
+                                         f"limit of {budget.limit} bytes; try again later")
+            if size and not self.bytes:
+                budget._holders += 1
+            budget.held += size
+            self.bytes += size
+
+    def release(self, size: int | None = None) -> None:
+        """Give back `size` bytes (None: all; again after all: nothing)."""
+        budget = self.budget
+        with budget._lock:
+            size = self.bytes if size is None else min(size, self.bytes)
+            budget.held -= size
+            self.bytes -= size
+            if size and not self.bytes:
+                budget._holders -= 1

@@ -226,7 +226,8 @@ def serve(path: str | Path, *, host: str, port: int, grpc_port: int, backend: st
     if grpc_port:
         from yatdeploy.serving.grpc_service import GrpcFrontEnd
 
-        companions = (GrpcFrontEnd(server_core, host, grpc_port, http_settings.max_body_bytes),)
+        companions = (GrpcFrontEnd(server_core, host, grpc_port, http_settings.max_body_bytes,
+                                   http_settings.body_budget),)
     app = create_app(server_core, http_settings, companions)
     # uvicorn ends a graceful shutdown by raising the signal again under the handler it found: end with
     # status 0 then, every request having been answered (also for a SIGTERM before uvicorn starts).
