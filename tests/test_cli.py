@@ -354,3 +354,29 @@ def test_an_exporter_error_names_its_cause_without_colour_codes(tmp_path, capsys
     assert "\x1b" not in err
     assert "torch.onnx.export failed" in line and "data-dependent" in line, line
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_a_ctrl_c_a_library_swallowed_stops_the_work_at_the_next_step():
+    """torch's exporter may catch what a Ctrl-C raises inside one of its capture strategies and try the next one;
+    the CLI's handler records the interrupt, and the next step boundary raises it again."""
+    from yatdeploy import progress as steps
+    from yatdeploy.progress import Progress
+
+    progress = Progress(enabled=False)
+    ran = []
+    steps.clear_interrupt()
+    try:
+        with progress.step("a library's work"):
+            try:
+                steps.on_interrupt(2, None)
+            except KeyboardInterrupt:
+                ran.append("swallowed")  # as a library catching BaseException would
+            ran.append("went on")
+        ran.append("next step")  # the end of the step raised first
+    except KeyboardInterrupt:
+        ran.append("interrupted")
+    finally:
+        steps.clear_interrupt()
+    assert ran == ["swallowed", "went on", "interrupted"]
+    with progress.step("after clearing"):  # a new command starts clean
+        pass

@@ -681,6 +681,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(handler, args: argparse.Namespace, progress) -> int:
+    import signal
+    import threading
+
+    from yatdeploy import progress as steps
+
+    steps.clear_interrupt()
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers are the main thread's
+    previous = signal.signal(signal.SIGINT, steps.on_interrupt) if main_thread else None
     try:
         return handler(args, progress)
     except YatDeployError as exc:
@@ -716,6 +724,9 @@ def _run(handler, args: argparse.Namespace, progress) -> int:
         return EXIT_USAGE
     except Exception as exc:  # a bug of ours: say so, keep the traceback behind --debug
         return _internal_error(exc, args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _internal_error(exc: Exception, args: argparse.Namespace) -> int:
