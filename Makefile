@@ -1,4 +1,4 @@
-# Set-up and the two entry points the README documents. Everything installs into ./.venv.
+# Set-up and the two entry points the README documents, and a developer's fast lane. Everything installs into ./.venv.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,13 +8,18 @@ STAMP := $(VENV)/.installed
 # (pyproject.toml). Elsewhere AUTO: a CPU-only build, without triton. A value from the environment wins.
 YATDEPLOY_CUDA ?= $(if $(shell command -v nvcc 2>/dev/null),ON,AUTO)
 
-.PHONY: demo test bench install system-deps perf-analyzer triton-ort clean
+.PHONY: demo test check bench install system-deps perf-analyzer triton-ort clean
 
 demo: $(STAMP)
 	$(BIN)/yatdeploy demo
 
 test: $(STAMP) system-deps perf-analyzer triton-ort
 	$(BIN)/python -m pytest
+
+# The fast lane: every test not marked slow (no server subprocess, engine or native build, training, or export
+# of a model of its own; pyproject.toml's markers), in under a minute on 2 cores. `make test` still runs them all.
+check: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cpu_yatgemm.py --repeat 60

@@ -28,7 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from yatdeploy import native
-from yatdeploy.attach import attach_yat_gemm_function
+from yatdeploy.exporting.attach import attach_yat_gemm_function
 from yatdeploy.spec import YAT_GEMM
 
 SHAPES = [(1, 1024, 1024), (64, 1024, 1024), (256, 1024, 4096), (2048, 768, 3072)]

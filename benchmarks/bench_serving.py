@@ -28,8 +28,8 @@ from pathlib import Path
 
 from bench_cpu_yatgemm import _cpu  # the sibling script: one reading of /proc/cpuinfo
 
+from yatdeploy.loadgen import format_steps, run_bench
 from yatdeploy.progress import Progress
-from yatdeploy.serving.bench import format_steps, run_bench
 
 
 def _free_port() -> int:

@@ -32,7 +32,8 @@ from torch import nn
 
 import yatdeploy
 from yatdeploy import backends, validation
-from yatdeploy.inputs import InputCase, model_specs, random_cases
+from yatdeploy.cases import InputCase, random_cases
+from yatdeploy.inputs import model_specs
 from yatdeploy.reference import Reference
 
 BACKENDS = ("ort-cpu", "ort-function")

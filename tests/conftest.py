@@ -70,8 +70,8 @@ def _digest(path: Path) -> str:
 @pytest.fixture(scope="session")
 def exported_mlp(tmp_path_factory) -> ExportedModel:
     from tests.model_zoo import yat_mlp
+    from yatdeploy.exporting import ExportOptions, export_model
     from yatdeploy.loading import load_model
-    from yatdeploy.onnx_export import ExportOptions, export_model
 
     folder = tmp_path_factory.mktemp("exported_mlp")
     source = folder / "mlp.pt"
@@ -82,3 +82,18 @@ def exported_mlp(tmp_path_factory) -> ExportedModel:
     yield ExportedModel(source=source, onnx=folder / "mlp.onnx", loaded=loaded)
     changed = [path.name for path, digest in files.items() if _digest(path) != digest]
     assert not changed, f"a test changed the session's shared export: {changed}"
+
+
+# The fast lane (`make check`: pytest -m "not slow") leaves out the tests marked slow. A test or a module says so
+# itself (@pytest.mark.slow, pytestmark), except where a fixture decides: a fixture named `server` or `*_server`
+# starts `yatdeploy serve` (or another server) in a subprocess, so every test that uses one, even through another
+# fixture, is slow however quick its own body. Name a fixture that way when it starts a server, and only then.
+def _starts_a_server(fixture: str) -> bool:
+    return fixture == "server" or fixture.endswith("_server")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(_starts_a_server(name) for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -38,6 +38,7 @@ class ReferenceBackend:
     files = {".onnx": "an ONNX model"}
     triton_platform = "onnxruntime_onnx"
     triton_backend = "python"
+    builder = None  # it builds no engines
 
     def availability(self) -> str | None:
         return None

@@ -17,6 +17,7 @@ from yatdeploy.errors import ModelLoadError
 from yatdeploy.loading import load_model
 
 
+@pytest.mark.slow
 def test_export_of_an_in_memory_module_validates_and_runs_in_plain_onnxruntime(tmp_path):
     model = yat_mlp(in_features=8, hidden=6, out_features=3)
     result = yatdeploy.export(model, torch.randn(2, 8), tmp_path / "m.onnx")
@@ -30,6 +31,7 @@ def test_export_of_an_in_memory_module_validates_and_runs_in_plain_onnxruntime(t
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_validate_takes_a_module_or_a_file_and_sees_a_changed_module(tmp_path):
     model = yat_mlp()
     torch.save(model, tmp_path / "m.pt")
@@ -42,6 +44,7 @@ def test_validate_takes_a_module_or_a_file_and_sees_a_changed_module(tmp_path):
     assert not report.passed
 
 
+@pytest.mark.slow
 def test_validation_reuses_the_exports_reference(tmp_path, monkeypatch):
     """The model is prepared (cast to the export dtype) once for export and validation together."""
     from yatdeploy import reference

@@ -16,8 +16,8 @@ from tests.model_zoo import yat_mlp
 from tests.test_validate import tamper_first_yat_weight
 from yatdeploy import graph
 from yatdeploy.errors import InputSpecError
+from yatdeploy.exporting import ExportOptions, export_model
 from yatdeploy.loading import load_model
-from yatdeploy.onnx_export import ExportOptions, export_model
 from yatdeploy.validation import validate
 
 
@@ -71,6 +71,7 @@ def test_a_wrong_model_with_another_dimension_name_fails(exported):
     assert any("output 'output'" in line for line in report.failures())
 
 
+@pytest.mark.slow
 def test_a_torch_export_program_with_its_own_dimension_name_is_compared(tmp_path, progress):
     torch.manual_seed(0)
     module = yat_mlp().eval()
@@ -87,6 +88,7 @@ def test_a_torch_export_program_with_its_own_dimension_name_is_compared(tmp_path
     assert ran and all(len(b.comparisons) == 3 and b.comparisons[2].shape[0] == 32 for b in ran)
 
 
+@pytest.mark.slow
 def test_a_user_input_that_does_not_fit_a_fixed_first_dimension_is_refused(save_whole, tmp_path, progress):
     loaded = load_model(save_whole(yat_mlp()))
     export_model(loaded, tmp_path / "s.onnx", ExportOptions((3, 16), dynamic_batch=False), progress)
@@ -119,7 +121,7 @@ def test_the_definition():
 
 
 def test_repository_and_engine_preparation_agree_with_validate(exported, tmp_path):
-    from yatdeploy.serving.repository import write_repository
+    from yatdeploy.packaging import write_repository
     from yatdeploy.trt.engine import prepare_model
 
     loaded, path = exported

@@ -15,14 +15,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.model_zoo import yat_mlp
 from yatdeploy import backends
-from yatdeploy.attach import attach_yat_gemm_function
 from yatdeploy.backends import ort
 from yatdeploy.cli import EXIT_OK, EXIT_USAGE, EXIT_VALIDATION_FAILED, main
 from yatdeploy.errors import OnnxModelError, YatDeployError
+from yatdeploy.exporting import ExportOptions, export_model
+from yatdeploy.exporting.attach import attach_yat_gemm_function
 from yatdeploy.graph import yat_gemm_nodes
 from yatdeploy.loading import load_model
-from yatdeploy.onnx_export import ExportOptions, export_model
-from yatdeploy.serving.repository import PLAN_FILE, discover, parse_config, write_engine_repository
+from yatdeploy.packaging import write_engine_repository
+from yatdeploy.serving.repository import discover, parse_config
 from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_DOMAIN, YAT_GEMM
 from yatdeploy.trt.engine import (
     BatchProfile,
@@ -45,6 +46,7 @@ def exported(save_whole, tmp_path, progress) -> tuple[Path, Path]:
     return source, onnx_path
 
 
+@pytest.mark.slow
 def test_an_export_goes_to_the_parser_unchanged(exported):
     _, onnx_path = exported
     model = onnx.load(str(onnx_path))
@@ -115,6 +117,7 @@ def test_nodes_the_plugin_cannot_take_are_named():
         prepare_model(model)
 
 
+@pytest.mark.slow
 def test_batch_profiles(exported):
     prepared = prepare_model(onnx.load(str(exported[1])))
     assert profile_shapes(prepared, BatchProfile(1, 8, 64)) == ([1, 16], [8, 16], [64, 16])
@@ -159,8 +162,8 @@ def test_repository_entry_for_an_engine_is_a_triton_tensorrt_plan(tmp_path):
     plan.write_bytes(b"engine bytes")  # the writer only copies the engine; its config comes from the signature
     _signature().write(plan)
     folder = write_engine_repository(tmp_path / "repo", "yat_trt", plan)
-    assert (folder / "1" / PLAN_FILE).read_bytes() == b"engine bytes"
-    assert json.loads((folder / "1" / (PLAN_FILE + ".json")).read_text())["plugin_layers"] == 2
+    assert (folder / "1" / "model.plan").read_bytes() == b"engine bytes"
+    assert json.loads((folder / "1" / "model.plan.json").read_text())["plugin_layers"] == 2
     config = parse_config(folder / "config.pbtxt")  # Triton's own ModelConfig schema
     assert config.platform == "tensorrt_plan"
     assert config.max_batch_size == 64
@@ -168,7 +171,7 @@ def test_repository_entry_for_an_engine_is_a_triton_tensorrt_plan(tmp_path):
     assert config.output[0].data_type == 10  # TYPE_FP16 in model_config.proto
     assert config.parameters["yatdeploy_backend"].string_value == "tensorrt"
     (source,) = discover(tmp_path / "repo")
-    assert source.backend == "tensorrt" and source.path.name == PLAN_FILE and source.max_batch_size == 64
+    assert source.backend == "tensorrt" and source.path.name == "model.plan" and source.max_batch_size == 64
     from yatdeploy.progress import QUIET
     from yatdeploy.serving.server import load_models
 
@@ -176,8 +179,25 @@ def test_repository_entry_for_an_engine_is_a_triton_tensorrt_plan(tmp_path):
         load_models(tmp_path / "repo", "ort-cpu", 1, QUIET)
 
 
+def test_an_engine_no_backend_here_built_makes_its_model_unavailable_not_the_repository(tmp_path):
+    for name, runtime in (("good", "tensorrt"), ("odd", "tensorrt-nova")):
+        plan = tmp_path / "repo" / name / "1" / "model.plan"
+        plan.parent.mkdir(parents=True)
+        plan.write_bytes(b"engine bytes")
+        signature = _signature()
+        signature.runtime = runtime
+        signature.write(plan)
+    sources = {source.name: source for source in discover(tmp_path / "repo")}
+    assert (sources["good"].backend, sources["good"].error) == ("tensorrt", None)
+    assert sources["odd"].error == ("model 'odd': model.plan: a TensorRT engine that none of the tensorrt or "
+                                    "tensorrt-rtx backends built")
+    with pytest.raises(YatDeployError, match="a TensorRT engine that none of the tensorrt or tensorrt-rtx"):
+        write_engine_repository(tmp_path / "other", "odd", tmp_path / "repo" / "odd" / "1" / "model.plan")
+
+
 # --- the command line where TensorRT is missing --------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(TENSORRT_MISSING is None, reason="TensorRT and a GPU are here: the error paths don't apply")
 def test_build_engine_says_what_is_missing(exported, capsys):
     _, onnx_path = exported
@@ -201,6 +221,7 @@ def test_build_engine_checks_its_input_before_looking_for_tensorrt(exported, tmp
     assert "model name 'a/b'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TENSORRT_MISSING is None, reason="TensorRT and a GPU are here: the error paths don't apply")
 def test_validate_reports_the_tensorrt_backend_as_skipped_with_the_reason(exported, capsys):
     source, onnx_path = exported
@@ -221,6 +242,7 @@ def test_demo_with_tensorrt_stops_before_training(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.slow
 def test_validate_engine_flag_needs_the_tensorrt_backend(exported, tmp_path, capsys):
     source, onnx_path = exported
     plan = tmp_path / "m.plan"

@@ -54,6 +54,7 @@ def test_validate_exits_1_and_names_the_output_when_weights_changed(exported_mlp
     assert "FAILED" in printed and "output 'output'" in printed
 
 
+@pytest.mark.slow
 def test_default_output_path_is_next_to_the_model(model_file, capsys):
     assert main(["export", "-q", str(model_file), "--input-shape", "1,16", "--no-validate"]) == EXIT_OK
     assert model_file.with_suffix(".onnx").is_file()
@@ -118,6 +119,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_real_process_errors_cleanly_and_exports(model_file, tmp_path):
     failed = _run_cli("export", str(tmp_path / "absent.pt"), "--input-shape", "1,16")
     assert failed.returncode == EXIT_USAGE
@@ -143,7 +145,7 @@ def test_help(command, capsys):
 def test_bench_exits_4_when_requests_fail(exported_mlp, tmp_path, capsys):
     """Failed requests are not a failed validation: bench has an exit status of its own."""
     pytest.importorskip("fastapi", reason="the service extra is not installed")
-    from tests.test_serving import Server
+    from tests.servers import Server
     from yatdeploy.cli import EXIT_REQUESTS_FAILED
 
     out = exported_mlp.onnx_copy(tmp_path)  # served as model "m"
@@ -157,12 +159,13 @@ def test_bench_exits_4_when_requests_fail(exported_mlp, tmp_path, capsys):
     assert "request(s) failed; first:" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_failed_consistency_check_of_ours_is_an_internal_error(model_file, tmp_path, monkeypatch, capsys):
     """Our own check on our own output failing is a bug (exit 3, asks for a report), not bad input (2)."""
-    from yatdeploy import onnx_export
     from yatdeploy.cli import EXIT_INTERNAL
+    from yatdeploy.exporting import check
 
-    monkeypatch.setattr(onnx_export, "yat_gemm_nodes", lambda model: [])  # as if the exporter dropped the nodes
+    monkeypatch.setattr(check, "yat_gemm_nodes", lambda model: [])  # as if the exporter dropped the nodes
     assert main(["export", "-q", str(model_file), "-o", str(tmp_path / "m.onnx"), "--input-shape", "1,16"]) \
         == EXIT_INTERNAL
     err = capsys.readouterr().err
@@ -221,6 +224,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
             for p in sorted(folder.rglob("*"))} if folder.exists() else {}
 
 
+@pytest.mark.slow
 def test_an_export_onto_a_full_disk_leaves_the_previous_file_and_no_partial_one(model_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -233,9 +237,10 @@ def test_an_export_onto_a_full_disk_leaves_the_previous_file_and_no_partial_one(
     assert _tree(out) == {"m.onnx": b"previous export"}
 
 
+@pytest.mark.slow
 def test_a_repository_entry_is_written_whole_or_not_at_all(model_file, exported_mlp, tmp_path):
     from yatdeploy import native
-    from yatdeploy.serving.repository import write_repository
+    from yatdeploy.packaging import write_repository
 
     library = native.ort_library_path()
     if library is None or library.stat().st_size < 60_000:
@@ -256,6 +261,7 @@ def test_a_repository_entry_is_written_whole_or_not_at_all(model_file, exported_
     assert not fresh.exists()
 
 
+@pytest.mark.slow
 def test_a_validation_report_onto_a_full_disk_leaves_no_file(exported_mlp, tmp_path, capsys):
     report = tmp_path / "report.json"
     report.write_text("previous report")
@@ -301,6 +307,7 @@ def test_an_output_that_cannot_be_written_is_one_line_exit_2(exported_mlp, tmp_p
     assert _tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_export_exits_130_with_one_line_and_no_files(save_whole, tmp_path):
     """SIGINT while torch.onnx.export runs (the exporter wraps the KeyboardInterrupt in its own error)."""
     import signal
@@ -345,6 +352,7 @@ class Branchy(torch.nn.Module):
         return y if y.sum() > 0 else -y
 
 
+@pytest.mark.slow
 def test_an_exporter_error_names_its_cause_without_colour_codes(tmp_path, capsys):
     torch.save(Branchy().state_dict(), tmp_path / "branchy.pt")
     assert main(["export", "-q", str(tmp_path / "branchy.pt"), "--arch", "tests.test_cli:Branchy", "--input-shape",

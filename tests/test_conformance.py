@@ -39,7 +39,9 @@ import tritonclient.http.aio as aioclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from tests import conformance_models  # noqa: E402
-from tests.test_serving import REPO, Server  # noqa: E402
+from tests.servers import REPO, Server  # noqa: E402
+
+pytestmark = pytest.mark.slow  # the conformance suite: servers as subprocesses, the tritonclient and KServe clients
 
 MODELS = ["identity_fp32", "mlp", "simple", "simple_queue", "simple_string"]
 QUEUE_CONFIG = """dynamic_batching {

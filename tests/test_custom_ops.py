@@ -16,9 +16,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from yatdeploy import backends, dtypes, native
-from yatdeploy.attach import attach_yat_gemm_function
 from yatdeploy.backends import ort
 from yatdeploy.cli import main
+from yatdeploy.exporting.attach import attach_yat_gemm_function
 from yatdeploy.ops.torch_op import yat_gemm_reference
 from yatdeploy.spec import ONNX_DOUBLE, ONNX_FLOAT, ONNX_FLOAT16, YAT_GEMM
 

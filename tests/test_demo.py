@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from yatdeploy.cli import EXIT_OK, main
 
 
+@pytest.mark.slow
 def test_demo_trains_exports_validates_and_agrees(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "8"]) == EXIT_OK
@@ -28,6 +31,7 @@ def test_demo_trains_exports_validates_and_agrees(tmp_path, capsys):
     assert "same prediction on   450/450 images" in captured.out
 
 
+@pytest.mark.slow
 def test_the_demo_model_validates_from_the_command_line_it_suggests(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "-q", "--out", str(out), "--epochs", "2"]) == EXIT_OK
@@ -36,6 +40,7 @@ def test_the_demo_model_validates_from_the_command_line_it_suggests(tmp_path, ca
     assert main([args[0], "-q", *args[1:]]) == EXIT_OK
 
 
+@pytest.mark.slow
 def test_the_lm_demo_trains_exports_validates_and_decodes_the_same_text(tmp_path, capsys):
     out = tmp_path / "lm"
     assert main(["demo", "--lm", "--out", str(out), "--steps", "40"]) == EXIT_OK

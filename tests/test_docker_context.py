@@ -115,6 +115,7 @@ def _cached_ort_headers() -> list[str]:
     return []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="CMake is not installed")
 def test_the_native_build_runs_from_the_image_files_alone(image_src, tmp_path):
     """CMake configures and builds every target from the copied tree, CUDA parts included where nvcc is (the GPU

@@ -20,9 +20,9 @@ from torch import nn
 from tests.model_zoo import YATNMN_OPTIONS, perturb, yat_mlp
 from yatdeploy import backends
 from yatdeploy.backends import ort
-from yatdeploy.graph import node_elem_types, yat_gemm_nodes
+from yatdeploy.exporting import ExportOptions, export_model
+from yatdeploy.graph import META_SOURCE_SHA256, node_elem_types, yat_gemm_nodes
 from yatdeploy.loading import file_sha256, load_model
-from yatdeploy.onnx_export import META_SOURCE_SHA256, ExportOptions, export_model
 from yatdeploy.spec import PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
 from yatdeploy.validation import validate
 
@@ -35,6 +35,7 @@ def _plain_ort(path):
     return ort.create_session(path, backends.get("ort-function"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", sorted(YATNMN_OPTIONS))
 def test_every_yatnmn_option_exports_to_one_node_per_layer(option, save_whole, tmp_path, progress):
     model = yat_mlp(YATNMN_OPTIONS[option])
@@ -62,6 +63,7 @@ def test_every_yatnmn_option_exports_to_one_node_per_layer(option, save_whole, t
         assert _max_rel_err(got, want) <= 1e-4, option
 
 
+@pytest.mark.slow
 def test_metadata_records_versions_and_the_source_hash(save_whole, tmp_path, progress):
     source = save_whole(yat_mlp())
     export_model(load_model(source), tmp_path / "m.onnx", ExportOptions((1, 16)), progress)
@@ -72,6 +74,7 @@ def test_metadata_records_versions_and_the_source_hash(save_whole, tmp_path, pro
     assert meta["yatdeploy.input_shape"] == "1,16"
 
 
+@pytest.mark.slow
 def test_batch_is_dynamic_by_default_and_static_on_request(save_whole, tmp_path, progress):
     loaded = load_model(save_whole(yat_mlp()))
     export_model(loaded, tmp_path / "dyn.onnx", ExportOptions((1, 16)), progress)
@@ -82,6 +85,7 @@ def test_batch_is_dynamic_by_default_and_static_on_request(save_whole, tmp_path,
     assert static[0].dim_value == 3
 
 
+@pytest.mark.slow
 def test_leading_dimensions_export(save_whole, tmp_path, progress):
     torch.manual_seed(0)
     model = perturb(nn.Sequential(YatNMN(8, 6), nn.LayerNorm(6), YatNMN(6, 3))).eval()
@@ -92,6 +96,7 @@ def test_leading_dimensions_export(save_whole, tmp_path, progress):
         assert _max_rel_err(got, model(x).double().numpy()) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
 def test_other_dtypes_export_and_validate(dtype, save_whole, tmp_path, progress):
     torch.manual_seed(0)
@@ -105,6 +110,7 @@ def test_other_dtypes_export_and_validate(dtype, save_whole, tmp_path, progress)
     assert report.dtype == dtype
 
 
+@pytest.mark.slow
 def test_a_backend_that_cannot_run_a_dtype_is_a_validation_failure(tmp_path):
     """A file written by another exporter (yatdeploy refuses to write one: below)."""
     import io
@@ -121,6 +127,7 @@ def test_a_backend_that_cannot_run_a_dtype_is_a_validation_failure(tmp_path):
     assert any("can't load the model" in line and "Gemm" in line for line in report.failures())
 
 
+@pytest.mark.slow
 def test_a_bfloat16_export_runs_on_onnx_runtimes_cpu_provider(save_whole, tmp_path):
     """ONNX Runtime's CPU provider has almost no bfloat16 kernels (no Gemm, MatMul, Add...): those ops compute in
     float32 between casts, as PyTorch computes them on the CPU, instead of a file no CPU session can open."""
@@ -135,6 +142,7 @@ def test_a_bfloat16_export_runs_on_onnx_runtimes_cpu_provider(save_whole, tmp_pa
     assert report.passed, report.failures()
 
 
+@pytest.mark.slow
 def test_an_export_no_cpu_session_can_open_is_refused_before_writing(save_whole, tmp_path):
     """ONNX Runtime's CPU provider has no float64 Conv: refused naming the op, nothing written."""
     from yatdeploy.errors import YatDeployError
@@ -148,6 +156,7 @@ def test_an_export_no_cpu_session_can_open_is_refused_before_writing(save_whole,
     assert list(tmp_path.iterdir()) == [tmp_path / "model.pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["meta", "graph", "code"])
 def test_a_submodule_named_like_a_graph_module_attribute_exports(name, tmp_path):
     """torch.onnx.export fails on a top-level child named as a torch.fx.GraphModule attribute (meta, graph, code...),
@@ -171,6 +180,7 @@ def test_a_submodule_named_like_a_graph_module_attribute_exports(name, tmp_path)
     assert report.passed, report.failures()
 
 
+@pytest.mark.slow
 def test_a_declared_float_input_takes_the_export_dtype(save_whole, tmp_path):
     """--input 'x:float32[...]' --dtype float16: the model is cast to float16, and so is the input it takes."""
     import io
@@ -189,6 +199,7 @@ def test_a_declared_float_input_takes_the_export_dtype(save_whole, tmp_path):
     assert report.passed, report.failures()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layers,shape",
     [
@@ -212,6 +223,7 @@ def test_other_nmn_layers_export_as_ordinary_ops_and_validate(layers, shape, sav
     assert report.passed, report.failures()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conv,shape", [(YatConv1D, (1, 2, 9)), (YatConv2D, (1, 2, 7, 6)), (YatConv3D, (1, 2, 5, 4, 4))],
                          ids=["1D", "2D", "3D"])
 @pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
@@ -225,6 +237,7 @@ def test_yat_conv_in_every_padding_mode_exports_and_runs_in_onnxruntime(conv, sh
     assert report.passed, report.failures()
 
 
+@pytest.mark.slow
 def test_a_model_with_several_outputs_gets_numbered_output_names(tmp_path, progress):
     from yatdeploy.loading import LoadedModel
 
@@ -256,6 +269,7 @@ def test_a_failed_export_leaves_an_existing_file_alone(save_whole, tmp_path, pro
     assert target.read_bytes() == b"previous export"
 
 
+@pytest.mark.slow
 def test_a_tied_kernel_bank_exports_in_16_bit(save_whole, tmp_path):
     """nmn refuses .to(dtype) on tied kernel-bank layers (it used to be an internal error, exit 3)."""
     torch.manual_seed(0)
@@ -271,6 +285,7 @@ def test_a_tied_kernel_bank_exports_in_16_bit(save_whole, tmp_path):
     assert report.reference == "a float64 run of the PyTorch model on the same inputs"  # the bank cast too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner", [torch.bfloat16, torch.float16])
 def test_a_16_bit_yat_layer_inside_a_float32_model_exports_in_one_precision(inner, save_whole, tmp_path):
     torch.manual_seed(0)
@@ -284,6 +299,7 @@ def test_a_16_bit_yat_layer_inside_a_float32_model_exports_in_one_precision(inne
     assert report.passed, report.failures()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [18, 22])
 def test_other_opsets_export_and_validate(opset, tmp_path, capsys):
     from yatdeploy.cli import EXIT_OK, main
@@ -305,6 +321,7 @@ def test_an_opset_outside_the_functions_range_is_refused(tmp_path, capsys):
     assert "--opset 17: yatdeploy exports opsets 18 to 22" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_exported_file_gets_the_usual_permissions(tmp_path):
     """A private (0600) model file can't be read by a server running as another user (a Triton container)."""
     import os
@@ -317,3 +334,43 @@ def test_the_exported_file_gets_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.onnx").stat().st_mode) == 0o644
+
+
+# The export is one pass: yatdeploy/exporting/__init__.py lists its stages, export_model calls them in that order,
+# and no stage reaches ahead to a later one.
+_STAGES = [("settle", "settle_inputs"), ("example", "run_example"), ("rewrite", "rewrite_model"),
+           ("torch_export", "export_onnx"), ("attach", "attach_yat_gemm_function"), ("check", "check_model")]
+
+
+def test_the_export_runs_its_stages_in_the_order_its_package_shows():
+    import ast
+    import inspect
+
+    import yatdeploy.exporting as exporting
+
+    listed = [line.split()[2] for line in exporting.__doc__.splitlines() if line.strip()[:1].isdigit()]
+    assert listed == [f"{module}.py" for module, _ in _STAGES]
+    body = ast.parse(inspect.getsource(exporting.export_model)).body[0]
+    called = [n.func.id for n in sorted((n for n in ast.walk(body) if isinstance(n, ast.Call)), key=lambda n: n.lineno)
+              if isinstance(n.func, ast.Name)]
+    assert [name for name in called if name in dict(_STAGES).values()] == [function for _, function in _STAGES]
+    package = exporting.__name__
+    for index, (module, _) in enumerate(_STAGES):
+        tree = ast.parse(inspect.getsource(__import__(f"{package}.{module}", fromlist=["_"])))
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        later = {f"{package}.{later}" for later, _ in _STAGES[index + 1:]}
+        assert not imported & (later | {package}), f"{module}.py imports a later stage or the package"
+
+
+def test_the_check_stage_reads_the_graphs_inputs_once_and_fits_the_specs_to_them(exported_mlp):
+    from yatdeploy.errors import InputSpecError
+    from yatdeploy.graph import GraphInput, declared_inputs
+    from yatdeploy.inputs import fit_to_graph, parse_input
+
+    model = onnx.load(str(exported_mlp.onnx))
+    feeds = declared_inputs(model)
+    assert feeds == [GraphInput("input", "float32", ("batch", 16))]
+    # The shorthand's name gives way to the graph's, and a dim the graph leaves free takes its name there.
+    assert [str(s) for s in fit_to_graph([parse_input("x:float32[3,16]")], feeds)] == ["input:float32[batch=3,16]"]
+    with pytest.raises(InputSpecError, match="dimension 1 is 8, the model's input 'input' has 16"):
+        fit_to_graph([parse_input("x:float32[batch=1,8]")], feeds)

@@ -10,9 +10,9 @@ import torch
 from onnx import helper, numpy_helper
 
 from yatdeploy import backends, dtypes
-from yatdeploy.attach import attach_yat_gemm_function
 from yatdeploy.backends import ort
 from yatdeploy.errors import OnnxModelError
+from yatdeploy.exporting.attach import attach_yat_gemm_function
 from yatdeploy.ops.torch_op import yat_gemm_reference
 from yatdeploy.spec import YAT_GEMM
 

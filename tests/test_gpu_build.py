@@ -33,6 +33,7 @@ ITEM_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
+@pytest.mark.slow
 @needs_triton
 def test_aot_runs_without_torch(tmp_path):
     """`python -m yatdeploy.gpu.aot` with only triton and the source tree: torch can't be imported."""

@@ -125,6 +125,7 @@ def _check(y, x, w, b, eps, alpha) -> float:
 # Interpreter correctness ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @interpreted
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", list(TILE_CONFIGS.values()), ids=lambda c: c.name)
@@ -238,6 +239,7 @@ def _trt_entry(x, w, b, eps, alpha, config):
     return y
 
 
+@pytest.mark.slow
 @interpreted
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("config", [c for c in TILE_CONFIGS.values() if c.split_k == 1], ids=lambda c: c.name)
@@ -354,6 +356,7 @@ def _manifest(aot_dir: Path) -> list[dict]:
     return json.loads((aot_dir / aot.MANIFEST_NAME).read_text())["entries"]
 
 
+@pytest.mark.slow
 def test_manifest_lists_every_artifact(aot_dir):
     entries = _manifest(aot_dir)
     kinds = {(e["kernel"], e["arch"], e["config"]) for e in entries}
@@ -371,6 +374,7 @@ def test_manifest_lists_every_artifact(aot_dir):
         assert e["dtype"] == "float16" and e["block"] == [32 * e["num_warps"], 1, 1]
 
 
+@pytest.mark.slow
 def test_ptx_uses_the_tensor_core_instructions_of_its_arch(aot_dir):
     for kernel in ("yat_gemm", "yat_gemm_trt"):
         gemm = {e["arch"]: (aot_dir / e["ptx"]).read_text() for e in _manifest(aot_dir) if e["kernel"] == kernel}
@@ -379,6 +383,7 @@ def test_ptx_uses_the_tensor_core_instructions_of_its_arch(aot_dir):
         assert re.search(r"^\.target sm_90a$", gemm["sm_90a"], re.M)
 
 
+@pytest.mark.slow
 def test_ptx_keeps_the_epilogues_nan_propagation_and_ieee_division(aot_dir):
     # The interpreter's numpy max/clip propagate NaN whatever the kernel asks, so only the PTX shows it.
     for e in _manifest(aot_dir):
@@ -388,6 +393,7 @@ def test_ptx_keeps_the_epilogues_nan_propagation_and_ieee_division(aot_dir):
             assert not re.search(r"\b(max|min)\.f32\b", ptx), e["ptx"]
 
 
+@pytest.mark.slow
 def test_ptx_entry_parameters_are_exactly_the_manifests(aot_dir):
     for e in _manifest(aot_dir):
         ptx = (aot_dir / e["ptx"]).read_text()
@@ -415,6 +421,7 @@ def _cuda_tool(name: str) -> str | None:
     return found
 
 
+@pytest.mark.slow
 def test_ptxas_accepts_the_ptx(aot_dir, tmp_path):
     ptxas = _cuda_tool("ptxas")
     if ptxas is None:
@@ -424,6 +431,7 @@ def test_ptxas_accepts_the_ptx(aot_dir, tmp_path):
                        check=True, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cubin_parameters_match_the_manifest(aot_dir):
     import triton
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the GPU runbook's CPU check in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "run_yat_gemm.py"
 CASE_KEYS = {"m", "k", "n", "dtype", "yat_ms", "cublas_ms", "eager_ms", "compiled_ms", "ratio_vs_cublas", "max_rel_err"}

@@ -116,6 +116,7 @@ def two_inputs(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_two_inputs_int_ids_and_dict_outputs_export_and_validate(two_inputs, capsys):
     onnx_path = two_inputs / "two.onnx"
     status = main(["export", "-q", str(two_inputs / "two.pt"), "--arch", "tests.model_zoo:build_two_inputs",
@@ -142,6 +143,7 @@ def test_two_inputs_int_ids_and_dict_outputs_export_and_validate(two_inputs, cap
     np.testing.assert_allclose(got[1], want["features"].numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_validate_reads_the_inputs_back_and_takes_one_npz_per_case(two_inputs, tmp_path, capsys):
     onnx_path = two_inputs / "two.onnx"
     if not onnx_path.exists():
@@ -164,6 +166,7 @@ def test_validate_reads_the_inputs_back_and_takes_one_npz_per_case(two_inputs, t
     assert "index out of range" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_token_model_validates_at_several_lengths_through_the_api(tmp_path):
     model = build_token_tagger()
     ids = torch.zeros(1, 8, dtype=torch.long)
@@ -182,6 +185,7 @@ def test_a_token_model_validates_at_several_lengths_through_the_api(tmp_path):
     assert [d.dim_value for d in onnx.load(str(tmp_path / "fixed.onnx")).graph.input[0].type.tensor_type.shape.dim][1] == 8
 
 
+@pytest.mark.slow
 def test_api_inputs_name_after_forward_and_dynamic_axes_per_input(tmp_path):
     x, ids = torch.randn(2, 16), torch.randint(0, 50, (2, 5))
     result = yatdeploy.export(build_two_inputs(), (x, ids), tmp_path / "two.onnx",
@@ -193,8 +197,43 @@ def test_api_inputs_name_after_forward_and_dynamic_axes_per_input(tmp_path):
         yatdeploy.export(build_two_inputs(), (x, ids), tmp_path / "bad.onnx", dynamic_axes=({2: "b"}, {}))
 
 
+@pytest.mark.slow
 def test_a_float_model_keeps_its_input_shape_shorthand(tmp_path):
     """--input-shape is one float input with a dynamic batch, as before; its record reads back the same."""
     result = yatdeploy.export(yat_mlp(), (1, 16), tmp_path / "m.onnx", validate=False)
     assert [str(s) for s in result.inputs] == ["input:float32[batch=1,16]"]
     assert metadata(result.model)["yatdeploy.input_shape"] == "1,16"
+
+
+def test_a_declaration_is_parsed_and_checked_when_made():
+    """ExportOptions takes the CLI's texts as the API's values, and refuses what needs no model to refuse."""
+    from yatdeploy.errors import spelled
+    from yatdeploy.exporting import ExportOptions
+
+    assert ExportOptions("1x16").input_shape == (1, 16)
+    options = ExportOptions(inputs=["ids:int64[batch=1,seq=8:32]"], int_ranges=["ids=0:40"])
+    assert options.inputs == (parse_input("ids:int64[batch=1,seq=8:32]"),) and options.int_ranges == {"ids": (0, 40)}
+    assert ExportOptions((1, 16), int_ranges={"ids": (0, 4)}).int_ranges == {"ids": (0, 4)}
+    with pytest.raises(InputSpecError, match="`input_shape` '1,a': expected comma-separated positive integers"):
+        ExportOptions("1,a")
+    with pytest.raises(InputSpecError, match="no inputs declared"):
+        ExportOptions()
+    with pytest.raises(InputSpecError, match="a maximum above 1048576 is not exported"):
+        ExportOptions(inputs=["ids:int64[batch=1,seq=8:2000000]"])
+    with pytest.raises(InputSpecError) as static:
+        ExportOptions(inputs=["x:float32[batch=1,16]"], dynamic_batch=False)
+    flags = {"dynamic_batch": "--static-batch", "input_shape": "--input-shape", "inputs": "--input"}
+    with spelled(lambda name, value: flags[name]):
+        assert str(static.value) == "--static-batch is for --input-shape; with --input, a dim without a label is fixed"
+
+
+@pytest.mark.slow
+def test_the_api_takes_the_shape_and_the_integer_ranges_as_text(tmp_path):
+    shaped = yatdeploy.export(yat_mlp(), "1,16", tmp_path / "m.onnx", validate=False)
+    assert [str(s) for s in shaped.inputs] == ["input:float32[batch=1,16]"]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])  # the function
+    assert session.run(None, {"input": np.zeros((3, 16), np.float32)})[0].shape == (3, 5)
+    tagged = yatdeploy.export(build_token_tagger(), ["input:int64[batch=1,seq=8]"], tmp_path / "t.onnx",
+                              int_ranges=["input=0:7"])
+    assert tagged.int_ranges == {"input": (0, 7)} and tagged.report.passed, tagged.report.failures()
+    assert "'input' drawn from [0, 7): given" in [c.detail for c in tagged.report.checks]

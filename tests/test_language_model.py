@@ -17,9 +17,10 @@ from yatdeploy import native
 from yatdeploy.cli import EXIT_OK, main
 from yatdeploy.demo_lm import CharYatLM
 from yatdeploy.errors import InputSpecError, YatDeployError
+from yatdeploy.exporting.rewrite import YatEmbedLayer, rewrite_yat_layers
 from yatdeploy.graph import yat_gemm_nodes
 from yatdeploy.inputs import model_specs
-from yatdeploy.rewrite import YatEmbedLayer, rewrite_yat_layers, yat_calls
+from yatdeploy.reference import yat_calls
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,7 @@ def test_the_tied_head_is_one_yat_gemm_with_the_embedding_table():
     assert yat_calls(model, lambda: model(ids)) == {"embed": 1, "mlp": 1}  # the YatNMN block and attend
 
 
+@pytest.mark.slow
 def test_a_yat_lm_exports_with_dynamic_batch_and_length_and_validates(lm_export, capsys):
     onnx_path = lm_export / "lm.onnx"
     status = main(["export", "-q", str(lm_export / "lm.pt"), "--arch", "tests.model_zoo:build_tiny_lm",
@@ -81,7 +83,7 @@ def _lm_onnx(folder) -> str:
 
 @pytest.fixture(scope="module")
 def lm_repository(lm_export):
-    from yatdeploy.serving.repository import write_repository
+    from yatdeploy.packaging import write_repository
 
     write_repository(lm_export / "repo", "lm", _lm_onnx(lm_export), op_library=None)
     # The same model with its config.pbtxt narrowed by hand: the server takes the config's limits.
@@ -92,6 +94,7 @@ def lm_repository(lm_export):
     return lm_export / "repo"
 
 
+@pytest.mark.slow
 def test_the_export_records_the_vocabulary_and_the_positions_in_the_metadata_and_the_config(lm_repository):
     """The ids index a 40-row table; the positions, arange(seq) into a 64-row one: seq is at most 64."""
     from yatdeploy.serving.repository import parse_config
@@ -105,7 +108,7 @@ def test_the_export_records_the_vocabulary_and_the_positions_in_the_metadata_and
 
 @pytest.fixture(scope="module")
 def lm_server(lm_repository):
-    from tests.test_serving import Server
+    from tests.servers import Server
 
     running = Server(lm_repository)
     yield running
@@ -157,24 +160,25 @@ def test_a_served_lm_refuses_ids_outside_its_vocabulary_and_sequences_past_its_p
         "input 'ids': dim 1 is 33, longer than the model's maximum of 32"
 
 
+@pytest.mark.slow
 def test_a_served_onnx_file_takes_its_limits_from_the_export_record(lm_export):
     """No config.pbtxt: the model's metadata says the limits."""
     from yatdeploy import backends
     from yatdeploy.serving.model import ServedModel
-    from yatdeploy.serving.protocol import InferRequest, ProtocolError
+    from yatdeploy.serving.protocol import InferRequest, InvalidInput
     from yatdeploy.serving.repository import discover
 
     [source] = discover(_lm_onnx(lm_export))
     model = ServedModel(source, backends.get("ort-function"))
     request = InferRequest(None, {"ids": _with(70)}, {"ids": "INT64"})
-    with pytest.raises(ProtocolError) as info:
+    with pytest.raises(InvalidInput) as info:
         model.check(request)
-    assert (info.value.status, info.value.message) == (400, "input 'ids': dim 1 is 70, longer than the model's "
-                                                             "maximum of 64")
+    assert info.value.message == "input 'ids': dim 1 is 70, longer than the model's maximum of 64"
     assert model.config()["parameters"] == {"yatdeploy.input.ids.range": {"string_value": "0:40"},
                                             "yatdeploy.input.ids.max_dims": {"string_value": "64"}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key,value,message", [
     ("yatdeploy.input.ids.range", "40:0", r"parameters\[yatdeploy.input.ids.range\] '40:0': expected LO:HI"),
     ("yatdeploy.input.ids.max_dims", "64,8", r"max_dims: 2 sizes for the 1 dims of input 'ids'"),
@@ -197,6 +201,7 @@ def test_a_bad_limit_parameter_makes_the_model_unavailable_naming_it(lm_reposito
         ServedModel(source, backends.get("ort-function"))
 
 
+@pytest.mark.slow
 def test_a_declared_maximum_is_recorded_and_validated_and_one_past_the_positions_is_refused(tmp_path):
     from yatdeploy import backends
     from yatdeploy.serving.model import ServedModel
@@ -215,6 +220,7 @@ def test_a_declared_maximum_is_recorded_and_validated_and_one_past_the_positions
     assert not (tmp_path / "long.onnx").exists()
 
 
+@pytest.mark.slow
 def test_greedy_decoding_agrees_between_pytorch_and_onnx_runtime(lm_export):
     onnx_path = lm_export / "lm.onnx"
     if not onnx_path.exists():
@@ -229,6 +235,7 @@ def test_greedy_decoding_agrees_between_pytorch_and_onnx_runtime(lm_export):
     assert torch_ids == onnx_ids
 
 
+@pytest.mark.slow
 def test_a_float16_lm_exports_and_validates(tmp_path):
     result = yatdeploy.export(build_tiny_lm(), torch.zeros(1, 8, dtype=torch.long), tmp_path / "lm.onnx",
                               dynamic_axes={0: "batch", 1: "seq"}, dtype="float16")
@@ -236,6 +243,7 @@ def test_a_float16_lm_exports_and_validates(tmp_path):
     assert result.report.passed, result.report.failures()
 
 
+@pytest.mark.slow
 def test_a_bfloat16_lm_is_refused_naming_the_op_onnx_lacks(tmp_path):
     """The attention's Einsum has no bfloat16 in ONNX opset 20: a clear error, not an internal one."""
     with pytest.raises(YatDeployError, match=r"bfloat16 graph is not valid ONNX: .*Einsum.*bfloat16.*export in "
@@ -245,6 +253,7 @@ def test_a_bfloat16_lm_is_refused_naming_the_op_onnx_lacks(tmp_path):
     assert not (tmp_path / "lm.onnx").exists()
 
 
+@pytest.mark.slow
 def test_a_layer_called_twice_has_two_nodes_and_one_never_called_has_none(tmp_path):
     result = yatdeploy.export(build_reused_and_unused(), torch.randn(2, 8), tmp_path / "m.onnx")
     assert (result.yat_gemm_nodes, result.yat_layers) == (2, 2)
@@ -253,6 +262,7 @@ def test_a_layer_called_twice_has_two_nodes_and_one_never_called_has_none(tmp_pa
     assert "2 YatGemm nodes for 2 Yat layer calls" in result.report.checks[0].detail
 
 
+@pytest.mark.slow
 def test_an_lm_without_a_tied_head_keeps_its_lookup_only(tmp_path):
     """YatEmbed used only as a lookup: no YatGemm for it, and the lookup is exact."""
 
@@ -266,6 +276,7 @@ def test_an_lm_without_a_tied_head_keeps_its_lookup_only(tmp_path):
     assert result.yat_gemm_nodes == 1 and result.report.passed
 
 
+@pytest.mark.slow
 def test_an_example_of_length_one_still_exports_dynamic_dims(tmp_path):
     """torch.export specialises dims of size 1; yatdeploy traces at 2 there and records the user's sizes."""
     result = yatdeploy.export(build_tiny_lm(), torch.zeros(1, 1, dtype=torch.long), tmp_path / "lm.onnx",

@@ -12,6 +12,7 @@ import torch
 
 from tests.model_zoo import CustomNet, yat_mlp
 from yatdeploy.errors import ModelLoadError
+from yatdeploy.exporting import ExportOptions, export_model
 from yatdeploy.loading import (
     EXPORTED_PROGRAM,
     PICKLED_MODULE,
@@ -19,7 +20,6 @@ from yatdeploy.loading import (
     TORCHSCRIPT,
     load_model,
 )
-from yatdeploy.onnx_export import ExportOptions, export_model
 from yatdeploy.validation import validate
 
 
@@ -136,6 +136,7 @@ def test_a_torchscript_archive_exports_and_validates(tmp_path, progress):
     assert report.passed, report.failures()
 
 
+@pytest.mark.slow
 def test_a_torch_export_program_exports_and_validates(tmp_path, progress):
     model = yat_mlp()
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -303,6 +304,7 @@ def test_an_aotinductor_library_in_a_program_archive_is_refused(tmp_path):
         load_model(path)
 
 
+@pytest.mark.slow
 def test_export_and_validate_refuse_a_program_that_would_run_code(tmp_path, save_whole, capsys):
     from yatdeploy.cli import EXIT_USAGE, main
 
@@ -402,6 +404,7 @@ def test_a_training_checkpoint_loads_with_its_state_key_and_says_so_without(tmp_
         load_model(tmp_path / "ckpt.pt", arch=ARCH, state_key="weights")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_holding_a_whole_module_loads_through_the_cli(tmp_path, capsys):
     from yatdeploy.cli import EXIT_OK, main
 
@@ -411,6 +414,7 @@ def test_a_checkpoint_holding_a_whole_module_loads_through_the_cli(tmp_path, cap
     assert "PASSED" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_class_from_a_module_in_the_current_folder_loads_with_trust(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(
         "import torch\nfrom nmn.torch import YatNMN\n\n"
@@ -427,6 +431,7 @@ def test_a_class_from_a_module_in_the_current_folder_loads_with_trust(tmp_path, 
     assert type(loaded.module).__name__ == "Net"
 
 
+@pytest.mark.slow
 def test_a_class_defined_in_the_training_scripts_main_gets_a_way_on(tmp_path):
     script = ("import torch\nfrom nmn.torch import YatNMN\n\n"
               "class Net(torch.nn.Module):\n"

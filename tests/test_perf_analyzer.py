@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the service extra is not installed")
 
-from tests.test_serving import Server  # noqa: E402
+from tests.servers import Server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

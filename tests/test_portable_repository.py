@@ -29,7 +29,10 @@ from tests.model_zoo import yat_mlp  # noqa: E402
 from yatdeploy import backends, native  # noqa: E402
 from yatdeploy.backends import ort  # noqa: E402
 from yatdeploy.cli import main  # noqa: E402
-from yatdeploy.serving.repository import DEFAULT_OP_LIBRARY_ROOT, discover, parse_config  # noqa: E402
+from yatdeploy.packaging import DEFAULT_OP_LIBRARY_ROOT  # noqa: E402
+from yatdeploy.serving.repository import discover, parse_config  # noqa: E402
+
+pytestmark = pytest.mark.slow  # exports, then loads them in a clean interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 # The onnxruntime version Triton's ORT backend ships, as the Makefile pins and installs it (target triton-ort).

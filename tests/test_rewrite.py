@@ -11,7 +11,8 @@ from torch import nn
 
 from tests.model_zoo import YATNMN_OPTIONS, PatchedYat, perturb, yat_mlp
 from yatdeploy.errors import UnsupportedLayerError
-from yatdeploy.rewrite import YatGemmLayer, count_yat_layers, rewrite_yat_layers
+from yatdeploy.exporting.rewrite import YatGemmLayer, rewrite_yat_layers
+from yatdeploy.reference import count_yat_layers
 
 
 @pytest.mark.parametrize("option", sorted(YATNMN_OPTIONS))

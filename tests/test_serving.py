@@ -2,120 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="the service extra is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
 
-from tests.model_zoo import yat_mlp  # noqa: E402
-from yatdeploy import backends  # noqa: E402
-from yatdeploy.backends import ort  # noqa: E402
+from tests.servers import Server, export_mlp, reference  # noqa: E402
 from yatdeploy.cli import main  # noqa: E402
 from yatdeploy.serving.repository import discover, parse_config  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`yatdeploy serve` in its own process, on a free port of 127.0.0.1.
-
-    It is waited for until /v2/health/{wait_for} answers 200: "ready" by default, "live" for a repository
-    with a model that can't load. With `log`, its output goes to that file and can be read while it runs.
-    """
-
-    def __init__(self, path: Path, *args: str, wait_for: str = "ready", log: Path | None = None) -> None:
-        self.port = free_port()
-        self.url = f"127.0.0.1:{self.port}"
-        self.grpc_port = free_port()
-        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
-        if log is None:  # a file, never a pipe: the access log (a line per request) would fill a pipe and block it
-            handle, name = tempfile.mkstemp(prefix="yatdeploy-serve-", suffix=".log")
-            os.close(handle)
-            log = Path(name)
-        self.log = log
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        out = log.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "yatdeploy", "serve", str(path), "--port", str(self.port), "--grpc-port",
-             str(self.grpc_port), "--threads", "1", *args],
-            stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
-        )
-        out.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}: {self._rest()}")
-            try:
-                if urllib.request.urlopen(f"http://{self.url}/v2/health/{wait_for}", timeout=1).status == 200:
-                    return
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server was not {wait_for} in 60 s")
-
-    def output(self) -> str:
-        """What the server printed so far (with `log`)."""
-        return self.log.read_text() if self.log is not None else ""
-
-    def _rest(self) -> str:
-        return self.output() if self.log is not None else self.process.stdout.read()
-
-    def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            out, _ = self.process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            out, _ = self.process.communicate()
-        return self.output() if self.log is not None else out
-
-    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(f"http://{self.url}{path}", data=body, headers=headers or {}, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://{self.url}{path}", timeout=30) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("served")
-    torch.save(yat_mlp(), folder / "mlp.pt")
-    assert main(["export", "-q", str(folder / "mlp.pt"), "-o", str(folder / "mlp.onnx"), "--input-shape", "1,16",
-                 "--no-validate", "--repository", str(folder / "repo"), "--name", "mlp"]) == 0
-    assert main(["export", "-q", str(folder / "mlp.pt"), "-o", str(folder / "mlp16.onnx"), "--input-shape", "1,16",
-                 "--dtype", "float16", "--no-validate"]) == 0
-    return folder
+    return export_mlp(tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +28,6 @@ def server(exported):
     running = Server(exported / "mlp.onnx", "--max-body-mb", "1", "--max-queue-delay-us", "2000")
     yield running
     running.stop()
-
-
-def reference(path: Path, x: np.ndarray) -> np.ndarray:
-    session = ort.create_session(path, backends.get("ort-cpu"))
-    return ort.run(session, {"input": x})[0]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -146,6 +46,7 @@ def test_infer_with_tritonclient(server, exported, binary):
     assert result.get_response()["id"] == "r-1"
 
 
+@pytest.mark.slow
 def test_fp16_model(exported):
     server16 = Server(exported / "mlp16.onnx")
     try:
@@ -254,6 +155,7 @@ def test_metrics_move(server):
     assert "yatdeploy_queue_duration_seconds_bucket" in after.decode()
 
 
+@pytest.mark.slow
 def test_the_repository_round_trips(exported):
     config = parse_config(exported / "repo" / "mlp" / "config.pbtxt")  # Triton's own ModelConfig schema
     assert config.name == "mlp" and config.backend == "onnxruntime" and config.max_batch_size == 64
@@ -273,30 +175,7 @@ def test_the_repository_round_trips(exported):
         served.stop()
 
 
-def test_a_full_queue_answers_503(exported):
-    from yatdeploy.serving.batching import DynamicBatcher
-    from yatdeploy.serving.metrics import Metrics
-    from yatdeploy.serving.model import ServedModel
-    from yatdeploy.serving.protocol import ProtocolError
-
-    model = ServedModel(discover(exported / "mlp.onnx")[0], backends.get("ort-cpu"))
-
-    async def scenario():
-        batcher = DynamicBatcher(model, Metrics(), max_batch_size=8, max_queue_delay_s=0, max_queue_size=1)
-        feeds = {"input": np.zeros((1, 16), np.float32)}
-        first = asyncio.ensure_future(batcher.submit(feeds, 1))  # the worker is not started: it stays queued
-        await asyncio.sleep(0)
-        with pytest.raises(ProtocolError) as info:
-            await batcher.submit(feeds, 1)
-        assert info.value.status == 503 and "queue of 1 requests is full" in info.value.message
-        batcher.start()
-        result = await first  # once started, the queued request is served
-        assert result.outputs[0].shape == (1, 5)
-        await batcher.stop()
-
-    asyncio.run(scenario())
-
-
+@pytest.mark.slow
 def test_shutdown_drains_in_flight_requests(exported):
     # A 1.5 s batching delay keeps every request in flight long enough to be caught by the SIGTERM.
     served = Server(exported / "mlp.onnx", "--max-queue-delay-us", "1500000")
@@ -353,6 +232,7 @@ def test_bench_json_payload_and_errors(server, tmp_path, capsys):
     assert main(["bench", "-q", f"http://{server.url}", "--model", "mlp", "--concurrency", "0"]) == 2
 
 
+@pytest.mark.slow
 def test_a_per_model_backend_from_config_and_the_debug_log(exported, tmp_path):
     import shutil as sh
 
@@ -375,6 +255,7 @@ def test_a_per_model_backend_from_config_and_the_debug_log(exported, tmp_path):
     assert any(e["id"] == "logged" and e["status"] == 200 and e["batch"] == 2 and e["model"] == "mlp" for e in lines)
 
 
+@pytest.mark.slow
 def test_statistics_carry_every_triton_field_for_one_model_and_for_all(exported):
     """perf_analyzer needs compute_input, compute_infer and compute_output with equal counts; tritonclient's
     get_inference_statistics() without a name asks for every model (GET /v2/models/stats)."""

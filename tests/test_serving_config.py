@@ -19,7 +19,7 @@ import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from tests.test_serving import Server, free_port  # noqa: E402
+from tests.servers import Server, free_port  # noqa: E402
 from yatdeploy.cli import main  # noqa: E402
 from yatdeploy.serving.repository import MAX_QUEUE_DELAY_US  # noqa: E402
 
@@ -192,6 +192,7 @@ def test_metadata_and_config_report_what_is_served(batching_server):
 
 # --- shutdown -----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_answers_requests_waiting_for_a_long_batching_delay(tmp_path):
     model = write_model(tmp_path / "double.onnx", "double")
     served = Server(model, "--max-queue-delay-us", "20000000", wait_for="live", log=tmp_path / "server.log")  # 20 s
@@ -405,12 +406,13 @@ def test_external_data_outside_the_model_folder_is_refused_in_one_line(tmp_path,
 
 # --- non-float outputs ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_model_with_an_int64_output_gets_its_config_and_metadata(tmp_path):
     """An ArgMax head (float x -> int64 class ids): the repository writer and the served metadata name the
     output's type (both used to look it up among the float types only, and failed with a KeyError)."""
     from google.protobuf import text_format
 
-    from yatdeploy.serving.repository import model_config_pb2, write_repository
+    from yatdeploy.packaging import model_config_pb2, write_repository
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 1])
@@ -431,6 +433,7 @@ def test_a_model_with_an_int64_output_gets_its_config_and_metadata(tmp_path):
     assert metadata["outputs"] == [{"name": "ids", "datatype": "INT64", "shape": [-1, 1]}]
 
 
+@pytest.mark.slow
 def test_default_model_filename_and_a_specific_version_are_honoured(tmp_path):
     repo = tmp_path / "repo"
     write_model(repo / "named" / "1" / "net.onnx", "double")
@@ -474,6 +477,7 @@ def _ready_both_ways(server: Server) -> tuple[int, bool, bool]:
         grpc_ready
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, ready", [((), False), (("--strict-readiness", "true"), False),
                                           (("--strict-readiness", "false"), True),
                                           (("--strict-readiness=false",), True)])
@@ -493,6 +497,7 @@ def test_strict_readiness_decides_whether_a_partly_loaded_server_is_ready(one_ba
         server.stop()
 
 
+@pytest.mark.slow
 def test_not_strict_a_server_in_explicit_mode_is_ready_with_a_failed_startup_model(one_bad_repository):
     server = Server(one_bad_repository, "--model-control-mode", "explicit", "--load-model", "*",
                     "--strict-readiness", "false", wait_for="live", log=one_bad_repository.parent / "server.log")

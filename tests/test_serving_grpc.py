@@ -18,13 +18,37 @@ import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from tests.test_serving import REPO, Server, exported, free_port, reference  # noqa: E402,F401
-from tests.test_serving_protocol import strings_server  # noqa: E402,F401
+from tests.servers import (  # noqa: E402
+    LIVENESS_BOUND_S,
+    REPO,
+    Server,
+    export_mlp,
+    free_port,
+    length_prefixed,
+    liveness_during,
+    mixed_strings,
+    reference,
+    strings_repository,
+)
 from yatdeploy.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test starts or asks a server subprocess
 
 
 @pytest.fixture(scope="module")
-def server(exported):  # noqa: F811
+def exported(tmp_path_factory):
+    return export_mlp(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def strings_server(tmp_path_factory):
+    running = Server(strings_repository(tmp_path_factory.mktemp("strings")))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def server(exported):
     running = Server(exported / "mlp.onnx", "--max-queue-delay-us", "2000", "--max-body-mb", "1")
     yield running
     running.stop()
@@ -59,7 +83,7 @@ def test_health_metadata_and_config(client):
     assert config["input"][0]["data_type"] == "TYPE_FP32" and "dynamic_batching" in config
 
 
-def test_infer_matches_onnx_runtime_and_echoes_the_id(client, exported):  # noqa: F811
+def test_infer_matches_onnx_runtime_and_echoes_the_id(client, exported):
     x = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
     result = client.infer("mlp", _inputs(x), request_id="grpc-7", outputs=[grpcclient.InferRequestedOutput("output")])
     np.testing.assert_allclose(result.as_numpy("output"), reference(exported / "mlp.onnx", x), rtol=1e-5, atol=1e-6)
@@ -123,7 +147,7 @@ def test_failures_are_counted(client):
     assert int(after["fail"]["count"]) == int(before.get("fail", {}).get("count", 0)) + 1
 
 
-def test_typed_contents_and_malformed_raw_contents_through_the_stubs(server, exported):  # noqa: F811
+def test_typed_contents_and_malformed_raw_contents_through_the_stubs(server, exported):
     """Clients other than tritonclient send InferTensorContents (fp32_contents) instead of raw bytes."""
     x = np.arange(32, dtype=np.float32).reshape(2, 16) / 32
     with grpc.insecure_channel(server.grpc_url) as channel:
@@ -150,7 +174,7 @@ def test_typed_contents_and_malformed_raw_contents_through_the_stubs(server, exp
         assert "FP16 data must be sent as raw_input_contents" in caught.value.details()
 
 
-def test_32_concurrent_async_requests_each_get_their_own_answer(client, exported):  # noqa: F811
+def test_32_concurrent_async_requests_each_get_their_own_answer(client, exported):
     inputs = [np.full((1, 16), i / 8.0 - 2.0, np.float32) for i in range(32)]
     expected = reference(exported / "mlp.onnx", np.concatenate(inputs))
     answers: queue.Queue = queue.Queue()
@@ -164,7 +188,7 @@ def test_32_concurrent_async_requests_each_get_their_own_answer(client, exported
         np.testing.assert_allclose(result.as_numpy("output")[0], expected[i], rtol=1e-5, atol=1e-6)
 
 
-def test_a_stream_answers_every_request_and_reports_errors_in_band(server, exported):  # noqa: F811
+def test_a_stream_answers_every_request_and_reports_errors_in_band(server, exported):
     answers: queue.Queue = queue.Queue()
     with grpcclient.InferenceServerClient(server.grpc_url) as streaming:
         streaming.start_stream(callback=lambda result, error: answers.put((result, error)))
@@ -196,7 +220,7 @@ def test_classification_over_grpc(client):
     assert [int(label.decode().split(":")[1]) for label in labels[0]] == np.argsort(-plain, kind="stable")[:2].tolist()
 
 
-def test_strings_booleans_and_int32_over_grpc(strings_server):  # noqa: F811
+def test_strings_booleans_and_int32_over_grpc(strings_server):
     with grpcclient.InferenceServerClient(strings_server.grpc_url) as strings_client:
         text = np.array([["12", "-3"], ["7", "40"]], dtype=object)
         flags = np.array([[True, False], [False, True]])
@@ -209,7 +233,7 @@ def test_strings_booleans_and_int32_over_grpc(strings_server):  # noqa: F811
         np.testing.assert_array_equal(result.as_numpy("negated"), ~flags)
 
 
-def test_a_taken_grpc_port_is_said_before_loading(exported, tmp_path):  # noqa: F811
+def test_a_taken_grpc_port_is_said_before_loading(exported, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -220,7 +244,7 @@ def test_a_taken_grpc_port_is_said_before_loading(exported, tmp_path):  # noqa: 
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1 port {port}" in done.stderr, done.stderr
 
 
-def test_grpc_port_0_serves_http_only(exported):  # noqa: F811
+def test_grpc_port_0_serves_http_only(exported):
     http_only = Server(exported / "mlp.onnx", "--grpc-port", "0")
     try:
         assert httpclient.InferenceServerClient(http_only.url).is_server_ready()
@@ -243,7 +267,7 @@ def test_bench_over_grpc_reads_the_servers_statistics(server, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
-def test_bench_sends_valid_strings_and_booleans(strings_server, tmp_path, scheme):  # noqa: F811
+def test_bench_sends_valid_strings_and_booleans(strings_server, tmp_path, scheme):
     """The load generator's data fits every datatype: BYTES as digits (the model parses them), BOOL, ints >= 0."""
     url = f"{scheme}://{strings_server.url if scheme == 'http' else strings_server.grpc_url}"
     out = tmp_path / "bench"
@@ -253,12 +277,10 @@ def test_bench_sends_valid_strings_and_booleans(strings_server, tmp_path, scheme
     assert step["requests"] > 0 and step["errors"] == 0, step
 
 
-def test_liveness_answers_within_100_ms_while_a_large_grpc_request_is_decoded(strings_server):  # noqa: F811
+def test_liveness_answers_within_100_ms_while_a_large_grpc_request_is_decoded(strings_server):
     """2 million BYTES elements as raw contents (9 MB): decoded off the event loop HTTP shares; the batch is far
     over max_batch_size, so the call ends INVALID_ARGUMENT once the decode ends."""
-    from tests.test_serving_protocol import LIVENESS_BOUND_S, _length_prefixed, _liveness_during, _mixed_strings
-
-    blob = _length_prefixed(_mixed_strings(2_000_000).tolist())
+    blob = length_prefixed(mixed_strings(2_000_000).tolist())
     message = service_pb2.ModelInferRequest(model_name="strings", raw_input_contents=[blob, b"\x01" * 2_000_000])
     message.inputs.add(name="text", datatype="BYTES", shape=[1_000_000, 2])
     message.inputs.add(name="flag", datatype="BOOL", shape=[1_000_000, 2])
@@ -269,6 +291,6 @@ def test_liveness_answers_within_100_ms_while_a_large_grpc_request_is_decoded(st
                 service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, timeout=300)
         return caught.value
 
-    worst, probes, error = _liveness_during(strings_server.port, send)
+    worst, probes, error = liveness_during(strings_server.port, send)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the model's max_batch_size" in error.details()
     assert probes >= 3 and worst < LIVENESS_BOUND_S, (worst, probes)

@@ -22,7 +22,17 @@ pytest.importorskip("fastapi", reason="the service extra is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is not installed")
 
 
-from tests.test_serving import REPO, Server, free_port  # noqa: E402
+from tests.servers import (  # noqa: E402
+    LIVENESS_BOUND_S,
+    REPO,
+    Server,
+    free_port,
+    length_prefixed,
+    live_status,
+    liveness_during,
+    mixed_strings,
+    strings_repository,
+)
 
 INFER = "/v2/models/mlp/infer"
 # A server whose ServedModel.run fails with an error no code path expects: the catch-all's case.
@@ -133,7 +143,7 @@ def test_a_bad_request_answers_json_400_naming_it(server, case):
     body, headers = request if isinstance(request, tuple) else (request, {})
     status, error = _error_of(server.port, body, headers)
     assert status == 400 and message in error, error
-    assert _live_status(server.port) == 200
+    assert live_status(server.port) == 200
 
 
 @pytest.mark.parametrize("data,shape", [
@@ -177,6 +187,7 @@ def _start(command: list[str]) -> tuple[subprocess.Popen, int]:
     raise RuntimeError("the server did not become ready in 60 s")
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_answers_json_500_is_counted_and_logged_once(mlp_onnx):
     process, port = _start([sys.executable, "-c", FAILING_MODEL_LAUNCHER, "serve", str(mlp_onnx)])
     try:
@@ -235,10 +246,6 @@ def _read_to_end(connection: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def _live_status(port: int) -> int:
-    return _request(port, "GET", "/v2/health/live")[0]
-
-
 def test_an_oversized_header_is_refused_and_others_are_served(server):
     hostile = socket.create_connection(("127.0.0.1", server.port), timeout=60)
     total = 32 << 20
@@ -260,7 +267,7 @@ def test_an_oversized_header_is_refused_and_others_are_served(server):
     assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     if answer:
         assert b'"error"' in answer
-    assert _live_status(server.port) == 200
+    assert live_status(server.port) == 200
 
 
 def test_liveness_answers_while_a_large_json_body_is_parsed(server):
@@ -302,6 +309,7 @@ def _serve_fails(*args: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--max-body-mb", "0"], "--max-body-mb 0.0: must be more than 0"),
     (["--max-body-mb", "-1"], "--max-body-mb -1.0: must be more than 0"),
@@ -320,6 +328,7 @@ def test_serve_refuses_bad_settings_with_one_line(mlp_onnx, args, message):
     assert message in _serve_fails(str(mlp_onnx), "--port", str(free_port()), *args)
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_port_in_use(mlp_onnx):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -370,6 +379,7 @@ def test_a_response_is_compressed_only_when_asked_and_worth_it(server):
     connection.close()
 
 
+@pytest.mark.slow
 def test_bad_compressed_bodies_get_clear_errors(tmp_path, mlp_onnx):
     import gzip
     import zlib
@@ -397,6 +407,7 @@ def test_bad_compressed_bodies_get_clear_errors(tmp_path, mlp_onnx):
 
 # --- request parameters: timeout honoured; scheduling yatdeploy has not refused, never ignored ---------------
 
+@pytest.mark.slow
 def test_the_timeout_parameter_is_honoured(mlp_onnx):
     """A lone request waits up to the 0.5 s batching delay for company: a 1 ms timeout expires first."""
     running = Server(mlp_onnx, "--max-queue-delay-us", "500000")
@@ -455,26 +466,7 @@ def test_classification_sends_the_top_classes_as_value_index_strings(server):
 
 @pytest.fixture(scope="module")
 def strings_server(tmp_path_factory):
-    """text BYTES [N, 2] and flag BOOL [N, 2] -> same BYTES, number INT32 (the text parsed), negated BOOL."""
-    from onnx import TensorProto, helper
-
-    folder = tmp_path_factory.mktemp("strings")
-    value = helper.make_tensor_value_info
-    nodes = [helper.make_node("Identity", ["text"], ["same"]),
-             helper.make_node("Cast", ["text"], ["number"], to=TensorProto.INT32),
-             helper.make_node("Not", ["flag"], ["negated"])]
-    model = helper.make_model(helper.make_graph(
-        nodes, "strings", [value("text", TensorProto.STRING, ["N", 2]), value("flag", TensorProto.BOOL, ["N", 2])],
-        [value("same", TensorProto.STRING, ["N", 2]), value("number", TensorProto.INT32, ["N", 2]),
-         value("negated", TensorProto.BOOL, ["N", 2])]), opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    import onnx
-
-    onnx.save(model, str(folder / "strings.onnx"))
-    from yatdeploy.serving.repository import write_repository
-
-    write_repository(folder / "repo", "strings", folder / "strings.onnx", op_library=None)
-    running = Server(folder / "repo")
+    running = Server(strings_repository(tmp_path_factory.mktemp("strings")))
     yield running
     running.stop()
 
@@ -535,6 +527,7 @@ def test_json_bytes_must_be_strings(strings_server):
 
 # --- the access log and CORS ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_one_json_access_log_line_per_request_at_info(mlp_onnx, tmp_path):
     running = Server(mlp_onnx, log=tmp_path / "serve.log")
     try:
@@ -552,6 +545,7 @@ def test_one_json_access_log_line_per_request_at_info(mlp_onnx, tmp_path):
     assert running.output().count("FP32 data holds null values") == 1  # logged once, in its access line
 
 
+@pytest.mark.slow
 def test_cors_is_off_by_default_and_allows_the_origins_given(mlp_onnx):
     preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
     plain = Server(mlp_onnx)
@@ -577,44 +571,6 @@ def test_cors_is_off_by_default_and_allows_the_origins_given(mlp_onnx):
 
 
 # --- nothing holds the event loop: BYTES tensors and large answers are decoded and encoded off it -------------
-
-LIVENESS_BOUND_S = 0.1  # issue 20: liveness answers within 100 ms during any request
-
-
-def _liveness_during(port: int, send) -> tuple[float, int, object]:
-    """The slowest /v2/health/live round trip (each on a new connection, as a probe makes it) seen from another
-    thread while `send()` runs, the number of probes, and what `send()` returned."""
-    import threading
-
-    worst, probes, done = [0.0], [0], threading.Event()
-
-    def probe() -> None:
-        while not done.is_set():
-            began = time.perf_counter()
-            assert _live_status(port) == 200
-            worst[0] = max(worst[0], time.perf_counter() - began)
-            probes[0] += 1
-            time.sleep(0.01)
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    try:
-        result = send()
-    finally:
-        done.set()
-        prober.join()
-    return worst[0], probes[0], result
-
-
-def _mixed_strings(count: int) -> np.ndarray:
-    """`count` strings of varied lengths and scripts, the empty string included."""
-    words = ["", "a", "hé", "日本語", "x" * 17, "\x00nul\x00", "🙂"]
-    return np.array([words[i % len(words)] for i in range(count)], dtype=object)
-
-
-def _length_prefixed(values) -> bytes:
-    return b"".join(len(v.encode()).to_bytes(4, "little") + v.encode() for v in values)
-
 
 @pytest.fixture(scope="module")
 def identity_server(tmp_path_factory):
@@ -643,13 +599,13 @@ def identity_server(tmp_path_factory):
 def test_liveness_answers_within_100_ms_while_bytes_are_decoded(strings_server):
     """9 MB of 2 million BYTES elements (stalled liveness for seconds when decoded on the event loop); the batch
     is far over max_batch_size, so the answer is a 400 once the decode ends."""
-    blob = _length_prefixed(_mixed_strings(2_000_000).tolist())
+    blob = length_prefixed(mixed_strings(2_000_000).tolist())
     header = json.dumps({"inputs": [
         {"name": "text", "shape": [1_000_000, 2], "datatype": "BYTES", "parameters": {"binary_data_size": len(blob)}},
         {"name": "flag", "shape": [1_000_000, 2], "datatype": "BOOL", "parameters": {"binary_data_size": 2_000_000}},
     ]}).encode()
     body, headers = header + blob + b"\x01" * 2_000_000, {"Inference-Header-Content-Length": str(len(header))}
-    worst, probes, (status, error) = _liveness_during(strings_server.port,
+    worst, probes, (status, error) = liveness_during(strings_server.port,
                                                       lambda: _strings_error(strings_server.port, body, headers))
     assert status == 400 and "batch size 1000000 exceeds the model's max_batch_size" in error, error
     assert probes >= 3 and worst < LIVENESS_BOUND_S, (worst, probes)
@@ -662,8 +618,8 @@ def test_liveness_answers_within_100_ms_while_an_answer_is_encoded(identity_serv
     import gzip
 
     if case.startswith("bytes"):
-        values = _mixed_strings(250_000)
-        blob, model = _length_prefixed(values.tolist()), "text"
+        values = mixed_strings(250_000)
+        blob, model = length_prefixed(values.tolist()), "text"
         datatype = "BYTES"
     else:
         values = np.arange(2_000_000, dtype=np.float32) / 8  # 8 MB
@@ -685,7 +641,7 @@ def test_liveness_answers_within_100_ms_while_an_answer_is_encoded(identity_serv
         connection.close()
         return answer
 
-    worst, probes, (status, answer_headers, payload) = _liveness_during(identity_server.port, send)
+    worst, probes, (status, answer_headers, payload) = liveness_during(identity_server.port, send)
     assert status == 200, payload[:300]
     if answer_headers.get("content-encoding") == "gzip":
         payload = gzip.decompress(payload)
@@ -699,12 +655,12 @@ def test_liveness_answers_within_100_ms_while_an_answer_is_encoded(identity_serv
 
 
 def test_bytes_tensors_round_trip_through_the_binary_form():
-    from yatdeploy.serving.protocol import ProtocolError, tensor_bytes, tensor_from_bytes
+    from yatdeploy.serving.protocol import InvalidInput, tensor_bytes, tensor_from_bytes
 
-    for values in (_mixed_strings(70_001), np.array([""] * 70_000, object), np.array(["abc"] * 3, object),
+    for values in (mixed_strings(70_001), np.array([""] * 70_000, object), np.array(["abc"] * 3, object),
                    np.array(["é"] * 5, object), np.array([], object)):
         blob = tensor_bytes(values)
-        assert blob == _length_prefixed(values.tolist())
+        assert blob == length_prefixed(values.tolist())
         decoded = tensor_from_bytes(blob, "BYTES", values.shape, "t")
         assert decoded.dtype == object and decoded.tolist() == values.tolist()
         assert all(type(v) is str for v in decoded.tolist())
@@ -717,9 +673,9 @@ def test_bytes_tensors_round_trip_through_the_binary_form():
         if message is None:
             assert tensor_from_bytes(blob, "BYTES", (3,), "t").tolist() == ["a", "a", "\x00"]
             continue
-        with pytest.raises(ProtocolError) as caught:
+        with pytest.raises(InvalidInput) as caught:
             tensor_from_bytes(blob, "BYTES", (3,), "t")
-        assert caught.value.status == 400 and message in caught.value.message, caught.value.message
+        assert message in caught.value.message, caught.value.message
 
 
 # --- request bodies in flight are bounded: past --max-inflight-body-mb, 503 at once --------------------------
@@ -740,6 +696,7 @@ def _answer_of(connection: socket.socket) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)
 
 
+@pytest.mark.slow
 def test_request_bodies_past_the_in_flight_limit_get_503_at_once(mlp_onnx):
     import gzip
 
@@ -785,6 +742,7 @@ def _peak_rss_bytes(pid: int) -> int:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) << 10
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak RSS from /proc")
 def test_concurrent_large_bodies_and_gzip_bombs_keep_the_server_s_memory_bounded(mlp_onnx):
     """Eight 23 MB bodies and ten gzip bombs at once against a 48 MB budget: some are refused with 503, and the

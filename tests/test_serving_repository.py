@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.model_zoo import yat_mlp
-from tests.test_serving import Server, free_port, reference
+from tests.servers import Server, free_port, reference
 from yatdeploy.cli import main
 
 
@@ -55,6 +55,7 @@ def _infer(client, name: str, version: str = "") -> np.ndarray:
     return client.infer(name, [tensor], model_version=version).as_numpy("output")
 
 
+@pytest.mark.slow
 def test_the_latest_two_versions_are_served_side_by_side(repository):
     server = Server(repository / "repo")
     try:
@@ -84,6 +85,7 @@ def _explicit(repository, tmp_path, load: str) -> tuple[Path, Server]:
     return repo, Server(repo, "--model-control-mode", "explicit", "--load-model", load)
 
 
+@pytest.mark.slow
 def test_explicit_mode_loads_and_unloads_on_request(repository, tmp_path):
     repo, server = _explicit(repository, tmp_path, "other")
     try:
@@ -131,6 +133,7 @@ def test_explicit_mode_loads_and_unloads_on_request(repository, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_failed_reload_says_why_and_keeps_serving_what_was_served(repository, tmp_path):
     repo, server = _explicit(repository, tmp_path, "*")
     try:
@@ -145,6 +148,7 @@ def test_a_failed_reload_says_why_and_keeps_serving_what_was_served(repository, 
         server.stop()
 
 
+@pytest.mark.slow
 def test_unload_answers_the_requests_in_flight_first(repository, tmp_path):
     server = Server(repository / "repo", "--model-control-mode", "explicit", "--load-model", "other",
                     "--max-queue-delay-us", "1000000")
@@ -182,6 +186,7 @@ def _pending(server: Server, model: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_raw_binary_request_is_the_only_input_with_its_batch_deduced(repository):
     """Inference-Header-Content-Length: 0: the body is the only input's tensor; outputs come back binary, as
     Triton answers such a request."""
@@ -205,6 +210,7 @@ def test_a_raw_binary_request_is_the_only_input_with_its_batch_deduced(repositor
         server.stop()
 
 
+@pytest.mark.slow
 def test_explicit_mode_refuses_unknown_startup_models(repository, capsys):
     assert main(["serve", "-q", str(repository / "repo"), "--port", str(free_port()), "--grpc-port", "0", "--model-control-mode", "explicit",
                  "--load-model", "nope"]) == 2
@@ -214,6 +220,7 @@ def test_explicit_mode_refuses_unknown_startup_models(repository, capsys):
     assert "--load-model is for --model-control-mode explicit" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_statistics_and_index_are_json_objects(repository):
     """Raw HTTP, as a non-tritonclient client sees them: an empty body for index/load is fine, a bad one a 400."""
     server = Server(repository / "repo")
@@ -275,6 +282,7 @@ def _no_server_path(message: str, root: Path) -> None:
         assert path not in message, message
 
 
+@pytest.mark.slow
 def test_a_load_request_serves_nothing_outside_the_model_folder(escape_repository):
     root = escape_repository
     server = Server(root / "repo", "--model-control-mode", "explicit", "--load-model", "mlp")
@@ -310,6 +318,7 @@ def test_a_load_request_serves_nothing_outside_the_model_folder(escape_repositor
         server.stop()
 
 
+@pytest.mark.slow
 def test_config_pbtxt_and_links_cannot_reach_outside_the_repository(escape_repository):
     root = escape_repository
     server = Server(root / "repo", wait_for="live", log=root / "server.log")
@@ -333,6 +342,7 @@ def test_config_pbtxt_and_links_cannot_reach_outside_the_repository(escape_repos
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_folder_name_that_is_not_utf8_is_skipped_and_every_endpoint_answers(tmp_path):
     """A model name is text (URLs, JSON, Prometheus labels are UTF-8): a folder whose name is not valid UTF-8 is
     no model. It is skipped with a warning at start-up; the other models, the index, the statistics and /metrics
@@ -380,6 +390,7 @@ def test_a_loaders_message_names_the_model_file_by_its_path_in_the_repository(tm
     assert source.public(f"{tmp_path / 'repo'}/m/config.pbtxt: bad") == "m/config.pbtxt: bad"
 
 
+@pytest.mark.slow
 def test_a_hidden_folder_such_as_an_entry_being_written_is_no_model(repository, tmp_path):
     """export --repository stages a new entry in '.<name>.XXXX.partial' beside it (files.staged_folder): a server
     that scans the repository meanwhile must not take it for a model."""

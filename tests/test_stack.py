@@ -15,8 +15,10 @@ import torch
 import yaml
 
 from tests.model_zoo import yat_mlp
-from tests.test_serving import REPO, Server, free_port
+from tests.servers import REPO, Server, free_port
 from yatdeploy.cli import main
+
+pytestmark = pytest.mark.slow  # the benchmark stack: docker-compose, prometheus, a server subprocess
 
 COMPOSE = REPO / "docker-compose.yml"
 needs_compose = pytest.mark.skipif(shutil.which("docker-compose") is None,

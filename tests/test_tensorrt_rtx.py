@@ -20,18 +20,18 @@ from yatdeploy import backends
 from yatdeploy.cli import EXIT_OK, EXIT_USAGE, main
 from yatdeploy.demo import build_demo_model
 from yatdeploy.errors import YatDeployError
+from yatdeploy.exporting import ExportOptions, export_model
 from yatdeploy.files import file_sha256
 from yatdeploy.graph import yat_gemm_nodes
 from yatdeploy.loading import from_module
-from yatdeploy.onnx_export import ExportOptions, export_model
 from yatdeploy.serving.repository import discover
 from yatdeploy.trt import rtx
 from yatdeploy.trt.engine import BatchProfile
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("tensorrt_rtx_bindings") is None,
     reason="TensorRT for RTX is not installed (pip install 'yatdeploy[tensorrt-rtx]'; the test extra has it)",
-)
+)]
 
 DTYPES = ("float32", "float16", "bfloat16")
 TARGETS = ("80", "86", "89", "120")
@@ -85,7 +85,7 @@ def test_with_the_plugin_every_yat_gemm_is_a_plugin_layer_with_the_nodes_eps_and
 
 def test_the_cli_builds_and_says_what_it_built(exports, tmp_path, capsys):
     plan = tmp_path / "demo.plan"
-    assert main(["build-engine", "-q", str(exports["demo", "float16"]), "-o", str(plan), "--runtime", "tensorrt-rtx",
+    assert main(["build-engine", "-q", str(exports["demo", "float16"]), "-o", str(plan), "--backend", "tensorrt-rtx",
                  "--compute-capability", "8.6", "sm_89", "86", "--yat-plugin"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "2 YatGemm plugin layer(s)" in out and "tensorrt-rtx" in out and "for 86, 89" in out
@@ -98,7 +98,7 @@ def test_the_cli_builds_and_says_what_it_built(exports, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--compute-capability", "75"], "7.5 (Turing): TensorRT for RTX has no float32 GEMM there"),
     (["--compute-capability", "90"], "H100/H200 (9.0) is not a TensorRT for RTX target (build for it with the "
-                                     "data-center TensorRT (--runtime tensorrt))"),
+                                     "data-center TensorRT (--backend tensorrt))"),
     (["--compute-capability", "72"], "TensorRT for RTX targets 75, 80, 86, 89, 120, 121"),
     (["--compute-capability", "75", "--yat-plugin"], "the plugin can't target 7.5 (drop 75, or build without "
                                                      "--yat-plugin)"),
@@ -106,7 +106,7 @@ def test_the_cli_builds_and_says_what_it_built(exports, tmp_path, capsys):
 ])
 def test_a_target_or_a_choice_that_cannot_work_is_refused_in_one_line(exports, tmp_path, capsys, args, message):
     status = main(["build-engine", "-q", str(exports["odd", "float32"]), "-o", str(tmp_path / "m.plan"),
-                   "--runtime", "tensorrt-rtx", *args])
+                   "--backend", "tensorrt-rtx", *args])
     err = capsys.readouterr().err
     assert status == EXIT_USAGE and message in err and "Traceback" not in err, err
     assert not (tmp_path / "m.plan").exists()
@@ -117,9 +117,19 @@ def test_bfloat16_on_turing_is_refused_naming_the_dtype(exports, tmp_path):
         rtx.build_rtx_engine(exports["odd", "bfloat16"], tmp_path / "m.plan", PROFILE, rtx.RtxOptions(("75",)))
 
 
-def test_the_rtx_options_are_refused_for_the_data_center_runtime(exports, tmp_path, capsys):
+def test_an_option_a_backend_does_not_take_is_refused_naming_the_backend(exports, tmp_path, capsys):
     assert main(["build-engine", str(exports["odd", "float32"]), "--yat-plugin"]) == EXIT_USAGE
-    assert "are for --runtime tensorrt-rtx" in capsys.readouterr().err
+    assert "the tensorrt backend does not take --yat-plugin (the data-center TensorRT builds for the GPU it runs on" \
+        in capsys.readouterr().err
+    assert main(["build-engine", str(exports["odd", "float32"]), "--compute-capability", "86", "--workspace-mb", "1"]
+                ) == EXIT_USAGE
+    assert "the tensorrt backend does not take --compute-capability" in capsys.readouterr().err
+    # --runtime, the option's former name, is --backend.
+    assert main(["build-engine", str(exports["odd", "float32"]), "-o", str(tmp_path / "m.plan"), "--runtime",
+                 "tensorrt-rtx", "--timing-cache", str(tmp_path / "cache")]) == EXIT_USAGE
+    assert "the tensorrt-rtx backend does not take --timing-cache (TensorRT for RTX builds without a GPU" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "m.plan").exists()
 
 
 def test_a_model_the_parser_rejects_is_reported_with_the_parsers_message(exports, tmp_path):

@@ -108,6 +108,7 @@ _REPORT = """
 """
 
 
+@pytest.mark.slow
 def test_the_fused_cuda_kernel_is_registered_lazily_when_triton_is_installed():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed: the op has no CUDA kernel of its own")
@@ -126,6 +127,7 @@ def test_the_fused_cuda_kernel_is_registered_lazily_when_triton_is_installed():
                       "dispatches_to": True}
 
 
+@pytest.mark.slow
 def test_without_triton_nothing_breaks():
     report = _python("""
         import json, sys

@@ -85,6 +85,7 @@ def test_kernel_parameters_are_inputs_then_extra_args_then_outputs():
     assert logic.PLUGIN_ID == f"{PLUGIN_NAMESPACE}::YatGemm"
 
 
+@pytest.mark.slow
 def test_every_built_entry_takes_exactly_what_tensorrt_passes(built):
     folder, manifest = built
     assert len(manifest["entries"]) == len(TRT_JOBS)
@@ -99,6 +100,7 @@ def test_every_built_entry_takes_exactly_what_tensorrt_passes(built):
         assert declared == ["u64"] * len(logic.INPUTS) + ["u32"] * len(args) + ["u64"] * len(YAT_GEMM.outputs)
 
 
+@pytest.mark.slow
 def test_the_plugin_returns_the_manifests_ptx_for_each_tactic(installed):
     folder, manifest = logic.kernels()
     assert folder == installed[0]
@@ -119,6 +121,7 @@ def test_the_plugin_returns_the_manifests_ptx_for_each_tactic(installed):
         logic.select_entry(manifest, "sm_80", "float16", 99, "aligned")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m,n,k", [(1, 1, 16), (7, 65, 33), (130, 70, 257), (4096, 4096, 4096), (8, 50304, 768)])
 def test_launch_per_tactic_covers_every_output_once(built, m, n, k):
     _, manifest = built
@@ -150,6 +153,7 @@ def test_launch_refuses_a_block_that_is_not_32_threads_per_warp():
     assert logic.launch({**entry, "num_warps": 2}, 3, 5, 4).block == (64, 1, 1)
 
 
+@pytest.mark.slow
 def test_launch_shared_memory_per_tactic(built):
     # Dynamic shared memory as Triton compiled it; above 48 KB TensorRT must raise the kernel's limit
     # (open, docs/tensorrt.md). Recorded here so that a change shows.
@@ -181,6 +185,7 @@ class _Sym:
         return self._op("//", other)
 
 
+@pytest.mark.slow
 def test_the_arithmetic_builds_symbolic_expressions(built):
     _, manifest = built
     entry = next(e for e in manifest["entries"] if e["config"] == "small_m")
@@ -208,6 +213,7 @@ def test_floats_travel_as_two_nonnegative_16_bit_halves(value):
     assert logic.float_from_halves(high, low) == np.float32(value)
 
 
+@pytest.mark.slow
 def test_entry_and_ptx_checks_name_the_difference(built):
     folder, manifest = built
     entry = manifest["entries"][0]
@@ -282,6 +288,7 @@ def test_tactics_cover_the_tile_configs_without_split_k():
             assert choose_config(m, n, k, dtype).name in offered
 
 
+@pytest.mark.slow
 def test_tactics_of_the_built_entries(built):
     _, manifest = built
     assert logic.tactics(manifest, "sm_80", "float16", 10**6) == [TACTIC["large_16bit"], TACTIC["small_m"]]
@@ -447,6 +454,7 @@ def driver() -> Driver:
         pytest.skip(f"no usable GPU: {exc}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m,k,n,eps,alpha", [
     (1, 16, 1, 1e-5, 1.0),
     (7, 48, 80, 1e-5, 0.84394413),

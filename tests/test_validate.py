@@ -12,9 +12,9 @@ from onnx import numpy_helper
 
 from tests.model_zoo import yat_mlp
 from yatdeploy.errors import InputSpecError, YatDeployError
+from yatdeploy.exporting import ExportOptions, export_model
 from yatdeploy.graph import yat_gemm_nodes
 from yatdeploy.loading import load_model
-from yatdeploy.onnx_export import ExportOptions, export_model
 from yatdeploy.validation import (
     FIXED_TOLERANCES,
     ILL_CONDITIONED_ULPS,
@@ -162,6 +162,7 @@ def test_compare_fails_nan_against_a_number():
     assert compare(np.array([1.0]), np.array([np.nan]), tol)[2] == 1
 
 
+@pytest.mark.slow
 def test_a_static_batch_export_is_validated_at_its_batch(save_whole, tmp_path, progress):
     loaded = load_model(save_whole(yat_mlp()))
     export_model(loaded, tmp_path / "s.onnx", ExportOptions((3, 16), dynamic_batch=False), progress)
@@ -244,6 +245,7 @@ def digits(tmp_path_factory):
     return exports
 
 
+@pytest.mark.slow
 def test_a_trained_digits_classifier_passes_on_its_test_set(digits):
     loaded, path, test_set = digits["float32"]
     report = validate(path, loaded, input_files=[test_set])
@@ -267,6 +269,7 @@ def test_a_trained_digits_classifier_passes_on_its_test_set(digits):
     assert ulps > 16 and warned == (ulps > ILL_CONDITIONED_ULPS)
 
 
+@pytest.mark.slow
 def test_an_fp16_export_of_the_yat_trunk_passes_and_is_as_close_to_float64_as_pytorch(digits):
     loaded, path, test_set = digits["float16"]
     report = validate(path, loaded, input_files=[test_set])
@@ -344,6 +347,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype,corruption", [(d, c) for d, cs in CORRUPTIONS.items() for c in cs])
 def test_a_corrupted_export_fails_with_the_default_tolerances(digits, tmp_path, dtype, corruption):
     loaded, path, test_set = digits[dtype]
@@ -359,6 +363,7 @@ def test_a_corrupted_export_fails_with_the_default_tolerances(digits, tmp_path, 
     assert all(c.onnx_err > 2 * c.torch_err for c in failed)
 
 
+@pytest.mark.slow
 def test_a_given_tolerance_keeps_its_meaning_and_the_message_says_which_to_raise(digits):
     loaded, path, test_set = digits["float32"]
     report = validate(path, loaded, input_files=[test_set], backend_names=["ort-function"],
@@ -381,6 +386,7 @@ def test_a_given_tolerance_keeps_its_meaning_and_the_message_says_which_to_raise
     assert again.passed, again.failures()
 
 
+@pytest.mark.slow
 def test_the_cli_derives_the_tolerance_unless_given_and_completes_a_single_flag(digits, tmp_path, capsys):
     from yatdeploy.cli import EXIT_OK, EXIT_USAGE, main
 
@@ -453,6 +459,7 @@ def test_a_model_that_cannot_run_in_float64_falls_back_to_the_output_scale(tmp_p
     assert "could not be run in float64" in report.failures()[0]
 
 
+@pytest.mark.slow
 def test_a_float64_export_is_its_own_reference(save_whole, tmp_path, progress):
     loaded = load_model(save_whole(yat_mlp()))
     export_model(loaded, tmp_path / "m.onnx", ExportOptions((1, 16), dtype="float64"), progress)
@@ -480,6 +487,7 @@ def issue_mlp(tmp_path_factory):
     return result.reference, path
 
 
+@pytest.mark.slow
 def test_a_batch_of_one_where_pytorch_is_exact_by_chance_is_held_to_its_like_inputs_error(issue_mlp):
     reference, path = issue_mlp
     report = validate(path, reference, seed=1002)
@@ -508,6 +516,7 @@ def test_derived_tolerances_pool_the_random_batches_only():
     assert all(t.source == "derived" for t in tolerances)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factor", [1.0001, 1.01])
 def test_the_advice_on_a_derived_failure_names_one_flag_that_suffices_and_is_never_negative(issue_mlp, tmp_path,
                                                                                            factor):

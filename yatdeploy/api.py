@@ -6,6 +6,7 @@
     lm = yatdeploy.export(lm_model, torch.zeros(1, 32, dtype=torch.long), "lm.onnx",
                           dynamic_axes={0: "batch", 1: "seq"})
     report = yatdeploy.validate("model.onnx", "model.pt", batches=(1, 64))
+    engine = yatdeploy.api.build_engine("model.onnx", backend="tensorrt-rtx").engine  # yatdeploy.build
 
 `model` is a torch.nn.Module built in this process (put in eval mode) or a model file, loaded as
 `yatdeploy export` loads one (`arch`, `trust_pickle`). Errors are yatdeploy.errors.YatDeployError,
@@ -14,7 +15,6 @@ whose message says what to do.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
@@ -22,25 +22,20 @@ from typing import Union
 import torch
 from torch import nn
 
-from yatdeploy import dtypes
+from yatdeploy.build import EngineBuild, build_engine
+from yatdeploy.cases import DEFAULT_BATCHES
 from yatdeploy.errors import InputSpecError
-from yatdeploy.inputs import (
-    BATCH_LABEL,
-    DEFAULT_BATCHES,
-    INPUT_TYPES,
-    Dim,
-    InputSpec,
-    check_specs,
-    parse_input,
-)
+from yatdeploy.exporting import OPSET, ExportOptions, ExportResult, export_model
+from yatdeploy.exporting.settle import DynamicAxes
+from yatdeploy.inputs import InputSpec, parse_input
 from yatdeploy.loading import LoadedModel, from_module, load_model
-from yatdeploy.onnx_export import INPUT_NAME, OPSET, ExportOptions, ExportResult, export_model
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.reference import Reference
 from yatdeploy.validation import Tolerance, ValidationReport
 from yatdeploy.validation import validate as _validate
 
-__all__ = ["ExportResult", "Tolerance", "ValidationReport", "export", "load", "validate"]
+__all__ = ["EngineBuild", "ExportResult", "Tolerance", "ValidationReport", "build_engine", "export", "load",
+           "validate"]
 
 
 def load(model: nn.Module | str | Path | LoadedModel, *, arch: str | None = None, trust_pickle: bool = False,
@@ -54,41 +49,7 @@ def load(model: nn.Module | str | Path | LoadedModel, *, arch: str | None = None
     return load_model(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
 
 
-ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[int], Sequence[Union[InputSpec, str]]]
-DynamicAxes = Union[Mapping[int, str], Sequence[Mapping[int, str]]]
-
-
-def _forward_names(module: nn.Module, count: int) -> list[str]:
-    """The ONNX names of `count` tensor inputs: `input` for one, else forward's parameter names."""
-    if count == 1:
-        return [INPUT_NAME]
-    try:
-        params = [p.name for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
-
-
-def _tensor_specs(module: nn.Module, tensors: Sequence[torch.Tensor], axes: DynamicAxes | None) -> list[InputSpec]:
-    per_input = [axes] if isinstance(axes, Mapping) else list(axes) if axes is not None else None
-    if per_input is not None and len(per_input) != len(tensors):
-        raise InputSpecError(f"dynamic_axes has {len(per_input)} entries for {len(tensors)} example inputs")
-    specs = []
-    for index, (name, tensor) in enumerate(zip(_forward_names(module, len(tensors)), tensors)):
-        try:
-            dtype = dtypes.row(str(tensor.dtype).removeprefix("torch.")).name
-        except KeyError:
-            raise InputSpecError(f"example input {index} is {tensor.dtype}; yatdeploy exports "
-                                 f"{', '.join(INPUT_TYPES)} inputs") from None
-        labels = per_input[index] if per_input is not None else ({0: BATCH_LABEL} if tensor.dim() else {})
-        bad = [d for d in labels if not -tensor.dim() <= d < tensor.dim()]
-        if bad:
-            raise InputSpecError(f"dynamic_axes for input {index}: dim {bad[0]} is not a dim of its shape "
-                                 f"{tuple(tensor.shape)}")
-        labels = {d % tensor.dim(): label for d, label in labels.items()}
-        specs.append(InputSpec(name, dtype, tuple(Dim(int(s), labels.get(i)) for i, s in enumerate(tensor.shape))))
-    return check_specs(specs)
+ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[int], str, Sequence[Union[InputSpec, str]]]
 
 
 def export(
@@ -100,7 +61,7 @@ def export(
     dtype: str | None = None,
     opset: int = OPSET,
     validate: bool = True,
-    int_ranges: Mapping[str, tuple[int, int]] | None = None,
+    int_ranges: Mapping[str, tuple[int, int]] | Sequence[str] | None = None,
     arch: str | None = None,
     trust_pickle: bool = False,
     state_key: str | None = None,
@@ -115,32 +76,31 @@ def export(
     `example_inputs`: a tensor or a tuple of tensors, passed to the model as its positional inputs (named
     `input`, or after forward's parameters when there are several); `dynamic_axes`: `{dim: label}` for one
     input, or one such dict per input; by default the first dim of every input is dynamic, labelled "batch".
-    Also taken: a shape `(1, 784)` (one float input in the export dtype, batch dynamic), or input specs
-    (`inputs.InputSpec` or "ids:int64[batch=1,seq=32]" strings). `dtype`: export in this dtype ("float32",
-    "float16", "bfloat16", "float64"), default the model's. `opset`: the ONNX opset (18 to 22, default 20).
-    `int_ranges`: [low, high) of integer inputs' random values. `tolerance`, `input_files`, `seed`: as for
-    `validate`.
+    Also taken: a shape `(1, 784)` or its text "1,784" (one float input in the export dtype, batch dynamic
+    unless `dynamic_axes={}`), or input specs (`inputs.InputSpec` or "ids:int64[batch=1,seq=32]" strings).
+    `dtype`: export in this dtype ("float32", "float16", "bfloat16", "float64"), default the model's. `opset`:
+    the ONNX opset (18 to 22, default 20). `int_ranges`: [low, high) of integer inputs' random values, by name
+    (or "ids=0:256" strings). `tolerance`, `input_files`, `seed`: as for `validate`. The stages, in order:
+    yatdeploy.exporting.
     """
     loaded = load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
-    examples = None
-    common = {"dtype": dtype, "int_ranges": dict(int_ranges or {}), "opset": opset}
+    declared = {"dtype": dtype, "int_ranges": int_ranges or {}, "opset": opset}
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    items = list(example_inputs)
-    if items and all(isinstance(t, torch.Tensor) for t in items):
-        examples = tuple(items)
-        options = ExportOptions(inputs=tuple(_tensor_specs(loaded.module, items, dynamic_axes)), **common)
-    elif items and all(isinstance(d, int) for d in items):
-        options = ExportOptions(tuple(items), dynamic_batch=dynamic_axes != {}, **common)
+    items = [] if isinstance(example_inputs, str) else list(example_inputs)
+    if isinstance(example_inputs, str) or (items and all(isinstance(d, int) for d in items)):  # a shape, or its text
+        options = ExportOptions(example_inputs if isinstance(example_inputs, str) else tuple(items),
+                                dynamic_batch=dynamic_axes != {}, **declared)
+    elif items and all(isinstance(t, torch.Tensor) for t in items):
+        options = ExportOptions(examples=tuple(items), dynamic_axes=dynamic_axes, **declared)
     elif items and all(isinstance(s, (InputSpec, str)) for s in items):
-        specs = [s if isinstance(s, InputSpec) else parse_input(s) for s in items]
-        options = ExportOptions(inputs=tuple(check_specs(specs)), **common)
+        options = ExportOptions(inputs=tuple(items), dynamic_batch=dynamic_axes != {}, **declared)
     else:
         raise InputSpecError("example_inputs: expected a tensor, a tuple of tensors, a shape or input specs")
-    result = export_model(loaded, path, options, progress, examples=examples)
+    result = export_model(loaded, path, options, progress)
     if validate:
         result.report = _validate(result.path, result.reference, input_files=input_files, tolerance=tolerance,
-                                  int_ranges=int_ranges, seed=seed, progress=progress)
+                                  int_ranges=result.int_ranges, seed=seed, progress=progress)
     return result
 
 

@@ -82,15 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # The library's defaults, shown and used as they are (imported here: the command modules load lazily).
     from yatdeploy import backends
-    from yatdeploy.backends.tensorrt import DEFAULT_PROFILE
-    from yatdeploy.inputs import DEFAULT_BATCHES
-    from yatdeploy.serving.repository import CONTROL_MODES, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE, ModelSource
+    from yatdeploy.cases import DEFAULT_BATCHES
+    from yatdeploy.packaging import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE
+    from yatdeploy.serving.repository import CONTROL_MODES, ModelSource
     from yatdeploy.spec import FUNCTION_OPSET as OPSET
-    from yatdeploy.trt.engine import WORKSPACE_DEFAULT_MB
 
     default_batches = ",".join(str(b) for b in DEFAULT_BATCHES)
     backend_names = ", ".join(backends.names())
-    min_batch, opt_batch, max_batch = DEFAULT_PROFILE
+    min_batch, opt_batch, max_batch = backends.DEFAULT_BATCH_PROFILE
 
     export = commands.add_parser(
         "export", parents=[common], help="export a PyTorch Yat model to ONNX and validate it",
@@ -125,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", help="model name in the repository (default: the output file's stem)")
     export.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help=f"max_batch_size in config.pbtxt (default {DEFAULT_MAX_BATCH_SIZE})")
-    from yatdeploy.serving.repository import DEFAULT_OP_LIBRARY_ROOT
+    from yatdeploy.packaging import DEFAULT_OP_LIBRARY_ROOT
 
     export.add_argument(
         "--op-library-root", metavar="DIR", default=DEFAULT_OP_LIBRARY_ROOT,
@@ -169,19 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source_args(validate)
     _add_tolerance_args(validate)
 
+    builders = backends.builders()
+    default_builder = backends.default_builder().name
+
+    def taken_by(field: str) -> str:
+        """The builders that read a build option, each with its default."""
+        return "; ".join(f"{b.name}, default: {b.builder.options[field]}" for b in builders
+                         if field in b.builder.options)
+
     engine = commands.add_parser(
-        "build-engine", parents=[common], help="build a TensorRT (or TensorRT for RTX) engine",
-        description="Build a TensorRT engine from a yatdeploy ONNX export. The network is strongly typed "
-                    "(precision is the ONNX model's), with one optimisation profile over the batch dimension. "
-                    "--runtime tensorrt (default): the data-center TensorRT, every YatGemm node as yatdeploy's "
+        "build-engine", parents=[common], help="build an engine (TensorRT, TensorRT for RTX) on a backend that builds",
+        description="Build an engine from a yatdeploy ONNX export, on one of the backends that build engines "
+                    f"({', '.join(b.name for b in builders)}), with one optimisation profile over the batch "
+                    "dimension; the network is strongly typed (precision is the ONNX model's). "
+                    "--backend tensorrt (default): the data-center TensorRT, every YatGemm node as yatdeploy's "
                     "plugin (its ahead-of-time PTX kernel is embedded, so the engine runs without Python, in trtexec "
-                    "or Triton); needs TensorRT >= 10.15 and an NVIDIA GPU. --runtime tensorrt-rtx: TensorRT for RTX, "
+                    "or Triton); needs TensorRT >= 10.15 and an NVIDIA GPU. --backend tensorrt-rtx: TensorRT for RTX, "
                     "built on any machine (no GPU needed) for RTX-class GPUs; YatGemm runs as TensorRT's own layers, "
                     "or with --yat-plugin as yatdeploy's plugin (the engine then needs Python and yatdeploy where "
-                    "it runs).",
+                    "it runs). An option a backend does not take is refused.",
     )
     engine.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
-    engine.add_argument("-o", "--output", metavar="PLAN", help="the engine to write (default: ONNX with .plan)")
+    engine.add_argument("-o", "--output", metavar="ENGINE",
+                        help="the engine to write (default: ONNX with the backend's engine suffix, .plan for TensorRT)")
     engine.add_argument("--min-batch", type=int, default=min_batch,
                         help=f"smallest batch the engine takes (default {min_batch})")
     engine.add_argument("--opt-batch", type=int, default=opt_batch,
@@ -189,20 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-batch", type=int, default=max_batch,
                         help=f"largest batch the engine takes (default {max_batch})")
     engine.add_argument("--timing-cache", metavar="FILE",
-                        help="TensorRT timing cache, read if present and updated (default: PLAN.timing-cache)")
-    engine.add_argument("--workspace-mb", type=int, default=WORKSPACE_DEFAULT_MB,
-                        help=f"builder workspace limit (default {WORKSPACE_DEFAULT_MB} MB)")
-    engine.add_argument("--verbose", action="store_true", help="TensorRT's verbose log")
-    engine.add_argument("--runtime", choices=("tensorrt", "tensorrt-rtx"), default="tensorrt",
-                        help="the data-center TensorRT (default) or TensorRT for RTX")
+                        help=f"a timing cache, read if present and updated ({taken_by('timing_cache')})")
+    engine.add_argument("--workspace-mb", type=int, metavar="MB",
+                        help=f"the builder's workspace limit ({taken_by('workspace_mb')})")
+    engine.add_argument("--verbose", action="store_true", help="the builder's verbose log (TensorRT's)")
+    # --runtime: build-engine's name for --backend before the backends built engines (issue 21); added first, so
+    # that messages spell the option --backend.
+    engine.add_argument("--runtime", dest="backend", choices=[b.name for b in builders], default=argparse.SUPPRESS,
+                        help="an alias of --backend (its name before other backends built engines)")
+    engine.add_argument("--backend", choices=[b.name for b in builders], default=default_builder,
+                        help=f"the backend that builds the engine, and runs it (default {default_builder}): "
+                             + "; ".join(f"{b.name}: {b.description}" for b in builders))
     engine.add_argument("--compute-capability", nargs="+", action="extend", metavar="CC",
-                        help="tensorrt-rtx: the GPUs to build for, of 75, 80, 86, 89, 120, 121 (8.6 may be written "
-                             "86, 8.6 or sm_86; default: TensorRT for RTX's portable engine)")
+                        help="the GPUs to build for, 8.6 written 86, 8.6 or sm_86 "
+                             f"({taken_by('compute_capabilities')})")
     engine.add_argument("--yat-plugin", action="store_true",
-                        help="tensorrt-rtx: every YatGemm node as yatdeploy's plugin, not TensorRT's own layers")
+                        help="every YatGemm node as yatdeploy's plugin, not the runtime's own layers "
+                             f"({taken_by('yat_plugin')})")
     engine.add_argument(
         "--repository", metavar="DIR",
-        help="also write DIR/<name>/1/model.plan and a config.pbtxt (platform tensorrt_plan) for Triton or serve",
+        help="also write DIR/<name>/1/model<suffix> and a config.pbtxt for Triton or serve (tensorrt: model.plan, "
+             "platform tensorrt_plan)",
     )
     engine.add_argument("--name", help="model name in the repository (default: the engine file's stem)")
 
@@ -328,12 +344,12 @@ def _print_report(report, args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace, progress) -> int:
     from yatdeploy import api
+    from yatdeploy.exporting import ExportOptions, export_model
 
-    shape = _shape(args.input_shape) if args.input_shape else None
-    specs = _input_specs(args)
-    ranges = _int_ranges(args)
-    if specs and args.static_batch:
-        raise YatDeployError("--static-batch is for --input-shape; with --input, a dim without a label is fixed")
+    # The flags as given; made, the options are parsed and checked (before the model is loaded), and the export
+    # settles them against the model, once (yatdeploy.exporting: the stages in order).
+    options = ExportOptions(args.input_shape or (), dtype=args.dtype, dynamic_batch=not args.static_batch,
+                            inputs=tuple(args.inputs_spec or ()), int_ranges=args.int_range, opset=args.opset)
     _check_tolerance_args(args)
     output = Path(args.output) if args.output else Path(args.model).with_suffix(".onnx")
     if output.resolve() == Path(args.model).resolve():
@@ -343,9 +359,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
     progress.say(f"loading {args.model}")
     loaded = api.load(args.model, arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key)
     progress.say(f"exporting ({loaded.format})")
-    result = api.export(loaded, specs or shape, output, dtype=args.dtype, opset=args.opset,
-                        dynamic_axes={} if args.static_batch else None, int_ranges=ranges, validate=False,
-                        progress=progress)
+    result = export_model(loaded, output, options, progress)
     export_seconds = time.perf_counter() - started
     print(f"wrote {result.path}: {result.yat_gemm_nodes} YatGemm node(s) for {result.yat_layers} Yat layer call(s), "
           f"{result.dtype}, outputs {', '.join(result.output_names)} ({export_seconds:.1f} s)")
@@ -353,7 +367,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
         print(f"note: {note}")
     if args.repository:
         from yatdeploy import native
-        from yatdeploy.serving.repository import write_repository
+        from yatdeploy.packaging import write_repository
 
         folder = write_repository(args.repository, args.name or result.path.stem, result.path,
                                   op_library=native.ort_library_path(), max_batch_size=args.max_batch_size,
@@ -362,7 +376,7 @@ def cmd_export(args: argparse.Namespace, progress) -> int:
     if args.no_validate:
         return EXIT_OK
     progress.say("validating")
-    report = api.validate(result.path, result.reference, input_files=args.inputs, int_ranges=ranges,
+    report = api.validate(result.path, result.reference, input_files=args.inputs, int_ranges=result.int_ranges,
                           tolerance=_tolerance(args), seed=args.seed, progress=progress)
     status = _print_report(report, args)
     if status != EXIT_OK:
@@ -386,7 +400,7 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
     if args.engine is not None:
         if not Path(args.engine).is_file():
             raise YatDeployError(f"--engine {args.engine}: no such file")
-        engine_backends = [b.name for b in backends.all() if ".plan" in b.files]  # the backends that run an engine
+        engine_backends = [b.name for b in backends.builders()]  # the backends that run an engine
         if args.backend and not set(engine_backends) & set(args.backend):
             raise YatDeployError(f"--engine is for the {' or '.join(engine_backends)} backend: "
                                  f"add --backend {engine_backends[0]}")
@@ -400,56 +414,25 @@ def cmd_validate(args: argparse.Namespace, progress) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace, progress) -> int:
-    from yatdeploy.trt.engine import BatchProfile, build_engine
+    # yatdeploy.build, which yatdeploy.api offers as build_engine: the API module imports torch, which a build
+    # does not need.
+    from yatdeploy.build import build_engine
 
-    source = Path(args.onnx_model)
-    output = Path(args.output) if args.output else source.with_suffix(".plan")
-    if output.resolve() == source.resolve():
-        raise YatDeployError(f"-o {output} would overwrite the ONNX model")
-    _check_outputs(output, None, args.repository)
-    if args.workspace_mb < 1:
-        raise YatDeployError(f"--workspace-mb {args.workspace_mb}: must be at least 1")
-    rtx = args.runtime == "tensorrt-rtx"
-    if not rtx and (args.compute_capability or args.yat_plugin):
-        raise YatDeployError("--compute-capability and --yat-plugin are for --runtime tensorrt-rtx (the data-center "
-                             "TensorRT builds for the GPU it runs on, always with the plugin)")
-    if rtx and args.repository:
-        raise YatDeployError("a TensorRT for RTX engine can't go in a Triton repository (Triton's TensorRT backend "
-                             f"runs the data-center TensorRT); serve it as a file: yatdeploy serve {output}")
-    # The builds check the model and the profile before they look for TensorRT, so a bad model or
-    # profile is reported as such on any machine.
-    profile = BatchProfile(args.min_batch, args.opt_batch, args.max_batch).check()
-    if args.repository:
-        from yatdeploy.serving.repository import check_model_name
-
-        check_model_name(args.name or output.stem)
-    timing_cache = Path(args.timing_cache) if args.timing_cache else output.with_name(output.name + ".timing-cache")
-    if rtx:
-        from yatdeploy.trt.rtx import RtxOptions, build_rtx_engine, parse_compute_capability
-
-        capabilities = tuple(dict.fromkeys(parse_compute_capability(c) for c in args.compute_capability or ()))
-        progress.say(f"building a TensorRT for RTX engine from {source}")
-        result = build_rtx_engine(source, output, profile, RtxOptions(capabilities, args.yat_plugin, args.verbose),
-                                  progress)
-    else:
-        progress.say(f"building a TensorRT engine from {source}")
-        result = build_engine(source, output, profile, timing_cache=timing_cache, workspace_mb=args.workspace_mb,
-                              verbose=args.verbose, progress=progress)
-    for note in result.notes:
+    built = build_engine(
+        args.onnx_model, args.output, backend=args.backend, min_batch=args.min_batch, opt_batch=args.opt_batch,
+        max_batch=args.max_batch, timing_cache=args.timing_cache, workspace_mb=args.workspace_mb,
+        compute_capabilities=args.compute_capability or (), yat_plugin=args.yat_plugin, verbose=args.verbose,
+        repository=args.repository, name=args.name, progress=progress,
+    )
+    engine = built.engine
+    for note in engine.notes:
         print(f"note: {note}")
-    s = result.signature
-    where = (f"for {', '.join(s.compute_capabilities) or 'its default targets'}" if rtx
-             else f"{s.gpu}; timing cache {timing_cache}")
-    yat_gemm = (f"{s.plugin_layers} YatGemm plugin layer(s)" if s.plugin_layers
-                else f"{s.yat_gemm_nodes} YatGemm node(s) as TensorRT layers")
-    print(f"wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB) in {result.seconds:.1f} s: "
-          f"{yat_gemm}, batch {profile.min}..{profile.max}, {s.runtime} {s.tensorrt}, {where}")
-    if args.repository:
-        from yatdeploy.serving.repository import write_engine_repository
-
-        folder = write_engine_repository(args.repository, args.name or output.stem, result.path)
-        print(f"wrote model repository entry {folder}")
-    print(f"next: yatdeploy validate {source} --against MODEL.pt --backend {s.runtime} --engine {result.path}")
+    print(f"wrote {engine.path} ({engine.path.stat().st_size / 1e6:.1f} MB) in {engine.seconds:.1f} s: "
+          f"{engine.summary}")
+    if built.repository_entry is not None:
+        print(f"wrote model repository entry {built.repository_entry}")
+    print(f"next: yatdeploy validate {args.onnx_model} --against MODEL.pt --backend {engine.backend} "
+          f"--engine {engine.path}")
     return EXIT_OK
 
 
@@ -482,7 +465,7 @@ def cmd_demo(args: argparse.Namespace, progress) -> int:
     if result.tensorrt_accuracy is not None:
         print(f"  TensorRT             {result.tensorrt_accuracy:.2%}   (engine {result.engine_path})")
     print(f"  same prediction on   {result.predictions_agree}/{result.test_size} images")
-    plan = ", model.plan" if result.engine_path else ""
+    plan = f", {result.engine_path.name}" if result.engine_path else ""
     print(f"\nfiles in {args.out}/: model.pt, model.onnx{plan}, digits_test.npz, validation.json, repository/ "
           f"({time.perf_counter() - started:.1f} s)")
     print(f"next: yatdeploy validate {result.onnx_path} --against {result.model_path} --inputs {result.test_inputs_path}")
@@ -586,7 +569,7 @@ def _int_ranges(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
 
 
 def cmd_bench(args: argparse.Namespace, progress) -> int:
-    from yatdeploy.serving.bench import format_steps, run_bench, write_outputs
+    from yatdeploy.loadgen import format_steps, run_bench, write_outputs
 
     concurrencies = _numbers(args.concurrency, "--concurrency", allow_empty=True)
     rates = _numbers(args.rate, "--rate", float, allow_empty=True)

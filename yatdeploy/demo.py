@@ -16,8 +16,8 @@ from torch import nn
 
 from yatdeploy import backends
 from yatdeploy.errors import YatDeployError, option
+from yatdeploy.exporting import INPUT_NAME, ExportOptions, ExportResult, export_model
 from yatdeploy.loading import load_model
-from yatdeploy.onnx_export import INPUT_NAME, ExportOptions, ExportResult, export_model
 from yatdeploy.progress import Progress
 from yatdeploy.validation import ValidationReport, validate
 
@@ -81,17 +81,18 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
     model.eval()
 
 
-TENSORRT_BACKEND = "tensorrt"  # the backend that runs model.plan (--tensorrt)
-# The TensorRT engine's batch profile: single images up to the whole test set (450) in one batch.
+# The engine's batch profile: single images up to the whole test set (450) in one batch.
 ENGINE_PROFILE = (1, 64, 512)
 
 
 def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: bool = False,
              progress: Progress | None = None) -> DemoResult:
-    """tensorrt: also build model.plan with yatdeploy's plugin and validate it (needs TensorRT and a GPU)."""
+    """tensorrt: also build an engine (model.plan) on the backend build-engine uses by default (the data-center
+    TensorRT, YatGemm as yatdeploy's plugin: needs TensorRT and a GPU), put it in the repository and validate it."""
     progress = progress or Progress()
-    if tensorrt:  # say so before training, not after
-        reason = backends.get(TENSORRT_BACKEND).availability()
+    engine_backend = backends.default_builder() if tensorrt else None
+    if engine_backend is not None:  # say so before training, not after
+        reason = engine_backend.availability()
         if reason:
             raise YatDeployError(f"{option('tensorrt')}: {reason}")
     out = Path(out_dir)
@@ -114,19 +115,18 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: 
 
     # A model repository too, for `yatdeploy serve` and the compose stack (docker-compose.yml).
     from yatdeploy import native
-    from yatdeploy.serving.repository import write_repository
+    from yatdeploy.packaging import write_repository
 
     write_repository(out / "repository", "model", onnx_path, op_library=native.ort_library_path())
     engine_path = None
-    if tensorrt:
-        from yatdeploy.serving.repository import write_engine_repository
-        from yatdeploy.trt.engine import BatchProfile, build_engine
+    if engine_backend is not None:
+        from yatdeploy.build import build_engine
 
-        engine_path = out / "model.plan"
-        progress.say(f"[2/4] building the TensorRT engine {engine_path}")
-        build_engine(onnx_path, engine_path, BatchProfile(*ENGINE_PROFILE),
-                     timing_cache=out / "model.plan.timing-cache", progress=progress)
-        write_engine_repository(out / "repository", "model_trt", engine_path)
+        engine_path = out / f"model{engine_backend.builder.suffix}"
+        progress.say(f"[2/4] building the engine {engine_path} ({engine_backend.name})")
+        min_batch, opt_batch, max_batch = ENGINE_PROFILE
+        build_engine(onnx_path, engine_path, backend=engine_backend.name, min_batch=min_batch, opt_batch=opt_batch,
+                     max_batch=max_batch, repository=out / "repository", name="model_trt", progress=progress)
 
     progress.say("[3/4] validating against PyTorch")
     report = validate(onnx_path, export.reference, input_files=[test_inputs_path], engine=engine_path, progress=progress)
@@ -138,8 +138,8 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: 
     backend = backends.default()
     onnx_pred = backend.open(onnx_path, backends.Options()).run({INPUT_NAME: x_test})[0].argmax(axis=1)
     tensorrt_accuracy = None
-    if engine_path is not None:
-        engine_runner = backends.get(TENSORRT_BACKEND).open(onnx_path, backends.Options(engine=engine_path))
+    if engine_backend is not None:
+        engine_runner = engine_backend.open(onnx_path, backends.Options(engine=engine_path))
         trt_pred = engine_runner.run({INPUT_NAME: x_test})[0].argmax(axis=1)
         tensorrt_accuracy = float((trt_pred == y_test).mean())
     return DemoResult(

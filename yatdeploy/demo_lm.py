@@ -19,7 +19,7 @@ from nmn.torch import MultiHeadYatAttention, YatEmbed, YatNMN
 from torch import nn
 
 from yatdeploy import api, backends
-from yatdeploy.onnx_export import ExportResult
+from yatdeploy.exporting import ExportResult
 from yatdeploy.progress import Progress
 from yatdeploy.validation import ValidationReport
 
@@ -142,7 +142,7 @@ def run_lm_demo(out_dir: str | Path, *, steps: int = 1000, seed: int = 0, contin
                         progress=progress)
     export_seconds = time.perf_counter() - started
     from yatdeploy import native
-    from yatdeploy.serving.repository import write_repository
+    from yatdeploy.packaging import write_repository
 
     repository = out / "repository"
     write_repository(repository, "lm", onnx_path, op_library=native.ort_library_path())

@@ -84,6 +84,23 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
+@dataclass(frozen=True)
+class GraphInput:
+    """An input a caller feeds, as the graph declares it, every fact read at once (`declared_inputs`)."""
+
+    name: str
+    dtype: str  # dtype_name's spelling
+    dims: tuple[int | str, ...]  # each dimension: its fixed size, else its name in the graph (dim_param; "" for none)
+
+
+def declared_inputs(model: onnx.ModelProto) -> list[GraphInput]:
+    """The inputs a caller feeds (graph_inputs), each with its name, dtype and dimensions."""
+    return [GraphInput(v.name, dtype_name(v.type.tensor_type.elem_type),
+                       tuple(d.dim_value if d.HasField("dim_value") else d.dim_param
+                             for d in v.type.tensor_type.shape.dim))
+            for v in graph_inputs(model)]
+
+
 def dims(value: onnx.ValueInfoProto) -> list[int]:
     """The tensor's dimensions, DYNAMIC (-1) for any that is not a fixed number."""
     return [d.dim_value if d.HasField("dim_value") else DYNAMIC for d in value.type.tensor_type.shape.dim]

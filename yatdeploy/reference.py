@@ -2,18 +2,20 @@
 
 export and validate share one `Reference`: the loaded model in the export dtype (cast once), which
 checks that the model runs on the example input, names the outputs, gives the expected values of
-every input case and, for the derived tolerances, a float64 run of the same inputs.
+every input case and, for the derived tolerances, a float64 run of the same inputs. `yat_calls` counts
+the Yat products a run computes (the YatGemm nodes an export must have, which validation checks).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
+from nmn.torch import YatEmbed, YatNMN
+from torch import Tensor, nn
 
 from yatdeploy import dtypes
 from yatdeploy.errors import InputSpecError, YatDeployError
@@ -108,8 +110,9 @@ class Reference:
         """`dtype` None: the model's own. A model in another dtype is cast in a copy (the loaded one is kept);
         compiled archives (TorchScript, torch.export) keep the dtype they were saved in."""
         module = loaded.module
-        dtype = dtype or model_dtype(module)
-        if loaded.layers_are_identifiable and model_dtype(module) != dtype:
+        own = model_dtype(module)
+        dtype = dtype or own
+        if loaded.layers_are_identifiable and own != dtype:
             module = cast_copy(module, dtypes.by_name(dtype).torch)
         return Reference(loaded, dtype, module)
 
@@ -136,8 +139,8 @@ class Reference:
 
     def int_range(self) -> tuple[int, int]:
         """Where integer inputs (token ids) are valid: [0, the smallest embedding table's size) when the model
-        has embedding tables, else inputs.DEFAULT_INT_RANGE."""
-        from yatdeploy.inputs import DEFAULT_INT_RANGE
+        has embedding tables, else cases.DEFAULT_INT_RANGE."""
+        from yatdeploy.cases import DEFAULT_INT_RANGE
 
         sizes = [m.num_embeddings for m in self.module.modules() if isinstance(getattr(m, "num_embeddings", None), int)]
         return (0, min(sizes)) if sizes else DEFAULT_INT_RANGE
@@ -171,3 +174,45 @@ class Reference:
                 return None, "none: cast to float64, the model does not compute in float64 (a fixed compute dtype?)"
             runs.append([o.detach().cpu().numpy() for o in outs])
         return runs, "a float64 run of the PyTorch model on the same inputs"
+
+
+def yat_calls(module: nn.Module, run: Callable[[], object]) -> dict[str, int]:
+    """The Yat dense products `run()` computes through `module`, per layer path: YatNMN calls and YatEmbed.attend
+    calls (a layer called twice counts twice, one never called 0). Their sum is the YatGemm nodes of an export."""
+    calls = {path: 0 for path, m in module.named_modules() if isinstance(m, (YatNMN, YatEmbed))}
+
+    def counter(path: str) -> Callable[..., None]:
+        def count(*_: object) -> None:
+            calls[path] += 1
+
+        return count
+
+    hooks = [m.register_forward_hook(counter(path)) for path, m in module.named_modules() if isinstance(m, YatNMN)]
+    patched = []
+    for path, sub in module.named_modules():
+        if isinstance(sub, YatEmbed):
+            count = counter(path)
+
+            def attend(query: Tensor, _bound=sub.attend, _count=count) -> Tensor:
+                _count()
+                return _bound(query)
+
+            sub.attend = attend  # an instance attribute, removed below
+            patched.append(sub)
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for sub in patched:
+            del sub.attend
+    return calls
+
+
+def count_yat_layers(module: nn.Module) -> int:
+    """YatNMN layers in a module, including compiled (TorchScript) ones, which keep the class name."""
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, YatNMN) or getattr(sub, "original_name", None) == "YatNMN":
+            count += 1
+    return count

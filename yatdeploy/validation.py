@@ -24,25 +24,13 @@ import numpy as np
 import torch
 
 from yatdeploy import backends, dtypes
+from yatdeploy.cases import DEFAULT_BATCHES, DEFAULT_INT_RANGE, InputCase, cases_for, load_input_cases, random_cases
 from yatdeploy.errors import InputSpecError, OnnxModelError, YatDeployError, option, render
 from yatdeploy.graph import META_SOURCE_SHA256, load_onnx, metadata, yat_gemm_nodes
-from yatdeploy.inputs import (
-    DEFAULT_BATCHES,
-    DEFAULT_INT_RANGE,
-    INTEGER_TYPES,
-    InputCase,
-    InputSpec,
-    cases_for,
-    from_shape,
-    load_input_cases,
-    model_specs,
-    precision,
-    random_cases,
-)
+from yatdeploy.inputs import INTEGER_TYPES, InputSpec, from_shape, model_specs, precision
 from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import QUIET, Progress
-from yatdeploy.reference import Reference
-from yatdeploy.rewrite import count_yat_layers, yat_calls
+from yatdeploy.reference import Reference, count_yat_layers, yat_calls
 
 
 @dataclass(frozen=True)
@@ -505,7 +493,7 @@ def validate(
 
     `inputs`: the model's inputs with example sizes (default: as the export recorded them, else as the graph
     says); `input_shape`: the shorthand for one input. `int_ranges`: per integer input, [low, high) of its
-    random values (default: the model's smallest embedding table, else inputs.DEFAULT_INT_RANGE).
+    random values (default: the model's smallest embedding table, else cases.DEFAULT_INT_RANGE).
 
     `engine`: a TensorRT engine for the tensorrt backend; without one, that backend builds its own.
 

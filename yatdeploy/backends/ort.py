@@ -58,6 +58,7 @@ class OrtBackend:
     files = {".onnx": "an ONNX model"}
     triton_platform = "onnxruntime_onnx"
     triton_backend = "onnxruntime"
+    builder = None  # ONNX Runtime runs the ONNX model as it is
 
     def library_path(self) -> Path | None:
         if self.library == "cpu":

@@ -1,4 +1,4 @@
-"""`tensorrt`: a TensorRT engine (yatdeploy.trt), YatGemm as yatdeploy's plugin.
+"""`tensorrt`: a TensorRT engine (yatdeploy.trt), YatGemm as yatdeploy's plugin; builds engines (build-engine).
 
 Never the default, since it builds an engine first unless one is given (Options.engine, or a .plan
 opened as the model).
@@ -10,62 +10,61 @@ from pathlib import Path
 
 import onnx
 
-from yatdeploy.backends.base import DEFAULT_OPTIONS, Options, YatGemmExecution
-from yatdeploy.errors import YatDeployError
+from yatdeploy.backends.base import DEFAULT_OPTIONS, BuildOptions, EngineInfo, Options
+from yatdeploy.backends.engine import FILES, PlanBuilder, TensorRTRunner, batch_profile, describe, plan_to_open
+from yatdeploy.errors import YatDeployError, option
 from yatdeploy.trt import engine
-from yatdeploy.trt.runner import EngineRunner, open_engine
+from yatdeploy.trt.runner import open_engine
 
-DEFAULT_PROFILE = (1, 8, 64)
+TIMING_CACHE_SUFFIX = ".timing-cache"
 
 
-class TensorRTRunner:
-    """An EngineRunner as a backends.Runner."""
+class TensorRTBuilder(PlanBuilder):
+    """The data-center TensorRT's engines, for the GPU they are built on, every YatGemm node as the plugin (its
+    ahead-of-time kernel inside the engine)."""
 
-    def __init__(self, runner: EngineRunner) -> None:
-        self.engine = runner
-        signature = runner.signature
-        self.inputs = signature.inputs
-        self.outputs = signature.outputs
-        self.max_batch = signature.profile.max
+    options = {"timing_cache": f"<engine>{TIMING_CACHE_SUFFIX}", "workspace_mb": f"{engine.WORKSPACE_DEFAULT_MB} MB"}
 
-    def run(self, feeds):
-        return self.engine.run(dict(feeds))
+    def where(self, signature: engine.EngineSignature) -> str:
+        return signature.gpu
 
-    def yat_gemm_execution(self, nodes: int = 0, runs: int = 0) -> YatGemmExecution:
-        layers = self.engine.signature.plugin_layers
-        problem = None
-        if layers < nodes:
-            problem = (f"the engine has {layers} plugin layers for {nodes} YatGemm nodes: the rest run the inlined "
-                       "ONNX function")
-        return YatGemmExecution("TensorRT plugin", self.engine.describe_yat_gemm(), problem=problem)
+    def build(self, onnx_path: Path, output: Path, options: BuildOptions) -> EngineInfo:
+        options.refuse_others(self.runtime, self.options, "the data-center TensorRT builds for the GPU it runs on, "
+                                                          "every YatGemm node as the plugin")
+        workspace_mb = engine.WORKSPACE_DEFAULT_MB if options.workspace_mb is None else options.workspace_mb
+        if workspace_mb < 1:
+            raise YatDeployError(f"{option('workspace_mb')} {workspace_mb}: must be at least 1")
+        # The build checks the model and the profile before it looks for TensorRT, so a bad model or profile is
+        # reported as such on any machine.
+        profile = batch_profile(options.batch_profile)
+        timing_cache = options.timing_cache or output.with_name(output.name + TIMING_CACHE_SUFFIX)
+        options.progress.say(f"building a TensorRT engine from {onnx_path}")
+        result = engine.build_engine(onnx_path, output, profile, timing_cache=Path(timing_cache),
+                                     workspace_mb=workspace_mb, verbose=options.verbose, progress=options.progress)
+        return describe(result.path, result.signature, f"{self.where(result.signature)}; timing cache {timing_cache}",
+                        result.seconds, result.notes)
 
 
 class TensorRTBackend:
-    name = "tensorrt"
+    name = engine.RUNTIME
     description = "TensorRT engine, YatGemm as yatdeploy's plugin (ahead-of-time PTX kernel)"
     default_rank = None
-    files = {".onnx": "an ONNX model", ".plan": "a TensorRT engine"}
+    files = FILES
     triton_platform = "tensorrt_plan"
     triton_backend = "tensorrt"
+    builder = TensorRTBuilder(engine.RUNTIME)
 
     def availability(self) -> str | None:
         return engine.availability()
 
     def open(self, model: str | Path | onnx.ModelProto, options: Options = DEFAULT_OPTIONS) -> TensorRTRunner:
         """`options.engine`, or `model` itself when it is a .plan, or an engine built now from the ONNX model for
-        `options.batch_profile` (default 1..64)."""
-        if not isinstance(model, (str, Path)):
-            raise YatDeployError("the tensorrt backend builds its engine from an ONNX file: pass a path")
-        plan = options.engine
-        if plan is None and Path(model).suffix == ".plan":
-            plan = Path(model)
-        if plan is not None and engine.engine_runtime(Path(plan)) != self.name:
-            raise YatDeployError(f"{plan} was built for {engine.engine_runtime(Path(plan))}: "
-                                 f"open it with that backend, not {self.name}")
+        `options.batch_profile` (default base.DEFAULT_BATCH_PROFILE)."""
+        plan = plan_to_open(self.name, model, options)
         reason = self.availability()
         if reason:
             raise YatDeployError(f"backend {self.name} is not available: {reason}")
-        profile = engine.BatchProfile(*(options.batch_profile or DEFAULT_PROFILE)).check()
+        profile = batch_profile(options.batch_profile)
         step = "building a TensorRT engine" if plan is None else f"loading {plan}"
         with options.progress.step(step):
             return TensorRTRunner(open_engine(model, plan, profile))

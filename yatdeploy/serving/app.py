@@ -1,4 +1,8 @@
-"""The HTTP service: Open Inference Protocol routes over FastAPI, one DynamicBatcher per model.
+"""The HTTP service: the Open Inference Protocol's routes over FastAPI, on an InferenceServer (core.py).
+
+V2Endpoints has one method per route (as KServe's V2Endpoints), ROUTES says which path each serves and
+register_endpoints puts them on the app; create_app wires the app: life cycle, CORS, error answers, routes.
+Every ProtocolError is answered as JSON {"error": message} with its kind's HTTP status (protocol.HTTP_STATUS).
 
 The event loop only moves bytes: a body larger than INLINE_BYTES, or compressed, is decompressed and
 decoded in a worker thread, and a large answer encoded and compressed in another, so health checks and small
@@ -12,11 +16,11 @@ import gzip
 import logging
 import signal
 import threading
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import orjson
 from fastapi import FastAPI, Request
@@ -26,17 +30,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from yatdeploy import __version__
-from yatdeploy.serving.core import InferenceServer
+from yatdeploy.serving.core import InferenceServer, InferResult, off_loop_when
 from yatdeploy.serving.model import ServedModel
 from yatdeploy.serving.protocol import (
     HEADER_LENGTH,
+    HTTP_STATUS,
     INLINE_BYTES,
     BodyBudget,
     BodyClaim,
     InferRequest,
+    InvalidInput,
     ProtocolError,
+    ResourceExhausted,
+    UnsupportedMediaType,
     encode_response,
-    json_length,
     json_object,
     parse_raw_request,
     parse_request,
@@ -72,17 +79,18 @@ def _error(status: int, message: str) -> Response:
 
 
 async def _read_body(request: Request, limit: int, what: str, claim: BodyClaim) -> bytearray:
-    """The whole body, or a 413 once it passes `limit` bytes (`what`: the limit's name in the message).
+    """The whole body, or ResourceExhausted (413) once it passes `limit` bytes (`what`: the limit's name in the
+    message).
 
-    The body counts in `claim` from the start: its Content-Length at once (a 503 before any of it is read when
-    that passes the budget), else as its chunks arrive. An over-limit body of up to 4 × limit is read to its end
-    (and dropped) before the 413 goes out, so that a client still sending it reads the answer instead of a
+    The body counts in `claim` from the start: its Content-Length at once (Unavailable before any of it is read
+    when that passes the budget), else as its chunks arrive. An over-limit body of up to 4 × limit is read to its
+    end (and dropped) before the 413 goes out, so that a client still sending it reads the answer instead of a
     broken pipe; a larger one is cut off.
     """
     declared = request.headers.get("content-length")
     declared_size = int(declared) if declared is not None and declared.isdigit() else None
     if declared_size is not None and declared_size > 4 * limit:
-        raise ProtocolError(413, f"the {what} of {declared_size} bytes exceeds the limit of {limit} bytes")
+        raise ResourceExhausted(f"the {what} of {declared_size} bytes exceeds the limit of {limit} bytes")
     counted = min(declared_size or 0, limit)
     claim.add(counted)
     body = bytearray()
@@ -97,7 +105,7 @@ async def _read_body(request: Request, limit: int, what: str, claim: BodyClaim) 
                 counted = size
             body += chunk
     if size > limit:
-        raise ProtocolError(413, f"the {what} exceeds the limit of {limit} bytes")
+        raise ResourceExhausted(f"the {what} exceeds the limit of {limit} bytes")
     claim.release(counted - size)  # a body shorter than announced
     return body
 
@@ -115,7 +123,7 @@ def _decompressed(body: bytearray, encoding: str | None, limit: int, what: str, 
     if name == "identity":
         return body
     if name not in ENCODINGS:
-        raise ProtocolError(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)")
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)")
     for wbits in ((16 + zlib.MAX_WBITS,) if name == "gzip" else (zlib.MAX_WBITS, -zlib.MAX_WBITS)):
         inflater = zlib.decompressobj(wbits)
         data = bytearray()
@@ -127,7 +135,7 @@ def _decompressed(body: bytearray, encoding: str | None, limit: int, what: str, 
                 claim.add(len(piece))
                 data += piece
                 if len(data) > limit:
-                    raise ProtocolError(413, f"the {what}, decompressed, exceeds the limit of {limit} bytes")
+                    raise ResourceExhausted(f"the {what}, decompressed, exceeds the limit of {limit} bytes")
                 if not pending and (inflater.eof or not piece):
                     break
         except zlib.error as exc:
@@ -135,9 +143,9 @@ def _decompressed(body: bytearray, encoding: str | None, limit: int, what: str, 
             error = exc
             continue
         if not inflater.eof:
-            raise ProtocolError(400, f"the {name} request body is truncated")
+            raise InvalidInput(f"the {name} request body is truncated")
         return data
-    raise ProtocolError(400, f"the request body is not {name} data ({error})")
+    raise InvalidInput(f"the request body is not {name} data ({error})")
 
 
 def _compressed(content: bytes, accept: str) -> tuple[bytes, str | None]:
@@ -186,15 +194,189 @@ def _flush_on_signals(server: InferenceServer) -> None:
         signal.signal(signum, handler)
 
 
+class V2Endpoints:
+    """The Open Inference Protocol's HTTP routes, with Triton's extensions, over an InferenceServer: one method
+    per route (ROUTES says its path), answering JSON; a ProtocolError they raise is answered by create_app's
+    handler."""
+
+    def __init__(self, server: InferenceServer, settings: HttpSettings) -> None:
+        self.server = server
+        self.settings = settings
+        self.budget = settings.body_budget
+        self.json_limit = min(settings.max_json_bytes, settings.max_body_bytes)
+        # Large or compressed bodies are decompressed and decoded in one worker thread, one request at a time: the
+        # event loop stays free, and the memory a JSON parse takes (~10x the JSON) is held for one request at
+        # most. Large answers are encoded and compressed in the other.
+        self._parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-parse")
+        self._answer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-answer")
+
+    # -- health and metadata --------------------------------------------------------------------------------
+
+    async def live(self) -> Response:
+        return _json({"live": True})
+
+    async def ready(self) -> Response:
+        is_ready = self.server.is_ready()
+        return _json({"ready": is_ready}, 200 if is_ready else 503)
+
+    async def server_metadata(self) -> Response:
+        return _json(self.server.server_metadata())
+
+    async def model_metadata(self, name: str, version: str | None = None) -> Response:
+        return _json(self.server.metadata(name, version))
+
+    async def model_ready(self, name: str, version: str | None = None) -> Response:
+        is_ready, why = self.server.model_ready(name, version)
+        answer: dict = {"name": name, "ready": is_ready}
+        if why is not None:
+            answer["error"] = why
+        return _json(answer, 200 if is_ready else 503)
+
+    async def model_config(self, name: str, version: str | None = None) -> Response:
+        return _json(self.server.config(name, version))
+
+    async def model_stats(self, name: str, version: str | None = None) -> Response:
+        return _json({"model_stats": self.server.statistics(name, version)})
+
+    async def all_model_stats(self) -> Response:
+        return _json({"model_stats": self.server.statistics()})
+
+    async def metrics(self) -> Response:
+        return Response(self.server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- repository -----------------------------------------------------------------------------------------
+
+    async def repository_index(self, request: Request) -> Response:
+        """Triton's repository index: every model of the repository and its state."""
+        ready_only = (await self._optional_json(request)).get("ready", False)
+        if type(ready_only) is not bool:
+            raise InvalidInput("'ready' must be true or false")
+        return _json(self.server.index(ready_only))
+
+    async def repository_load(self, name: str, request: Request) -> Response:
+        parameters = (await self._optional_json(request)).get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be an object")
+        config = parameters.get("config")
+        if config is not None and not isinstance(config, str):
+            raise InvalidInput("the load parameter 'config' must be a string (the model config as JSON)")
+        await self.server.load(name, config, [key for key in parameters if key.startswith("file:")])
+        return _json({})
+
+    async def repository_unload(self, name: str, request: Request) -> Response:
+        await self._optional_json(request)  # unload_dependents: no ensembles here, nothing depends on a model
+        await self.server.unload(name)
+        return _json({})
+
+    async def _optional_json(self, request: Request) -> dict:
+        claim = self.budget.claim()
+        try:
+            body = await _read_body(request, 1 << 20, "request body", claim)
+            return json_object(body) if body.strip() else {}
+        finally:
+            claim.release()
+
+    # -- inference ------------------------------------------------------------------------------------------
+
+    async def infer(self, request: Request, name: str, version: str | None = None) -> Response:
+        claim = self.budget.claim()  # released once the answer is sent
+        try:
+            content, header_length = await self.server.infer(name, version, partial(self._decode, request, claim),
+                                                             self._encode)
+            content, encoding = await off_loop_when(len(content) > INLINE_BYTES, self._answer_pool, _compressed,
+                                                    content, request.headers.get("accept-encoding", ""))
+        except BaseException:
+            claim.release()
+            raise
+        claim.add(len(content), refuse=False)  # computed already: counted until sent, never refused
+        headers = {} if encoding is None else {"Content-Encoding": encoding, "Vary": "Accept-Encoding"}
+        if header_length is None:
+            return _Answer(content, claim, media_type="application/json", headers=headers)
+        # The header length is the JSON part's length before compression, as Triton gives it.
+        return _Answer(content, claim, media_type="application/octet-stream",
+                       headers={**headers, HEADER_LENGTH: str(header_length)})
+
+    async def _decode(self, request: Request, claim: BodyClaim, model: ServedModel) -> InferRequest:
+        """The request's body for `model`: JSON with binary tensors after it, or a raw binary request (header
+        length 0); counted in `claim` as it is read, decompressed and decoded."""
+        header_length = request.headers.get(HEADER_LENGTH)
+        limit, what = (self.json_limit, "JSON request body") if header_length is None else \
+            (self.settings.max_body_bytes, "request body")
+        try:
+            body = await _read_body(request, limit, what, claim)
+        except ClientDisconnect:
+            raise InvalidInput("the client disconnected before the end of its request") from None
+        encoding = request.headers.get("content-encoding")
+
+        def decode() -> InferRequest:
+            data = _decompressed(body, encoding, limit, what, claim)
+            if header_length is not None and header_length.strip() == "0":  # a raw binary request: no JSON at all
+                if len(model.inputs) != 1:
+                    raise InvalidInput(f"a raw binary request (header length 0) is for models with one input; model "
+                                       f"'{model.name}' has {len(model.inputs)}")
+                tensor = model.inputs[0]
+                parsed = parse_raw_request(data, tensor.name, tensor.datatype, tuple(tensor.shape))
+            else:
+                parsed = parse_request(data, header_length, self.json_limit)
+            claim.add(parsed.reference_bytes())
+            return parsed
+
+        inline = len(body) <= INLINE_BYTES and (encoding or "identity").strip().lower() == "identity"
+        return await off_loop_when(not inline, self._parse_pool, decode)
+
+    async def _encode(self, result: InferResult) -> tuple[bytes, int | None]:
+        model = result.model
+        return await off_loop_when(result.output_bytes() > INLINE_BYTES, self._answer_pool, encode_response,
+                                   model.name, model.version, result.request.id, result.outputs)
 
 
-def create_app(server: InferenceServer, settings: HttpSettings | None = None,
-               companions: tuple = ()) -> FastAPI:
-    """The HTTP service of `server`. `companions`: other front ends (the gRPC service) started and stopped with
-    it: objects with async start() and stop(grace)."""
-    settings = settings or HttpSettings()
-    metrics = server.metrics
+# Every route: (method, path, V2Endpoints' method), in the order they are matched.
+ROUTES = [
+    ("GET", "/v2/health/live", "live"),
+    ("GET", "/v2/health/ready", "ready"),
+    ("GET", "/v2", "server_metadata"),
+    ("GET", "/v2/models/stats", "all_model_stats"),  # before /v2/models/{name}, which would take "stats"
+    ("GET", "/v2/models/{name}", "model_metadata"),
+    ("GET", "/v2/models/{name}/versions/{version}", "model_metadata"),
+    ("GET", "/v2/models/{name}/ready", "model_ready"),
+    ("GET", "/v2/models/{name}/versions/{version}/ready", "model_ready"),
+    ("POST", "/v2/repository/index", "repository_index"),
+    ("POST", "/v2/repository/models/{name}/load", "repository_load"),
+    ("POST", "/v2/repository/models/{name}/unload", "repository_unload"),
+    ("GET", "/v2/models/{name}/config", "model_config"),
+    ("GET", "/v2/models/{name}/versions/{version}/config", "model_config"),
+    ("GET", "/v2/models/{name}/stats", "model_stats"),
+    ("GET", "/v2/models/{name}/versions/{version}/stats", "model_stats"),
+    ("POST", "/v2/models/{name}/infer", "infer"),
+    ("POST", "/v2/models/{name}/versions/{version}/infer", "infer"),
+    ("GET", "/metrics", "metrics"),
+]
 
+
+def register_endpoints(app: FastAPI, endpoints: V2Endpoints) -> None:
+    for method, path, name in ROUTES:
+        app.add_api_route(path, getattr(endpoints, name), methods=[method])
+
+
+def _answer_errors(app: FastAPI) -> None:
+    """Every failure answered as JSON {"error": message}: a ProtocolError with its kind's status."""
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, exc: ProtocolError) -> Response:
+        return _error(HTTP_STATUS[type(exc)], exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # A bug outside inference (whose failures the core raises as Internal): the JSON answer; uvicorn then logs
+        # the traceback once.
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _lifespan(server: InferenceServer, companions: tuple):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await server.start()
@@ -208,7 +390,15 @@ def create_app(server: InferenceServer, settings: HttpSettings | None = None,
             await companion.stop(grace=30.0)
         await server.stop()
 
-    app = FastAPI(title="yatdeploy inference service", version=__version__, lifespan=lifespan,
+    return lifespan
+
+
+def create_app(server: InferenceServer, settings: HttpSettings | None = None,
+               companions: tuple = ()) -> FastAPI:
+    """The HTTP service of `server`. `companions`: other front ends (the gRPC service) started and stopped with
+    it: objects with async start() and stop(grace)."""
+    settings = settings or HttpSettings()
+    app = FastAPI(title="yatdeploy inference service", version=__version__, lifespan=_lifespan(server, companions),
                   docs_url=None, redoc_url=None)
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -216,174 +406,6 @@ def create_app(server: InferenceServer, settings: HttpSettings | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=[HEADER_LENGTH, "Content-Encoding"])
     app.state.server = server
-
-    @app.exception_handler(ProtocolError)
-    async def protocol_error(request: Request, exc: ProtocolError) -> Response:
-        return _error(exc.status, exc.message)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return _error(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        # Outside infer (which answers its own): the JSON answer; uvicorn then logs the traceback once.
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
-
-    # Large or compressed bodies are decompressed and decoded here, one request at a time: the event loop stays
-    # free, and the memory a JSON parse takes (~10x the JSON) is held for one request at most. Large answers
-    # are encoded and compressed in the other.
-    parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-parse")
-    answer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-answer")
-    json_limit = min(settings.max_json_bytes, settings.max_body_bytes)
-    budget = settings.body_budget
-
-    async def read_request(request: Request, model: ServedModel, claim: BodyClaim) -> InferRequest:
-        header_length = request.headers.get(HEADER_LENGTH)
-        limit, what = (json_limit, "JSON request body") if header_length is None else \
-            (settings.max_body_bytes, "request body")
-        body = await _read_body(request, limit, what, claim)
-        encoding = request.headers.get("content-encoding")
-
-        def decode() -> InferRequest:
-            data = _decompressed(body, encoding, limit, what, claim)
-            if header_length is not None and header_length.strip() == "0":  # a raw binary request: no JSON at all
-                if len(model.inputs) != 1:
-                    raise ProtocolError(400, f"a raw binary request (header length 0) is for models with one "
-                                             f"input; model '{model.name}' has {len(model.inputs)}")
-                tensor = model.inputs[0]
-                parsed = parse_raw_request(data, tensor.name, tensor.datatype, tuple(tensor.shape))
-            else:
-                parsed = parse_request(data, header_length, json_limit)
-            # A BYTES tensor holds a reference per element besides its text.
-            claim.add(sum(8 * array.size for array in parsed.inputs.values() if array.dtype == object))
-            return parsed
-
-        if len(body) <= INLINE_BYTES and (encoding or "identity").strip().lower() == "identity":
-            return decode()
-        return await asyncio.get_running_loop().run_in_executor(parse_pool, decode)
-
-    async def off_loop_when(large: bool, function, *args):
-        """function(*args), in the answer worker thread when `large`."""
-        if not large:
-            return function(*args)
-        return await asyncio.get_running_loop().run_in_executor(answer_pool, function, *args)
-
-    async def optional_json(request: Request) -> dict:
-        claim = budget.claim()
-        try:
-            body = await _read_body(request, 1 << 20, "request body", claim)
-            return json_object(body) if body.strip() else {}
-        finally:
-            claim.release()
-
-    @app.get("/v2/health/live")
-    async def live() -> Response:
-        return _json({"live": True})
-
-    @app.get("/v2/health/ready")
-    async def ready() -> Response:
-        is_ready = server.is_ready()
-        return _json({"ready": is_ready}, 200 if is_ready else 503)
-
-    @app.get("/v2")
-    async def server_metadata() -> Response:
-        return _json(server.server_metadata())
-
-    @app.get("/v2/models/stats")  # every model's statistics; before /v2/models/{name}, which would take "stats"
-    async def all_model_stats() -> Response:
-        return _json({"model_stats": server.statistics()})
-
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str | None = None) -> Response:
-        return _json(server.metadata(name, version))
-
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str | None = None) -> Response:
-        is_ready, why = server.model_ready(name, version)
-        answer: dict = {"name": name, "ready": is_ready}
-        if why is not None:
-            answer["error"] = why
-        return _json(answer, 200 if is_ready else 503)
-
-    @app.post("/v2/repository/index")
-    async def repository_index(request: Request) -> Response:
-        """Triton's repository index: every model of the repository and its state."""
-        ready_only = (await optional_json(request)).get("ready", False)
-        if type(ready_only) is not bool:
-            raise ProtocolError(400, "'ready' must be true or false")
-        return _json(server.index(ready_only))
-
-    @app.post("/v2/repository/models/{name}/load")
-    async def repository_load(name: str, request: Request) -> Response:
-        parameters = (await optional_json(request)).get("parameters", {})
-        if not isinstance(parameters, dict):
-            raise ProtocolError(400, "'parameters' must be an object")
-        config = parameters.get("config")
-        if config is not None and not isinstance(config, str):
-            raise ProtocolError(400, "the load parameter 'config' must be a string (the model config as JSON)")
-        await server.load(name, config, [key for key in parameters if key.startswith("file:")])
-        return _json({})
-
-    @app.post("/v2/repository/models/{name}/unload")
-    async def repository_unload(name: str, request: Request) -> Response:
-        await optional_json(request)  # unload_dependents: no ensembles here, nothing depends on a model
-        await server.unload(name)
-        return _json({})
-
-    @app.get("/v2/models/{name}/config")
-    @app.get("/v2/models/{name}/versions/{version}/config")
-    async def model_config(name: str, version: str | None = None) -> Response:
-        return _json(server.config(name, version))
-
-    @app.get("/v2/models/{name}/stats")
-    @app.get("/v2/models/{name}/versions/{version}/stats")
-    async def model_stats(name: str, version: str | None = None) -> Response:
-        return _json({"model_stats": server.statistics(name, version)})
-
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        started = time.perf_counter()
-        deployed = server.deployed(name, version)
-        parsed: InferRequest | None = None
-        claim = budget.claim()  # released once the answer is sent
-        try:
-            parsed = await read_request(request, deployed.model, claim)
-            inference = await server.infer(deployed, parsed, started)
-            writing = time.perf_counter()
-            large = sum(array.nbytes for _, array, _ in inference.outputs) > INLINE_BYTES
-            content, header_length = await off_loop_when(large, encode_response, deployed.model.name,
-                                                         deployed.model.version, parsed.id, inference.outputs)
-            output_s = time.perf_counter() - writing
-        except Exception as exc:  # every failure answers JSON, is counted and logged once
-            claim.release()
-            if isinstance(exc, ClientDisconnect):
-                exc = ProtocolError(400, "the client disconnected before the end of its request")
-            error = server.failed(deployed.model, parsed.id if parsed is not None else None, exc, started)
-            return _error(error.status, error.message)
-        except BaseException:
-            claim.release()
-            raise
-        server.succeeded(inference, started, output_s)
-        try:
-            content, encoding = await off_loop_when(len(content) > INLINE_BYTES, _compressed, content,
-                                                    request.headers.get("accept-encoding", ""))
-        except BaseException:
-            claim.release()
-            raise
-        claim.add(len(content), refuse=False)  # computed already: counted until sent, never refused
-        headers = {} if encoding is None else {"Content-Encoding": encoding, "Vary": "Accept-Encoding"}
-        if header_length is None:
-            return _Answer(content, claim, media_type="application/json", headers=headers)
-        # The header length is the JSON part's length before compression, as Triton gives it.
-        return _Answer(content, claim, media_type="application/octet-stream",
-                       headers={**headers, HEADER_LENGTH: str(header_length)})
-
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
+    _answer_errors(app)
+    register_endpoints(app, V2Endpoints(server, settings))
     return app

@@ -20,7 +20,7 @@ import numpy as np
 
 from yatdeploy.serving.metrics import Metrics
 from yatdeploy.serving.model import ServedModel
-from yatdeploy.serving.protocol import ProtocolError
+from yatdeploy.serving.protocol import Unavailable
 
 
 @dataclass
@@ -88,14 +88,14 @@ class DynamicBatcher:
             left.append(self.queue.get_nowait())
         for pending in left:  # none once the server drained its requests; answered all the same
             if not pending.future.done():
-                pending.future.set_exception(ProtocolError(503, f"model '{self.model.name}' is shutting down"))
+                pending.future.set_exception(Unavailable(f"model '{self.model.name}' is shutting down"))
 
     async def submit(self, feeds: dict[str, np.ndarray], batch: int) -> Result:
         if self._stopped:  # a request that found the model just before it was unloaded
-            raise ProtocolError(503, f"model '{self.model.name}' version {self.model.version} was unloaded")
+            raise Unavailable(f"model '{self.model.name}' version {self.model.version} was unloaded")
         # Every request not yet running counts, those a gathering batch holds included (as Triton's queue size).
         if self._waiting >= self.queue.maxsize:
-            raise ProtocolError(503, f"model '{self.model.name}' is overloaded: its queue of "
+            raise Unavailable(f"model '{self.model.name}' is overloaded: its queue of "
                                      f"{self.queue.maxsize} requests is full")
         pending = Pending(feeds, batch, asyncio.get_running_loop().create_future())
         self.queue.put_nowait(pending)  # never full: it holds at most the _waiting requests

@@ -1,8 +1,9 @@
 """The inference server, whatever the transport: the models it serves, their batchers and statistics, the
-repository's control (load, unload, index), and inference from a parsed request to the outputs to send.
+repository's control (load, unload, index), and inference: one call (InferenceServer.infer) from a request in
+its wire form to its answer's, with its accounting (statistics, metrics, the access log).
 
-The HTTP app (app.py) and the gRPC service (grpc_service.py) are thin translations of their wire formats to
-and from this object; a failure is a ProtocolError with an HTTP status, which the gRPC side maps to its codes.
+The HTTP app (app.py) and the gRPC service (grpc_service.py) only decode and encode their wire formats and map
+the kinds of ProtocolError this object raises to their status codes.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TypeVar
 
 import numpy as np
 import orjson
@@ -22,7 +25,16 @@ from yatdeploy.errors import OnnxModelError, YatDeployError
 from yatdeploy.serving.batching import DynamicBatcher
 from yatdeploy.serving.metrics import Metrics
 from yatdeploy.serving.model import ServedModel, UnavailableModel
-from yatdeploy.serving.protocol import InferRequest, ProtocolError
+from yatdeploy.serving.protocol import (
+    HTTP_STATUS,
+    DeadlineExceeded,
+    InferRequest,
+    Internal,
+    InvalidInput,
+    NotFound,
+    ProtocolError,
+    Unavailable,
+)
 from yatdeploy.serving.repository import CONTROL_MODES, config_from_json
 
 log = logging.getLogger("yatdeploy.serving")
@@ -35,6 +47,7 @@ UNLOAD_DRAIN_S = 30.0
 # Loads one model of the repository, with a ModelConfig to use instead of its config.pbtxt or None: the versions
 # that load and those that do not, with the reason.
 Loader = Callable[[str, object], tuple[list[ServedModel], list[UnavailableModel]]]
+Answer = TypeVar("Answer")
 
 
 @dataclass
@@ -48,7 +61,7 @@ class Deployed:
 
 
 @dataclass
-class Inference:
+class InferResult:
     """A request answered: what to send back (output name, array, send it as binary) and how long it took."""
 
     model: ServedModel
@@ -58,6 +71,9 @@ class Inference:
     queue_s: float
     compute_s: float
     input_s: float
+
+    def output_bytes(self) -> int:
+        return sum(array.nbytes for _, array, _ in self.outputs)
 
 
 @dataclass
@@ -134,22 +150,22 @@ class InferenceServer:
     # -- lookup ---------------------------------------------------------------------------------------------
 
     def deployed(self, name: str, version: str | None = None) -> Deployed:
-        """The version asked for (None: the newest served), or a ProtocolError: 404 unknown, 503 not ready."""
+        """The version asked for (None: the newest served); NotFound for one never heard of, Unavailable for one
+        not ready."""
         versions = self._served.get(name)
         if not versions:
             if name in self._failed:
-                raise ProtocolError(503, f"model '{name}' is not ready: {self._reasons(name)}")
+                raise Unavailable(f"model '{name}' is not ready: {self._reasons(name)}")
             if name in self._known:
-                raise ProtocolError(503, f"model '{name}' is not loaded" + (" (unloaded)" if name in self._unloaded
-                                                                               else ""))
-            raise ProtocolError(404, unknown_model(name))
+                raise Unavailable(f"model '{name}' is not loaded" + (" (unloaded)" if name in self._unloaded else ""))
+            raise NotFound(unknown_model(name))
         if version is None or version == "":
             return versions[max(versions, key=int)]
         if version not in versions:
             failed = [m for m in self._failed.get(name, []) if m.version == version]
             if failed:
-                raise ProtocolError(503, f"model '{name}' version {version} is not ready: {failed[0].reason}")
-            raise ProtocolError(404, f"{unknown_model(name, version)} (served: {', '.join(sorted(versions, key=int))})")
+                raise Unavailable(f"model '{name}' version {version} is not ready: {failed[0].reason}")
+            raise NotFound(f"{unknown_model(name, version)} (served: {', '.join(sorted(versions, key=int))})")
         return versions[version]
 
     def model(self, name: str, version: str | None = None) -> ServedModel:
@@ -164,9 +180,9 @@ class InferenceServer:
         return self.started and (not self.settings.strict_readiness or not self._failed)
 
     def model_ready(self, name: str, version: str | None = None) -> tuple[bool, str | None]:
-        """Whether the model (version) is ready; when not, why. A ProtocolError 404 for a name never heard of."""
+        """Whether the model (version) is ready; when not, why. NotFound for a name never heard of."""
         if name not in self._known and name not in self._served:
-            raise ProtocolError(404, unknown_model(name))
+            raise NotFound(unknown_model(name))
         try:
             self.deployed(name, version)
         except ProtocolError as exc:
@@ -216,28 +232,27 @@ class InferenceServer:
 
     def _controllable(self, action: str) -> None:
         if self.settings.control_mode != "explicit" or self._loader is None:
-            raise ProtocolError(400, f"explicit model {action} is not allowed: the server runs with model control "
-                                     "mode 'none' (start it with --model-control-mode explicit)")
+            raise InvalidInput(f"explicit model {action} is not allowed: the server runs with model control mode "
+                               "'none' (start it with --model-control-mode explicit)")
 
     async def load(self, name: str, config_json: str | None = None, files: list[str] | None = None) -> None:
         """Load (or reload) `name` from the repository: its versions are read again and swapped in once all have
         loaded; the versions they replace finish the requests they hold. `config_json`: a ModelConfig in JSON to
-        use instead of the model's config.pbtxt (Triton's load `config` parameter). A ProtocolError 400 says why
-        not."""
+        use instead of the model's config.pbtxt (Triton's load `config` parameter). InvalidInput says why not."""
         self._controllable("load")
         if files:
-            raise ProtocolError(400, f"failed to load '{name}': model files sent with the request ({files[0]!r}) are "
-                                     "not supported: put them in the repository")
+            raise InvalidInput(f"failed to load '{name}': model files sent with the request ({files[0]!r}) are not "
+                               "supported: put them in the repository")
         async with self._control:
             try:
                 config = config_from_json(config_json) if config_json is not None else None
                 models, failed = await asyncio.to_thread(self._loader, name, config)
             except YatDeployError as exc:
-                raise ProtocolError(400, f"failed to load '{name}': {exc.text}") from None
+                raise InvalidInput(f"failed to load '{name}': {exc.text}") from None
             if failed:
                 for model in models:
                     model.close()
-                raise ProtocolError(400, f"failed to load '{name}': " + "; ".join(m.reason for m in failed))
+                raise InvalidInput(f"failed to load '{name}': " + "; ".join(m.reason for m in failed))
             old = self._served.pop(name, {})
             self._failed.pop(name, None)
             self._unloaded.discard(name)
@@ -249,11 +264,11 @@ class InferenceServer:
         log.info("loaded model '%s' (versions %s)", name, ", ".join(m.version for m in models))
 
     async def unload(self, name: str) -> None:
-        """Stop serving `name`: new requests get 503 at once, those it holds are answered first."""
+        """Stop serving `name`: new requests are Unavailable at once, those it holds are answered first."""
         self._controllable("unload")
         async with self._control:
             if name not in self._known:
-                raise ProtocolError(400, f"failed to unload '{name}': no such model in the repository")
+                raise InvalidInput(f"failed to unload '{name}': no such model in the repository")
             old = self._served.pop(name, {})
             self._failed.pop(name, None)
             self._unloaded.add(name)
@@ -274,8 +289,37 @@ class InferenceServer:
 
     # -- inference ------------------------------------------------------------------------------------------
 
-    async def infer(self, deployed: Deployed, request: InferRequest, started: float) -> Inference:
-        """Run `request` on `deployed` (from deployed()); `started`: when the request began to be read."""
+    async def infer(self, name: str, version: str | None, decode: Callable[[ServedModel], Awaitable[InferRequest]],
+                    encode: Callable[[InferResult], Awaitable[Answer]], *, request_id: str | None = None) -> Answer:
+        """One inference request, from its transport's wire form to its answer's: the model `name` (`version`;
+        None: the newest served), the request as `decode(model)` reads it, checked, queued in the model's
+        batcher (the request's `timeout` parameter: DeadlineExceeded), its outputs chosen (and classified),
+        and `encode(result)`'s answer.
+
+        Counted once in the statistics and metrics, and written to the access log: input time is from the call
+        to the checked request, output time is encode's. A model that is not served is NotFound or Unavailable
+        before anything is read (neither counted nor logged); any later failure is raised as the ProtocolError
+        to answer, counted and logged (a failure of the server as Internal). `request_id`: the request's id
+        before it is decoded (gRPC's message id), for the access log of a request that does not decode."""
+        started = time.perf_counter()
+        deployed = self.deployed(name, version)
+        request: InferRequest | None = None
+        try:
+            request = await decode(deployed.model)
+            result = await self._run(deployed, request, started)
+            writing = time.perf_counter()
+            answer = await encode(result)
+            output_s = time.perf_counter() - writing
+        except Exception as exc:
+            raise self._failure(deployed.model, request.id if request is not None else request_id, exc,
+                                started) from None
+        model = result.model
+        self.metrics.record_request(model.name, model.version, True, time.perf_counter() - started, result.queue_s,
+                                    result.compute_s, result.input_s, output_s)
+        access_log(model.name, model.version, request.id, 200, started, result.batch, result.queue_s, result.compute_s)
+        return answer
+
+    async def _run(self, deployed: Deployed, request: InferRequest, started: float) -> InferResult:
         model = deployed.model
         feeds, batch = model.check(request)
         input_s = time.perf_counter() - started
@@ -287,8 +331,8 @@ class InferenceServer:
                 try:
                     result = await asyncio.wait_for(submitted, request.timeout_us / 1e6)
                 except asyncio.TimeoutError:
-                    raise ProtocolError(504, f"the request's timeout of {request.timeout_us} µs expired before it "
-                                             "was answered") from None
+                    raise DeadlineExceeded(f"the request's timeout of {request.timeout_us} µs expired before it was "
+                                           "answered") from None
             else:
                 result = await submitted
         finally:
@@ -305,32 +349,32 @@ class InferenceServer:
                 if asked.class_count:
                     array = classify(array, asked.class_count, has_batch=model.max_batch_size > 0, name=info.name)
                 outputs.append((info.name, array, asked.binary))
-        return Inference(model, request, outputs, batch, result.queue_s, result.compute_s, input_s)
+        return InferResult(model, request, outputs, batch, result.queue_s, result.compute_s, input_s)
 
-    def succeeded(self, inference: Inference, started: float, output_s: float) -> None:
-        model = inference.model
-        self.metrics.record_request(model.name, model.version, True, time.perf_counter() - started,
-                                    inference.queue_s, inference.compute_s, inference.input_s, output_s)
-        access_log(model.name, model.version, inference.request.id, 200, started, inference.batch, inference.queue_s,
-                   inference.compute_s)
-
-    def failed(self, model: ServedModel, request_id: str | None, exc: Exception, started: float) -> ProtocolError:
+    def _failure(self, model: ServedModel, request_id: str | None, exc: Exception, started: float) -> ProtocolError:
         """A failed inference as the error to answer, counted and logged once: a client's mistake in its
-        access-log line, a server failure (500) as an error of its own, with the traceback for a bug of ours."""
+        access-log line, a server failure as an error of its own, with the traceback for a bug of ours."""
         client_error = True
         if isinstance(exc, ProtocolError):
             error = exc
         elif isinstance(exc, OnnxModelError):
-            error, client_error = ProtocolError(500, exc.text), False
+            error, client_error = Internal(exc.text), False
             log.error("model %s: 500 %s", model.name, error.message)
         else:
-            error = ProtocolError(500, f"internal error: {type(exc).__name__}: {exc}")
+            error = Internal(f"internal error: {type(exc).__name__}: {exc}")
             client_error = False
             log.exception("model %s: 500 %s", model.name, error.message)
         self.metrics.record_request(model.name, model.version, False, time.perf_counter() - started)
-        access_log(model.name, model.version, request_id, error.status, started,
+        access_log(model.name, model.version, request_id, HTTP_STATUS[type(error)], started,
                    error=error.message if client_error else None)
         return error
+
+
+async def off_loop_when(large: bool, pool: ThreadPoolExecutor, function: Callable[..., Answer], *args) -> Answer:
+    """function(*args): in a worker thread of `pool` when `large` (the event loop goes on meanwhile), else here."""
+    if not large:
+        return function(*args)
+    return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
 
 
 def unknown_model(name: str, version: str | None = None) -> str:
@@ -342,7 +386,7 @@ def classify(array: np.ndarray, count: int, *, has_batch: bool, name: str) -> np
     """Triton's classification extension: the `count` largest values of each batch item (of the whole tensor
     without a batch dimension) as BYTES "value:index", largest first."""
     if array.dtype.kind not in "fiu" and array.dtype.name != "bfloat16":
-        raise ProtocolError(400, f"output '{name}': classification needs a numeric output, not {array.dtype}")
+        raise InvalidInput(f"output '{name}': classification needs a numeric output, not {array.dtype}")
     rows = array.reshape(array.shape[0], -1) if has_batch else array.reshape(1, -1)
     count = min(count, rows.shape[1])
     values = rows.astype(np.float64)

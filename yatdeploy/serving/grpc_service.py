@@ -3,7 +3,8 @@
 The messages and the service stubs are those tritonclient[grpc] ships (tritonclient.grpc.service_pb2 and
 service_pb2_grpc), so the wire format is Triton's own. Tensors come as raw_input_contents (what tritonclient
 sends) or typed InferTensorContents; outputs always go back as raw_output_contents, as Triton sends them.
-Failures are the InferenceServer's ProtocolErrors, given the gRPC status code Triton gives the same error.
+Failures are the InferenceServer's ProtocolErrors, each kind given the gRPC status code Triton gives the same
+error (GRPC_CODES, the one mapping).
 A large request is decoded, and a large answer encoded, in worker threads, off the event loop; each message
 counts in the body budget HTTP shares (UNAVAILABLE past it, as Triton answers a full queue).
 Not served (UNIMPLEMENTED, as the base servicer answers): shared memory, trace and log settings.
@@ -13,26 +14,34 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from yatdeploy.serving.core import Deployed, InferenceServer
+from yatdeploy.serving.core import InferenceServer, InferResult, off_loop_when
 from yatdeploy.serving.datatypes import DATATYPES, datatype_of
+from yatdeploy.serving.model import ServedModel
 from yatdeploy.serving.protocol import (
     BYTES,
     INLINE_BYTES,
+    SLICE,
     BodyBudget,
     BodyClaim,
+    DeadlineExceeded,
     InferRequest,
+    Internal,
+    InvalidInput,
+    NotFound,
     ProtocolError,
-    SLICE,
     RequestedOutput,
+    ResourceExhausted,
+    Unavailable,
+    UnsupportedMediaType,
     check_binary_size,
     check_int_range,
     check_timeout,
@@ -43,10 +52,13 @@ from yatdeploy.serving.protocol import (
     tensor_shape,
 )
 
-# The HTTP status of a ProtocolError -> the gRPC code Triton answers for that kind of failure.
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-          415: grpc.StatusCode.INVALID_ARGUMENT, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
-          504: grpc.StatusCode.DEADLINE_EXCEEDED}
+# The one mapping of the kinds of ProtocolError to gRPC status codes: the code Triton answers for that failure.
+GRPC_CODES: dict[type[ProtocolError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED, UnsupportedMediaType: grpc.StatusCode.INVALID_ARGUMENT,
+    Internal: grpc.StatusCode.INTERNAL, Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 # InferTensorContents' field for each datatype that has one (FP16 and BF16 travel only as raw contents).
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -56,11 +68,7 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
 
 async def _abort(context, error: ProtocolError) -> None:
     """End the call with `error`'s message and the gRPC code Triton gives that kind of failure."""
-    await context.abort(_CODES.get(error.status, grpc.StatusCode.UNKNOWN), error.message)
-
-
-def _bad(message: str) -> ProtocolError:
-    return ProtocolError(400, message)
+    await context.abort(GRPC_CODES[type(error)], error.message)
 
 
 def _parameter(value: service_pb2.InferParameter) -> object:
@@ -78,11 +86,12 @@ def _typed_contents(tensor, datatype: str, shape: tuple[int, ...]) -> np.ndarray
     name = tensor.name
     field = _CONTENTS.get(datatype)
     if field is None:
-        raise _bad(f"input '{name}': {datatype} data must be sent as raw_input_contents")
+        raise InvalidInput(f"input '{name}': {datatype} data must be sent as raw_input_contents")
     contents = getattr(tensor.contents, field)
     count = math.prod(shape)
     if len(contents) != count:
-        raise _bad(f"input '{name}': {len(contents)} values in {field} for shape {list(shape)} ({count} expected)")
+        raise InvalidInput(f"input '{name}': {len(contents)} values in {field} for shape {list(shape)} ({count} "
+                           "expected)")
     array = np.empty(count, dtype=DATATYPES[datatype])
     for start in range(0, count, SLICE):
         values = contents[start:start + SLICE]
@@ -90,7 +99,7 @@ def _typed_contents(tensor, datatype: str, shape: tuple[int, ...]) -> np.ndarray
             try:
                 values = [v.decode("utf-8") for v in values]
             except UnicodeDecodeError:
-                raise _bad(f"input '{name}': a BYTES element is not UTF-8 text") from None
+                raise InvalidInput(f"input '{name}': a BYTES element is not UTF-8 text") from None
         else:
             check_int_range(values, datatype, name)
         array[start:start + SLICE] = values
@@ -104,40 +113,40 @@ def _message_bytes(message: service_pb2.ModelInferRequest) -> int:
     return sum(map(len, message.raw_input_contents)) + 8 * typed
 
 
-def _infer_response(deployed: Deployed, request_id: str, outputs) -> service_pb2.ModelInferResponse:
-    response = service_pb2.ModelInferResponse(model_name=deployed.model.name, model_version=deployed.model.version,
-                                              id=request_id)
-    for name, array, _ in outputs:
+def _infer_response(result: InferResult) -> service_pb2.ModelInferResponse:
+    response = service_pb2.ModelInferResponse(model_name=result.model.name, model_version=result.model.version,
+                                              id=result.request.id or "")
+    for name, array, _ in result.outputs:
         response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=list(array.shape))
         response.raw_output_contents.append(tensor_bytes(array))
     return response
 
 
 def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
-    """A ModelInferRequest as the InferenceServer's request; a ProtocolError 400 naming what is malformed."""
+    """A ModelInferRequest as the InferenceServer's request; InvalidInput naming what is malformed."""
     parameters = _parameters(message.parameters)
     refuse_scheduling(parameters)
     timeout = check_timeout(parameters.get("timeout", 0))
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
-        raise _bad(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs (send every input "
-                   "raw, or none)")
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs (send every "
+                           "input raw, or none)")
     if not message.inputs:
-        raise _bad("the request has no inputs")
+        raise InvalidInput("the request has no inputs")
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     for index, tensor in enumerate(message.inputs):
         name = tensor.name
         if not name:
-            raise _bad("every input needs a name")
+            raise InvalidInput("every input needs a name")
         if name in inputs:
-            raise _bad(f"input '{name}' is given twice")
+            raise InvalidInput(f"input '{name}' is given twice")
         if tensor.datatype not in DATATYPES:
-            raise _bad(f"input '{name}': unsupported datatype {tensor.datatype!r}")
+            raise InvalidInput(f"input '{name}': unsupported datatype {tensor.datatype!r}")
         shape = tensor_shape(list(tensor.shape), name)
         if raw:
             if tensor.HasField("contents"):
-                raise _bad(f"input '{name}' has both contents and raw_input_contents")
+                raise InvalidInput(f"input '{name}' has both contents and raw_input_contents")
             blob = raw[index]
             check_binary_size(len(blob), tensor.datatype, shape, name, f"raw_input_contents has {len(blob)} bytes")
             inputs[name] = tensor_from_bytes(blob, tensor.datatype, shape, name)
@@ -147,13 +156,19 @@ def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
     outputs = None
     names = [o.name for o in message.outputs]
     if len(set(names)) != len(names):
-        raise _bad(f"output '{next(n for n in names if names.count(n) > 1)}' is requested twice")
+        raise InvalidInput(f"output '{next(n for n in names if names.count(n) > 1)}' is requested twice")
     if message.outputs:
         outputs = [RequestedOutput(o.name, True, class_count(_parameters(o.parameters).get("classification", 0),
                                                                f"output '{o.name}'"))
                    for o in message.outputs]
     return InferRequest(id=message.id or None, inputs=inputs, input_datatypes=datatypes, outputs=outputs,
                         binary_default=True, parameters=parameters, timeout_us=timeout)
+
+
+def _decoded(message: service_pb2.ModelInferRequest, claim: BodyClaim) -> InferRequest:
+    request = infer_request(message)
+    claim.add(request.reference_bytes())
+    return request
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -163,11 +178,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         # As HTTP's: large messages decoded one at a time, large answers encoded in the other.
         self._parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-grpc-parse")
         self._answer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-grpc-answer")
-
-    async def _off_loop_when(self, large: bool, pool: ThreadPoolExecutor, function, *args):
-        if not large:
-            return function(*args)
-        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
 
     async def _answer(self, context, call):
         """`call()`'s result, or the call aborted with the gRPC code of its ProtocolError."""
@@ -185,7 +195,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request, context):
         try:
             ready, _ = self.server.model_ready(request.name, request.version or None)
-        except ProtocolError:
+        except NotFound:
             ready = False  # an unknown model is not ready (HTTP answers 404 for the same)
         return service_pb2.ModelReadyResponse(ready=ready)
 
@@ -236,35 +246,23 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.RepositoryModelUnloadResponse()
 
     async def _infer(self, message: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
-        """One inference, counted and logged; a ProtocolError (already counted) when it fails."""
-        started = time.perf_counter()
-        deployed = self.server.deployed(message.model_name, message.model_version or None)
-        parsed: InferRequest | None = None
+        """One inference (the InferenceServer's, counted and logged); a ProtocolError when it fails."""
         claim = self.budget.claim()  # until the answer is handed to gRPC
         try:
-            size = _message_bytes(message)
-            claim.add(size)
-            parsed = await self._off_loop_when(size > INLINE_BYTES, self._parse_pool, self._decode, message, claim)
-            inference = await self.server.infer(deployed, parsed, started)
-            writing = time.perf_counter()
-            large = sum(array.nbytes for _, array, _ in inference.outputs) > INLINE_BYTES
-            response = await self._off_loop_when(large, self._answer_pool, _infer_response, deployed, message.id,
-                                                 inference.outputs)
-            output_s = time.perf_counter() - writing
-        except Exception as exc:
-            raise self.server.failed(deployed.model, parsed.id if parsed is not None else (message.id or None), exc,
-                                     started) from None
+            return await self.server.infer(message.model_name, message.model_version or None,
+                                           partial(self._decode, message, claim), self._encode,
+                                           request_id=message.id or None)
         finally:
             claim.release()
-        self.server.succeeded(inference, started, output_s)
-        return response
 
-    @staticmethod
-    def _decode(message: service_pb2.ModelInferRequest, claim: BodyClaim) -> InferRequest:
-        parsed = infer_request(message)
-        # A BYTES tensor holds a reference per element besides its text.
-        claim.add(sum(8 * array.size for array in parsed.inputs.values() if array.dtype == object))
-        return parsed
+    async def _decode(self, message: service_pb2.ModelInferRequest, claim: BodyClaim,
+                      model: ServedModel) -> InferRequest:
+        size = _message_bytes(message)
+        claim.add(size)
+        return await off_loop_when(size > INLINE_BYTES, self._parse_pool, _decoded, message, claim)
+
+    async def _encode(self, result: InferResult) -> service_pb2.ModelInferResponse:
+        return await off_loop_when(result.output_bytes() > INLINE_BYTES, self._answer_pool, _infer_response, result)
 
     async def ModelInfer(self, request, context):
         try:

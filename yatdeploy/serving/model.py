@@ -10,14 +10,9 @@ from yatdeploy import backends, dtypes, graph
 from yatdeploy.errors import YatDeployError
 from yatdeploy.graph import TensorSignature
 from yatdeploy.inputs import InputLimits, file_metadata, recorded_limits
-from yatdeploy.serving.protocol import InferRequest, ProtocolError
-from yatdeploy.serving.repository import (
-    DEFAULT_MAX_BATCH_SIZE,
-    LIMIT_PREFIX,
-    ModelSource,
-    check_signature,
-    limit_parameters,
-)
+from yatdeploy.packaging import DEFAULT_MAX_BATCH_SIZE, LIMIT_PREFIX, limit_parameters
+from yatdeploy.serving.protocol import InferRequest, InvalidInput
+from yatdeploy.serving.repository import ModelSource, check_signature
 
 
 @dataclass(frozen=True)
@@ -154,40 +149,40 @@ class ServedModel:
         return config
 
     def check(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:
-        """The session feeds and the request's batch size; a 400 naming the problem otherwise."""
+        """The session feeds and the request's batch size; InvalidInput naming the problem otherwise."""
         known = {t.name: t for t in self.inputs}
         for name in request.inputs:
             if name not in known:
-                raise ProtocolError(400, f"model '{self.name}' has no input '{name}' (inputs: {', '.join(known)})")
+                raise InvalidInput(f"model '{self.name}' has no input '{name}' (inputs: {', '.join(known)})")
         batch = None
         for info in self.inputs:
             if info.name not in request.inputs:
-                raise ProtocolError(400, f"input '{info.name}' is missing")
+                raise InvalidInput(f"input '{info.name}' is missing")
             array = request.inputs[info.name]
             if request.input_datatypes[info.name] != info.datatype:
-                raise ProtocolError(400, f"input '{info.name}': datatype {request.input_datatypes[info.name]}, "
-                                         f"the model takes {info.datatype}")
+                raise InvalidInput(f"input '{info.name}': datatype {request.input_datatypes[info.name]}, "
+                                   f"the model takes {info.datatype}")
             if len(array.shape) != len(info.shape) or any(
                 want != -1 and got != want for got, want in zip(array.shape, info.shape)
             ):
-                raise ProtocolError(400, f"input '{info.name}': shape {list(array.shape)}, the model takes "
-                                         f"{list(info.shape)}")
+                raise InvalidInput(f"input '{info.name}': shape {list(array.shape)}, the model takes "
+                                   f"{list(info.shape)}")
             limits = self.limits.get(info.name)
             if limits is not None and (problem := limits.problem(info.name, array)) is not None:
-                raise ProtocolError(400, problem)  # what ONNX Runtime would fail on (a Gather), or answer wrongly
+                raise InvalidInput(problem)  # what ONNX Runtime would fail on (a Gather), or answer wrongly
             if self.max_batch_size == 0:  # no batch dimension: one inference per request, as Triton counts
                 batch = 1
             elif batch is None:
                 batch = array.shape[0]
             elif array.shape[0] != batch:
-                raise ProtocolError(400, "inputs disagree on the batch size")
+                raise InvalidInput("inputs disagree on the batch size")
         if request.outputs is not None:
             names = {t.name for t in self.outputs}
             for out in request.outputs:
                 if out.name not in names:
-                    raise ProtocolError(400, f"model '{self.name}' has no output '{out.name}'")
+                    raise InvalidInput(f"model '{self.name}' has no output '{out.name}'")
         if self.max_batch_size > 0 and batch is not None and batch > self.max_batch_size:
-            raise ProtocolError(400, f"batch size {batch} exceeds the model's max_batch_size {self.max_batch_size}")
+            raise InvalidInput(f"batch size {batch} exceeds the model's max_batch_size {self.max_batch_size}")
         return dict(request.inputs), int(batch or 1)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

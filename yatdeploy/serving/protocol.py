@@ -1,7 +1,9 @@
 """The Open Inference Protocol (KServe v2) wire format, including Triton's binary tensor extension.
 
 Knows nothing of models: it turns request bodies into named numpy arrays and arrays into response
-bodies, and raises ProtocolError (an HTTP status and a message) on anything malformed. Decoding and encoding
+bodies, and raises InvalidInput on anything malformed. The kinds of ProtocolError (InvalidInput, NotFound,
+Unavailable...) are every failure the server answers, whatever the transport; HTTP_STATUS, the protocol's
+HTTP binding, is their one mapping to HTTP statuses (grpc_service.GRPC_CODES to gRPC's). Decoding and encoding
 run in worker threads (app.py, grpc_service.py): no step here holds the GIL for more than a slice of SLICE
 values, so the event loop keeps answering meanwhile. BodyBudget bounds the bytes of bodies held at once,
 whatever the transport.
@@ -36,10 +38,48 @@ _JSON_TYPE_NAMES = {type(None): "null", bool: "boolean", int: "integer", float: 
 
 
 class ProtocolError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A request answered with an error instead of outputs: its kind (the subclass) and the message the client
+    reads. Raise a kind, never this class."""
+
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.message = message
+
+
+class InvalidInput(ProtocolError):
+    """The request is malformed or does not fit the model (or the server's mode)."""
+
+
+class NotFound(ProtocolError):
+    """No such model or version."""
+
+
+class ResourceExhausted(ProtocolError):
+    """The request is larger than a limit allows (its body, its JSON)."""
+
+
+class UnsupportedMediaType(ProtocolError):
+    """The body comes in an encoding the server does not read."""
+
+
+class Unavailable(ProtocolError):
+    """Not now: the model is not ready or was unloaded, its queue is full, the server holds too many bodies."""
+
+
+class DeadlineExceeded(ProtocolError):
+    """The request's timeout expired before it was answered."""
+
+
+class Internal(ProtocolError):
+    """The server failed (the model's run, or a bug of ours)."""
+
+
+# The one mapping of the kinds to HTTP statuses: the v2 protocol's HTTP binding, what the HTTP app answers and
+# what the access log records for a request over either transport.
+HTTP_STATUS: dict[type[ProtocolError], int] = {
+    InvalidInput: 400, NotFound: 404, ResourceExhausted: 413, UnsupportedMediaType: 415, Internal: 500,
+    Unavailable: 503, DeadlineExceeded: 504,
+}
 
 
 @dataclass
@@ -60,17 +100,17 @@ class InferRequest:
     parameters: dict = field(default_factory=dict)
     timeout_us: int = 0  # the request's `timeout` parameter, microseconds; 0: none
 
-
-def _bad(message: str) -> ProtocolError:
-    return ProtocolError(400, message)
+    def reference_bytes(self) -> int:
+        """What its BYTES tensors hold besides their text, a reference per element (counted in the body budget)."""
+        return sum(8 * array.size for array in self.inputs.values() if array.dtype == object)
 
 
 def tensor_shape(raw: object, name: str) -> tuple[int, ...]:
     """An input's shape as sent: a list of non-negative integers of at most 2**63-1 elements in all."""
     if not isinstance(raw, list) or not all(type(d) is int and d >= 0 for d in raw):
-        raise _bad(f"input '{name}': 'shape' must be a list of non-negative integers")
+        raise InvalidInput(f"input '{name}': 'shape' must be a list of non-negative integers")
     if any(d > _INT64_MAX for d in raw) or math.prod(raw) > _INT64_MAX:
-        raise _bad(f"input '{name}': shape {raw} has more elements than a tensor can hold")
+        raise InvalidInput(f"input '{name}': shape {raw} has more elements than a tensor can hold")
     return tuple(raw)
 
 
@@ -92,7 +132,7 @@ def _values(data: object, shape: tuple[int, ...], name: str) -> tuple[list, set[
     """The elements of `data` in row-major order, and their Python types. `data` is flat, or nested exactly
     as `shape` says (as many levels as dimensions, each list as long as its dimension)."""
     if not isinstance(data, list):
-        raise _bad(f"input '{name}': 'data' must be a list")
+        raise InvalidInput(f"input '{name}': 'data' must be a list")
     kinds = _types(data)
     if list not in kinds:
         return data, kinds
@@ -101,38 +141,39 @@ def _values(data: object, shape: tuple[int, ...], name: str) -> tuple[list, set[
         below: list = []
         for item in level:
             if type(item) is not list or len(item) != size:
-                raise _bad(f"input '{name}': nested 'data' does not match shape {list(shape)} (dimension {depth})")
+                raise InvalidInput(f"input '{name}': nested 'data' does not match shape {list(shape)} "
+                                   f"(dimension {depth})")
             below.extend(item)
         level = below
     kinds = _types(level)
     if list in kinds:
-        raise _bad(f"input '{name}': 'data' is nested deeper than shape {list(shape)}")
+        raise InvalidInput(f"input '{name}': 'data' is nested deeper than shape {list(shape)}")
     return level, kinds
 
 
 def _array(data: object, shape: tuple[int, ...], datatype: str, name: str) -> np.ndarray:
     """JSON `data` as an array of `datatype`: numbers (or NONFINITE_SPELLINGS) for FP*, integers in range for
-    INT*/UINT*, booleans for BOOL; a 400 naming the first mismatch otherwise."""
+    INT*/UINT*, booleans for BOOL; an InvalidInput naming the first mismatch otherwise."""
     dtype = DATATYPES[datatype]
     values, kinds = _values(data, shape, name)
     count = math.prod(shape)
     if len(values) != count:
-        raise _bad(f"input '{name}': {len(values)} values for shape {list(shape)} ({count} expected)")
+        raise InvalidInput(f"input '{name}': {len(values)} values for shape {list(shape)} ({count} expected)")
     if datatype == BYTES:
         if kinds - {str}:
             names = ", ".join(sorted(_JSON_TYPE_NAMES.get(k, k.__name__) for k in kinds - {str}))
-            raise _bad(f"input '{name}': BYTES data holds {names} values (strings expected)")
+            raise InvalidInput(f"input '{name}': BYTES data holds {names} values (strings expected)")
         return string_tensor(values, shape)
     allowed = {bool} if datatype == "BOOL" else {int} if dtype.kind in "iu" else {int, float, str}
     wrong = kinds - allowed
     if wrong:
         names = ", ".join(sorted(_JSON_TYPE_NAMES.get(k, k.__name__) for k in wrong))
-        raise _bad(f"input '{name}': {datatype} data holds {names} values")
+        raise InvalidInput(f"input '{name}': {datatype} data holds {names} values")
     if str in kinds:
         unknown = {v for v in values if type(v) is str} - NONFINITE_SPELLINGS.keys()
         if unknown:
-            raise _bad(f"input '{name}': {datatype} data holds the string {min(unknown)!r}; the only strings "
-                       f"allowed are {', '.join(map(repr, NONFINITE_SPELLINGS))}")
+            raise InvalidInput(f"input '{name}': {datatype} data holds the string {min(unknown)!r}; the only strings "
+                               f"allowed are {', '.join(map(repr, NONFINITE_SPELLINGS))}")
         values = [NONFINITE_SPELLINGS[v] if type(v) is str else v for v in values]
     check_int_range(values, datatype, name)
     if dtype.kind in "biu":
@@ -140,53 +181,53 @@ def _array(data: object, shape: tuple[int, ...], datatype: str, name: str) -> np
     try:
         wide = _converted(values, np.dtype(np.float64))
     except OverflowError:
-        raise _bad(f"input '{name}': a value is out of {datatype}'s range") from None
+        raise InvalidInput(f"input '{name}': a value is out of {datatype}'s range") from None
     with np.errstate(over="ignore"):
         array = wide.astype(dtype)
     if np.count_nonzero(np.isinf(array)) != np.count_nonzero(np.isinf(wide)):
-        raise _bad(f"input '{name}': a value is out of {datatype}'s range")
+        raise InvalidInput(f"input '{name}': a value is out of {datatype}'s range")
     return array.reshape(shape)
 
 
 def check_int_range(values: list, datatype: str, name: str) -> None:
-    """A 400 when an integer datatype's values (Python ints) do not all fit it."""
+    """InvalidInput when an integer datatype's values (Python ints) do not all fit it."""
     dtype = DATATYPES[datatype]
     if dtype.kind in "iu" and values:
         limits = np.iinfo(dtype)
         slices = [values[start:start + SLICE] for start in range(0, len(values), SLICE)]
         if min(map(min, slices)) < limits.min or max(map(max, slices)) > limits.max:
-            raise _bad(f"input '{name}': a value is out of {datatype}'s range [{limits.min}, {limits.max}]")
+            raise InvalidInput(f"input '{name}': a value is out of {datatype}'s range [{limits.min}, {limits.max}]")
 
 
 def check_binary_size(size: int, datatype: str, shape: tuple[int, ...], name: str, described: str) -> None:
-    """A 400 when `size` binary bytes are not what `shape` of `datatype` takes (BYTES: any size; its elements are
+    """InvalidInput when `size` binary bytes are not what `shape` of `datatype` takes (BYTES: any size; its elements are
     counted when read). `described`: what sent that size, for the message."""
     if datatype != BYTES and size != (needed := math.prod(shape) * DATATYPES[datatype].itemsize):
-        raise _bad(f"input '{name}': {described}, shape {list(shape)} of {datatype} needs {needed}")
+        raise InvalidInput(f"input '{name}': {described}, shape {list(shape)} of {datatype} needs {needed}")
 
 
 def _flag(parameters: dict, key: str, default: bool, where: str) -> bool:
     value = parameters.get(key, default)
     if type(value) is not bool:
-        raise _bad(f"{where}: '{key}' must be true or false, not {orjson.dumps(value).decode()[:40]}")
+        raise InvalidInput(f"{where}: '{key}' must be true or false, not {orjson.dumps(value).decode()[:40]}")
     return value
 
 
 def _parameters(raw: dict, where: str) -> dict:
     parameters = raw.get("parameters", {})
     if not isinstance(parameters, dict):
-        raise _bad(f"{where}: 'parameters' must be an object")
+        raise InvalidInput(f"{where}: 'parameters' must be an object")
     return parameters
 
 
 def json_object(text: bytes | memoryview) -> dict:
-    """A request's JSON, which must be an object; a 400 otherwise."""
+    """A request's JSON, which must be an object; InvalidInput otherwise."""
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
-        raise _bad(f"malformed JSON: {exc}") from None
+        raise InvalidInput(f"malformed JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise _bad("the request must be a JSON object")
+        raise InvalidInput("the request must be a JSON object")
     return value
 
 
@@ -197,27 +238,27 @@ def json_length(body: bytes, header_length: str | None) -> int:
     try:
         length = int(header_length)
     except ValueError:
-        raise _bad(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
+        raise InvalidInput(f"{HEADER_LENGTH} is not an integer: {header_length!r}") from None
     if length < 0 or length > len(body):
-        raise _bad(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
+        raise InvalidInput(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
     return length
 
 
 def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | None = None) -> InferRequest:
     """Split the body at the JSON header's length (binary extension) and decode every input.
 
-    Raises ProtocolError: 400 for anything malformed, 413 for a JSON part over `max_json_bytes`."""
+    Raises InvalidInput for anything malformed, ResourceExhausted for a JSON part over `max_json_bytes`."""
     json_size = json_length(body, header_length)
     if max_json_bytes is not None and json_size > max_json_bytes:
-        raise ProtocolError(413, f"the request's JSON of {json_size} bytes exceeds the JSON limit of "
-                                 f"{max_json_bytes} bytes (send large tensors as binary data)")
+        raise ResourceExhausted(f"the request's JSON of {json_size} bytes exceeds the JSON limit of "
+                                f"{max_json_bytes} bytes (send large tensors as binary data)")
     header = json_object(body[:json_size])
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise _bad("the request has no 'inputs' list")
+        raise InvalidInput("the request has no 'inputs' list")
     request_id = header.get("id")
     if "id" in header and not isinstance(request_id, str):
-        raise _bad("'id' must be a string")
+        raise InvalidInput("'id' must be a string")
 
     binary = memoryview(body)[json_size:]
     offset = 0
@@ -225,33 +266,34 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
     datatypes: dict[str, str] = {}
     for raw in raw_inputs:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            raise _bad("every input needs a 'name'")
+            raise InvalidInput("every input needs a 'name'")
         name = raw["name"]
         if name in inputs:
-            raise _bad(f"input '{name}' is given twice")
+            raise InvalidInput(f"input '{name}' is given twice")
         datatype = raw.get("datatype")
         if datatype not in DATATYPES:
-            raise _bad(f"input '{name}': unsupported datatype {datatype!r}")
+            raise InvalidInput(f"input '{name}': unsupported datatype {datatype!r}")
         shape = tensor_shape(raw.get("shape"), name)
         size = _parameters(raw, f"input '{name}'").get("binary_data_size")
         if size is not None:
             if "data" in raw:
-                raise _bad(f"input '{name}' has both 'data' and binary_data_size")
+                raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size")
             if type(size) is not int or size < 0:
-                raise _bad(f"input '{name}': binary_data_size must be a non-negative integer")
+                raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
             check_binary_size(size, datatype, shape, name, f"binary_data_size is {size} bytes")
             if offset + size > len(binary):
-                raise _bad(f"input '{name}': the body ends after {len(binary) - offset} of its {size} binary bytes")
+                raise InvalidInput(f"input '{name}': the body ends after {len(binary) - offset} of its {size} "
+                                   "binary bytes")
             array = tensor_from_bytes(binary[offset:offset + size], datatype, shape, name)
             offset += size
         else:
             if "data" not in raw:
-                raise _bad(f"input '{name}' has neither 'data' nor binary_data_size")
+                raise InvalidInput(f"input '{name}' has neither 'data' nor binary_data_size")
             array = _array(raw["data"], shape, datatype, name)
         inputs[name] = array
         datatypes[name] = datatype
     if offset != len(binary):
-        raise _bad(f"the body has {len(binary) - offset} bytes beyond the inputs' binary data")
+        raise InvalidInput(f"the body has {len(binary) - offset} bytes beyond the inputs' binary data")
 
     outputs = None
     raw_outputs = header.get("outputs")
@@ -261,14 +303,14 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
     timeout = check_timeout(parameters.get("timeout", 0))
     if "outputs" in header:
         if not isinstance(raw_outputs, list):
-            raise _bad("'outputs' must be a list")
+            raise InvalidInput("'outputs' must be a list")
         outputs = []
         for raw in raw_outputs:
             if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-                raise _bad("every requested output needs a 'name'")
+                raise InvalidInput("every requested output needs a 'name'")
             where = f"output '{raw['name']}'"
             if any(o.name == raw["name"] for o in outputs):
-                raise _bad(f"{where} is requested twice")
+                raise InvalidInput(f"{where} is requested twice")
             parameters_out = _parameters(raw, where)
             # As Triton: binary_data_output is the default of the outputs not named; a named one is JSON unless
             # its own binary_data says otherwise.
@@ -288,14 +330,14 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
 def class_count(value: object, where: str) -> int:
     """A requested output's `classification` parameter (the number of top classes to send; 0: the output)."""
     if type(value) is not int or value < 0:
-        raise _bad(f"{where}: 'classification' must be a number of classes >= 0, not "
-                   f"{orjson.dumps(value).decode()[:40]}")
+        raise InvalidInput(f"{where}: 'classification' must be a number of classes >= 0, not "
+                           f"{orjson.dumps(value).decode()[:40]}")
     return value
 
 
 def check_timeout(value: object) -> int:
     if type(value) is not int or value < 0:
-        raise _bad(f"the request's 'timeout' parameter must be a number of microseconds >= 0, not {value!r}")
+        raise InvalidInput(f"the request's 'timeout' parameter must be a number of microseconds >= 0, not {value!r}")
     return value
 
 
@@ -307,20 +349,20 @@ def parse_raw_request(body: bytes, name: str, datatype: str, dims: tuple[int, ..
     if datatype == BYTES:
         shape = tuple(1 if d < 0 else d for d in dims)
         if math.prod(shape) != 1:
-            raise _bad(f"a raw binary request is one BYTES element; input '{name}' has shape {list(dims)}")
+            raise InvalidInput(f"a raw binary request is one BYTES element; input '{name}' has shape {list(dims)}")
         try:
             array = string_tensor([bytes(body).decode("utf-8")], shape)
         except UnicodeDecodeError:
-            raise _bad(f"input '{name}': the raw BYTES body is not UTF-8 text") from None
+            raise InvalidInput(f"input '{name}': the raw BYTES body is not UTF-8 text") from None
     else:
         itemsize = DATATYPES[datatype].itemsize
         fixed = math.prod(d for d in dims if d >= 0)
         if len(free) > 1:
-            raise _bad(f"a raw binary request's shape can't be deduced: input '{name}' has {len(free)} free "
-                       f"dimensions {list(dims)} (send a JSON header with the shape)")
+            raise InvalidInput(f"a raw binary request's shape can't be deduced: input '{name}' has {len(free)} free "
+                               f"dimensions {list(dims)} (send a JSON header with the shape)")
         if fixed == 0 or len(body) % (fixed * itemsize) or (not free and len(body) != fixed * itemsize):
-            raise _bad(f"a raw binary request of {len(body)} bytes does not fit input '{name}': {datatype} of shape "
-                       f"{list(dims)}")
+            raise InvalidInput(f"a raw binary request of {len(body)} bytes does not fit input '{name}': {datatype} "
+                               f"of shape {list(dims)}")
         shape = tuple(len(body) // (fixed * itemsize) if d < 0 else d for d in dims)
         array = tensor_from_bytes(body, datatype, shape, name)
     # Triton answers a raw request with binary outputs: the client sent no JSON and may read none.
@@ -337,10 +379,11 @@ _SCHEDULING = {
 
 
 def refuse_scheduling(parameters: dict) -> None:
-    """A 400 for a parameter that asks for scheduling yatdeploy does not do, rather than ignoring it."""
+    """InvalidInput for a parameter that asks for scheduling yatdeploy does not do, rather than ignoring it."""
     for name, (unset, what) in _SCHEDULING.items():
         if name in parameters and parameters[name] not in unset:
-            raise _bad(f"the request's '{name}' parameter asks for {what}, which yatdeploy's models do not support")
+            raise InvalidInput(f"the request's '{name}' parameter asks for {what}, which yatdeploy's models do "
+                               "not support")
 
 
 BYTES = "BYTES"
@@ -354,7 +397,7 @@ def tensor_from_bytes(data: bytes | memoryview, datatype: str, shape: tuple[int,
             return _length_prefixed(data, math.prod(shape), name).reshape(shape)
         return np.frombuffer(data, dtype=DATATYPES[datatype]).reshape(shape)
     except ValueError as exc:  # an empty tensor with a dimension numpy cannot index
-        raise _bad(f"input '{name}': shape {list(shape)}: {exc}") from None
+        raise InvalidInput(f"input '{name}': shape {list(shape)}: {exc}") from None
 
 
 def tensor_bytes(array: np.ndarray) -> bytes:
@@ -384,14 +427,15 @@ def _length_prefixed(data: bytes | memoryview, count: int, name: str) -> np.ndar
             start = offset + 4
             offset = start + length
             if offset > size:
-                raise _bad(f"input '{name}': BYTES element {len(values)} claims {length} bytes, {size - start} follow")
+                raise InvalidInput(f"input '{name}': BYTES element {len(values)} claims {length} bytes, "
+                                   f"{size - start} follow")
             append(str(view[start:offset], "utf-8"))
     except struct.error:
-        raise _bad(f"input '{name}': BYTES element {len(values)} has a truncated length") from None
+        raise InvalidInput(f"input '{name}': BYTES element {len(values)} has a truncated length") from None
     except UnicodeDecodeError:
-        raise _bad(f"input '{name}': BYTES element {len(values)} is not UTF-8 text") from None
+        raise InvalidInput(f"input '{name}': BYTES element {len(values)} is not UTF-8 text") from None
     if len(values) != count:
-        raise _bad(f"input '{name}': {len(values)} BYTES elements for {count} in its shape")
+        raise InvalidInput(f"input '{name}': {len(values)} BYTES elements for {count} in its shape")
     return _converted(values, np.dtype(object))
 
 
@@ -497,9 +541,9 @@ def encode_response(
 class BodyBudget:
     """The bytes of request bodies the server holds at once, over both transports: bodies being read (counted as
     they arrive, or at once from their Content-Length), decompressed (as they inflate), decoded (a BYTES tensor's
-    object array), and answers, until each answer is sent. A request that would pass `limit` is refused with a
-    503 at once, as Triton answers a full queue (gRPC: UNAVAILABLE), unless it is the only one holding any: a
-    lone request always goes on, whatever the limit. Thread-safe (decompression runs in a worker thread)."""
+    object array), and answers, until each answer is sent. A request that would pass `limit` is refused at once
+    (Unavailable: HTTP 503, gRPC UNAVAILABLE, as Triton answers a full queue), unless it is the only one holding
+    any: a lone request always goes on, whatever the limit. Thread-safe (decompression runs in a worker thread)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -519,14 +563,14 @@ class BodyClaim:
         self.bytes = 0
 
     def add(self, size: int, *, refuse: bool = True) -> None:
-        """Count `size` more bytes; a ProtocolError 503 when they would pass the limit (`refuse`: False counts
+        """Count `size` more bytes; Unavailable when they would pass the limit (`refuse`: False counts
         them anyway, for an answer already computed)."""
         budget = self.budget
         with budget._lock:
             alone = budget._holders == (1 if self.bytes else 0)
             if refuse and not alone and budget.held + size > budget.limit:
-                raise ProtocolError(503, f"the server is overloaded: the request bodies in flight would exceed its "
-                                         f"limit of {budget.limit} bytes; try again later")
+                raise Unavailable(f"the server is overloaded: the request bodies in flight would exceed its "
+                                  f"limit of {budget.limit} bytes; try again later")
             if size and not self.bytes:
                 budget._holders += 1
             budget.held += size

@@ -1,9 +1,10 @@
-"""Model repositories: a single .onnx file, or a Triton-style folder, read and written.
+"""Model repositories, read: a single model file, or a Triton-style folder (as yatdeploy.packaging writes one).
 
     <repo>/<model>/config.pbtxt
     <repo>/<model>/<version>/model.onnx        (platform onnxruntime_onnx), or
-    <repo>/<model>/<version>/model.plan        (platform tensorrt_plan: a TensorRT engine from
-                                                `yatdeploy build-engine`, with model.plan.json beside it)
+    <repo>/<model>/<version>/model<suffix>     an engine, for the backend that built it (backends.for_file: a
+                                               TensorRT model.plan, with model.plan.json beside it, platform
+                                               tensorrt_plan)
 
 The config is Triton's ModelConfig in protobuf text format, so the same folder can be handed to Triton
 Inference Server; yatdeploy reads the fields it shares with Triton, with Triton's meaning:
@@ -13,7 +14,8 @@ Inference Server; yatdeploy reads the fields it shares with Triton, with Triton'
   dimension (graph.has_batch_dim), the dims leave it out and a request may carry up to that many rows.
 - `dynamic_batching { max_queue_delay_microseconds, default_queue_policy { max_queue_size } }`: requests
   are merged along the batch dimension; without the block each request runs on its own.
-- `backend`/`platform`, `input`/`output` (names, data_type, dims) must match the model file.
+- `backend`/`platform` (those of a backend that runs the model file as it is: backends.triton_names),
+  `input`/`output` (names, data_type, dims) must match the model file.
 
 A config that breaks any of these makes its model unavailable (ModelSource.error), not the repository.
 
@@ -27,44 +29,34 @@ it for a warning.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import re
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath, PurePosixPath
+from pathlib import Path
 
-import onnx
-
+from yatdeploy import backends as registry
 from yatdeploy import graph
-from yatdeploy.errors import YatDeployError, option
-from yatdeploy.files import staged_folder
+from yatdeploy.errors import YatDeployError
 from yatdeploy.graph import TensorSignature
-from yatdeploy.inputs import InputLimits, recorded_limits
+from yatdeploy.inputs import InputLimits
+from yatdeploy.packaging import (
+    BACKEND_PARAMETER,
+    CONFIG,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_SIZE,
+    LIMIT_KINDS,
+    LIMIT_PREFIX,
+    TRITON_TYPES,
+    model_config_pb2,
+    model_files,
+)
 
-CONFIG = "config.pbtxt"
-# A free-form ModelConfig parameter, which Triton ignores, naming yatdeploy's backend for the model.
-BACKEND_PARAMETER = "yatdeploy_backend"
-# Free-form ModelConfig parameters stating an input's limits (inputs.InputLimits), written from the export's
-# record, for Triton users to read and yatdeploy's server to check (it answers 400 outside them):
-#   yatdeploy.input.<name>.range     "LO:HI"  an integer input's values lie in [LO, HI) (an embedding's rows)
-#   yatdeploy.input.<name>.max_dims  "D,..."  the largest size of each of the config's `dims` (-1: any)
-LIMIT_PREFIX = "yatdeploy.input."
-LIMIT_KINDS = ("range", "max_dims")
-MODEL_FILE = "model.onnx"
-PLAN_FILE = "model.plan"
-DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_MAX_QUEUE_SIZE = 256
 # The longest max_queue_delay_microseconds a config.pbtxt may ask for: a batching delay is a few
 # milliseconds at most in practice; an hour (or 2**64-1 µs) is a mistake or an attack on the queue.
 MAX_QUEUE_DELAY_US = 10_000_000
-# Triton's backend and platform names for what yatdeploy serves, by the model file each one loads.
-_TRITON_RUNTIMES = {MODEL_FILE: ("onnxruntime", "onnxruntime_onnx"), PLAN_FILE: ("tensorrt", "tensorrt_plan")}
 # Triton's --model-control-mode values yatdeploy has: every model at start-up and no changes (none), or only
 # what --load-model names, then what clients load and unload (explicit).
 CONTROL_MODES = ("none", "explicit")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass(frozen=True)
@@ -117,22 +109,6 @@ class ModelSource:
         return text
 
 
-def model_config_pb2():
-    """Triton's ModelConfig protobuf module, as shipped in tritonclient (without its gRPC extra)."""
-    try:
-        import tritonclient
-    except ImportError:
-        raise YatDeployError("reading or writing config.pbtxt needs tritonclient",
-                             "pip install tritonclient (a dependency of yatdeploy: reinstall it)") from None
-    path = Path(tritonclient.__file__).parent / "grpc" / "model_config_pb2.py"
-    spec = importlib.util.spec_from_file_location("yatdeploy_triton_model_config_pb2", path)
-    if spec is None or spec.loader is None or not path.is_file():
-        raise YatDeployError(f"tritonclient has no {path.name}; reinstall tritonclient")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def parse_config(path: Path, shown: str | None = None):
     """The ModelConfig in the file at `path`, or a YatDeployError naming the file as `shown` (default: `path`)."""
     from google.protobuf import text_format
@@ -153,12 +129,6 @@ def config_from_json(text: str):
         return json_format.Parse(text, model_config_pb2().ModelConfig())
     except json_format.ParseError as exc:
         raise YatDeployError(f"the configuration is not a valid Triton model config: {exc}") from None
-
-
-def check_model_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise YatDeployError(f"model name {name!r}: use letters, digits, '_', '.' and '-' only")
-    return name
 
 
 def _is_text(name: str) -> bool:
@@ -191,12 +161,12 @@ def skipped_folders(path: str | Path) -> list[str]:
 
 
 def _default_file_names(name: str, config, what: str) -> tuple[str, ...]:
-    """The file names a version folder may serve: the config's default_model_filename, else model.onnx and model.plan.
-    A default_model_filename that is not a plain file name is refused with one message whatever it names (`what`:
-    the config it is in, as the message says it)."""
+    """The file names a version folder may serve: the config's default_model_filename, else packaging.model_files()
+    (model.onnx, model.plan). A default_model_filename that is not a plain file name is refused with one message
+    whatever it names (`what`: the config it is in, as the message says it)."""
     value = config.default_model_filename if config is not None else ""
     if not value:
-        return (MODEL_FILE, PLAN_FILE)
+        return model_files()
     if not value.strip() or value in (".", "..") or any(c in value for c in "/\\\x00"):
         raise YatDeployError(f"model '{name}': {what} default_model_filename must be a plain file name in the "
                              "version folder (no '/' or '\\', not '.', '..' or blank)")
@@ -255,11 +225,10 @@ def _served_versions(name: str, config, found: list[tuple[int, Path, Path]]) -> 
     return found[-1:]
 
 
-def _engine_backend(plan: Path) -> str:
-    """The backend that runs an engine: its signature's runtime (tensorrt, or tensorrt-rtx)."""
-    from yatdeploy.trt.engine import engine_runtime
-
-    return engine_runtime(plan)
+def _backend_name(model_file: Path) -> str | None:
+    """The backend a model file needs (an engine's), None for one any backend may run (backends.for_file)."""
+    backend = registry.for_file(model_file)
+    return None if backend is None else backend.name
 
 
 def discover(path: str | Path, only: str | None = None, config_override=None) -> list[ModelSource]:
@@ -275,11 +244,12 @@ def discover(path: str | Path, only: str | None = None, config_override=None) ->
         if not _is_text(path.stem):
             raise YatDeployError(f"{_as_read(path.name)}: a model's name (the file's stem) must be valid UTF-8: "
                                  "rename the file")
-        if path.suffix == ".plan":
-            return [ModelSource(path.stem, "1", path, backend=_engine_backend(path))]
-        if path.suffix != ".onnx":
-            raise YatDeployError(f"{path}: expected an .onnx file, a TensorRT .plan or a model repository folder")
-        return [ModelSource(path.stem, "1", path)]
+        kinds = registry.file_kinds()
+        if path.suffix not in kinds:
+            raise YatDeployError(f"{path}: expected a model file ("
+                                 + ", ".join(f"{what}: {suffix}" for suffix, what in kinds.items())
+                                 + ") or a model repository folder")
+        return [ModelSource(path.stem, "1", path, backend=_backend_name(path))]
     sources = []
     root = os.path.realpath(path)
     for folder in model_folders(path):
@@ -288,7 +258,7 @@ def discover(path: str | Path, only: str | None = None, config_override=None) ->
     if not sources and only is not None:
         raise YatDeployError(f"model '{only}' is not in the repository")
     if not sources:
-        raise YatDeployError(f"{path}: no models (expected <model>/<version>/{MODEL_FILE} or {PLAN_FILE})")
+        raise YatDeployError(f"{path}: no models (expected <model>/<version>/{' or '.join(model_files())})")
     return sources
 
 
@@ -329,9 +299,12 @@ def _model_sources(folder: Path, repository: Path, root: str, config_override) -
     sources = []
     for number, _, model_file in served:
         source = ModelSource(name, str(number), model_file, shown=model_file.relative_to(repository).as_posix(),
-                             repository=repository,
-                             backend=_engine_backend(model_file) if model_file.suffix == ".plan" else None)
-        if has_config:
+                             repository=repository)
+        try:
+            source.backend = _backend_name(model_file)
+        except YatDeployError as exc:  # an engine no backend here built: that model is unavailable
+            source.error = f"model '{name}': {exc.text}"
+        if has_config and source.error is None:
             try:
                 read_config(source, config_path, config_override)
             except YatDeployError as exc:
@@ -359,8 +332,6 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
 
     What can be checked without loading the model is checked here; check_signature does the rest.
     """
-    from yatdeploy import backends as registry
-
     if config is None:
         try:
             config = parse_config(path, shown=CONFIG)
@@ -381,8 +352,9 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
     if any(group.count > 1 for group in config.instance_group):
         raise _config_error(source, "instance_group", "count > 1: yatdeploy runs one instance of a model (its "
                                                       "intra-op threads use the cores)")
-    backends, platforms = zip(*_TRITON_RUNTIMES.values())
-    expected = _TRITON_RUNTIMES[MODEL_FILE if source.path.suffix == ".onnx" else PLAN_FILE]
+    runtimes = [names for suffix in registry.file_kinds() for names in registry.triton_names(suffix)]
+    backends, platforms = (list(dict.fromkeys(names)) for names in zip(*runtimes))
+    expected = [name for pair in registry.triton_names(source.path.suffix) for name in pair]
     for field, value, known in (("backend", config.backend, backends), ("platform", config.platform, platforms)):
         if value and value not in known:
             raise _config_error(source, field, f"{value!r}: yatdeploy serves {', '.join(known)}")
@@ -404,7 +376,7 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
         queue = config.dynamic_batching.default_queue_policy.max_queue_size  # unsigned; 0: the default
         if queue > 0:
             source.max_queue_size = int(queue)
-    datatypes = {triton: name for name, triton in _TRITON_TYPES.items()}
+    datatypes = {triton: name for name, triton in TRITON_TYPES.items()}
     pb2 = type(config).DESCRIPTOR.file.enum_types_by_name["DataType"]
     for field, entries in (("input", config.input), ("output", config.output)):
         tensors = []
@@ -445,7 +417,7 @@ def check_signature(source: ModelSource, inputs: Sequence[TensorSignature], outp
             model = by_name[tensor.name]
             if tensor.datatype != model.datatype:
                 raise _config_error(source, f"{field} '{tensor.name}' data_type",
-                                    f"{_TRITON_TYPES[tensor.datatype]}: the model's is {_TRITON_TYPES[model.datatype]}")
+                                    f"{TRITON_TYPES[tensor.datatype]}: the model's is {TRITON_TYPES[model.datatype]}")
             dims = batch + tensor.dims
             if len(dims) != len(model.shape) or any(m != graph.DYNAMIC and d != m for d, m in zip(dims, model.shape)):
                 shown = list(model.shape[len(batch):])
@@ -454,41 +426,6 @@ def check_signature(source: ModelSource, inputs: Sequence[TensorSignature], outp
                                     + (" (without the batch dimension, as max_batch_size > 0)" if batch else ""))
             shapes[tensor.name] = list(dims)
     return shapes
-
-
-def _triton_types() -> dict[str, str]:
-    from yatdeploy import dtypes
-
-    return {t.v2: t.triton for t in dtypes.TYPES}
-
-
-_TRITON_TYPES = _triton_types()  # v2 datatype -> Triton's TYPE_ name
-
-
-def _add_tensors(field, tensors: Sequence[TensorSignature], batching: bool) -> None:
-    """Add ModelInput/ModelOutput entries to `field`, without the batch dimension when `batching`."""
-    for tensor in tensors:
-        field.add(name=tensor.name, data_type=_TRITON_TYPES[tensor.datatype],
-                  dims=list(tensor.shape[1:] if batching else tensor.shape))
-
-
-def _dynamic_batching(config, max_queue_delay_us: int, max_queue_size: int) -> None:
-    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-    config.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
-    config.dynamic_batching.SetInParent()  # present even with every field at its default
-
-
-def limit_parameters(limits: Mapping[str, InputLimits], batching: bool) -> dict[str, str]:
-    """The config parameters (LIMIT_PREFIX) stating `limits`; max_dims without the batch dim when `batching`."""
-    parameters = {}
-    for name, limit in limits.items():
-        if limit.values is not None:
-            parameters[f"{LIMIT_PREFIX}{name}.range"] = f"{limit.values[0]}:{limit.values[1]}"
-        dims = limit.max_dims[1:] if batching else limit.max_dims
-        if any(d is not None for d in dims):
-            parameters[f"{LIMIT_PREFIX}{name}.max_dims"] = ",".join(str(graph.DYNAMIC if d is None else d)
-                                                                    for d in dims)
-    return parameters
 
 
 def read_limit_parameters(source: ModelSource, parameters) -> dict[str, InputLimits]:
@@ -521,143 +458,3 @@ def read_limit_parameters(source: ModelSource, parameters) -> dict[str, InputLim
                 "one size per dim of the config's dims, each at least 1 or -1 for any, e.g. 1024"
             raise _config_error(source, f"parameters[{key}]", f"{text!r}: expected {expected}") from None
     return limits
-
-
-def _text(config) -> str:
-    from google.protobuf import text_format
-
-    return text_format.MessageToString(config)
-
-
-def config_text(name: str, model: onnx.ModelProto, *, op_library: str | PurePath | None, max_batch_size: int,
-                max_queue_delay_us: int = 0, max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
-    """config.pbtxt for an ONNX model: Triton's ModelConfig message in protobuf text format. `op_library` is
-    written as given: the custom-op library's path where Triton will run (op_library_path)."""
-    pb2 = model_config_pb2()
-    config = pb2.ModelConfig(name=name, backend="onnxruntime", max_batch_size=max_batch_size)
-    _add_tensors(config.input, [graph.signature(v) for v in graph.graph_inputs(model)], batching=True)
-    _add_tensors(config.output, [graph.signature(v) for v in model.graph.output], batching=True)
-    _dynamic_batching(config, max_queue_delay_us, max_queue_size)
-    config.instance_group.add(kind=pb2.ModelInstanceGroup.KIND_CPU, count=1)
-    for key, value in limit_parameters(recorded_limits(graph.metadata(model)), batching=True).items():
-        config.parameters[key].string_value = value
-    if op_library is not None:
-        # Triton's ONNX Runtime backend registers this library in every session of the model.
-        config.model_operations.op_library_filename.append(str(op_library))
-    return _text(config)
-
-
-# Where Triton sees the model repository: the folder its docs mount and pass as --model-repository. The
-# custom-op library's path in config.pbtxt is written for it (write_repository's op_library_root).
-DEFAULT_OP_LIBRARY_ROOT = "/models"
-
-
-def write_repository(repository: str | Path, name: str, onnx_path: str | Path, *, op_library: Path | None,
-                     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, version: int = 1,
-                     op_library_root: str | PurePath = DEFAULT_OP_LIBRARY_ROOT) -> Path:
-    """Copy an exported model into `<repository>/<name>/<version>/model.onnx` with its config.pbtxt.
-
-    With `op_library` (the custom-op library), the library and the libraries it needs from outside the system
-    (OpenBLAS) are copied into `<repository>/<name>/` beside config.pbtxt, and the config's op_library_filename
-    names the copy as Triton will see it: `<op_library_root>/<name>/<file>`, `op_library_root` being the
-    repository's absolute path where Triton runs (/models, Triton's convention, by default; /mnt/models under
-    KServe; the repository's own absolute path for a Triton on this machine). docs/triton.md."""
-    check_model_name(name)
-    if max_batch_size < 1:
-        raise YatDeployError(f"{option('max_batch_size')} {max_batch_size}: must be at least 1")
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    if not graph.model_has_batch_dim(model):
-        raise YatDeployError(f"a repository model needs a dynamic batch dimension (it was exported with {option('dynamic_batch', False)})")
-    library_path = op_library_path(op_library_root, name, op_library) if op_library is not None else None
-    config = config_text(name, model, op_library=library_path, max_batch_size=max_batch_size)
-    folder = Path(repository) / name
-    # The entry as a unit: written in full beside the folder, then moved in (config.pbtxt last), so a full disk or
-    # Ctrl-C leaves the folder as it was.
-    with staged_folder(folder, last=(CONFIG,)) as stage:
-        (stage / str(version)).mkdir()
-        shutil.copyfile(onnx_path, stage / str(version) / MODEL_FILE)
-        if op_library is not None:
-            copy_op_library(op_library, stage)
-        (stage / CONFIG).write_text(config)
-    return folder
-
-
-def op_library_path(root: str | PurePath, name: str, op_library: str | Path) -> PurePosixPath:
-    """op_library_filename for model `name`: where its copy of `op_library` is when the repository is at `root`.
-
-    Triton's ONNX Runtime backend hands the string as it is to RegisterCustomOpsLibrary (dlopen), which would
-    read a relative path against the server's working directory: `root` must be absolute."""
-    root = PurePosixPath(root)
-    if not root.is_absolute():
-        raise YatDeployError(f"{option('op_library_root')} {str(root)!r}: give the absolute path the repository will "
-                             f"have where Triton runs ({DEFAULT_OP_LIBRARY_ROOT}, Triton's convention; /mnt/models "
-                             "under KServe; the repository's own absolute path for a Triton on this machine)")
-    return root / check_model_name(name) / Path(op_library).name
-
-
-def copy_op_library(op_library: str | Path, folder: Path) -> list[Path]:
-    """Copy the custom-op library, and the libraries it needs from outside the system (OpenBLAS, under the names
-    the library asks for), into `folder`; return the copies. The library finds them there through its `$ORIGIN`
-    RUNPATH (custom_ops/CMakeLists.txt): a library built without one is refused, as its copy would not load."""
-    from yatdeploy import native
-
-    op_library = Path(op_library)
-    try:
-        dynamic = native.elf_dynamic(op_library)
-        needs = native.library_dependencies(op_library)
-    except (OSError, ValueError) as exc:
-        raise YatDeployError(f"custom-op library {op_library}: {exc}") from None
-    if needs and not any(entry in ("$ORIGIN", "${ORIGIN}") for entry in dynamic.runpath):
-        raise YatDeployError(f"custom-op library {op_library} has no $ORIGIN in its RUNPATH "
-                             f"({':'.join(dynamic.runpath) or 'none'}), so a copy would not find "
-                             f"{', '.join(needs)} beside it", "rebuild it: make install")
-    copies = []
-    for target_name, source in [(op_library.name, op_library), *needs.items()]:
-        target = folder / target_name
-        copies.append(target)
-        if target.exists() and target.resolve() == source.resolve():
-            continue
-        # A new file renamed into place: a server that has the old copy loaded keeps its pages intact.
-        partial = target.with_name(f".{target_name}.partial")
-        shutil.copyfile(source, partial)
-        partial.replace(target)
-    return copies
-
-
-def engine_config_text(name: str, signature, *, max_queue_delay_us: int = 0,
-                       max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE) -> str:
-    """config.pbtxt for a TensorRT engine (yatdeploy.trt.engine.EngineSignature)."""
-    batching = graph.has_batch_dim(signature.inputs[0].shape)
-    pb2 = model_config_pb2()
-    # YatGemm runs as yatdeploy's ahead-of-time plugin, whose kernel is inside the engine: Triton needs
-    # no plugin library for it (no LD_PRELOAD, no --backend-config=tensorrt,plugins=...).
-    config = pb2.ModelConfig(name=name, platform="tensorrt_plan",
-                             max_batch_size=signature.profile.max if batching else 0)
-    _add_tensors(config.input, signature.inputs, batching)
-    _add_tensors(config.output, signature.outputs, batching)
-    if batching:
-        _dynamic_batching(config, max_queue_delay_us, max_queue_size)
-    config.instance_group.add(kind=pb2.ModelInstanceGroup.KIND_GPU, count=1)
-    config.parameters[BACKEND_PARAMETER].string_value = "tensorrt"
-    return _text(config)
-
-
-def write_engine_repository(repository: str | Path, name: str, engine_path: str | Path, version: int = 1) -> Path:
-    """Copy an engine and its signature into `<repository>/<name>/<version>/model.plan` with a config.pbtxt."""
-    from yatdeploy.trt.engine import EngineSignature, signature_path
-
-    check_model_name(name)
-    engine_path = Path(engine_path)
-    signature = EngineSignature.read(engine_path)
-    if signature.profile.min > 1 and graph.has_batch_dim(signature.inputs[0].shape):
-        raise YatDeployError(f"{engine_path}: its profile starts at batch {signature.profile.min}; Triton sends "
-                             f"batches from 1 (rebuild with {option('min_batch')} 1)")
-    config = engine_config_text(name, signature)
-    folder = Path(repository) / name
-    with staged_folder(folder, last=(CONFIG,)) as stage:  # the entry as a unit, as write_repository's
-        target = stage / str(version) / PLAN_FILE
-        target.parent.mkdir()
-        shutil.copyfile(engine_path, target)
-        shutil.copyfile(signature_path(engine_path), signature_path(target))
-        (stage / CONFIG).write_text(config)
-    return folder

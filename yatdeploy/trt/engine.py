@@ -30,6 +30,7 @@ from yatdeploy.progress import QUIET, Progress
 from yatdeploy.spec import MATH_ATTRIBUTES, PLUGIN_NAMESPACE, PLUGIN_VERSION, YAT_GEMM
 from yatdeploy.trt import plugin_logic
 
+RUNTIME = "tensorrt"  # an engine's runtime, as its signature records it: the backend that runs it
 MIN_TENSORRT = (10, 15)  # ahead-of-time Python plugins (10.9) and the parser's plugin_namespace override (10.15)
 SIGNATURE_SUFFIX = ".json"
 WORKSPACE_DEFAULT_MB = 4096
@@ -64,7 +65,7 @@ class EngineSignature:
     tensorrt: str = ""  # the version of the runtime below
     gpu: str = ""  # the GPU it was built on ("" for a TensorRT for RTX engine built without one)
     built: dict = field(default_factory=dict)
-    runtime: str = "tensorrt"  # or "tensorrt-rtx" (yatdeploy.trt.rtx)
+    runtime: str = RUNTIME  # or yatdeploy.trt.rtx.RUNTIME
     compute_capabilities: list[str] = field(default_factory=list)  # TensorRT for RTX's targets; [] its default
     plugin_fields: list[dict] = field(default_factory=list)  # per plugin layer: node, eps, alpha as received
 
@@ -115,12 +116,12 @@ def write_engine(output: Path, engine: bytes, signature: EngineSignature) -> Non
 
 
 def engine_runtime(engine_path: Path) -> str:
-    """The runtime an engine was built for, from its signature ("tensorrt" when that can't be read: the
+    """The runtime an engine was built for, from its signature (RUNTIME when that can't be read: the
     tensorrt backend then says what is wrong with it)."""
     try:
-        return str(json.loads(signature_path(Path(engine_path)).read_text()).get("runtime", "tensorrt"))
+        return str(json.loads(signature_path(Path(engine_path)).read_text()).get("runtime", RUNTIME))
     except (OSError, ValueError, AttributeError):
-        return "tensorrt"
+        return RUNTIME
 
 
 # --- preparing the ONNX graph for TensorRT's parser --------------------------------------------------

@@ -1,4 +1,4 @@
-"""`yatdeploy build-engine --runtime tensorrt-rtx`: TensorRT for RTX engines, built on any machine.
+"""`yatdeploy build-engine --backend tensorrt-rtx`: TensorRT for RTX engines, built on any machine.
 
 TensorRT for RTX (PyPI: tensorrt-rtx-cu13-libs and -bindings, module tensorrt_rtx_bindings) builds engines
 ahead of time without a GPU, for RTX-class GPUs: compute capabilities 7.5, 8.0, 8.6, 8.9, 12.0 and 12.1
@@ -58,7 +58,7 @@ def parse_compute_capability(text: str) -> str:
         return value
     if value in OTHER_RUNTIME:
         raise YatDeployError(f"compute capability {text}: {OTHER_RUNTIME[value]} is not a TensorRT for RTX target",
-                             f"build for it with the data-center TensorRT ({option('runtime')} tensorrt)")
+                             f"build for it with the data-center TensorRT ({option('backend')} tensorrt)")
     raise YatDeployError(f"compute capability {text}: TensorRT for RTX targets "
                          f"{', '.join(COMPUTE_CAPABILITIES)} (8.6 may be written 86, 8.6 or sm_86)")
 

@@ -1,4 +1,4 @@
-"""Stage 4, attach: give an exported model the YatGemm ONNX function, so any runtime can run it.
+"""Stage 5, attach: give an exported model the YatGemm ONNX function, so any runtime can run it.
 
 The exporter inlines onnxscript functions it is handed, so the graph is exported with bare YatGemm
 nodes and the function is added afterwards as a model-local function (docs/architecture.md).

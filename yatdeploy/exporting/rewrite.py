@@ -1,4 +1,8 @@
-"""Stage 2, rewrite: swap every nmn YatNMN layer for a module that calls the YatGemm op.
+"""Stage 3, rewrite: swap every nmn YatNMN layer for a module that calls the YatGemm op.
+
+`rewrite_model` hands the exporter its target: the example run's module rewritten (`rewrite_yat_layers`), or a compiled
+model (TorchScript, torch.export) as loaded, whose Yat layers keep no options and export as ordinary ops; with the
+number of Yat products the export must have as YatGemm nodes, and notes for the user.
 
 What is fixed at inference is folded here, at export time, into the op's inputs and attributes:
 alpha (learnable, constant or none), eps (constant or softplus of the learnable parameter), the bias
@@ -10,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +23,11 @@ from torch import Tensor, nn
 
 from yatdeploy import dtypes
 from yatdeploy.errors import UnsupportedLayerError
+from yatdeploy.exporting.example import ExampleRun
+from yatdeploy.loading import LoadedModel
 from yatdeploy.ops.torch_op import yat_gemm
+from yatdeploy.progress import QUIET, Progress
+from yatdeploy.reference import count_yat_layers
 
 # nmn adds this to norms before dividing (spherical and weight_normalized modes).
 _NMN_NORM_EPS = 1e-8
@@ -283,48 +290,6 @@ def fold_yatembed(layer: YatEmbed, path: str) -> tuple[YatEmbedLayer, FoldedLaye
     return YatEmbedLayer(table.clone(), head), FoldedLayer(path, in_features, out_features, options)
 
 
-def yat_calls(module: nn.Module, run: Callable[[], object]) -> dict[str, int]:
-    """The Yat dense products `run()` computes through `module`, per layer path: YatNMN calls and YatEmbed.attend
-    calls (a layer called twice counts twice, one never called 0). Their sum is the YatGemm nodes of an export."""
-    calls = {path: 0 for path, m in module.named_modules() if isinstance(m, (YatNMN, YatEmbed))}
-
-    def counter(path: str) -> Callable[..., None]:
-        def count(*_: object) -> None:
-            calls[path] += 1
-
-        return count
-
-    hooks = [m.register_forward_hook(counter(path)) for path, m in module.named_modules() if isinstance(m, YatNMN)]
-    patched = []
-    for path, sub in module.named_modules():
-        if isinstance(sub, YatEmbed):
-            count = counter(path)
-
-            def attend(query: Tensor, _bound=sub.attend, _count=count) -> Tensor:
-                _count()
-                return _bound(query)
-
-            sub.attend = attend  # an instance attribute, removed below
-            patched.append(sub)
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for sub in patched:
-            del sub.attend
-    return calls
-
-
-def count_yat_layers(module: nn.Module) -> int:
-    """YatNMN layers in a module, including compiled (TorchScript) ones, which keep the class name."""
-    count = 0
-    for sub in module.modules():
-        if isinstance(sub, YatNMN) or getattr(sub, "original_name", None) == "YatNMN":
-            count += 1
-    return count
-
-
 def rewrite_yat_layers(model: nn.Module, dtype: torch.dtype | None = None) -> RewriteResult:
     """Return a copy of `model` whose YatNMN layers call YatGemm; the input model is left untouched.
 
@@ -356,3 +321,32 @@ def rewrite_yat_layers(model: nn.Module, dtype: torch.dtype | None = None) -> Re
         parent = model.get_submodule(parent_path) if parent_path else model
         setattr(parent, name, export_layer)
     return result
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    target: object  # what torch.onnx.export is handed: the rewritten module, or a compiled model as loaded
+    rewrite: RewriteResult | None  # None for a compiled model
+    yat_layers: int  # the Yat products the model computes: the YatGemm nodes a rewritten model's export must have
+    notes: tuple[str, ...]
+
+
+def rewrite_model(loaded: LoadedModel, run: ExampleRun, progress: Progress = QUIET) -> Rewritten:
+    reference = run.reference
+    if not loaded.layers_are_identifiable:
+        yat_layers = count_yat_layers(loaded.module)
+        notes = () if not yat_layers else (
+            f"{loaded.format} keeps no YatNMN options, so its {yat_layers} YatNMN layer(s) export as ordinary "
+            "ONNX ops; save the model with torch.save(model) to get YatGemm nodes",)
+        return Rewritten(loaded.program if loaded.program is not None else loaded.module, None, yat_layers, notes)
+    with progress.step("rewriting Yat layers to YatGemm"):
+        result = rewrite_yat_layers(reference.module, dtypes.by_name(reference.dtype).torch)
+    said = []
+    unused = [path or "<root>" for path, count in run.calls.items() if count == 0
+              and not (isinstance(reference.module.get_submodule(path), YatEmbed))]
+    if unused:
+        said.append(f"Yat layer(s) {', '.join(unused)} did not run on the example input, so the export has no "
+                    "node for them")
+    if result.decomposed_layers:
+        said.append("exported through ordinary ONNX ops (no YatGemm form yet): " + ", ".join(result.decomposed_layers))
+    return Rewritten(result.module, result, sum(run.calls.values()), tuple(said))

@@ -1,4 +1,5 @@
-"""`yatdeploy bench`: a load generator for any Open Inference Protocol endpoint (ours or Triton's).
+"""Measuring a served model: the load generator of `yatdeploy bench` and benchmarks/bench_serving.py, a client
+of any Open Inference Protocol endpoint (ours or Triton's), over HTTP or gRPC.
 
 Closed loop: N clients, each sending its next request when the last one answers, for each N in a
 list of concurrencies. Open loop: requests sent at a fixed rate whatever the answers, latency counted
@@ -163,22 +164,37 @@ class Endpoint:
         return await asyncio.open_connection(self.host, self.port)
 
     async def send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        """One request on the connection and its whole answer read (a Content-Length body or a chunked one, as
+        KServe's server sends binary answers): the status. A ValueError when the answer is not HTTP/1.1."""
         writer.write(self.request)
         await writer.drain()
         status_line = await reader.readline()
         if not status_line:
             raise ConnectionError("the server closed the connection")
-        status = int(status_line.split()[1])
-        length = 0
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            raise ValueError(f"not an HTTP status line: {status_line[:80]!r}")
+        length, chunked = 0, False
         while True:
             line = await reader.readline()
             if line in (b"\r\n", b"\n", b""):
                 break
             name, _, value = line.decode("latin-1").partition(":")
-            if name.strip().lower() == "content-length":
+            name = name.strip().lower()
+            if name == "content-length":
                 length = int(value)
-        await reader.readexactly(length)
-        return status
+            elif name == "transfer-encoding":
+                chunked = "chunked" in value.lower()
+        if not chunked:
+            await reader.readexactly(length)
+            return int(parts[1])
+        while True:  # chunks: a hex size line, that many bytes and CRLF; a size of 0 ends them (then trailers)
+            size = int((await reader.readline()).split(b";")[0].strip() or b"x", 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+                return int(parts[1])
+            await reader.readexactly(size + 2)
 
     def server_stats(self) -> tuple[int, int, int] | None:
         """(successful requests, queue ns, compute ns) from the statistics extension, if served."""
