@@ -39,11 +39,9 @@ TENSORRT_MISSING = availability()
 
 
 @pytest.fixture
-def exported(save_whole, tmp_path, progress) -> tuple[Path, Path]:
-    source = save_whole(yat_mlp())
-    onnx_path = tmp_path / "m.onnx"
-    export_model(load_model(source), onnx_path, ExportOptions((1, 16)), progress)
-    return source, onnx_path
+def exported(exported_mlp, tmp_path) -> tuple[Path, Path]:
+    """The session's exported yat_mlp: its .pt and a copy of its ONNX file."""
+    return exported_mlp.source, exported_mlp.onnx_copy(tmp_path)
 
 
 @pytest.mark.slow
