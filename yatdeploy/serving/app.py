@@ -28,6 +28,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Route
 
 from yatdeploy import __version__
 from yatdeploy.serving.core import InferenceServer, InferResult, off_loop_when
@@ -330,8 +331,10 @@ class V2Endpoints:
                                    model.name, model.version, result.request.id, result.outputs)
 
 
-# Every route: (method, path, V2Endpoints' method), in the order they are matched.
+# Every route: (method, path, V2Endpoints' method), in the order they are matched: the request path first.
 ROUTES = [
+    ("POST", "/v2/models/{name}/infer", "infer"),
+    ("POST", "/v2/models/{name}/versions/{version}/infer", "infer"),
     ("GET", "/v2/health/live", "live"),
     ("GET", "/v2/health/ready", "ready"),
     ("GET", "/v2", "server_metadata"),
@@ -347,15 +350,31 @@ ROUTES = [
     ("GET", "/v2/models/{name}/versions/{version}/config", "model_config"),
     ("GET", "/v2/models/{name}/stats", "model_stats"),
     ("GET", "/v2/models/{name}/versions/{version}/stats", "model_stats"),
-    ("POST", "/v2/models/{name}/infer", "infer"),
-    ("POST", "/v2/models/{name}/versions/{version}/infer", "infer"),
     ("GET", "/metrics", "metrics"),
 ]
 
 
+# The request path's routes are plain Starlette routes that hand the endpoint the request and its path
+# parameters: FastAPI's own routes solve and validate each endpoint's parameters on every call (~0.2 ms per request
+# here, measured with cProfile at 16 clients). They are also matched first (ROUTES' order).
+_HOT = {"infer"}
+
+
 def register_endpoints(app: FastAPI, endpoints: V2Endpoints) -> None:
     for method, path, name in ROUTES:
-        app.add_api_route(path, getattr(endpoints, name), methods=[method])
+        if name in _HOT:
+            app.router.routes.append(Route(path, _plain(getattr(endpoints, name)), methods=[method], name=name))
+        else:
+            app.add_api_route(path, getattr(endpoints, name), methods=[method])
+
+
+def _plain(endpoint):
+    """A Starlette endpoint calling `endpoint(request, **path parameters)`."""
+
+    async def call(request: Request) -> Response:
+        return await endpoint(request, **request.path_params)
+
+    return call
 
 
 def _answer_errors(app: FastAPI) -> None:
