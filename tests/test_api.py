@@ -1,7 +1,8 @@
-"""The Python API (yatdeploy.export, .validate, .load) and how library errors name options."""
+"""The Python API (yatdeploy.api: every command as a function) and how library errors name options."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 
 import yatdeploy
 from tests.model_zoo import yat_mlp
+from yatdeploy import backends
 from yatdeploy.cli import EXIT_USAGE, main
 from yatdeploy.errors import ModelLoadError
 from yatdeploy.loading import load_model
@@ -62,6 +64,8 @@ def test_import_yatdeploy_does_not_import_torch():
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert yatdeploy.export.__module__ == "yatdeploy.api"
+    assert all(getattr(yatdeploy, name).__module__ in ("yatdeploy.api", "yatdeploy.build")
+               for name in ("bench", "build_engine", "export", "load", "serve", "validate"))
     with pytest.raises(AttributeError, match="no attribute 'exports'"):
         yatdeploy.exports  # noqa: B018
 
@@ -98,3 +102,90 @@ def test_messages_carry_no_terminal_colour_codes():
                            "\x1b]8;;https://x\x07see\x1b]8;;\x07 the \x1b[1;31mdocs\x1b[m")
     assert str(error) == "torch.onnx.export failed: This is step 1/3 of exporting (see the docs)"
     assert "\x1b" not in error.text
+
+
+def test_the_api_module_and_the_commands_that_run_no_pytorch_do_not_import_torch():
+    """build-engine, serve, bench and doctor go through yatdeploy.api without paying for torch's import."""
+    code = ("import sys, yatdeploy.api, yatdeploy.cli; from yatdeploy.cli import main; "
+            "status = main(['doctor', '--json']); print('torch' in sys.modules, status, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr.strip().splitlines()[-1] == "False 0"
+    assert yatdeploy.api.doctor()["backends"].keys() == set(backends.names())
+    assert "ort-cpu" in json.loads(out.stdout)["backends"]
+
+
+def test_api_options_are_checked_before_any_work_and_named_as_keywords(tmp_path):
+    from yatdeploy import api
+    from yatdeploy.errors import YatDeployError
+
+    refused = {
+        "bench": [(lambda: api.bench("http://127.0.0.1:1", "m", concurrencies=(), rates=()),
+                   "nothing to run: give `concurrencies` and/or `rates`"),
+                  (lambda: api.bench("grpc://127.0.0.1:1", "m", json_payload=True),
+                   "json_payload=True is for HTTP endpoints"),
+                  (lambda: api.bench("http://127.0.0.1:1", "m", concurrencies=[0]), "`concurrencies` [0]: expected"),
+                  (lambda: api.bench("http://127.0.0.1:1", "m", onnx=tmp_path / "absent.onnx"), "`onnx`"),
+                  (lambda: api.bench("http://127.0.0.1:1", "m", duration=0), "`duration` must be > 0")],
+        "demo": [(lambda: api.demo(tmp_path, epochs=0), "`epochs` 0: must be positive"),
+                 (lambda: api.demo(tmp_path, lm=True, tensorrt=True),
+                  "tensorrt=True is for the digits demo, not lm=True")],
+        "serve": [(lambda: api.serve(tmp_path, max_batch_size=0), "`max_batch_size` 0: must be at least 1"),
+                  (lambda: api.serve(tmp_path, strict_readiness="maybe"), "`strict_readiness` maybe: must be true"),
+                  (lambda: api.serve(tmp_path, load_models=["a"]),
+                   "`load_models` is for `model_control_mode` explicit"),
+                  (lambda: api.serve(tmp_path, max_body_mb=float("nan")), "`max_body_mb` nan"),
+                  (lambda: api.serve(tmp_path, grpc_port=8000), "`grpc_port` 8000: not a port number other than"),
+                  (lambda: api.serve(tmp_path, threads=0), "`threads` 0: must be between 1 and"),
+                  (lambda: api.serve(tmp_path, log_level="loud"), "`log_level` loud: one of debug")],
+        "validate": [(lambda: api.validate(tmp_path / "m.onnx", tmp_path / "absent.pt", batches="1,x"),
+                      "`batches` '1,x': expected comma-separated positive integers"),
+                     (lambda: api.validate(tmp_path / "m.onnx", tmp_path / "absent.pt", backends=["nope"]),
+                      "unknown backend 'nope'"),
+                     (lambda: api.validate(tmp_path / "m.onnx", tmp_path / "absent.pt", engine=tmp_path / "e.plan"),
+                      "`engine`")],
+    }
+    for function, cases in refused.items():
+        for call, message in cases:
+            with pytest.raises(YatDeployError) as caught:
+                call()
+            assert message in str(caught.value), (function, str(caught.value))
+    with pytest.raises(YatDeployError, match="`atol` -1.0: must be a finite number >= 0"):
+        api.Tolerance(-1.0, None)
+
+
+@pytest.mark.slow
+def test_serve_returns_a_handle_that_answers_over_http_and_grpc_and_stops(exported_mlp, tmp_path):
+    """yatdeploy.serve in this process: a real server on 127.0.0.1 (a background thread), asked over HTTP, measured
+    by yatdeploy.bench, stopped by its with block."""
+    import urllib.request
+
+    from tests.servers import free_port
+
+    port, grpc_port = free_port(), free_port()
+    with yatdeploy.serve(exported_mlp.onnx, port=port, grpc_port=grpc_port, threads=1,
+                         log_level="warning") as server:
+        assert server.url == f"http://127.0.0.1:{port}" and server.grpc_url == f"grpc://127.0.0.1:{grpc_port}"
+        assert server.running
+        body = json.dumps({"inputs": [{"name": "input", "shape": [2, 16], "datatype": "FP32",
+                                       "data": [0.5] * 32}]}).encode()
+        request = urllib.request.Request(f"{server.url}/v2/models/mlp/infer", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        x = np.full((2, 16), 0.5, dtype=np.float32)
+        with torch.inference_mode():
+            want = exported_mlp.loaded.module(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], want.shape), want, rtol=1e-4, atol=1e-5)
+        for url in (server.url, server.grpc_url):
+            result = yatdeploy.bench(url, "mlp", concurrencies=(2,), duration=0.3, warmup=0,
+                                     out=tmp_path / url.split(":")[0])
+            [step] = result.steps
+            assert step.errors == 0 and step.latencies_us, step.first_error
+            assert [p.name for p in result.written] == ["bench.csv", "bench.html", "bench.json"]
+    assert not server.running
+    with pytest.raises(OSError):  # stopped: the port no longer answers
+        urllib.request.urlopen(f"{server.url}/v2/health/live", timeout=5)
+    again = yatdeploy.serve(exported_mlp.onnx, port=port, grpc_port=0, threads=1, log_level="warning")
+    try:  # the port is free again for another server of this process
+        assert urllib.request.urlopen(f"{again.url}/v2/health/ready", timeout=5).status == 200
+    finally:
+        again.stop()

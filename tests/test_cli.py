@@ -1,7 +1,9 @@
-"""The command line: exit codes, one-line errors without tracebacks, reports, help."""
+"""The command line: exit codes, one-line errors without tracebacks, reports, help, one module per command."""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ import torch
 
 from tests.model_zoo import PatchedYat, yat_mlp
 from tests.test_validate import tamper_first_yat_weight
+from yatdeploy import api
 from yatdeploy.cli import EXIT_OK, EXIT_USAGE, EXIT_VALIDATION_FAILED, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +134,8 @@ def test_a_real_process_errors_cleanly_and_exports(model_file, tmp_path):
     assert "torchvision" not in done.stderr  # library chatter is kept out without --debug
 
 
-@pytest.mark.parametrize("command", [[], ["export"], ["validate"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["export"], ["validate"], ["build-engine"], ["demo"], ["serve"], ["bench"],
+                                     ["doctor"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -388,3 +392,50 @@ def test_a_ctrl_c_a_library_swallowed_stops_the_work_at_the_next_step():
     assert ran == ["swallowed", "went on", "interrupted"]
     with progress.step("after clearing"):  # a new command starts clean
         pass
+
+
+# --- the command line's layout: one module per command over the API ------------------------------------------------
+
+_CLI_LINE_BUDGET = 200  # cli.py: the top parser, dispatch, errors spelled as flags, the exit-code map
+
+
+def _functions(path) -> dict[str, ast.FunctionDef]:
+    return {node.name: node for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
+
+
+def test_every_command_is_one_module_registered_in_one_list_and_runs_the_api():
+    """A command is a module of yatdeploy/commands/ (its flags, help and run) and its line in COMMANDS; its run turns
+    the flags into a call of yatdeploy.api. cli.py holds none of them: no cmd_* function, no command's name."""
+    from yatdeploy import cli, commands
+
+    folder = Path(commands.__file__).parent
+    modules = {p.stem for p in folder.glob("*.py")} - {"__init__", "common"}
+    assert {c.__name__.rpartition(".")[2] for c in commands.COMMANDS} == modules
+    names = [c.NAME for c in commands.COMMANDS]
+    assert names == ["export", "validate", "build-engine", "demo", "serve", "bench", "doctor"]  # --help's order
+    subparsers = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(subparsers.choices) == names
+    for command in commands.COMMANDS:
+        run = _functions(Path(command.__file__))["run"]
+        calls = {f"{node.func.value.id}.{node.func.attr}" for node in ast.walk(run) if isinstance(node, ast.Call)
+                 and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)}
+        assert any(call.startswith("api.") for call in calls), f"{command.NAME}'s run calls no yatdeploy.api function"
+        api_name = command.NAME.replace("-", "_")
+        assert f"api.{api_name}" in calls and callable(getattr(api, api_name))
+
+    source = Path(cli.__file__)
+    assert len(source.read_text().splitlines()) <= _CLI_LINE_BUDGET
+    assert not [name for name in _functions(source) if name.startswith("cmd_")]
+    named = [node.value for node in ast.walk(ast.parse(source.read_text()))
+             if isinstance(node, ast.Constant) and node.value in names]
+    assert named == [], f"cli.py names commands: {named}"
+
+
+def test_the_cli_spells_the_apis_keywords_as_each_commands_flags(tmp_path, capsys):
+    """One check, two spellings: the API's keyword in Python, the command's flag (its own name or its ALIASES)."""
+    assert main(["serve", "-q", str(tmp_path), "--no-batching", "--load-model", "a"]) == EXIT_USAGE
+    assert "--load-model is for --model-control-mode explicit" in _error_line(capsys)
+    assert main(["bench", "-q", "http://127.0.0.1:1", "--model", "m", "--concurrency", "0"]) == EXIT_USAGE
+    assert "--concurrency '0': expected comma-separated positive integers" in _error_line(capsys)
+    assert main(["validate", "-q", str(tmp_path / "m.onnx"), "--against", "m.pt", "--engine", "e.plan"]) == EXIT_USAGE
+    assert "--engine e.plan: no such file" in _error_line(capsys)

@@ -2,13 +2,17 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "export", "load", "validate"]
+# yatdeploy.api's functions offered here. `doctor` and `demo` are yatdeploy.api's only: yatdeploy.doctor and
+# yatdeploy.demo are modules, which an import would put in their place.
+_API = ("bench", "build_engine", "export", "load", "serve", "validate")
+
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name: str):
-    # yatdeploy.export / .validate / .load (yatdeploy.api), imported on first use: `import yatdeploy` and the
-    # CLI's --help stay free of torch.
-    if name in ("export", "load", "validate"):
+    # Imported on first use: `import yatdeploy` and the CLI's --help stay free of torch (and yatdeploy.api itself
+    # imports it only in the functions that run PyTorch).
+    if name in _API:
         from yatdeploy import api
 
         return getattr(api, name)

@@ -1,4 +1,4 @@
-"""yatdeploy's Python API, `yatdeploy.export` and `yatdeploy.validate`: what the CLI's commands run.
+"""yatdeploy's Python API: every command of the CLI as a function, which the CLI's commands call.
 
     import yatdeploy
     result = yatdeploy.export(model, torch.randn(1, 784), "model.onnx")     # validates too
@@ -6,42 +6,75 @@
     lm = yatdeploy.export(lm_model, torch.zeros(1, 32, dtype=torch.long), "lm.onnx",
                           dynamic_axes={0: "batch", 1: "seq"})
     report = yatdeploy.validate("model.onnx", "model.pt", batches=(1, 64))
-    engine = yatdeploy.api.build_engine("model.onnx", backend="tensorrt-rtx").engine  # yatdeploy.build
+    engine = yatdeploy.build_engine("model.onnx", backend="tensorrt-rtx").engine    # yatdeploy.build
+    with yatdeploy.serve("model.onnx", port=8080, grpc_port=0) as server:           # a background thread
+        yatdeploy.bench(server.url, "model", concurrencies=(1, 8), duration=2)
+    yatdeploy.api.doctor()["backends"]
+    yatdeploy.api.demo("out")                                                        # train, export, validate
 
 `model` is a torch.nn.Module built in this process (put in eval mode) or a model file, loaded as
-`yatdeploy export` loads one (`arch`, `trust_pickle`). Errors are yatdeploy.errors.YatDeployError,
-whose message says what to do.
+`yatdeploy export` loads one (`arch`, `trust_pickle`). Options are checked when a function is called, before any
+work, with the command's checks; errors are yatdeploy.errors.YatDeployError, whose message names the function's
+keywords and says what to do. This module imports neither torch nor a runtime: build_engine, serve, bench and
+doctor run without importing torch, and export, validate, load and demo import it when called.
+`doctor` and `demo` are this module's only: `yatdeploy.doctor` and `yatdeploy.demo` are modules.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-import torch
-from torch import nn
-
+from yatdeploy import files
 from yatdeploy.build import EngineBuild, build_engine
 from yatdeploy.cases import DEFAULT_BATCHES
-from yatdeploy.errors import InputSpecError
-from yatdeploy.exporting import OPSET, ExportOptions, ExportResult, export_model
-from yatdeploy.exporting.settle import DynamicAxes
-from yatdeploy.inputs import InputSpec, parse_input
-from yatdeploy.loading import LoadedModel, from_module, load_model
+from yatdeploy.errors import InputSpecError, YatDeployError, option
+from yatdeploy.packaging import DEFAULT_MAX_BATCH_SIZE, DEFAULT_OP_LIBRARY_ROOT
 from yatdeploy.progress import QUIET, Progress
-from yatdeploy.reference import Reference
-from yatdeploy.validation import Tolerance, ValidationReport
-from yatdeploy.validation import validate as _validate
+from yatdeploy.spec import FUNCTION_OPSET as OPSET
 
-__all__ = ["EngineBuild", "ExportResult", "Tolerance", "ValidationReport", "build_engine", "export", "load",
-           "validate"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from yatdeploy.demo import DemoResult
+    from yatdeploy.demo_lm import LmDemoResult
+    from yatdeploy.exporting import ExportResult
+    from yatdeploy.exporting.settle import DynamicAxes
+    from yatdeploy.inputs import InputSpec
+    from yatdeploy.loadgen import BenchResult
+    from yatdeploy.loading import LoadedModel
+    from yatdeploy.reference import Reference
+    from yatdeploy.serving.server import ServerHandle
+    from yatdeploy.validation import Tolerance, ValidationReport
+
+__all__ = ["BenchResult", "EngineBuild", "ExportResult", "ServeSettings", "ServerHandle", "Tolerance",
+           "ValidationReport", "bench", "build_engine", "demo", "doctor", "export", "load", "serve", "validate"]
+
+# The result and settings types, from their stages' modules when first asked for (they import torch or serving).
+_TYPES = {"BenchResult": "yatdeploy.loadgen", "ExportResult": "yatdeploy.exporting",
+          "ServeSettings": "yatdeploy.serving.server", "ServerHandle": "yatdeploy.serving.server",
+          "Tolerance": "yatdeploy.validation", "ValidationReport": "yatdeploy.validation"}
+
+
+def __getattr__(name: str):
+    if name in _TYPES:
+        import importlib
+
+        return getattr(importlib.import_module(_TYPES[name]), name)
+    raise AttributeError(f"module 'yatdeploy.api' has no attribute {name!r}")
 
 
 def load(model: nn.Module | str | Path | LoadedModel, *, arch: str | None = None, trust_pickle: bool = False,
          state_key: str | None = None) -> LoadedModel:
     """`model` as export and validation take it: a module as it is, a file through yatdeploy.loading
     (`arch` builds the module for a state_dict; `state_key` picks a training checkpoint's entry)."""
+    from torch import nn
+
+    from yatdeploy.loading import LoadedModel, from_module, load_model
+
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, nn.Module):
@@ -49,13 +82,13 @@ def load(model: nn.Module | str | Path | LoadedModel, *, arch: str | None = None
     return load_model(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
 
 
-ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[int], str, Sequence[Union[InputSpec, str]]]
+ExampleInputs = Union["torch.Tensor", Sequence["torch.Tensor"], Sequence[int], str, Sequence[Union["InputSpec", str]]]
 
 
 def export(
     model: nn.Module | str | Path | LoadedModel,
     example_inputs: ExampleInputs,
-    path: str | Path,
+    path: str | Path | None = None,
     *,
     dynamic_axes: DynamicAxes | None = None,
     dtype: str | None = None,
@@ -68,10 +101,16 @@ def export(
     tolerance: Tolerance | None = None,
     input_files: Sequence[str | Path] = (),
     seed: int = 0,
+    report: str | Path | None = None,
+    repository: str | Path | None = None,
+    name: str | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    op_library_root: str = DEFAULT_OP_LIBRARY_ROOT,
     progress: Progress = QUIET,
 ) -> ExportResult:
-    """Export `model` to the ONNX file `path` and, unless `validate` is False, validate it against PyTorch on
-    every backend available (`result.report`; the file is written even when validation fails).
+    """Export `model` to the ONNX file `path` (default: the model file's, with .onnx) and, unless `validate` is
+    False, validate it against PyTorch on every backend available (`result.report`; the file is written even when
+    validation fails; `report`: also written there as JSON).
 
     `example_inputs`: a tensor or a tuple of tensors, passed to the model as its positional inputs (named
     `input`, or after forward's parameters when there are several); `dynamic_axes`: `{dim: label}` for one
@@ -80,10 +119,17 @@ def export(
     unless `dynamic_axes={}`), or input specs (`inputs.InputSpec` or "ids:int64[batch=1,seq=32]" strings).
     `dtype`: export in this dtype ("float32", "float16", "bfloat16", "float64"), default the model's. `opset`:
     the ONNX opset (18 to 22, default 20). `int_ranges`: [low, high) of integer inputs' random values, by name
-    (or "ids=0:256" strings). `tolerance`, `input_files`, `seed`: as for `validate`. The stages, in order:
-    yatdeploy.exporting.
+    (or "ids=0:256" strings). `tolerance`, `input_files`, `seed`: as for `validate`. `repository`: also write
+    its entry `<repository>/<name>/1/model.onnx` (`name` default: the file's stem) with a config.pbtxt of
+    `max_batch_size`, the custom-op library named under `op_library_root` (where Triton sees the repository).
+    The stages, in order: yatdeploy.exporting. The declaration and the output paths are checked before the model
+    loads.
     """
-    loaded = load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
+    import torch
+
+    from yatdeploy.exporting import ExportOptions, export_model
+    from yatdeploy.inputs import InputSpec
+
     declared = {"dtype": dtype, "int_ranges": int_ranges or {}, "opset": opset}
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -97,10 +143,33 @@ def export(
         options = ExportOptions(inputs=tuple(items), dynamic_batch=dynamic_axes != {}, **declared)
     else:
         raise InputSpecError("example_inputs: expected a tensor, a tuple of tensors, a shape or input specs")
-    result = export_model(loaded, path, options, progress)
+    source = Path(model) if isinstance(model, (str, Path)) else None
+    if path is None:
+        if source is None:
+            raise YatDeployError(f"{option('path')}: the ONNX file to write (the model is not a file)")
+        path = source.with_suffix(".onnx")
+    output = Path(path)
+    if source is not None and output.resolve() == source.resolve():
+        raise YatDeployError(f"{option('path')} {output} would overwrite the model file")
+    _check_outputs(output, report, repository)
+    started = time.perf_counter()
+    if source is not None:
+        progress.say(f"loading {source}")
+    loaded = load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
+    progress.say(f"exporting ({loaded.format})")
+    result = export_model(loaded, output, options, progress)
+    result.seconds = time.perf_counter() - started
+    if repository is not None:
+        from yatdeploy import native
+        from yatdeploy.packaging import write_repository
+
+        result.repository_entry = write_repository(
+            repository, name or result.path.stem, result.path, op_library=native.ort_library_path(),
+            max_batch_size=max_batch_size, op_library_root=op_library_root)
     if validate:
-        result.report = _validate(result.path, result.reference, input_files=input_files, tolerance=tolerance,
-                                  int_ranges=result.int_ranges, seed=seed, progress=progress)
+        progress.say("validating")
+        result.report = _validation(result.path, result.reference, report, progress, input_files=input_files,
+                                    tolerance=tolerance, int_ranges=result.int_ranges, seed=seed)
     return result
 
 
@@ -108,11 +177,11 @@ def validate(
     onnx_path: str | Path,
     model: nn.Module | str | Path | LoadedModel | Reference,
     *,
-    input_shape: Sequence[int] | None = None,
+    input_shape: Sequence[int] | str | None = None,
     inputs: Sequence[InputSpec | str] | None = None,
-    int_ranges: Mapping[str, tuple[int, int]] | None = None,
+    int_ranges: Mapping[str, tuple[int, int]] | Sequence[str] | None = None,
     input_files: Sequence[str | Path] = (),
-    batches: Sequence[int] = DEFAULT_BATCHES,
+    batches: Sequence[int] | str = DEFAULT_BATCHES,
     tolerance: Tolerance | None = None,
     backends: Sequence[str] | None = None,
     engine: str | Path | None = None,
@@ -120,21 +189,192 @@ def validate(
     trust_pickle: bool = False,
     state_key: str | None = None,
     seed: int = 0,
+    report: str | Path | None = None,
     progress: Progress = QUIET,
 ) -> ValidationReport:
     """Compare the ONNX model at `onnx_path` with the PyTorch `model` on `backends` (default: every one available
-    here), on random batches of the sizes `batches` and on the arrays in `input_files` (.npy, or .npz whose every
-    array is one batch). `report.passed` says whether all agreed; `format_report(report)` prints it.
+    here), on random batches of the sizes `batches` (or their text, "1,7,32") and on the arrays in `input_files`
+    (.npy, or .npz whose every array is one batch). `report.passed` says whether all agreed;
+    `format_report(report)` prints it; `report`: also written there as JSON.
 
     `tolerance`: |onnx - torch| <= atol + rtol * |torch|; None derives one per output from PyTorch's own rounding
-    error. `engine`: a TensorRT engine for the tensorrt backend. `inputs` (specs, as export takes them) or
-    `input_shape` (one input): the example sizes, when the export's record is not to be used.
+    error. `engine`: an engine for a backend that runs one (backends.builders()). `inputs` (specs or their text, as
+    export takes them) or `input_shape` (one input; or its text "1,784"): the example sizes, when the export's
+    record is not to be used. `int_ranges`: as for export. Everything is checked before the model loads.
     """
-    reference = (model if isinstance(model, Reference)
-                 else load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key))
-    return _validate(
-        onnx_path, reference, input_shape=None if input_shape is None else tuple(int(d) for d in input_shape),
-        inputs=None if inputs is None else [s if isinstance(s, InputSpec) else parse_input(s) for s in inputs],
-        int_ranges=int_ranges, input_files=input_files, batches=batches, tolerance=tolerance,
-        backend_names=backends, seed=seed, engine=engine, progress=progress,
-    )
+    from yatdeploy import backends as registry
+    from yatdeploy.inputs import InputSpec, check_specs, parse_input, parse_int_ranges
+    from yatdeploy.parsing import option_numbers
+    from yatdeploy.reference import Reference
+
+    for name in backends or ():
+        registry.get(name)
+    batches = option_numbers("batches", batches, example="1,7,32")
+    shape = None if input_shape is None else tuple(option_numbers("input_shape", input_shape, example="1,784",
+                                                                  separators=",x"))
+    specs = None if inputs is None else check_specs([s if isinstance(s, InputSpec) else parse_input(s)
+                                                     for s in inputs])
+    ranges = (dict(int_ranges) if isinstance(int_ranges, Mapping)
+              else parse_int_ranges(int_ranges) if int_ranges is not None else None)
+    if engine is not None:
+        if not Path(engine).is_file():
+            raise YatDeployError(f"{option('engine')} {engine}: no such file")
+        engine_backends = [b.name for b in registry.builders()]  # the backends that run an engine
+        if backends and not set(engine_backends) & set(backends):
+            raise YatDeployError(f"{option('engine')} is for the {' or '.join(engine_backends)} backend: "
+                                 f"add {option('backends')} {engine_backends[0]}")
+    _check_outputs(None, report)
+    if isinstance(model, Reference):
+        reference = model
+    else:
+        if isinstance(model, (str, Path)):
+            progress.say(f"loading {model}")
+        reference = load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
+    return _validation(onnx_path, reference, report, progress, input_shape=shape, inputs=specs, int_ranges=ranges,
+                       input_files=input_files, batches=batches, tolerance=tolerance, backend_names=backends,
+                       seed=seed, engine=engine)
+
+
+def _validation(onnx_path, reference, report: str | Path | None, progress: Progress, **options) -> ValidationReport:
+    """validation.validate, its report also written to `report` (JSON)."""
+    from yatdeploy.validation import validate as run_validation
+
+    result = run_validation(onnx_path, reference, progress=progress, **options)
+    if report is not None:
+        result.write_json(report)  # whole or not at all
+    return result
+
+
+def _check_outputs(output: Path | None, report: str | Path | None, repository: str | Path | None = None) -> None:
+    """Refuse, before any work, an output path that can't be written: a folder for a file, a path under a file."""
+    for path in (output, report):
+        if path is not None:
+            files.check_output(path)
+    if repository is not None:
+        files.check_output_folder(repository)
+
+
+def serve(path: str | Path, *, foreground: bool = False, progress: Progress = QUIET, **settings) -> ServerHandle:
+    """Serve the .onnx file, engine or model repository at `path` over HTTP and gRPC (the Open Inference
+    Protocol), as `yatdeploy serve` does. `settings`: the keywords of serving.server.ServeSettings (host, port,
+    grpc_port, backend, model_control_mode, load_models, strict_readiness, exit_on_error, max_batch_size,
+    max_queue_delay_us, max_queue_size, dynamic_batching, cors_origins, max_body_mb, max_inflight_body_mb, threads,
+    log_level), checked before anything loads.
+
+    Returns a ServerHandle once the server answers: it serves from a background thread of this process (its own
+    event loop; this thread stays free) until `handle.stop()` or the end of its `with` block; `handle.url` and
+    `handle.grpc_url` say where. With `foreground=True` it serves in this thread until SIGTERM or Ctrl-C, as the
+    command does, and returns the stopped handle."""
+    from yatdeploy.serving import server
+
+    checked = server.ServeSettings(**settings)
+    return (server.serve if foreground else server.start)(path, checked, progress)
+
+
+def bench(
+    url: str,
+    model: str,
+    *,
+    concurrencies: Sequence[int] | str = (1, 4, 16, 32),
+    rates: Sequence[float] | str = (),
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    batch: int = 1,
+    json_payload: bool = False,
+    max_inflight: int = 256,
+    onnx: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: Progress = QUIET,
+) -> BenchResult:
+    """Load-test the model `model` at the Open Inference Protocol endpoint `url` (http://HOST:PORT or
+    grpc://HOST:PORT): a closed loop at each of `concurrencies` (clients), then an open loop at each of `rates`
+    (requests per second; either may be their text, "1,4,16"), `duration` measured seconds each after `warmup`
+    seconds, every request a batch of `batch`. `json_payload`: HTTP sends JSON tensors, not binary ones.
+    `max_inflight`: the open loop's connection limit. `onnx`: the model's file, also timed in-process for the
+    server's overhead. `out`: a folder to write bench.csv, bench.html and bench.json to. Failed requests are
+    counted per step (`result.steps[i].errors`), not raised."""
+    from yatdeploy.loadgen import run_bench, write_outputs
+    from yatdeploy.parsing import option_numbers
+
+    concurrencies = option_numbers("concurrencies", concurrencies, allow_empty=True)
+    rates = option_numbers("rates", rates, float, allow_empty=True)
+    if not concurrencies and not rates:
+        raise YatDeployError(f"nothing to run: give {option('concurrencies')} and/or {option('rates')}")
+    if not duration > 0 or not warmup >= 0 or batch < 1:
+        raise YatDeployError(f"{option('duration')} must be > 0, {option('warmup')} >= 0 and {option('batch')} >= 1")
+    onnx = Path(onnx) if onnx else None
+    if onnx is not None and not onnx.is_file():
+        raise YatDeployError(f"{option('onnx')} {onnx}: no such file")
+    if json_payload and url.startswith("grpc://"):
+        raise YatDeployError(f"{option('json_payload', True)} is for HTTP endpoints: gRPC sends raw tensors")
+    result = run_bench(url, model, concurrencies=concurrencies, rates=rates, seconds=duration, warmup=warmup,
+                       batch=batch, binary=not json_payload, max_inflight=max_inflight, onnx=onnx, progress=progress)
+    if out is not None:
+        result.written = write_outputs(result, Path(out))
+    return result
+
+
+def doctor() -> dict:
+    """What this installation can do, as `yatdeploy doctor --json` prints it: versions, the native builds (custom-op
+    libraries, GPU kernels), GPUs, ONNX Runtime's providers and every backend's availability."""
+    from yatdeploy.doctor import collect
+
+    return collect()
+
+
+def demo(out: str | Path | None = None, *, lm: bool = False, epochs: int = 20, steps: int = 1000, seed: int = 0,
+         tensorrt: bool = False, progress: Progress = QUIET) -> DemoResult | LmDemoResult:
+    """`yatdeploy demo`: train the bundled digits MLP for `epochs` (yatdeploy.demo), export it, write its
+    repository entry, validate it on the held-out digits and compare test accuracy (DemoResult; `out` default
+    ./yatdeploy-demo); `tensorrt`: also build an engine on the default engine backend and validate it. `lm`: the
+    tiny character LM (yatdeploy.demo_lm) for `steps`, exported with dynamic batch and length, validated, and a
+    prompt decoded greedily in PyTorch and ONNX Runtime (LmDemoResult; `out` default ./yatdeploy-demo-lm). Every
+    stage is this module's function."""
+    if epochs <= 0:
+        raise YatDeployError(f"{option('epochs')} {epochs}: must be positive")
+    if lm:
+        if steps <= 0:
+            raise YatDeployError(f"{option('steps')} {steps}: must be positive")
+        if tensorrt:
+            raise YatDeployError(f"{option('tensorrt', True)} is for the digits demo, not {option('lm', True)}")
+        return _lm_demo(Path(out or "yatdeploy-demo-lm"), steps, seed, progress)
+    return _digits_demo(Path(out or "yatdeploy-demo"), epochs, seed, tensorrt, progress)
+
+
+def _digits_demo(out: Path, epochs: int, seed: int, tensorrt: bool, progress: Progress) -> DemoResult:
+    from yatdeploy import demo as digits
+
+    engine_backend = digits.engine_backend() if tensorrt else None  # said before training, not after
+    trained = digits.train_and_save(out, epochs, seed, progress)
+    progress.say(f"[2/4] exporting {trained.model_path}")
+    loaded = load(trained.model_path)
+    exported = export(loaded, (1, digits.DIGITS_FEATURES), out / "model.onnx", validate=False,
+                      repository=out / "repository", name="model", progress=progress)  # for serve and compose
+    engine_path = None
+    if engine_backend is not None:
+        engine_path = out / f"model{engine_backend.builder.suffix}"
+        progress.say(f"[2/4] building the engine {engine_path} ({engine_backend.name})")
+        min_batch, opt_batch, max_batch = digits.ENGINE_PROFILE
+        build_engine(exported.path, engine_path, backend=engine_backend.name, min_batch=min_batch,
+                     opt_batch=opt_batch, max_batch=max_batch, repository=out / "repository", name="model_trt",
+                     progress=progress)
+    progress.say("[3/4] validating against PyTorch")
+    report = validate(exported.path, exported.reference, input_files=[trained.test_inputs_path], engine=engine_path,
+                      report=out / "validation.json", progress=progress)
+    progress.say("[4/4] measuring test accuracy")
+    return digits.measure(trained, loaded, exported, report, engine_backend, engine_path)
+
+
+def _lm_demo(out: Path, steps: int, seed: int, progress: Progress) -> LmDemoResult:
+    from yatdeploy import demo_lm
+
+    trained = demo_lm.train_and_save(out, steps, seed, progress)
+    progress.say(f"[2/4] exporting {trained.model_path} (state_dict + --arch {demo_lm.ARCH})")
+    loaded = load(trained.model_path, arch=demo_lm.ARCH)
+    exported = export(loaded, [demo_lm.INPUT_SPEC], out / "lm.onnx", validate=False, repository=out / "repository",
+                      name="lm", progress=progress)
+    progress.say("[3/4] validating against PyTorch at several batch sizes and lengths")
+    started = time.perf_counter()
+    report = validate(exported.path, exported.reference, report=out / "validation.json", progress=progress)
+    validate_seconds = time.perf_counter() - started
+    return demo_lm.decode_prompt(trained, loaded, exported, report, validate_seconds, progress)

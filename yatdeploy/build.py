@@ -4,8 +4,8 @@ and its model repository entry (packaging).
 The backend is any of backends.builders() (default: backends.default_builder()); each reads the build options that
 concern it and refuses the others, naming itself. What can be checked before the build is: the output paths, the
 repository entry's name and whether the backend's engines may go in a repository; the builder then checks the
-model and the profile before it looks for its runtime. Imports neither torch nor the runtimes (yatdeploy.api, which
-offers it as `build_engine`, imports torch).
+model and the profile before it looks for its runtime. Imports neither torch nor the runtimes (nor does
+yatdeploy.api, which offers it as `build_engine`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The bundled default job: train a small Yat MLP on scikit-learn's digits, then export and validate it.
+"""The bundled default job's own parts: a small Yat MLP, scikit-learn's digits, training, the accuracy measured.
 
-The digits data ships inside scikit-learn, so nothing is downloaded.
+`yatdeploy.api.demo` runs it: these parts, and the API's export, build_engine and validate between them. The digits
+data ships inside scikit-learn, so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from torch import nn
 
 from yatdeploy import backends
 from yatdeploy.errors import YatDeployError, option
-from yatdeploy.exporting import INPUT_NAME, ExportOptions, ExportResult, export_model
-from yatdeploy.loading import load_model
+from yatdeploy.exporting import INPUT_NAME, ExportResult
+from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import Progress
-from yatdeploy.validation import ValidationReport, validate
+from yatdeploy.validation import ValidationReport
 
 DIGITS_FEATURES = 64
 DIGITS_CLASSES = 10
@@ -85,20 +86,28 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int
 ENGINE_PROFILE = (1, 64, 512)
 
 
-def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: bool = False,
-             progress: Progress | None = None) -> DemoResult:
-    """tensorrt: also build an engine (model.plan) on the backend build-engine uses by default (the data-center
-    TensorRT, YatGemm as yatdeploy's plugin: needs TensorRT and a GPU), put it in the repository and validate it."""
-    progress = progress or Progress()
-    engine_backend = backends.default_builder() if tensorrt else None
-    if engine_backend is not None:  # say so before training, not after
-        reason = engine_backend.availability()
-        if reason:
-            raise YatDeployError(f"{option('tensorrt')}: {reason}")
-    out = Path(out_dir)
+@dataclass(frozen=True)
+class Trained:
+    model_path: Path  # the trained model, torch.save'd whole
+    test_inputs_path: Path  # the held-out digits, for validation
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def engine_backend() -> backends.Backend:
+    """The backend the demo's engine is built on: build-engine's default (the data-center TensorRT, YatGemm as
+    yatdeploy's plugin: needs TensorRT and a GPU); refused at once where it can't run."""
+    chosen = backends.default_builder()
+    reason = chosen.availability()
+    if reason:
+        raise YatDeployError(f"{option('tensorrt')}: {reason}")
+    return chosen
+
+
+def train_and_save(out: Path, epochs: int, seed: int, progress: Progress) -> Trained:
+    """[1/4]: the demo model trained on the digits' training split, saved to `out` with the test split."""
     out.mkdir(parents=True, exist_ok=True)
     x_train, x_test, y_train, y_test = load_digits_split(seed)
-
     progress.say(f"[1/4] training a Yat MLP on scikit-learn digits ({len(x_train)} train / {len(x_test)} test images)")
     torch.manual_seed(seed)
     model = build_demo_model()
@@ -107,45 +116,26 @@ def run_demo(out_dir: str | Path, *, epochs: int = 20, seed: int = 0, tensorrt: 
     torch.save(model, model_path)
     test_inputs_path = out / "digits_test.npz"
     np.savez(test_inputs_path, **{INPUT_NAME: x_test})
+    return Trained(model_path, test_inputs_path, x_test, y_test)
 
-    progress.say(f"[2/4] exporting {model_path}")
-    loaded = load_model(model_path)
-    onnx_path = out / "model.onnx"
-    export = export_model(loaded, onnx_path, ExportOptions(input_shape=(1, DIGITS_FEATURES)), progress)
 
-    # A model repository too, for `yatdeploy serve` and the compose stack (docker-compose.yml).
-    from yatdeploy import native
-    from yatdeploy.packaging import write_repository
-
-    write_repository(out / "repository", "model", onnx_path, op_library=native.ort_library_path())
-    engine_path = None
-    if engine_backend is not None:
-        from yatdeploy.build import build_engine
-
-        engine_path = out / f"model{engine_backend.builder.suffix}"
-        progress.say(f"[2/4] building the engine {engine_path} ({engine_backend.name})")
-        min_batch, opt_batch, max_batch = ENGINE_PROFILE
-        build_engine(onnx_path, engine_path, backend=engine_backend.name, min_batch=min_batch, opt_batch=opt_batch,
-                     max_batch=max_batch, repository=out / "repository", name="model_trt", progress=progress)
-
-    progress.say("[3/4] validating against PyTorch")
-    report = validate(onnx_path, export.reference, input_files=[test_inputs_path], engine=engine_path, progress=progress)
-    report.write_json(out / "validation.json")
-
-    progress.say("[4/4] measuring test accuracy")
+def measure(trained: Trained, loaded: LoadedModel, export: ExportResult, report: ValidationReport,
+            engine_backend: backends.Backend | None, engine_path: Path | None) -> DemoResult:
+    """[4/4]: test accuracy in PyTorch, on the default backend and on the engine, and where they agree."""
+    x_test, y_test = trained.x_test, trained.y_test
     with torch.inference_mode():
         torch_pred = loaded.module(torch.from_numpy(x_test)).argmax(dim=1).numpy()
     backend = backends.default()
-    onnx_pred = backend.open(onnx_path, backends.Options()).run({INPUT_NAME: x_test})[0].argmax(axis=1)
+    onnx_pred = backend.open(export.path, backends.Options()).run({INPUT_NAME: x_test})[0].argmax(axis=1)
     tensorrt_accuracy = None
     if engine_backend is not None:
-        engine_runner = engine_backend.open(onnx_path, backends.Options(engine=engine_path))
+        engine_runner = engine_backend.open(export.path, backends.Options(engine=engine_path))
         trt_pred = engine_runner.run({INPUT_NAME: x_test})[0].argmax(axis=1)
         tensorrt_accuracy = float((trt_pred == y_test).mean())
     return DemoResult(
-        model_path=model_path,
-        onnx_path=onnx_path,
-        test_inputs_path=test_inputs_path,
+        model_path=trained.model_path,
+        onnx_path=export.path,
+        test_inputs_path=trained.test_inputs_path,
         torch_accuracy=float((torch_pred == y_test).mean()),
         onnx_accuracy=float((onnx_pred == y_test).mean()),
         predictions_agree=int((torch_pred == onnx_pred).sum()),

@@ -1,5 +1,6 @@
-"""`yatdeploy demo --lm`: train a tiny Yat character LM on text that ships with the package, export it with
-dynamic batch and sequence length, validate it, and decode a prompt greedily in PyTorch and ONNX Runtime.
+"""`yatdeploy demo --lm`'s own parts: a tiny Yat character LM, the text it trains on (shipped with the package),
+training, and a prompt decoded greedily in PyTorch and ONNX Runtime. `yatdeploy.api.demo(lm=True)` runs it: these
+parts, and the API's export (dynamic batch and sequence length) and validate between them.
 
 The model is what an nmn user writes: a YatEmbed lookup plus learned positions, causal MultiHeadYatAttention,
 a YatNMN block, and the tied head YatEmbed.attend, which becomes one YatGemm node like the YatNMN.
@@ -18,8 +19,9 @@ import torch
 from nmn.torch import MultiHeadYatAttention, YatEmbed, YatNMN
 from torch import nn
 
-from yatdeploy import api, backends
+from yatdeploy import backends
 from yatdeploy.exporting import ExportResult
+from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import Progress
 from yatdeploy.validation import ValidationReport
 
@@ -28,6 +30,8 @@ CONTEXT = 64  # the longest sequence the learned positions cover
 WIDTH, HEADS, WINDOW = 48, 4, 32
 INPUT = "ids"
 PROMPT = "The yat neuron "
+ARCH = "yatdeploy.demo_lm:build_lm_model"  # how the saved state_dict is loaded (--arch)
+INPUT_SPEC = f"{INPUT}:int64[batch=1,seq={WINDOW}]"  # exported with dynamic batch and length
 
 
 @cache
@@ -118,44 +122,34 @@ class LmDemoResult:
     validate_seconds: float
 
 
-def run_lm_demo(out_dir: str | Path, *, steps: int = 1000, seed: int = 0, continuation: int = 80,
-                progress: Progress | None = None) -> LmDemoResult:
-    progress = progress or Progress()
-    out = Path(out_dir)
+@dataclass(frozen=True)
+class Trained:
+    model_path: Path  # the state_dict, for ARCH
+    final_loss: float
+    seconds: float
+
+
+def train_and_save(out: Path, steps: int, seed: int, progress: Progress) -> Trained:
+    """[1/4]: the LM trained for `steps` on the shipped text, its state_dict saved to `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    text = corpus()
-    progress.say(f"[1/4] training a Yat character LM on {len(text)} characters of yatdeploy's own notes "
+    progress.say(f"[1/4] training a Yat character LM on {len(corpus())} characters of yatdeploy's own notes "
                  f"({len(vocabulary())} symbols, {steps} steps)")
     torch.manual_seed(seed)
     model = build_lm_model()
     started = time.perf_counter()
     final_loss = train(model, steps, seed, progress)
-    train_seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     model_path = out / "lm.pt"
     torch.save(model.state_dict(), model_path)
+    return Trained(model_path, final_loss, seconds)
 
-    progress.say(f"[2/4] exporting {model_path} (state_dict + --arch yatdeploy.demo_lm:build_lm_model)")
-    onnx_path = out / "lm.onnx"
-    loaded = api.load(model_path, arch="yatdeploy.demo_lm:build_lm_model")
-    started = time.perf_counter()
-    export = api.export(loaded, [f"{INPUT}:int64[batch=1,seq={WINDOW}]"], onnx_path, validate=False,
-                        progress=progress)
-    export_seconds = time.perf_counter() - started
-    from yatdeploy import native
-    from yatdeploy.packaging import write_repository
 
-    repository = out / "repository"
-    write_repository(repository, "lm", onnx_path, op_library=native.ort_library_path())
-
-    progress.say("[3/4] validating against PyTorch at several batch sizes and lengths")
-    started = time.perf_counter()
-    report = api.validate(onnx_path, export.reference, progress=progress)
-    validate_seconds = time.perf_counter() - started
-    report.write_json(out / "validation.json")
-
+def decode_prompt(trained: Trained, loaded: LoadedModel, export: ExportResult, report: ValidationReport,
+                  validate_seconds: float, progress: Progress, continuation: int = 80) -> LmDemoResult:
+    """[4/4]: PROMPT continued greedily for `continuation` characters in PyTorch and on the default backend."""
     progress.say(f"[4/4] greedy decoding of {PROMPT!r}, {continuation} characters")
     backend = backends.default()
-    runner = backend.open(onnx_path, backends.Options())
+    runner = backend.open(export.path, backends.Options())
 
     def torch_step(ids: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -163,5 +157,6 @@ def run_lm_demo(out_dir: str | Path, *, steps: int = 1000, seed: int = 0, contin
 
     torch_text = greedy(torch_step, PROMPT, continuation)
     onnx_text = greedy(lambda ids: runner.run({INPUT: ids})[0], PROMPT, continuation)
-    return LmDemoResult(model_path, onnx_path, repository, final_loss, export, report, PROMPT, torch_text, onnx_text,
-                        backend.name, train_seconds, export_seconds, validate_seconds)
+    return LmDemoResult(trained.model_path, export.path, export.repository_entry.parent, trained.final_loss, export,
+                        report, PROMPT, torch_text, onnx_text, backend.name, trained.seconds, export.seconds,
+                        validate_seconds)

@@ -456,6 +456,7 @@ class BenchResult:
     binary: bool
     steps: list[Step]
     in_process_p50_us: float | None = None
+    written: list[Path] = field(default_factory=list)  # the report's files, once written (write_outputs)
 
     @property
     def server_overhead_p50_us(self) -> float | None:

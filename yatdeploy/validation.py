@@ -38,6 +38,12 @@ class Tolerance:
     atol: float | None  # None (with the other given): completed from FIXED_TOLERANCES for the model's dtype
     rtol: float | None
 
+    def __post_init__(self) -> None:
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < float("inf"):  # NaN fails too
+                raise YatDeployError(f"{option(name)} {value}: must be a finite number >= 0")
+
     def completed(self, dtype: str) -> Tolerance:
         fixed = FIXED_TOLERANCES[dtype]
         return Tolerance(fixed.atol if self.atol is None else self.atol, fixed.rtol if self.rtol is None else self.rtol)

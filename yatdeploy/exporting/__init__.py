@@ -58,6 +58,8 @@ class ExportResult:
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # the caller's, as settled, for validation
     notes: list[str] = field(default_factory=list)
     report: ValidationReport | None = None  # set by yatdeploy.export unless validate=False
+    repository_entry: Path | None = None  # the model folder yatdeploy.export wrote, with `repository`
+    seconds: float = 0.0  # loading and exporting, as yatdeploy.export timed them
 
 
 def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions,

@@ -35,7 +35,7 @@ from yatdeploy.inputs import (
 )
 from yatdeploy.loading import LoadedModel
 from yatdeploy.ops.onnx_function import FUNCTION_OPSET, SUPPORTED_OPSETS
-from yatdeploy.parsing import positive_numbers
+from yatdeploy.parsing import option_numbers
 from yatdeploy.progress import QUIET, Progress
 from yatdeploy.reference import Reference
 
@@ -117,10 +117,7 @@ def settle_inputs(loaded: LoadedModel, output: str | Path, options: ExportOption
 def _shape(shape: Sequence[int] | str) -> tuple[int, ...]:
     if not isinstance(shape, str):
         return tuple(shape)
-    try:
-        return tuple(positive_numbers(shape, example="1,784", separators=",x"))
-    except InputSpecError as exc:
-        raise InputSpecError(f"{option('input_shape')} {exc}") from None
+    return tuple(option_numbers("input_shape", shape, example="1,784", separators=",x"))
 
 
 def _declared_specs(declared: Sequence[InputSpec | str]) -> list[InputSpec]:

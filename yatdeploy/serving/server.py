@@ -1,4 +1,5 @@
-"""`yatdeploy serve`: load the models, build the app, run uvicorn."""
+"""`yatdeploy serve`: the settings, checked (`ServeSettings`); load the models, build the app, run uvicorn, in this
+thread (`serve`: the command) or in a background one (`start`: a `ServerHandle` for Python callers)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,21 @@ import gc
 import importlib.util
 import json
 import logging
+import os
 import signal
 import socket
 import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from yatdeploy import backends
 from yatdeploy.errors import YatDeployError, option
 from yatdeploy.progress import Progress
+from yatdeploy.serving.repository import CONTROL_MODES
 
 if TYPE_CHECKING:
     from yatdeploy.serving.model import ServedModel, UnavailableModel
@@ -63,15 +70,13 @@ def _startup_models(path: str | Path, backend_name: str | None, intra_op_threads
     for folder in skipped_folders(path):
         print(f"yatdeploy serve: skipping folder '{folder}': its name is not valid UTF-8, so it is no model (a model "
               "name is text in URLs, JSON and metrics; rename it)", file=sys.stderr, flush=True)
-    if control_mode == "none":
-        if load:
-            raise YatDeployError(f"{option('load_model')} is for {option('model_control_mode')} explicit")
+    if control_mode == "none":  # ServeSettings refuses `load` in this mode
         models, unavailable = load_models(path, backend_name, intra_op_threads, progress)
     else:
         names = known if "*" in load else list(dict.fromkeys(load))
         unknown = [name for name in names if name not in known]
         if unknown:
-            raise YatDeployError(f"{option('load_model')} {unknown[0]}: no such model in {path} (models: "
+            raise YatDeployError(f"{option('load_models')} {unknown[0]}: no such model in {path} (models: "
                                  f"{', '.join(known)})")
         models, unavailable = [], []
         for name in names:
@@ -194,14 +199,157 @@ def _http_protocol() -> type | str:
     return BoundedHeadProtocol
 
 
-def serve(path: str | Path, *, host: str, port: int, grpc_port: int, backend: str | None, settings,
-          http_settings, load: list[str], intra_op_threads: int, log_level: str, progress: Progress,
-          exit_on_error: bool = False) -> None:
-    """Serve the models at `path` over HTTP on `port` and gRPC on `grpc_port` (0: no gRPC). `settings`: the
-    InferenceServer's (batching overrides, control mode, readiness), `http_settings`: the HTTP app's.
-    `exit_on_error`: a model that does not load at start-up ends the command (Triton's --exit-on-error); without
-    it, the server serves what loads and reports the rest."""
-    for module in ("fastapi", "uvicorn", "prometheus_client", *(("grpc",) if grpc_port else ())):
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything `yatdeploy serve` takes besides the models' path, checked when made: the keywords of
+    `yatdeploy.api.serve`, the command's flags. None: each model's own (its config.pbtxt, else the defaults)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # HTTP
+    grpc_port: int = 8001  # Triton's; 0: no gRPC
+    backend: str | None = None  # for every model; None: its config.pbtxt's, else the fastest that works
+    model_control_mode: str = "none"  # none: serve every model; explicit: load_models, then load/unload on request
+    load_models: tuple[str, ...] = ()  # explicit mode: the models loaded at start-up ("*": all)
+    strict_readiness: bool | str = True  # Triton's: ready only while every model asked for is served
+    exit_on_error: bool | str = False  # Triton's: a model that does not load at start-up ends the start
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    max_queue_size: int | None = None
+    dynamic_batching: bool = True
+    cors_origins: tuple[str, ...] = ()  # origins browsers may call from ("*": any)
+    max_body_mb: float = 64.0  # the largest request body
+    max_inflight_body_mb: float = 256.0  # request bodies held at once, over HTTP and gRPC
+    threads: int | None = None  # ONNX Runtime intra-op threads per model; None: all cores but one
+    log_level: str = "info"  # info: one JSON access-log line per inference request
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: the checked values replace the given ones
+        for name in ("max_batch_size", "max_queue_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise YatDeployError(f"{option(name)} {value}: must be at least 1")
+        if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
+            raise YatDeployError(f"{option('max_queue_delay_us')} {self.max_queue_delay_us}: must be >= 0")
+        if not 0 < self.port < 65536:
+            raise YatDeployError(f"{option('port')} {self.port}: not a port number")
+        if not 1 / (1 << 20) <= self.max_body_mb <= 1 << 16:  # NaN fails too
+            raise YatDeployError(f"{option('max_body_mb')} {self.max_body_mb}: must be more than 0 and at most "
+                                 "65536 (64 GB)")
+        if not 1 / (1 << 20) <= self.max_inflight_body_mb <= 1 << 20:  # NaN fails too
+            raise YatDeployError(f"{option('max_inflight_body_mb')} {self.max_inflight_body_mb}: must be more than "
+                                 "0 and at most 1048576 (1 TB)")
+        if not 0 <= self.grpc_port < 65536 or self.grpc_port == self.port:
+            raise YatDeployError(f"{option('grpc_port')} {self.grpc_port}: not a port number other than "
+                                 f"{option('port')}'s (0: no gRPC)")
+        for name in ("strict_readiness", "exit_on_error"):
+            set_(self, name, _boolean(name, getattr(self, name)))
+        if self.model_control_mode not in CONTROL_MODES:
+            raise YatDeployError(f"{option('model_control_mode')} {self.model_control_mode}: one of "
+                                 f"{', '.join(CONTROL_MODES)}")
+        set_(self, "load_models", _names(self.load_models))
+        set_(self, "cors_origins", _names(self.cors_origins))
+        if self.load_models and self.model_control_mode != "explicit":
+            raise YatDeployError(f"{option('load_models')} is for {option('model_control_mode')} explicit")
+        if self.log_level not in LOG_LEVELS:
+            raise YatDeployError(f"{option('log_level')} {self.log_level}: one of {', '.join(LOG_LEVELS)}")
+        cores = len(os.sched_getaffinity(0))
+        if self.threads is not None and not 1 <= self.threads <= 4 * cores:
+            raise YatDeployError(f"{option('threads')} {self.threads}: must be between 1 and {4 * cores} (4 x the "
+                                 f"{cores} cores usable)")
+
+    @property
+    def intra_op_threads(self) -> int:
+        return self.threads if self.threads is not None else max(1, len(os.sched_getaffinity(0)) - 1)
+
+    def server_settings(self):
+        """The InferenceServer's part (serving.core.ServerSettings)."""
+        from yatdeploy.serving.core import ServerSettings
+
+        return ServerSettings(max_batch_size=self.max_batch_size, max_queue_delay_us=self.max_queue_delay_us,
+                              max_queue_size=self.max_queue_size, dynamic_batching=self.dynamic_batching,
+                              control_mode=self.model_control_mode, strict_readiness=self.strict_readiness)
+
+    def http_settings(self):
+        """The HTTP app's part (serving.app.HttpSettings)."""
+        from yatdeploy.serving.app import HttpSettings
+
+        return HttpSettings(max_body_bytes=int(self.max_body_mb * (1 << 20)), cors_origins=self.cors_origins,
+                            max_inflight_body_bytes=int(self.max_inflight_body_mb * (1 << 20)))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _boolean(name: str, value: bool | str) -> bool:
+    """A boolean setting, or its text as Triton's command line spells it: true/false, on/off, 1/0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "on", "1", "false", "off", "0"):
+        raise YatDeployError(f"{option(name)} {value}: must be true or false")
+    return text in ("true", "on", "1")
+
+
+def _names(value: str | Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+class ServerHandle:
+    """A started server: `url` (http://HOST:PORT) and `grpc_url` (grpc://HOST:PORT, None without gRPC);
+    `stop()` shuts it down gracefully (every request answered), as does leaving its `with` block. `serve`
+    runs it in this thread until a signal stops it; `start` in a background thread of this process."""
+
+    def __init__(self, server, sockets: list[socket.socket], settings: ServeSettings) -> None:
+        self._server = server  # uvicorn.Server
+        self._sockets = sockets
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self.settings = settings
+        self.url = f"http://{settings.host}:{settings.port}"
+        self.grpc_url = f"grpc://{settings.host}:{settings.grpc_port}" if settings.grpc_port else None
+
+    @property
+    def running(self) -> bool:
+        return self._server.started and not self._server.should_exit and (self._thread is None or
+                                                                            self._thread.is_alive())
+
+    def _run(self) -> None:
+        try:
+            self._server.run(sockets=self._sockets)
+        except BaseException as exc:  # said by start() or stop(), in the caller's thread
+            self._failure = exc
+
+    def _started(self) -> None:
+        if not self._server.started:
+            raise YatDeployError(f"the server did not start (see the error above; gRPC port "
+                                 f"{self.settings.grpc_port})")
+
+    def start(self) -> ServerHandle:
+        self._thread = threading.Thread(target=self._run, name="yatdeploy-serve", daemon=True)
+        self._thread.start()
+        while not self._server.started and self._thread.is_alive():
+            time.sleep(0.01)
+        if self._failure is not None:
+            raise self._failure
+        self._started()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop serving: every request in flight is answered first (a grace of 30 s), then the models close."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _prepare(path: str | Path, settings: ServeSettings, progress: Progress) -> ServerHandle:
+    """The server for the models at `path`, its sockets bound and its start-up models loaded, not yet serving."""
+    for module in ("fastapi", "uvicorn", "prometheus_client", *(("grpc",) if settings.grpc_port else ())):
         if importlib.util.find_spec(module) is None:
             raise YatDeployError(f"serving needs {module}", "pip install 'yatdeploy[service]'")
     import uvicorn
@@ -209,19 +357,27 @@ def serve(path: str | Path, *, host: str, port: int, grpc_port: int, backend: st
     from yatdeploy.serving.app import create_app
     from yatdeploy.serving.core import InferenceServer
 
+    host, port, grpc_port = settings.host, settings.port, settings.grpc_port
+    backend, threads = settings.backend, settings.intra_op_threads
     sockets = _listening_sockets(host, port)  # before loading: a taken port is said at once
-    if grpc_port:
-        for probe in _listening_sockets(host, grpc_port):
-            probe.close()
-    known = repository_names(path)
-    models, unavailable = _startup_models(path, backend, intra_op_threads, progress, settings.control_mode, load,
-                                          known, exit_on_error)
+    try:
+        if grpc_port:
+            for probe in _listening_sockets(host, grpc_port):
+                probe.close()
+        known = repository_names(path)
+        models, unavailable = _startup_models(path, backend, threads, progress, settings.model_control_mode,
+                                              list(settings.load_models), known, settings.exit_on_error)
+    except BaseException:
+        for listener in sockets:
+            listener.close()
+        raise
 
     def loader(name: str, config=None):
-        return load_models(path, backend, intra_op_threads, progress, only=name, config=config)
+        return load_models(path, backend, threads, progress, only=name, config=config)
 
-    server_core = InferenceServer(models, unavailable, settings=settings, loader=loader,
+    server_core = InferenceServer(models, unavailable, settings=settings.server_settings(), loader=loader,
                                   repository_models=known)
+    http_settings = settings.http_settings()
     companions = ()
     if grpc_port:
         from yatdeploy.serving.grpc_service import GrpcFrontEnd
@@ -229,34 +385,56 @@ def serve(path: str | Path, *, host: str, port: int, grpc_port: int, backend: st
         companions = (GrpcFrontEnd(server_core, host, grpc_port, http_settings.max_body_bytes,
                                    http_settings.body_budget),)
     app = create_app(server_core, http_settings, companions)
-    # uvicorn ends a graceful shutdown by raising the signal again under the handler it found: end with
-    # status 0 then, every request having been answered (also for a SIGTERM before uvicorn starts).
-    signal.signal(signal.SIGTERM, _exit_normally)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    serving_log = logging.getLogger("yatdeploy.serving")
-    serving_log.addHandler(handler)
-    serving_log.setLevel(log_level.upper())  # info: one JSON access-log line per request
-    # Everything loaded so far (torch, ONNX, the sessions) lives as long as the process: keep it out of
-    # the collector's full passes, which otherwise stall every request for ~0.2 s now and then.
-    gc.collect()
-    gc.freeze()
+    _access_log(settings.log_level)
     names = ", ".join(m.name for m in models) or "no model yet (load them through the repository API)"
     progress.say(f"serving {names} on http://{host}:{port}" + (f" and grpc://{host}:{grpc_port}" if grpc_port else ""))
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level,
+        app, host=host, port=port, log_level=settings.log_level,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http=_http_protocol(), h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
         timeout_graceful_shutdown=30, access_log=False,
     )
-    server = uvicorn.Server(config)
+    return ServerHandle(uvicorn.Server(config), sockets, settings)
+
+
+def _access_log(level: str) -> None:
+    """The serving log on stderr at `level` (info: one JSON access-log line per request), with one handler however
+    many servers the process starts."""
+    serving_log = logging.getLogger("yatdeploy.serving")
+    if not any(getattr(h, "yatdeploy_serving", False) for h in serving_log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.yatdeploy_serving = True
+        serving_log.addHandler(handler)
+    serving_log.setLevel(level.upper())
+
+
+def start(path: str | Path, settings: ServeSettings, progress: Progress) -> ServerHandle:
+    """Serve the models at `path` in a background thread of this process; returns once the server answers."""
+    return _prepare(path, settings, progress).start()
+
+
+def serve(path: str | Path, settings: ServeSettings, progress: Progress) -> ServerHandle:
+    """Serve the models at `path` over HTTP and gRPC in this thread (`yatdeploy serve`) until SIGTERM or Ctrl-C,
+    which end it gracefully, every request answered. With `settings.exit_on_error`, a model that does not load at
+    start-up ends the command (Triton's --exit-on-error); without it, the server serves what loads and reports the
+    rest."""
+    handle = _prepare(path, settings, progress)
+    server = handle._server
+    # uvicorn ends a graceful shutdown by raising the signal again under the handler it found: end with
+    # status 0 then, every request having been answered (also for a SIGTERM before uvicorn starts).
+    signal.signal(signal.SIGTERM, _exit_normally)
+    # Everything loaded so far (torch, ONNX, the sessions) lives as long as the process: keep it out of
+    # the collector's full passes, which otherwise stall every request for ~0.2 s now and then.
+    gc.collect()
+    gc.freeze()
     try:
-        server.run(sockets=sockets)
+        server.run(sockets=handle._sockets)
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully
         pass
     except OSError as exc:  # listen() lost a race for the port to another process since the bind above
         if server.started:
             raise
-        raise YatDeployError(f"cannot listen on {host} port {port}: {exc.strerror or exc}") from None
-    if not server.started:
-        raise YatDeployError(f"the server did not start (see the error above; gRPC port {grpc_port})")
+        raise YatDeployError(f"cannot listen on {settings.host} port {settings.port}: {exc.strerror or exc}") from None
+    handle._started()
+    return handle

@@ -1,0 +1,53 @@
+"""`yatdeploy bench`: load-test an Open Inference Protocol endpoint (yatdeploy.api.bench)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from yatdeploy.commands.common import EXIT_OK, EXIT_REQUESTS_FAILED
+
+NAME = "bench"
+ALIASES = {("concurrencies", None): "--concurrency", ("rates", None): "--rate"}
+
+
+def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    bench = subparsers.add_parser(
+        NAME, parents=[common], help="load-test an Open Inference Protocol endpoint (ours or Triton's)",
+        description="Closed loop over a list of concurrencies (and/or open loop at fixed request rates) against "
+                    "any KServe v2 endpoint. Reports throughput, p50/p90/p95/p99 latency and errors per step; "
+                    "writes bench.csv (perf_analyzer's columns), bench.html (plots) and bench.json to --out.",
+    )
+    bench.add_argument("url", metavar="URL", help="the server: http://HOST:PORT (e.g. http://127.0.0.1:8000) or "
+                                                  "grpc://HOST:PORT (e.g. grpc://127.0.0.1:8001)")
+    bench.add_argument("--model", required=True, help="the model's name")
+    bench.add_argument("--concurrency", default="1,4,16,32", help="closed-loop concurrencies (default 1,4,16,32)")
+    bench.add_argument("--rate", default="", help="open-loop request rates per second, e.g. 200,800 (default none)")
+    bench.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (default 5)")
+    bench.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each step (default 1)")
+    bench.add_argument("--batch", type=int, default=1, help="batch size of every request (default 1)")
+    bench.add_argument("--json-payload", action="store_true",
+                       help="HTTP: send JSON tensors instead of binary ones (gRPC always sends raw tensors)")
+    bench.add_argument("--max-inflight", type=int, default=256, help="open-loop connection limit (default 256)")
+    bench.add_argument("--onnx", metavar="FILE", help="the model's .onnx: also time it in-process, for the overhead")
+    bench.add_argument("--out", default="yatdeploy-bench", metavar="DIR", help="output folder (default ./yatdeploy-bench)")
+    return bench
+
+
+def run(args: argparse.Namespace, progress) -> int:
+    from yatdeploy import api
+    from yatdeploy.loadgen import format_steps
+
+    result = api.bench(args.url, args.model, concurrencies=args.concurrency, rates=args.rate,
+                       duration=args.duration, warmup=args.warmup, batch=args.batch, json_payload=args.json_payload,
+                       max_inflight=args.max_inflight, onnx=args.onnx, out=args.out, progress=progress)
+    print(format_steps(result.steps))
+    if result.in_process_p50_us is not None:
+        print(f"\nin-process ONNX Runtime p50 {result.in_process_p50_us / 1e3:.3f} ms; server overhead at the lowest "
+              f"concurrency {result.server_overhead_p50_us / 1e3:.3f} ms")
+    print(f"\nwritten: {', '.join(str(p) for p in result.written)}")
+    errors = sum(s.errors for s in result.steps)
+    if errors:
+        first = next(s.first_error for s in result.steps if s.first_error)
+        print(f"{errors} request(s) failed; first: {first}", file=sys.stderr)
+    return EXIT_OK if errors == 0 else EXIT_REQUESTS_FAILED

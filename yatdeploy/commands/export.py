@@ -1,0 +1,96 @@
+"""`yatdeploy export`: a PyTorch model to ONNX, validated (yatdeploy.api.export)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from yatdeploy import dtypes
+from yatdeploy.commands.common import (
+    EXIT_OK,
+    MODEL_ALIASES,
+    add_model_source_args,
+    add_tolerance_args,
+    print_report,
+    tolerance,
+)
+
+NAME = "export"
+TORCH = True
+ALIASES = {**MODEL_ALIASES, ("path", None): "--output"}
+
+
+def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from yatdeploy.packaging import DEFAULT_MAX_BATCH_SIZE, DEFAULT_OP_LIBRARY_ROOT
+    from yatdeploy.spec import FUNCTION_OPSET as OPSET
+
+    export = subparsers.add_parser(
+        NAME, parents=[common], help="export a PyTorch Yat model to ONNX and validate it",
+        description="Export MODEL (torch.save'd module, state_dict with --arch, TorchScript, or .pt2) to ONNX, "
+                    "then validate the result against PyTorch.",
+    )
+    export.add_argument("model", metavar="MODEL", help="the PyTorch model file")
+    export.add_argument("-o", "--output", metavar="FILE", help="the ONNX file to write (default: MODEL with .onnx)")
+    declared = export.add_mutually_exclusive_group(required=True)
+    declared.add_argument(
+        "--input-shape", metavar="B,D1,...",
+        help="shape of the example input, batch first, e.g. 1,784; the batch stays dynamic (one float input)",
+    )
+    declared.add_argument(
+        "--input", action="append", dest="inputs_spec", metavar="NAME:DTYPE[DIM,...]",
+        help="one model input, in order (repeatable): DTYPE is a float type, int32, int64 or bool; a dim is a "
+             "fixed size or LABEL=SIZE, dynamic with that example size and shared by every dim of the label, "
+             "or LABEL=SIZE:MAX, at most MAX (recorded, validated at MAX, refused past it when served), "
+             "e.g. 'ids:int64[batch=1,seq=32]', 'ids:int64[batch=1,seq=16:1024]'",
+    )
+    export.add_argument(
+        "--dtype", choices=dtypes.NAMES,
+        help="export in this dtype (casts the model); default: the model's parameter dtype",
+    )
+    export.add_argument("--static-batch", action="store_true", help="fix the batch dimension to the example's")
+    export.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, 18 to 22 (default {OPSET})")
+    export.add_argument("--no-validate", action="store_true", help="skip the validation after export")
+    export.add_argument(
+        "--repository", metavar="DIR",
+        help="also write DIR/<name>/1/model.onnx and a config.pbtxt for Triton or `yatdeploy serve`",
+    )
+    export.add_argument("--name", help="model name in the repository (default: the output file's stem)")
+    export.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help=f"max_batch_size in config.pbtxt (default {DEFAULT_MAX_BATCH_SIZE})")
+    export.add_argument(
+        "--op-library-root", metavar="DIR", default=DEFAULT_OP_LIBRARY_ROOT,
+        help="with --repository: the absolute path the repository will have where Triton runs. The custom-op "
+             "library and the OpenBLAS it links are copied beside config.pbtxt, whose op_library_filename is "
+             f"written as DIR/<name>/libyatdeploy_ort.so (default {DEFAULT_OP_LIBRARY_ROOT}, Triton's convention: "
+             "-v REPO:/models ... --model-repository=/models; /mnt/models under KServe; the repository's own "
+             "absolute path, e.g. \"$(realpath REPO)\", for a Triton on this machine). docs/triton.md",
+    )
+    add_model_source_args(export)
+    add_tolerance_args(export)
+    return export
+
+
+def run(args: argparse.Namespace, progress) -> int:
+    from yatdeploy import api
+
+    # The flags as given: the API checks the declaration and the outputs before it loads the model.
+    result = api.export(
+        args.model, args.inputs_spec or args.input_shape, args.output, dynamic_axes={} if args.static_batch else None,
+        dtype=args.dtype, opset=args.opset, validate=not args.no_validate, int_ranges=args.int_range,
+        arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key, tolerance=tolerance(args),
+        input_files=args.inputs, seed=args.seed, report=args.report,
+        repository=args.repository, name=args.name, max_batch_size=args.max_batch_size,
+        op_library_root=args.op_library_root, progress=progress,
+    )
+    print(f"wrote {result.path}: {result.yat_gemm_nodes} YatGemm node(s) for {result.yat_layers} Yat layer call(s), "
+          f"{result.dtype}, outputs {', '.join(result.output_names)} ({result.seconds:.1f} s)")
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.repository_entry is not None:
+        print(f"wrote model repository entry {result.repository_entry}")
+    if result.report is None:
+        return EXIT_OK
+    status = print_report(result.report, args)
+    if status != EXIT_OK:
+        print(f"\n{result.path} was written but does not match PyTorch", file=sys.stderr)
+    return status

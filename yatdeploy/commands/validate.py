@@ -1,0 +1,61 @@
+"""`yatdeploy validate`: an ONNX export against its PyTorch model (yatdeploy.api.validate)."""
+
+from __future__ import annotations
+
+import argparse
+
+from yatdeploy.commands.common import MODEL_ALIASES, add_model_source_args, add_tolerance_args, print_report, tolerance
+
+NAME = "validate"
+TORCH = True
+ALIASES = {**MODEL_ALIASES, ("backends", None): "--backend"}
+
+
+def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from yatdeploy import backends
+    from yatdeploy.cases import DEFAULT_BATCHES
+
+    default_batches = ",".join(str(b) for b in DEFAULT_BATCHES)
+    validate = subparsers.add_parser(
+        NAME, parents=[common], help="compare an ONNX export with its PyTorch model",
+        description="Run the PyTorch model and every available ONNX backend on random batches (and --inputs), "
+                    "and compare output names, shapes, dtypes and values. Exits 1 when they disagree.",
+    )
+    validate.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
+    validate.add_argument("--against", required=True, metavar="MODEL", help="the PyTorch model file")
+    validate_declared = validate.add_mutually_exclusive_group()
+    validate_declared.add_argument(
+        "--input-shape", metavar="B,D1,...",
+        help="the example shape of a one-input model (default: recorded at export, or the model's static dims)",
+    )
+    validate_declared.add_argument(
+        "--input", action="append", dest="inputs_spec", metavar="NAME:DTYPE[DIM,...]",
+        help="the model's inputs with example sizes, as export takes them (default: recorded at export)",
+    )
+    validate.add_argument(
+        "--batches", default=default_batches, metavar="N,N,...",
+        help=f"batch sizes of the random inputs (default {default_batches})",
+    )
+    validate.add_argument(
+        "--backend", action="append", metavar="NAME",
+        help=f"validate on this backend (repeatable; default: every available one): {', '.join(backends.names())}",
+    )
+    validate.add_argument(
+        "--engine", metavar="PLAN",
+        help="the TensorRT engine for the tensorrt backend (default: build one for the batches validated)",
+    )
+    add_model_source_args(validate)
+    add_tolerance_args(validate)
+    return validate
+
+
+def run(args: argparse.Namespace, progress) -> int:
+    from yatdeploy import api
+
+    report = api.validate(
+        args.onnx_model, args.against, input_shape=args.input_shape, inputs=args.inputs_spec,
+        int_ranges=args.int_range, input_files=args.inputs, batches=args.batches, tolerance=tolerance(args),
+        backends=args.backend, engine=args.engine, arch=args.arch, trust_pickle=args.trust_pickle,
+        state_key=args.state_key, seed=args.seed, report=args.report, progress=progress,
+    )
+    return print_report(report, args)
