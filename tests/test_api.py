@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -15,8 +16,9 @@ import yatdeploy
 from tests.model_zoo import yat_mlp
 from yatdeploy import backends
 from yatdeploy.cli import EXIT_USAGE, main
-from yatdeploy.errors import ModelLoadError
+from yatdeploy.errors import ModelLoadError, YatDeployError
 from yatdeploy.loading import load_model
+from yatdeploy.progress import QUIET
 
 
 @pytest.mark.slow
@@ -189,3 +191,73 @@ def test_serve_returns_a_handle_that_answers_over_http_and_grpc_and_stops(export
         assert urllib.request.urlopen(f"{again.url}/v2/health/ready", timeout=5).status == 200
     finally:
         again.stop()
+
+
+def _yatdeploy_threads() -> list[str]:
+    import threading
+
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(("infer-", "yatdeploy-")))
+
+
+@pytest.mark.slow
+def test_a_handle_whose_start_fails_says_so_and_leaves_nothing_behind(exported_mlp):
+    """The gRPC port taken after serve probed it (here: before start): uvicorn ends such a start-up with
+    SystemExit, which must not reach the caller; the HTTP port, the batcher and the pools are let go."""
+    import socket
+
+    from tests.servers import free_port
+    from yatdeploy.serving.server import ServeSettings, _prepare
+
+    before = _yatdeploy_threads()
+    port, grpc_port = free_port(), free_port()
+    handle = _prepare(exported_mlp.onnx, ServeSettings(port=port, grpc_port=grpc_port, threads=1,
+                                                       log_level="error"), QUIET)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", grpc_port))
+        taken.listen()
+        with pytest.raises(YatDeployError, match=f"the server did not start on http://127.0.0.1:{port} and gRPC "
+                                                 f"port {grpc_port}"):
+            handle.start()
+    assert _yatdeploy_threads() == before
+    with socket.socket() as again:  # the HTTP port is free
+        again.bind(("127.0.0.1", port))
+
+
+@pytest.mark.slow
+def test_stop_runs_what_the_batchers_hold_at_once_and_ends_every_thread(exported_mlp):
+    """A request waiting out an 8 s batching delay is answered as soon as stop() is called (as SIGTERM does for
+    the command), and the server's threads end with it."""
+    import threading
+    import urllib.request
+
+    from tests.servers import free_port
+
+    before = _yatdeploy_threads()
+    server = yatdeploy.serve(exported_mlp.onnx, port=free_port(), grpc_port=0, threads=1, log_level="warning",
+                             max_queue_delay_us=8_000_000)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32",
+                                   "data": [0.5] * 16}]}).encode()
+    answered = {}
+
+    def ask() -> None:
+        request = urllib.request.Request(f"{server.url}/v2/models/mlp/infer", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answered["status"] = response.status
+
+    client = threading.Thread(target=ask)
+    client.start()
+    time.sleep(0.5)  # the request is in the batcher, waiting for the delay
+    started = time.perf_counter()
+    server.stop()
+    stopped_after = time.perf_counter() - started
+    client.join(30)
+    assert answered == {"status": 200}
+    assert stopped_after < 4.0, f"stop() waited {stopped_after:.1f} s: the batching delay was not cut short"
+    assert _yatdeploy_threads() == before
+
+
+def test_a_seed_numpy_cannot_take_is_refused_before_any_work(tmp_path):
+    for call in (lambda: yatdeploy.export(tmp_path / "absent.pt", (1, 16), tmp_path / "m.onnx", seed=-1),
+                 lambda: yatdeploy.validate(tmp_path / "absent.onnx", tmp_path / "absent.pt", seed=-1)):
+        with pytest.raises(YatDeployError, match="`seed` -1: must be a whole number from 0 to 4294967295"):
+            call()

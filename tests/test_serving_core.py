@@ -502,3 +502,30 @@ def test_the_grpc_servicer_answers_through_the_core_in_process(mlp, exported_mlp
                 assert context.code == code and context.details.startswith(details)
 
     run(scenario)
+
+
+def test_a_merged_batch_whose_output_is_not_batched_fails_every_request_of_it(tmp_path):
+    """A model whose declared batch output comes back with other rows (here: always the first row) can't be split
+    among the requests merged into its batch: each gets an Internal error, none a wrong part or no answer."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info
+    constants = [helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [1], [v]))
+                 for name, v in (("zero", 0), ("one", 1))]
+    graph = helper.make_graph([*constants, helper.make_node("Slice", ["x", "zero", "one", "zero"], ["y"])], "first",
+                              [value("x", TensorProto.FLOAT, ["N", 2])], [value("y", TensorProto.FLOAT, ["N", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "first.onnx"))
+
+    async def scenario():
+        async with running(served(tmp_path / "first.onnx"), max_queue_delay_us=200_000) as core:
+            asked = [InferRequest(id=None, inputs={"x": np.full((1, 2), i, np.float32)}, input_datatypes={"x": "FP32"})
+                     for i in range(3)]
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(core.infer("first", None, given(a), as_is) for a in asked), return_exceptions=True),
+                10)
+            assert all(isinstance(a, Internal) and "for a batch of 3" in a.message for a in answers), answers
+
+    run(scenario)

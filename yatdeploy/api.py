@@ -130,6 +130,7 @@ def export(
     from yatdeploy.exporting import ExportOptions, export_model
     from yatdeploy.inputs import InputSpec
 
+    _check_seed(seed)
     declared = {"dtype": dtype, "int_ranges": int_ranges or {}, "opset": opset}
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -207,6 +208,7 @@ def validate(
     from yatdeploy.parsing import option_numbers
     from yatdeploy.reference import Reference
 
+    _check_seed(seed)
     for name in backends or ():
         registry.get(name)
     batches = option_numbers("batches", batches, example="1,7,32")
@@ -322,6 +324,12 @@ def doctor() -> dict:
     return collect()
 
 
+def _check_seed(seed: int) -> None:
+    """A seed numpy's and scikit-learn's generators take: 0 to 2**32 - 1."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise YatDeployError(f"{option('seed')} {seed}: must be a whole number from 0 to 4294967295")
+
+
 def demo(out: str | Path | None = None, *, lm: bool = False, epochs: int = 20, steps: int = 1000, seed: int = 0,
          tensorrt: bool = False, progress: Progress = QUIET) -> DemoResult | LmDemoResult:
     """`yatdeploy demo`: train the bundled digits MLP for `epochs` (yatdeploy.demo), export it, write its
@@ -330,6 +338,7 @@ def demo(out: str | Path | None = None, *, lm: bool = False, epochs: int = 20, s
     tiny character LM (yatdeploy.demo_lm) for `steps`, exported with dynamic batch and length, validated, and a
     prompt decoded greedily in PyTorch and ONNX Runtime (LmDemoResult; `out` default ./yatdeploy-demo-lm). Every
     stage is this module's function."""
+    _check_seed(seed)
     if epochs <= 0:
         raise YatDeployError(f"{option('epochs')} {epochs}: must be positive")
     if lm:

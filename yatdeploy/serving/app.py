@@ -211,6 +211,11 @@ class V2Endpoints:
         self._parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-parse")
         self._answer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-answer")
 
+    def close(self) -> None:
+        """End the worker threads (once every request is answered)."""
+        self._parse_pool.shutdown(wait=True)
+        self._answer_pool.shutdown(wait=True)
+
     # -- health and metadata --------------------------------------------------------------------------------
 
     async def live(self) -> Response:
@@ -395,12 +400,22 @@ def _answer_errors(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _lifespan(server: InferenceServer, companions: tuple):
+def _lifespan(server: InferenceServer, companions: tuple, endpoints: V2Endpoints):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await server.start()
-        for companion in companions:
-            await companion.start()
+        app.state.loop = asyncio.get_running_loop()  # for a ServerHandle in another thread to flush the batchers
+        started = []
+        try:
+            await server.start()
+            for companion in companions:
+                await companion.start()
+                started.append(companion)
+        except BaseException:  # a companion that can't start (gRPC's port taken): what started is stopped
+            for companion in started:
+                await companion.stop(grace=0.0)
+            await server.stop()
+            endpoints.close()
+            raise
         _flush_on_signals(server)
         yield
         # uvicorn has drained the in-flight HTTP requests by now; the gRPC ones get the same grace.
@@ -408,6 +423,7 @@ def _lifespan(server: InferenceServer, companions: tuple):
         for companion in companions:
             await companion.stop(grace=30.0)
         await server.stop()
+        endpoints.close()
 
     return lifespan
 
@@ -417,8 +433,9 @@ def create_app(server: InferenceServer, settings: HttpSettings | None = None,
     """The HTTP service of `server`. `companions`: other front ends (the gRPC service) started and stopped with
     it: objects with async start() and stop(grace)."""
     settings = settings or HttpSettings()
-    app = FastAPI(title="yatdeploy inference service", version=__version__, lifespan=_lifespan(server, companions),
-                  docs_url=None, redoc_url=None)
+    endpoints = V2Endpoints(server, settings)
+    app = FastAPI(title="yatdeploy inference service", version=__version__,
+                  lifespan=_lifespan(server, companions, endpoints), docs_url=None, redoc_url=None)
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -426,5 +443,5 @@ def create_app(server: InferenceServer, settings: HttpSettings | None = None,
                            allow_headers=["*"], expose_headers=[HEADER_LENGTH, "Content-Encoding"])
     app.state.server = server
     _answer_errors(app)
-    register_endpoints(app, V2Endpoints(server, settings))
+    register_endpoints(app, endpoints)
     return app

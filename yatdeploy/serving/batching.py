@@ -28,7 +28,7 @@ import numpy as np
 
 from yatdeploy.serving.metrics import Metrics
 from yatdeploy.serving.model import ServedModel
-from yatdeploy.serving.protocol import Unavailable
+from yatdeploy.serving.protocol import Internal, Unavailable
 
 
 @dataclass
@@ -176,22 +176,33 @@ class DynamicBatcher:
 
     def _answer(self, batch: list[Pending], size: int, outputs: list[np.ndarray] | None, error: Exception | None,
                 started: float, compute_s: float) -> None:
-        """On the event loop: each request's part of the batch's outputs, or the batch's error."""
+        """On the event loop: each request's part of the batch's outputs, or the batch's error (also when the
+        answering itself fails: no request of the batch is left waiting)."""
+        try:
+            if error is None:
+                self.metrics.record_batch(self.model.name, self.model.version, size, compute_s)
+                offset = 0
+                for pending in batch:
+                    part = [o[offset:offset + pending.batch] for o in outputs] if len(batch) > 1 else outputs
+                    offset += pending.batch
+                    if not pending.future.done():  # the client may have gone
+                        pending.future.set_result(Result(part, started - pending.enqueued, compute_s))
+        except Exception as exc:
+            error = exc
         if error is not None:
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(error)
-            return
-        self.metrics.record_batch(self.model.name, self.model.version, size, compute_s)
-        offset = 0
-        for pending in batch:
-            part = [o[offset:offset + pending.batch] for o in outputs] if len(batch) > 1 else outputs
-            offset += pending.batch
-            if not pending.future.done():  # the client may have gone
-                pending.future.set_result(Result(part, started - pending.enqueued, compute_s))
 
     def _run(self, batch: list[Pending]) -> list[np.ndarray]:
         if len(batch) == 1:
             return self.model.run(batch[0].feeds)
         feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
-        return self.model.run(feeds)
+        size = sum(p.batch for p in batch)
+        outputs = self.model.run(feeds)
+        for info, output in zip(self.model.outputs, outputs):
+            if output.ndim == 0 or output.shape[0] != size:  # splitting it would answer requests wrongly
+                raise Internal(f"model '{self.model.name}' returned output '{info.name}' of shape "
+                               f"{list(output.shape)} for a batch of {size}: its first dimension is not a batch "
+                               "dimension; serve it with max_batch_size 0 or without dynamic batching")
+        return outputs

@@ -128,11 +128,16 @@ class InferenceServer:
                 deployed.batcher.flush()
 
     async def stop(self) -> None:
+        """Run what every batcher holds, then stop them and close the models (as an unload does, without waiting:
+        the transports have drained their requests by now)."""
         self.flush()
-        for versions in self._served.values():
-            for deployed in versions.values():
-                await deployed.batcher.stop()
-        self._served.clear()
+        async with self._control:  # no load or unload half done meanwhile
+            served, self._served = self._served, {}
+            for versions in served.values():
+                for deployed in versions.values():
+                    await deployed.batcher.stop()
+                    self.metrics.forget_pending(deployed.model.name, deployed.model.version)
+                    deployed.model.close()
 
     def _deploy(self, model: ServedModel) -> Deployed:
         s = self.settings

@@ -179,6 +179,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-grpc-parse")
         self._answer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="yatdeploy-grpc-answer")
 
+    def close(self) -> None:
+        """End the worker threads (once every call is answered)."""
+        self._parse_pool.shutdown(wait=True)
+        self._answer_pool.shutdown(wait=True)
+
     async def _answer(self, context, call):
         """`call()`'s result, or the call aborted with the gRPC code of its ProtocolError."""
         try:
@@ -316,14 +321,15 @@ class GrpcFrontEnd:
         self.server, self.host, self.port, self.max_message_bytes = server, host, port, max_message_bytes
         self.budget = budget
         self._grpc: grpc.aio.Server | None = None
+        self._servicer: InferenceServicer | None = None
 
     async def start(self) -> None:
         # so_reuseport off: a second server on the same port is an error, not a silent share of its traffic.
         self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0),
                                               ("grpc.max_receive_message_length", self.max_message_bytes),
                                               ("grpc.max_send_message_length", -1)])
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.server, self.budget),
-                                                                    self._grpc)
+        self._servicer = InferenceServicer(self.server, self.budget)
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self._servicer, self._grpc)
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         self._grpc.add_insecure_port(address)
         await self._grpc.start()
@@ -331,3 +337,5 @@ class GrpcFrontEnd:
     async def stop(self, grace: float) -> None:
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self._servicer is not None:
+            self._servicer.close()

@@ -299,8 +299,10 @@ class ServerHandle:
     `stop()` shuts it down gracefully (every request answered), as does leaving its `with` block. `serve`
     runs it in this thread until a signal stops it; `start` in a background thread of this process."""
 
-    def __init__(self, server, sockets: list[socket.socket], settings: ServeSettings) -> None:
+    def __init__(self, server, sockets: list[socket.socket], settings: ServeSettings, app, core) -> None:
         self._server = server  # uvicorn.Server
+        self._app = app  # the FastAPI app: its state.loop, once its lifespan started
+        self._core = core  # the InferenceServer
         self._sockets = sockets
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -319,26 +321,41 @@ class ServerHandle:
         except BaseException as exc:  # said by start() or stop(), in the caller's thread
             self._failure = exc
 
-    def _started(self) -> None:
-        if not self._server.started:
-            raise YatDeployError(f"the server did not start (see the error above; gRPC port "
-                                 f"{self.settings.grpc_port})")
+    def _not_started(self) -> YatDeployError:
+        where = f"{self.url}" + (f" and gRPC port {self.settings.grpc_port}" if self.settings.grpc_port else "")
+        return YatDeployError(f"the server did not start on {where} (its error is logged above)")
 
     def start(self) -> ServerHandle:
         self._thread = threading.Thread(target=self._run, name="yatdeploy-serve", daemon=True)
         self._thread.start()
         while not self._server.started and self._thread.is_alive():
             time.sleep(0.01)
-        if self._failure is not None:
-            raise self._failure
-        self._started()
+        if not self._server.started:  # uvicorn ends a failed start-up with SystemExit: not the caller's program
+            self._thread.join()
+            for sock in self._sockets:
+                sock.close()
+            if isinstance(self._failure, Exception) and not isinstance(self._failure, YatDeployError):
+                raise self._not_started() from self._failure
+            if isinstance(self._failure, YatDeployError):
+                raise self._failure
+            raise self._not_started()
         return self
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop serving: every request in flight is answered first (a grace of 30 s), then the models close."""
+        """Stop serving: what the batchers hold runs at once (no batching delay is waited out), every request in
+        flight is answered (a grace of 30 s), then the models close. A YatDeployError if it has not stopped
+        within `timeout` seconds."""
+        core_loop = getattr(getattr(self._app, "state", None), "loop", None)
+        if core_loop is not None and not core_loop.is_closed():
+            try:
+                core_loop.call_soon_threadsafe(self._core.flush)
+            except RuntimeError:  # the loop closed meanwhile: nothing left to flush
+                pass
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise YatDeployError(f"the server at {self.url} did not stop within {timeout:g} s")
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -394,7 +411,7 @@ def _prepare(path: str | Path, settings: ServeSettings, progress: Progress) -> S
         http=_http_protocol(), h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
         timeout_graceful_shutdown=30, access_log=False,
     )
-    return ServerHandle(uvicorn.Server(config), sockets, settings)
+    return ServerHandle(uvicorn.Server(config), sockets, settings, app, server_core)
 
 
 def _access_log(level: str) -> None:
@@ -436,5 +453,10 @@ def serve(path: str | Path, settings: ServeSettings, progress: Progress) -> Serv
         if server.started:
             raise
         raise YatDeployError(f"cannot listen on {settings.host} port {settings.port}: {exc.strerror or exc}") from None
-    handle._started()
+    except SystemExit as exc:  # uvicorn ends a start-up that failed (the gRPC port taken since it was probed)
+        if server.started:
+            raise
+        raise handle._not_started() from exc
+    if not server.started:
+        raise handle._not_started()
     return handle
