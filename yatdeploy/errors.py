@@ -26,6 +26,13 @@ def plain(text: str) -> str:
     return _ESCAPES.sub("", text)
 
 
+def first_line(exc: BaseException) -> str:
+    """A third-party exception's message as one line for ours: its first line without escape codes, or its type's
+    name when it says nothing."""
+    text = plain(str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def option(name: str, value: bool | None = None) -> str:
     """A placeholder for the caller's option `name` (a keyword of the library function) in a message.
 

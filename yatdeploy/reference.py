@@ -18,7 +18,7 @@ from nmn.torch import YatEmbed, YatNMN
 from torch import Tensor, nn
 
 from yatdeploy import dtypes
-from yatdeploy.errors import InputSpecError, YatDeployError
+from yatdeploy.errors import InputSpecError, YatDeployError, first_line
 from yatdeploy.loading import LoadedModel
 
 
@@ -91,11 +91,6 @@ def _is_float(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.floating) or array.dtype == dtypes.by_name("bfloat16").numpy
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @dataclass
 class Reference:
     """The PyTorch model as export and validation run it: `loaded`'s module in `dtype`."""
@@ -125,7 +120,7 @@ class Reference:
         except Exception as exc:
             shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in xs)
             plural = "inputs" if len(xs) > 1 else "an input"
-            raise InputSpecError(f"the model can't run on {plural} of shape {shapes}: {_first_line(exc)}",
+            raise InputSpecError(f"the model can't run on {plural} of shape {shapes}: {first_line(exc)}",
                                  f"check {what}") from exc
         values, self.output_names = _flatten(out)
         return values
@@ -158,7 +153,7 @@ class Reference:
         try:
             module64 = cast_copy(self.module, torch.float64)
         except Exception as exc:
-            return None, f"none: the model can't be cast to float64 ({_first_line(exc)})"
+            return None, f"none: the model can't be cast to float64 ({first_line(exc)})"
         runs = []
         for arrays, want in zip(cases, expected):
             xs = [torch.from_numpy(np.asarray(a, dtype=np.float64)) if _is_float(a) else torch.from_numpy(a)
@@ -167,7 +162,7 @@ class Reference:
                 with torch.inference_mode():
                     outs, _ = _flatten(module64(*xs))
             except Exception as exc:
-                return None, f"none: the model does not run in float64 ({_first_line(exc)})"
+                return None, f"none: the model does not run in float64 ({first_line(exc)})"
             if len(outs) != len(want) or not all(
                 o.dtype == torch.float64 and tuple(o.shape) == tuple(w.shape) for o, w in zip(outs, want)
             ):

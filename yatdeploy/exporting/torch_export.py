@@ -15,7 +15,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import onnx
 import torch
 
-from yatdeploy.errors import ConsistencyError, YatDeployError, plain
+from yatdeploy.errors import ConsistencyError, YatDeployError, first_line
 from yatdeploy.exporting.example import ExampleRun
 from yatdeploy.exporting.rewrite import Rewritten
 from yatdeploy.exporting.settle import MAX_DIM, SettledInputs
@@ -79,11 +79,6 @@ def _torchscript_to_onnx(module: torch.jit.ScriptModule, xs: tuple[torch.Tensor,
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _first_line(exc: BaseException) -> str:
-    text = plain(str(exc)).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__
-
-
 def _export_failed(what: str, exc: Exception) -> YatDeployError:
     """The exporter's error as one line: its first line and, where it wraps another, the innermost cause (the
     exporter's own first line says only which of its steps failed). A Ctrl-C the exporter turned into another error
@@ -96,12 +91,12 @@ def _export_failed(what: str, exc: Exception) -> YatDeployError:
         current = current.__cause__ or current.__context__
     if any(isinstance(e, KeyboardInterrupt) for e in chain):
         raise KeyboardInterrupt
-    message = _first_line(exc).split(" Next steps:")[0].strip()
+    message = " ".join(first_line(exc).split()).split(" Next steps:")[0].strip()
     root = exc
     while root.__cause__ is not None and root.__cause__ is not root:
         root = root.__cause__
     if root is not exc:
-        message += f" (caused by {type(root).__name__}: {_first_line(root)})"
+        message += f" (caused by {type(root).__name__}: {' '.join(first_line(root).split())})"
     return YatDeployError(f"{what} failed: {message}")
 
 

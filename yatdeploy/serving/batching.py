@@ -165,7 +165,7 @@ class DynamicBatcher:
             with self._waiting_lock:
                 self._waiting -= len(batch)
             try:
-                outputs, error = self._run(batch), None
+                outputs, error = self._run(batch, size), None
             except Exception as exc:  # the model failed: every request of the batch gets the error
                 outputs, error = None, exc
             compute_s = time.perf_counter() - started
@@ -194,11 +194,11 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(error)
 
-    def _run(self, batch: list[Pending]) -> list[np.ndarray]:
+    def _run(self, batch: list[Pending], size: int) -> list[np.ndarray]:
+        """The batch's outputs (`size`: its rows, the sum of its requests' batches)."""
         if len(batch) == 1:
             return self.model.run(batch[0].feeds)
         feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
-        size = sum(p.batch for p in batch)
         outputs = self.model.run(feeds)
         for info, output in zip(self.model.outputs, outputs):
             if output.ndim == 0 or output.shape[0] != size:  # splitting it would answer requests wrongly

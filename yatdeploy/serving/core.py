@@ -135,9 +135,7 @@ class InferenceServer:
             served, self._served = self._served, {}
             for versions in served.values():
                 for deployed in versions.values():
-                    await deployed.batcher.stop()
-                    self.metrics.forget_pending(deployed.model.name, deployed.model.version)
-                    deployed.model.close()
+                    await self._close(deployed)
 
     def _deploy(self, model: ServedModel) -> Deployed:
         s = self.settings
@@ -288,9 +286,13 @@ class InferenceServer:
             except asyncio.TimeoutError:
                 log.warning("model '%s' version %s: requests still running after %.0f s; stopping it anyway",
                             deployed.model.name, deployed.model.version, UNLOAD_DRAIN_S)
-            await deployed.batcher.stop()
-            self.metrics.forget_pending(deployed.model.name, deployed.model.version)
-            deployed.model.close()
+            await self._close(deployed)
+
+    async def _close(self, deployed: Deployed) -> None:
+        """A version no longer served: its batcher stopped, its pending gauge gone, its model closed."""
+        await deployed.batcher.stop()
+        self.metrics.forget_pending(deployed.model.name, deployed.model.version)
+        deployed.model.close()
 
     # -- inference ------------------------------------------------------------------------------------------
 
