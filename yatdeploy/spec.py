@@ -9,7 +9,8 @@ docs/yatgemm.md is the prose form of the same specification.
 
     Y = alpha * (X·Wᵀ + B)² / (max(|X|² + |W|² − 2·X·Wᵀ, 0) + eps)
 
-computed per output unit n over the last axis of X. 16-bit inputs are computed with float32
+computed per output unit n over the last axis of X. W is [N, K] (a layer: every row of X against it) or batched
+[..., N, K] (attention scores: queries against keys), its leading dims broadcast with X's as MatMul's do. 16-bit inputs are computed with float32
 accumulation and the result is clamped to the finite range of the input dtype before the cast back.
 """
 
@@ -90,11 +91,13 @@ YAT_GEMM = OpSpec(
         "finite range."
     ),
     inputs=(
-        TensorSpec("X", "[..., K]", "Input rows; any number of leading dimensions."),
-        TensorSpec("W", "[N, K]", "Weights, one row per output unit (torch.nn.Linear layout)."),
+        TensorSpec("X", "[..., M, K]", "Input rows; any number of leading dimensions."),
+        TensorSpec("W", "[..., N, K]", "Weights, one row per output unit (torch.nn.Linear layout): [N, K] applies to "
+                                      "every row of X; batched (rank > 2, attention's keys), the leading dims of X "
+                                      "and W broadcast as MatMul's do."),
         TensorSpec("B", "[N]", "Bias added inside the square; absent means zero.", optional=True),
     ),
-    outputs=(TensorSpec("Y", "[..., N]", "Yat scores, in the dtype of X."),),
+    outputs=(TensorSpec("Y", "[..., M, N]", "Yat scores, in the dtype of X; MatMul's shape for X and Wᵀ."),),
     attributes=(
         AttributeSpec("eps", float, DEFAULT_EPS, "Added to the squared distance; must be > 0."),
         AttributeSpec("alpha", float, 1.0, "Output scale."),

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from yatdeploy.ops.reference import check_operands, yat_gemm_reference
+from yatdeploy.ops.reference import check_operands, output_shape, yat_gemm_reference
 
 OP_QUALNAME = "yatdeploy::yat_gemm"
 
@@ -28,7 +28,7 @@ def yat_gemm(x: Tensor, w: Tensor, b: Tensor | None, eps: float, alpha: float) -
 @yat_gemm.register_fake
 def _yat_gemm_fake(x: Tensor, w: Tensor, b: Tensor | None, eps: float, alpha: float) -> Tensor:
     check_operands(x, w, b)
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+    return x.new_empty(output_shape(tuple(x.shape), tuple(w.shape)))
 
 
 def _triton_importable() -> bool:
