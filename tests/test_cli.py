@@ -39,7 +39,7 @@ def test_export_then_validate(model_file, tmp_path, capsys):
     args = ["export", "-q", str(model_file), "-o", str(out), "--input-shape", "1,16", "--report", str(report)]
     assert main(args) == EXIT_OK
     printed = capsys.readouterr().out
-    assert "2 YatGemm node(s) for 2 Yat layer call(s)" in printed
+    assert "2 YatGemm node(s) (2 YatNMN)" in printed
     assert "ort-function" in printed and "PASSED" in printed
     assert json.loads(report.read_text())["passed"] is True
 

@@ -87,9 +87,12 @@ ExampleInputs = Union["torch.Tensor", Sequence["torch.Tensor"], Sequence[int], s
 
 def export(
     model: nn.Module | str | Path | LoadedModel,
-    example_inputs: ExampleInputs,
+    example_inputs: ExampleInputs | None = None,
     path: str | Path | None = None,
     *,
+    kv_cache: bool = False,
+    logits: str = "all",
+    context_length: int | None = None,
     dynamic_axes: DynamicAxes | None = None,
     dtype: str | None = None,
     opset: int = OPSET,
@@ -122,8 +125,12 @@ def export(
     (or "ids=0:256" strings). `tolerance`, `input_files`, `seed`: as for `validate`. `repository`: also write
     its entry `<repository>/<name>/1/model.onnx` (`name` default: the file's stem) with a config.pbtxt of
     `max_batch_size`, the custom-op library named under `op_library_root` (where Triton sees the repository).
-    The stages, in order: yatdeploy.exporting. The declaration and the output paths are checked before the model
-    loads.
+    `kv_cache`: export a causal LM (token ids in, logits out, nmn's MultiHeadYatAttention with a causal mask) as a
+    decoder that takes and gives its KV cache, with yatdeploy.decoder's inputs and outputs (`example_inputs` may
+    then be left out: the token ids' example is drawn); `logits` "last": only the last position's logits;
+    `context_length`: the longest sequence (default: the position table's rows, else 2048). `result.decoder` is
+    its layout. The stages, in order: yatdeploy.exporting. The declaration and the output paths are checked before
+    the model loads.
     """
     import torch
 
@@ -131,7 +138,10 @@ def export(
     from yatdeploy.inputs import InputSpec
 
     _check_seed(seed)
-    declared = {"dtype": dtype, "int_ranges": int_ranges or {}, "opset": opset}
+    declared = {"dtype": dtype, "int_ranges": int_ranges or {}, "opset": opset, "kv_cache": kv_cache,
+                "logits": logits, "context_length": context_length}
+    if example_inputs is None:
+        example_inputs = ()
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     items = [] if isinstance(example_inputs, str) else list(example_inputs)
@@ -142,6 +152,8 @@ def export(
         options = ExportOptions(examples=tuple(items), dynamic_axes=dynamic_axes, **declared)
     elif items and all(isinstance(s, (InputSpec, str)) for s in items):
         options = ExportOptions(inputs=tuple(items), dynamic_batch=dynamic_axes != {}, **declared)
+    elif not items:
+        options = ExportOptions(**declared)  # a decoder's token ids (kv_cache), else "no inputs declared"
     else:
         raise InputSpecError("example_inputs: expected a tensor, a tuple of tensors, a shape or input specs")
     source = Path(model) if isinstance(model, (str, Path)) else None
@@ -167,7 +179,9 @@ def export(
         result.repository_entry = write_repository(
             repository, name or result.path.stem, result.path, op_library=native.ort_library_path(),
             max_batch_size=max_batch_size, op_library_root=op_library_root)
-    if validate:
+    if validate and result.decoder is not None:
+        progress.say("validation of decoders is not written yet: run the checks in tests/test_decoder_export.py")
+    elif validate:
         progress.say("validating")
         result.report = _validation(result.path, result.reference, report, progress, input_files=input_files,
                                     tolerance=tolerance, int_ranges=result.int_ranges, seed=seed)

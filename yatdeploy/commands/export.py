@@ -31,7 +31,7 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
     )
     export.add_argument("model", metavar="MODEL", help="the PyTorch model file")
     export.add_argument("-o", "--output", metavar="FILE", help="the ONNX file to write (default: MODEL with .onnx)")
-    declared = export.add_mutually_exclusive_group(required=True)
+    declared = export.add_mutually_exclusive_group()
     declared.add_argument(
         "--input-shape", metavar="B,D1,...",
         help="shape of the example input, batch first, e.g. 1,784; the batch stays dynamic (one float input)",
@@ -47,6 +47,16 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
         "--dtype", choices=dtypes.NAMES,
         help="export in this dtype (casts the model); default: the model's parameter dtype",
     )
+    export.add_argument(
+        "--kv-cache", action="store_true",
+        help="export a causal LM (token ids in, logits out) as a decoder that takes and gives its KV cache: inputs "
+             "input_ids, attention_mask, position_ids (with learned positions), past_key_values.N.key/value; outputs "
+             "logits, present.N.key/value (Optimum's and ONNX Runtime GenAI's names). --input is then optional",
+    )
+    export.add_argument("--logits", choices=("all", "last"), default="all",
+                        help="with --kv-cache: every position's logits (default) or only the last one's")
+    export.add_argument("--context-length", type=int, metavar="N",
+                        help="with --kv-cache: the longest sequence (default: the position table's rows, else 2048)")
     export.add_argument("--static-batch", action="store_true", help="fix the batch dimension to the example's")
     export.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, 18 to 22 (default {OPSET})")
     export.add_argument("--no-validate", action="store_true", help="skip the validation after export")
@@ -76,14 +86,20 @@ def run(args: argparse.Namespace, progress) -> int:
     # The flags as given: the API checks the declaration and the outputs before it loads the model.
     result = api.export(
         args.model, args.inputs_spec or args.input_shape, args.output, dynamic_axes={} if args.static_batch else None,
+        kv_cache=args.kv_cache, logits=args.logits, context_length=args.context_length,
         dtype=args.dtype, opset=args.opset, validate=not args.no_validate, int_ranges=args.int_range,
         arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key, tolerance=tolerance(args),
         input_files=args.inputs, seed=args.seed, report=args.report,
         repository=args.repository, name=args.name, max_batch_size=args.max_batch_size,
         op_library_root=args.op_library_root, progress=progress,
     )
-    print(f"wrote {result.path}: {result.yat_gemm_nodes} YatGemm node(s) for {result.yat_layers} Yat layer call(s), "
-          f"{result.dtype}, outputs {', '.join(result.output_names)} ({result.seconds:.1f} s)")
+    kinds = ", ".join(f"{count} {kind}" for kind, count in result.yat_gemm_kinds.items() if count)
+    print(f"wrote {result.path}: {result.yat_gemm_nodes} YatGemm node(s) ({kinds or 'none'}), {result.dtype}, "
+          f"outputs {', '.join(result.output_names)} ({result.seconds:.1f} s)")
+    if result.decoder is not None:
+        layout = result.decoder
+        print(f"decoder with a KV cache: {layout.layers} attention layer(s), {layout.heads} heads of {layout.head_dim}, vocabulary "
+              f"{layout.vocab_size}, context {layout.context_length}, logits {layout.logits}")
     for note in result.notes:
         print(f"note: {note}")
     if result.repository_entry is not None:

@@ -8,7 +8,10 @@ Each stage is one module and hands the next what it needs; none asks a fact an e
     2 reference     example.py       → ExampleRun: the Reference run once on the example: output names, the Yat
                                      products it computes
     3 rewrite       rewrite.py       → Rewritten: Yat layers as YatGemm calls (or a compiled model as loaded)
-    4 export        torch_export.py  → onnx.ModelProto: torch.onnx.export, bare YatGemm nodes
+   3b cache         decoder.py       with kv_cache: → Cached: the causal LM as a decoder taking and giving its KV
+                                     cache (yatdeploy.decoder's contract), checked against the model run in full
+    4 export        torch_export.py  → onnx.ModelProto: torch.onnx.export, bare YatGemm nodes (a decoder's dims
+                                     named batch, seq, past, "past + seq")
     5 attach        attach.py        + the YatGemm ONNX function
     6 check         check.py         → Checked: node count, dynamic dims kept, the inputs recorded with the limits
                                      the graph sets (limits.py), metadata, onnx.checker, CPU runnability
@@ -20,6 +23,7 @@ model is prepared once, and `ExportResult.int_ranges`, the caller's as settled.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,10 +31,12 @@ from typing import TYPE_CHECKING
 import onnx
 
 from yatdeploy import files
+from yatdeploy.decoder import DecoderLayout
 from yatdeploy.exporting.attach import attach_yat_gemm_function
 from yatdeploy.exporting.check import check_model
-from yatdeploy.exporting.example import run_example
-from yatdeploy.exporting.rewrite import RewriteResult, rewrite_model
+from yatdeploy.exporting.decoder import export_decoder
+from yatdeploy.exporting.example import ExampleRun, run_example
+from yatdeploy.exporting.rewrite import RewriteResult, Rewritten, rewrite_model
 from yatdeploy.exporting.settle import INPUT_NAME, OPSET, ExportOptions, settle_inputs
 from yatdeploy.exporting.torch_export import export_onnx
 from yatdeploy.inputs import InputSpec
@@ -60,6 +66,8 @@ class ExportResult:
     report: ValidationReport | None = None  # set by yatdeploy.export unless validate=False
     repository_entry: Path | None = None  # the model folder yatdeploy.export wrote, with `repository`
     seconds: float = 0.0  # loading and exporting, as yatdeploy.export timed them
+    decoder: DecoderLayout | None = None  # a KV-cache export's layout (yatdeploy.decoder), else None
+    yat_gemm_kinds: dict[str, int] = field(default_factory=dict)  # YatGemm nodes per kind (YatNMN, attention...)
 
 
 def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions,
@@ -67,10 +75,19 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
     settled = settle_inputs(loaded, output, options, progress)
     run = run_example(settled, progress)
     rewritten = rewrite_model(loaded, run, progress)
-    model = export_onnx(rewritten, settled, run, progress)
+    layout, kinds = None, _yat_gemm_kinds(run, rewritten)
+    if options.kv_cache:
+        decoder = export_decoder(rewritten, settled, run, options.logits, options.context_length, progress)
+        model, layout = decoder.model, decoder.cached.layout
+        kinds["attention"] = decoder.cached.scores_as_yat_gemm
+        settled = dataclasses.replace(settled, specs=decoder.specs)
+        rewritten = dataclasses.replace(rewritten, yat_layers=rewritten.yat_layers + kinds["attention"],
+                                        notes=decoder.notes(rewritten))
+    else:
+        model = export_onnx(rewritten, settled, run, progress)
     with progress.step("attaching the YatGemm function"):
         attach_yat_gemm_function(model)
-    checked = check_model(model, loaded, settled, rewritten, progress)
+    checked = check_model(model, loaded, settled, rewritten, progress, decoder=layout)
     with progress.step(f"saving {settled.output}"):
         with files.writing(settled.output) as partial:  # a failed write leaves no partial file, and says why
             onnx.save_model(checked.model, str(partial))
@@ -79,11 +96,23 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
         model=checked.model,
         inputs=checked.inputs,
         dtype=settled.reference.dtype,
-        output_names=run.reference.output_names,
+        output_names=layout.output_names() if layout is not None else run.reference.output_names,
         rewrite=rewritten.rewrite,
         yat_gemm_nodes=checked.yat_gemm_nodes,
         yat_layers=rewritten.yat_layers,
         reference=run.reference,
         int_ranges=settled.int_ranges,
         notes=[*rewritten.notes, *checked.notes],
+        decoder=layout,
+        yat_gemm_kinds=kinds,
     )
+
+
+def _yat_gemm_kinds(run: ExampleRun, rewritten: Rewritten) -> dict[str, int]:
+    """The YatGemm nodes an export has, per kind of Yat product: YatNMN layers and tied `attend` heads (as the example
+    run called them); the decoder stage adds attention scores."""
+    if rewritten.rewrite is None:
+        return {}
+    heads = {layer.path for layer in rewritten.rewrite.yat_layers if layer.options.get("head") == "attend"}
+    attend = sum(count for path, count in run.calls.items() if path in heads)
+    return {"YatNMN": sum(run.calls.values()) - attend, "attend head": attend}

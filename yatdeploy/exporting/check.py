@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from yatdeploy import __version__, dtypes
+from yatdeploy.decoder import META_DECODER, DecoderLayout
 from yatdeploy.errors import ConsistencyError, YatDeployError, option
 from yatdeploy.exporting.limits import with_graph_limits
 from yatdeploy.exporting.rewrite import Rewritten
@@ -47,7 +48,7 @@ class Checked:
 
 
 def check_model(model: onnx.ModelProto, loaded: LoadedModel, settled: SettledInputs, rewritten: Rewritten,
-          progress: Progress = QUIET) -> Checked:
+                progress: Progress = QUIET, decoder: DecoderLayout | None = None) -> Checked:
     dtype = settled.reference.dtype
     nodes = len(yat_gemm_nodes(model))
     if rewritten.rewrite is not None and nodes != rewritten.yat_layers:  # a rewritten model's nodes are known
@@ -59,6 +60,8 @@ def check_model(model: onnx.ModelProto, loaded: LoadedModel, settled: SettledInp
     # ... and the limits its lookups set (an embedding's vocabulary, a position table's length), recorded with them.
     specs = with_graph_limits(fit_to_graph(list(settled.specs), feeds), model, feeds)
     _set_metadata(model, _record(loaded, dtype, specs, rewritten.yat_layers))
+    if decoder is not None:
+        _set_metadata(model, {META_DECODER: decoder.to_json()})
     model.producer_name = "yatdeploy"
     model.producer_version = __version__
     with progress.step("checking the model (onnx.checker, full check)"):

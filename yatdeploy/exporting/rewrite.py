@@ -348,5 +348,9 @@ def rewrite_model(loaded: LoadedModel, run: ExampleRun, progress: Progress = QUI
         said.append(f"Yat layer(s) {', '.join(unused)} did not run on the example input, so the export has no "
                     "node for them")
     if result.decomposed_layers:
-        said.append("exported through ordinary ONNX ops (no YatGemm form yet): " + ", ".join(result.decomposed_layers))
+        said.append(decomposed_note(result.decomposed_layers))
     return Rewritten(result.module, result, sum(run.calls.values()), tuple(said))
+
+
+def decomposed_note(paths: list[str]) -> str:
+    return "exported through ordinary ONNX ops (no YatGemm form yet): " + ", ".join(paths)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from yatdeploy import dtypes, files
+from yatdeploy.decoder import INPUT_IDS as DECODER_TOKENS
+from yatdeploy.decoder import LOGITS_CHOICES
 from yatdeploy.errors import InputSpecError, option
 from yatdeploy.inputs import (
     BATCH_LABEL,
@@ -60,12 +62,18 @@ class ExportOptions:
     opset: int = OPSET  # the ONNX opset, one of SUPPORTED_OPSETS
     examples: tuple[torch.Tensor, ...] = ()  # the example tensors themselves, positional; over inputs and input_shape
     dynamic_axes: DynamicAxes | None = None  # with examples: {dim: label} per input; default: dim 0 is "batch"
+    kv_cache: bool = False  # a causal LM as a decoder with its KV cache (yatdeploy.decoder's contract)
+    logits: str = "all"  # with kv_cache: every position's logits, or "last" only
+    context_length: int | None = None  # with kv_cache: the longest past + seq; default the position table's rows
 
     def __post_init__(self) -> None:
         if self.opset not in SUPPORTED_OPSETS:
             raise InputSpecError(f"{option('opset')} {self.opset}: yatdeploy exports opsets "
                                  f"{SUPPORTED_OPSETS.start} to {SUPPORTED_OPSETS.stop - 1}")
+        self._check_decoder_options()
         self.examples = tuple(self.examples)
+        if self.kv_cache and not (self.examples or self.inputs or self.input_shape):
+            self.inputs = (f"{DECODER_TOKENS}:int64[batch=2,seq=8]",)  # the decoder's inputs are the contract's
         if self.examples:
             pass  # their specs need the model's forward (settle_inputs)
         elif self.inputs:
@@ -79,6 +87,31 @@ class ExportOptions:
             raise InputSpecError(f"no inputs declared: give {option('input_shape')} or {option('inputs')}")
         self.int_ranges = (dict(self.int_ranges) if isinstance(self.int_ranges, Mapping)
                            else parse_int_ranges(self.int_ranges))
+        if self.kv_cache:
+            self._check_token_input()
+
+    def _check_decoder_options(self) -> None:
+        if not self.kv_cache:
+            if self.logits != "all" or self.context_length is not None:
+                given = option("logits") if self.logits != "all" else option("context_length")
+                raise InputSpecError(f"{given} is for a decoder export: add {option('kv_cache', True)}")
+            return
+        if self.logits not in LOGITS_CHOICES:
+            raise InputSpecError(f"{option('logits')} {self.logits!r}: one of {', '.join(LOGITS_CHOICES)}")
+        if self.context_length is not None and not 1 <= self.context_length <= MAX_DIM:
+            raise InputSpecError(f"{option('context_length')} {self.context_length}: from 1 to {MAX_DIM}")
+
+    def _check_token_input(self) -> None:
+        """A decoder's one declared input is its token ids [batch, seq] (the rest is the decoder contract's)."""
+        if self.examples:
+            shapes = [(str(t.dtype).removeprefix("torch."), t.dim()) for t in self.examples]
+        elif self.inputs:
+            shapes = [(s.dtype, len(s.dims)) for s in self.inputs]
+        else:
+            shapes = [("float", len(self.input_shape))]
+        if len(shapes) != 1 or shapes[0][0] not in ("int64", "int32") or shapes[0][1] != 2:
+            raise InputSpecError(f"{option('kv_cache', True)} exports a causal LM whose one input is its token ids, "
+                                 "int64 [batch, seq]; declare it so (e.g. 'ids:int64[batch=1,seq=16]') or not at all")
 
 
 @dataclass(frozen=True)

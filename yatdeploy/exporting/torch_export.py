@@ -149,6 +149,19 @@ def _torch_export_to_onnx(module_or_program: object, xs: tuple[torch.Tensor, ...
         # Exported one level down, the names clash no more (the weights are then named model.<name>...).
         module_or_program = _Root(module_or_program)
         dynamic_shapes = None if dynamic_shapes is None else (dynamic_shapes,)  # forward(*args): one tuple
+    return _run_exporter(module_or_program, xs, dynamic_shapes, [s.name for s in specs], output_names, opset)
+
+
+def export_decoder_onnx(module: torch.nn.Module, xs: tuple[torch.Tensor, ...], input_names: list[str],
+                        output_names: list[str], dynamic: list[tuple[int, ...]], opset: int) -> onnx.ModelProto:
+    """A decoder (exporting/decoder.py) through the same exporter: `dynamic` lists each input's dynamic dims, left to
+    torch.export to relate (Dim.AUTO: the attention mask's length is the past's plus the input's)."""
+    shapes = ({i: torch.export.Dim.AUTO for i in dims} for dims in dynamic)
+    return _run_exporter(module, xs, (tuple(shapes),), input_names, output_names, opset)
+
+
+def _run_exporter(module_or_program: object, xs: tuple[torch.Tensor, ...], dynamic_shapes: object,
+                  input_names: list[str], output_names: list[str], opset: int) -> onnx.ModelProto:
     table = {torch.ops.yatdeploy.yat_gemm.default: _translate_yat_gemm}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -161,7 +174,7 @@ def _torch_export_to_onnx(module_or_program: object, xs: tuple[torch.Tensor, ...
                     xs,
                     dynamo=True,
                     opset_version=opset,
-                    input_names=[s.name for s in specs],
+                    input_names=input_names,
                     output_names=output_names,
                     dynamic_shapes=dynamic_shapes,
                     custom_translation_table=table,
