@@ -180,7 +180,8 @@ def _widen(model: onnx.ModelProto, op: str, dtype: str) -> bool:
             continue
         for name in ins:
             if name not in widened:
-                widened[name] = f"{name}__yatdeploy_float32"
+                # not the suffix of a widened node's own output: `name` may be one (chained widened ops)
+                widened[name] = f"{name}__yatdeploy_as_float32"
                 nodes.append(helper.make_node("Cast", [name], [widened[name]], name=f"{name}__yatdeploy_widen",
                                               to=TensorProto.FLOAT))
         node.input[:] = [widened.get(n, n) if n in ins else n for n in node.input]

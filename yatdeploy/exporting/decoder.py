@@ -52,7 +52,7 @@ DEFAULT_CONTEXT = 2048  # the context length of a model without a position table
 class CacheContext:
     """What one decoder call hands its attention layers: set by DecoderModule.forward, read in call order."""
 
-    attention_mask: Tensor | None = None  # [batch, past + seq] bool
+    allowed: Tensor | None = None  # [batch, 1, seq, past + seq] bool: causal and not padding, one for every layer
     position_ids: Tensor | None = None  # [batch, seq] int64
     past: list[Tensor] = field(default_factory=list)  # key, value per layer
     presents: list[Tensor] = field(default_factory=list)
@@ -110,16 +110,16 @@ class CachedYatAttention(nn.Module):
             dot = qf @ kf.transpose(-1, -2)
             scores = dot.square() / (((2.0 - 2.0 * dot).clamp(min=0.0) + self.eps) * self.head_dim**0.5) * self.scale
         else:
-            # B as zeros, not absent: the YatGemm function reads B (ops/onnx_function.py says why).
-            no_bias = kf.new_zeros(kf.shape[-2])
-            scores = yat_gemm(qf, kf, no_bias, self.eps, self.scale / math.sqrt(self.head_dim))
-        total = k.shape[2]
-        query_at = torch.arange(seq, device=q.device) + (total - seq)  # each query's position in the sequence
-        causal = torch.arange(total, device=q.device)[None, :] <= query_at[:, None]  # [seq, total]
-        allowed = causal[None, None] & context.attention_mask[:, None, None, :]  # [batch, 1, seq, total]
+            # B as zeros, not absent: the YatGemm function reads B (ops/onnx_function.py says why). In a 16-bit model
+            # the node is 16-bit as its other YatGemm nodes (one ONNX function per model): float32 inside, the scores
+            # saturated and rounded to the 16-bit type, then the softmax in float32 as nmn's.
+            k = k.to(q.dtype)
+            scores = yat_gemm(q, k, k.new_zeros(k.shape[-2]), self.eps, self.scale / math.sqrt(self.head_dim)).float() \
+                if out_dtype in _SIXTEEN_BIT else yat_gemm(qf, kf, kf.new_zeros(kf.shape[-2]), self.eps,
+                                                           self.scale / math.sqrt(self.head_dim))
         # A finite floor, not -inf: a padding query (left padding) sees no key, and -inf there would make NaN that
         # later layers multiply by its zero weight. Every other row has its own key, so exp(floor − max) is 0.
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~context.allowed, torch.finfo(scores.dtype).min)
         weights = F.softmax(scores, dim=-1).to(out_dtype)
         x = (weights @ v.to(out_dtype)).transpose(1, 2).reshape(batch, seq, self.embed_dim)
         return self._linear(x, self.out_proj) if self.out_proj is not None else x
@@ -152,7 +152,10 @@ class DecoderModule(nn.Module):
         context = self.context[0]
         positions = 1 if self.layout.position_ids else 0
         context.position_ids = rest[0] if positions else None
-        context.attention_mask = attention_mask > 0
+        seq, total = input_ids.shape[1], attention_mask.shape[1]
+        query_at = torch.arange(seq, device=input_ids.device) + (total - seq)  # each query's place in the sequence
+        causal = torch.arange(total, device=input_ids.device)[None, :] <= query_at[:, None]  # [seq, total]
+        context.allowed = causal[None, None] & (attention_mask > 0)[:, None, None, :]
         context.past = list(rest[positions:])
         context.presents = []
         context.calls = 0
@@ -440,9 +443,12 @@ def _name_dims(model: onnx.ModelProto, layout: DecoderLayout) -> None:
         return by_name[name].type.tensor_type.shape.dim[axis].dim_param
 
     names = {symbol(INPUT_IDS, 0): BATCH, symbol(INPUT_IDS, 1): SEQ, symbol(ATTENTION_MASK, 1): TOTAL}
-    past = symbol(layout.past_names()[0], 2)
-    names[past] = PAST
-    sums = {f"{symbol(INPUT_IDS, 1)} + {past}", f"{past} + {symbol(INPUT_IDS, 1)}"}
+    seq = symbol(INPUT_IDS, 1)
+    sums = set()
+    for name in layout.past_names():  # each layer's past may have a symbol of its own
+        past = symbol(name, 2)
+        names[past] = PAST
+        sums |= {f"{seq} + {past}", f"{past} + {seq}"}
     for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in names:
