@@ -103,26 +103,30 @@ class CachedYatAttention(nn.Module):
         v = torch.cat([context.past[2 * layer + 1], v.to(context.past[2 * layer + 1].dtype)], dim=2)
         context.presents += [k, v]
         out_dtype = q.dtype
-        qf, kf = (q.float(), k.float()) if out_dtype in _SIXTEEN_BIT else (q, k.to(q.dtype))
+        k = k.to(out_dtype)
         if self.spherical:
-            qf = qf / torch.sqrt(torch.sum(qf**2, dim=-1, keepdim=True) + self.eps)
-            kf = kf / torch.sqrt(torch.sum(kf**2, dim=-1, keepdim=True) + self.eps)
-            dot = qf @ kf.transpose(-1, -2)
-            scores = dot.square() / (((2.0 - 2.0 * dot).clamp(min=0.0) + self.eps) * self.head_dim**0.5) * self.scale
+            scores = self._spherical_scores(q.float(), k.float())
         else:
-            # B as zeros, not absent: the YatGemm function reads B (ops/onnx_function.py says why). In a 16-bit model
-            # the node is 16-bit as its other YatGemm nodes (one ONNX function per model): float32 inside, the scores
-            # saturated and rounded to the 16-bit type, then the softmax in float32 as nmn's.
-            k = k.to(q.dtype)
-            scores = yat_gemm(q, k, k.new_zeros(k.shape[-2]), self.eps, self.scale / math.sqrt(self.head_dim)).float() \
-                if out_dtype in _SIXTEEN_BIT else yat_gemm(qf, kf, kf.new_zeros(kf.shape[-2]), self.eps,
-                                                           self.scale / math.sqrt(self.head_dim))
+            # One YatGemm of the queries against every key, alpha and nmn's 1/√head_dim folded into its alpha; B as
+            # zeros, not absent (the YatGemm function reads B: ops/onnx_function.py). In a 16-bit model the node is
+            # 16-bit as the model's other YatGemm nodes (one ONNX function per model): float32 inside, the scores
+            # saturated and rounded to the 16-bit type; the softmax then runs in float32 as nmn's.
+            scores = yat_gemm(q, k, k.new_zeros(k.shape[-2]), self.eps, self.scale / math.sqrt(self.head_dim))
+            scores = scores.float() if out_dtype in _SIXTEEN_BIT else scores
         # A finite floor, not -inf: a padding query (left padding) sees no key, and -inf there would make NaN that
         # later layers multiply by its zero weight. Every other row has its own key, so exp(floor − max) is 0.
         scores = scores.masked_fill(~context.allowed, torch.finfo(scores.dtype).min)
         weights = F.softmax(scores, dim=-1).to(out_dtype)
         x = (weights @ v.to(out_dtype)).transpose(1, 2).reshape(batch, seq, self.embed_dim)
         return self._linear(x, self.out_proj) if self.out_proj is not None else x
+
+
+    def _spherical_scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """nmn's spherical form: unit q and k, the distance 2 − 2q·k (not YatGemm's |q|² + |k|² − 2q·k)."""
+        q = q / torch.sqrt(torch.sum(q**2, dim=-1, keepdim=True) + self.eps)
+        k = k / torch.sqrt(torch.sum(k**2, dim=-1, keepdim=True) + self.eps)
+        dot = q @ k.transpose(-1, -2)
+        return dot.square() / (((2.0 - 2.0 * dot).clamp(min=0.0) + self.eps) * self.head_dim**0.5) * self.scale
 
 
 class PositionLookup(nn.Module):
