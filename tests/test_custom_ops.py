@@ -19,6 +19,7 @@ from yatdeploy import backends, dtypes, native
 from yatdeploy.backends import ort
 from yatdeploy.cli import main
 from yatdeploy.exporting.attach import attach_yat_gemm_function
+from yatdeploy.ops.reference import output_shape
 from yatdeploy.ops.torch_op import yat_gemm_reference
 from yatdeploy.spec import ONNX_DOUBLE, ONNX_FLOAT, ONNX_FLOAT16, YAT_GEMM
 
@@ -273,6 +274,114 @@ def test_attribute_defaults_come_from_the_spec():
     del model.graph.node[0].attribute[:]  # no eps, no alpha on the node
     got = ort.run(ort.create_session(model, CPU_LIB), {"X": x})[0]
     assert _max_rel(got, _reference(x, w, b, YAT_GEMM.attribute("eps").default, 1.0, "float32")) <= 1e-5
+
+
+def batched_model(x_shape, w_shape, dtype, *, b=None, w=None, eps=1e-3, alpha=1.25, with_function=True):
+    """One YatGemm node with a batched W ([..., N, K]): X and W graph inputs (W an initializer when `w` is
+    given), B an initializer when given (the function path needs it: docs/yatgemm.md)."""
+    elem = dtypes.by_name(dtype).onnx
+    inputs = ["X", "W"] + (["B"] if b is not None else [])
+    node = helper.make_node(YAT_GEMM.name, inputs, ["Y"], domain=YAT_GEMM.domain, eps=eps, alpha=alpha)
+    graph_inputs = [helper.make_tensor_value_info("X", elem, x_shape)]
+    initializers = [] if b is None else [_initializer(b, "B")]
+    if w is None:
+        graph_inputs.append(helper.make_tensor_value_info("W", elem, w_shape))
+    else:
+        initializers.append(_initializer(w, "W"))
+    graph = helper.make_graph([node], "yat_gemm_batched", graph_inputs,
+                              [helper.make_tensor_value_info("Y", elem, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    if with_function:
+        attach_yat_gemm_function(model)
+    else:
+        model.opset_import.append(helper.make_opsetid(YAT_GEMM.domain, YAT_GEMM.version))
+    return model
+
+
+# (X, W) shapes of a batched W: attention's queries [batch, heads, q_len, head_dim] against keys
+# [batch, heads, kv_len, head_dim], and the other ways MatMul broadcasts the leading dimensions.
+BATCHED_SHAPES = pytest.mark.parametrize("x_shape,w_shape", [
+    ((2, 3, 5, 16), (2, 3, 7, 16)),  # the same leading dims
+    ((2, 1, 5, 16), (1, 3, 7, 16)),  # [B, 1, ...] against [1, H, ...]
+    ((5, 16), (2, 3, 7, 16)),  # X of rank 2 against every slice of W
+    ((3, 5, 8), (2, 3, 7, 8)),  # ranks differ: X's leading dims right-aligned
+    ((1, 4, 1, 64), (1, 4, 300, 64)),  # decode: M = 1
+    ((1, 12, 1, 64), (1, 12, 1024, 64)),  # decode at a past of 1024: enough work for the thread pool
+    ((2, 2, 3, 33), (2, 2, 40, 33)),  # few rows, K odd
+    ((1, 2, 70, 40), (1, 2, 600, 40)),  # prefill-like: many rows, slices across the pool
+    ((2, 3, 9, 5), (2, 3, 1, 5)),  # N = 1
+    ((2, 2, 4, 1), (2, 2, 5, 1)),  # K = 1
+    ((2, 3, 4, 16), (1, 1, 6, 16)),  # W's leading dims all 1: one W for every row
+], ids=["same", "broadcast", "x-rank-2", "ranks-differ", "decode", "decode-1024", "few-rows-odd-k", "prefill",
+        "N=1", "K=1", "w-leading-ones"])
+
+
+def _batched_case(x_shape, w_shape, dtype, bias, seed):
+    rng = np.random.default_rng(seed)
+    x, w = _random(x_shape, dtype, rng), _random(w_shape, dtype, rng, 0.5)
+    b = _random((w_shape[-2],), dtype, rng, 0.1) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["B", "no-B"])
+@BATCHED_SHAPES
+def test_batched_w_float32_on_both_cpu_paths(float_kernel, x_shape, w_shape, bias):
+    test_batched_w_against_the_spec("float32", x_shape, w_shape, bias)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["B", "no-B"])
+@BATCHED_SHAPES
+def test_batched_w_against_the_spec(dtype, x_shape, w_shape, bias):
+    x, w, b = _batched_case(x_shape, w_shape, dtype, bias, len(x_shape) * 100 + w_shape[-2])
+    session = ort.create_session(batched_model(list(x_shape), list(w_shape), dtype, b=b, with_function=bias), CPU_LIB)
+    assert session.uses_library
+    got = ort.run(session, {"X": x, "W": w})[0]
+    want = _reference(x, w, b, 1e-3, 1.25, dtype)
+    assert got.dtype == dtypes.by_name(dtype).numpy and got.shape == want.shape
+    _assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("x_shape,w_shape", [
+    ((1, 4, 1, 64), (1, 4, 0, 64)),  # an empty past: kv_len 0
+    ((1, 4, 0, 64), (1, 4, 9, 64)),  # M = 0
+    ((0, 3, 2, 8), (1, 3, 5, 8)),  # an empty batch
+    ((1, 3, 2, 8), (0, 1, 5, 8)),  # an empty batch of W
+], ids=["kv-0", "M=0", "batch-0", "w-batch-0"])
+def test_batched_w_with_empty_dims(dtype, x_shape, w_shape):
+    x, w, _ = _batched_case(x_shape, w_shape, dtype, False, 16)
+    b = np.zeros(w_shape[-2], dtypes.by_name(dtype).numpy)
+    want_shape = output_shape(x_shape, w_shape)
+    session = ort.create_session(batched_model(list(x_shape), list(w_shape), dtype, b=b), CPU_LIB)
+    got = ort.run(session, {"X": x, "W": w})[0]
+    assert got.shape == want_shape and got.dtype == dtypes.by_name(dtype).numpy
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("w_shape", [(2, 6, 16), (1, 1, 6, 16)], ids=["two-slices", "leading-ones"])
+def test_a_constant_batched_w(dtype, w_shape, float_kernel):
+    """W as an initializer: one of several slices is prepared per run; one whose leading dims are all 1 once."""
+    x, w, b = _batched_case((2, 5, 16), w_shape, dtype, True, 17)
+    session = ort.create_session(batched_model([2, 5, 16], list(w_shape), dtype, b=b, w=w), CPU_LIB)
+    for _ in range(2):
+        got = ort.run(session, {"X": x})[0]
+        _assert_close(got, _reference(x, w, b, 1e-3, 1.25, dtype), dtype)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,b_shape,message", [
+    ((2, 3, 5, 8), (2, 4, 7, 8), None,
+     r"YatGemm: the leading dimensions of X \[2, 3, 5, 8\] and W \[2, 4, 7, 8\] do not broadcast"),
+    ((8,), (2, 7, 8), None, r"YatGemm: X \[8\] and W \[2, 7, 8\] do not fit"),
+    ((2, 5, 8), (2, 7, 9), None, r"YatGemm: X \[2, 5, 8\] and W \[2, 7, 9\] do not fit"),
+    ((2, 5, 8), (2, 7, 8), (8,), r"YatGemm: B is \[8\], expected \[7\]"),
+], ids=["leading-dims", "x-rank-1", "k", "b"])
+def test_batched_shapes_that_do_not_fit_are_named(x_shape, w_shape, b_shape, message):
+    b = None if b_shape is None else np.zeros(b_shape, np.float32)
+    model = batched_model([None] * len(x_shape), [None] * len(w_shape), "float32", b=b, with_function=False)
+    session = ort.create_session(model, CPU_LIB)
+    with pytest.raises(Exception, match=message):
+        ort.run(session, {"X": np.ones(x_shape, np.float32), "W": np.ones(w_shape, np.float32)})
 
 
 class TestRouting:

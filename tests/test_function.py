@@ -13,6 +13,7 @@ from yatdeploy import backends, dtypes
 from yatdeploy.backends import ort
 from yatdeploy.errors import OnnxModelError
 from yatdeploy.exporting.attach import attach_yat_gemm_function
+from yatdeploy.ops.reference import output_shape
 from yatdeploy.ops.torch_op import yat_gemm_reference
 from yatdeploy.spec import YAT_GEMM
 
@@ -78,6 +79,46 @@ def test_leading_dimensions(dtype):
     got = _run(yat_gemm_model(w, b, ["b", "t", 8], 1e-5, 1.0), x)
     assert got.shape == (2, 3, 4)
     np.testing.assert_allclose(got.astype(np.float64), _expected(x, w, b, 1e-5, 1.0, dtype), rtol=TOLERANCE[dtype])
+
+
+def batched_model(x_shape: list, w_shape: list, b: np.ndarray, eps: float, alpha: float) -> onnx.ModelProto:
+    """One YatGemm node with X and a batched W ([..., N, K]) as graph inputs, B an initializer."""
+    elem = dtypes.by_name(_name_of(b.dtype)).onnx
+    node = helper.make_node(YAT_GEMM.name, ["X", "W", "B"], ["Y"], domain=YAT_GEMM.domain, eps=eps, alpha=alpha)
+    graph = helper.make_graph(
+        [node], "yat_gemm_batched",
+        [helper.make_tensor_value_info("X", elem, x_shape), helper.make_tensor_value_info("W", elem, w_shape)],
+        [helper.make_tensor_value_info("Y", elem, output_shape(tuple(x_shape), tuple(w_shape)))],
+        [_initializer(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    attach_yat_gemm_function(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("x_shape,w_shape", [
+    ((2, 3, 5, 16), (2, 3, 7, 16)),  # the same leading dims
+    ((2, 1, 5, 16), (1, 3, 7, 16)),  # [B, 1, ...] against [1, H, ...]
+    ((5, 16), (2, 3, 7, 16)),  # X of rank 2 against every slice of W
+    ((1, 4, 1, 64), (1, 4, 300, 64)),  # decode: M = 1
+    ((2, 2, 3, 33), (2, 2, 40, 33)),  # K odd
+    ((2, 3, 9, 5), (2, 3, 1, 5)),  # N = 1
+    ((1, 4, 1, 64), (1, 4, 0, 64)),  # an empty past: kv_len 0
+    ((1, 4, 0, 64), (1, 4, 9, 64)),  # M = 0
+], ids=["same", "broadcast", "x-rank-2", "decode", "odd-k", "N=1", "kv-0", "M=0"])
+def test_batched_w_matches_torch(dtype, x_shape, w_shape):
+    """The function on a batched W, run by plain ONNX Runtime (no library), against the torch op's semantics."""
+    rng = np.random.default_rng(len(x_shape) * 100 + w_shape[-2])
+    x, w = _random(x_shape, dtype, rng), _random(w_shape, dtype, rng, 0.5)
+    b = _random((w_shape[-2],), dtype, rng, 0.1)
+    session = ort.create_session(batched_model(list(x_shape), list(w_shape), b, 1e-3, 1.25).SerializeToString(),
+                                 backends.get("ort-function"))
+    got = ort.run(session, {"X": x, "W": w})[0]
+    expected = _expected(x, w, b, 1e-3, 1.25, dtype)
+    assert got.dtype == dtypes.by_name(dtype).numpy and got.shape == expected.shape
+    np.testing.assert_allclose(got.astype(np.float64), expected, rtol=TOLERANCE[dtype], atol=1e-6)
 
 
 def test_x_close_to_w_stays_finite_and_within_the_cancellation_bound_in_float32():

@@ -11,6 +11,7 @@ import ast
 import ctypes
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -346,16 +347,85 @@ def test_rows_and_output_shape():
     assert logic.output_dims([16], [10, 16]) == [10]
 
 
+def test_batched_output_shape_broadcasts_as_the_reference():
+    from yatdeploy.ops.reference import output_shape
+
+    for x, w in [((2, 3, 5, 16), (2, 3, 7, 16)), ((2, 1, 5, 16), (1, 3, 7, 16)), ((5, 16), (2, 3, 7, 16)),
+                 ((3, 5, 8), (2, 3, 7, 8)), ((4, 2, 3, 5, 8), (3, 7, 8)), ((1, 4, 1, 64), (1, 4, 0, 64))]:
+        assert tuple(logic.output_dims(x, w)) == output_shape(x, w), (x, w)
+    with pytest.raises(logic.PluginInputError, match="leading dimensions 3 and 4 of X and W do not broadcast"):
+        logic.output_dims([2, 3, 5, 8], [2, 4, 7, 8])
+
+
+def test_batched_output_shape_on_symbolic_dims_takes_the_hosts_broadcast():
+    joined = []
+
+    def broadcast(a, b):
+        joined.append((a, b))
+        return f"max({a}, {b})"
+
+    assert logic.output_dims(["b", "h", "q", "d"], ["b", "h", "kv", "d"], broadcast) == [
+        "max(b, b)", "max(h, h)", "q", "kv"]
+    assert logic.output_dims(["q", "d"], ["b", "h", "kv", "d"], broadcast) == ["b", "h", "q", "kv"]
+    assert joined == [("b", "b"), ("h", "h")]  # a missing dimension is not joined: it is the other side's
+
+
+def test_slices_are_the_launches_of_a_batched_w():
+    # W [N, K] (or leading dims all 1): one launch over every row of X.
+    assert logic.slices([2, 3, 16], [10, 16]) == logic.Slices(6, 10, 16, ((0, 0, 0),))
+    assert logic.slices([2, 3, 4, 16], [1, 1, 10, 16]) == logic.Slices(24, 10, 16, ((0, 0, 0),))
+    assert logic.slices([16], [10, 16]) == logic.Slices(1, 10, 16, ((0, 0, 0),))
+    # The same leading dims: slice s of X against slice s of W into slice s of Y.
+    same = logic.slices([2, 3, 5, 16], [2, 3, 7, 16])
+    assert (same.m, same.n, same.k) == (5, 7, 16)
+    assert same.offsets == tuple((s * 5 * 16, s * 7 * 16, s * 5 * 7) for s in range(6))
+    # [B, 1, ...] against [1, H, ...]: each X slice once per head, each W slice once per batch.
+    cross = logic.slices([2, 1, 5, 16], [1, 3, 7, 16])
+    assert [(x // 80, w // 112, y // 35) for x, w, y in cross.offsets] == [
+        (0, 0, 0), (0, 1, 1), (0, 2, 2), (1, 0, 3), (1, 1, 4), (1, 2, 5)]
+    # X of rank 2 against every slice of W; and empty products launch nothing.
+    assert [x for x, _, _ in logic.slices([5, 16], [2, 3, 7, 16]).offsets] == [0] * 6
+    assert logic.slices([1, 4, 1, 64], [1, 4, 0, 64]).offsets == ()
+    assert logic.slices([1, 4, 0, 64], [1, 4, 9, 64]).offsets == ()
+    assert logic.slices([0, 16], [10, 16]).offsets == ()
+
+
+def test_slices_cover_y_as_the_reference_computes_it():
+    """Running the 2-D product at each slice's offsets on flat buffers gives the reference's batched Y."""
+    import torch
+
+    from yatdeploy.ops.reference import yat_gemm_reference
+
+    rng = np.random.default_rng(0)
+    for x_shape, w_shape in [((2, 1, 3, 8), (1, 3, 4, 8)), ((3, 8), (2, 2, 5, 8)), ((2, 3, 2, 8), (3, 6, 8))]:
+        x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+        work = logic.slices(x_shape, w_shape)
+        y = np.full(math.prod(logic.output_dims(x_shape, w_shape)), np.nan)
+        flat_x, flat_w = x.ravel(), w.ravel()
+        for xo, wo, yo in work.offsets:
+            xs = torch.from_numpy(flat_x[xo:xo + work.m * work.k].reshape(work.m, work.k))
+            ws = torch.from_numpy(flat_w[wo:wo + work.n * work.k].reshape(work.n, work.k))
+            y[yo:yo + work.m * work.n] = yat_gemm_reference(xs, ws, None, 1e-5, 1.0).numpy().ravel()
+        want = yat_gemm_reference(torch.from_numpy(x), torch.from_numpy(w), None, 1e-5, 1.0).numpy()
+        np.testing.assert_allclose(y.reshape(want.shape), want, rtol=1e-12)
+
+
 def test_input_checks_name_what_the_plugin_cannot_take():
-    assert logic.check_inputs([3, 2, 1], ["HALF"] * 3).dtype == "float16"
+    assert logic.check_inputs([3, 2, 1], ["HALF"] * 3, batched_w=False).dtype == "float16"
+    assert logic.check_inputs([4, 4, 1], ["BF16"] * 3, batched_w=True).dtype == "bfloat16"
     with pytest.raises(logic.PluginInputError, match="one dtype"):
-        logic.check_inputs([2, 2, 1], ["FLOAT", "HALF", "FLOAT"])
+        logic.check_inputs([2, 2, 1], ["FLOAT", "HALF", "FLOAT"], batched_w=False)
     with pytest.raises(logic.PluginInputError, match="has no INT8 kernel"):
-        logic.check_inputs([2, 2, 1], ["INT8"] * 3)
-    with pytest.raises(logic.PluginInputError, match="ranks 2, 3, 1"):
-        logic.check_inputs([2, 3, 1], ["FLOAT"] * 3)
+        logic.check_inputs([2, 2, 1], ["INT8"] * 3, batched_w=False)
+    with pytest.raises(logic.PluginInputError, match="ranks 2, 1, 1"):
+        logic.check_inputs([2, 1, 1], ["FLOAT"] * 3, batched_w=True)
+    with pytest.raises(logic.PluginInputError, match="ranks 1, 3, 1"):  # a batched W needs X [..., M, K]
+        logic.check_inputs([1, 3, 1], ["FLOAT"] * 3, batched_w=True)
+    with pytest.raises(logic.PluginInputError, match="ahead-of-time TensorRT plugin takes W \\[N, K\\] only, not a "
+                                                     "batched W of rank 4"):
+        logic.check_inputs([4, 4, 1], ["FLOAT"] * 3, batched_w=False)
     with pytest.raises(logic.PluginInputError, match="takes 3 inputs"):
-        logic.check_inputs([2, 2], ["FLOAT"] * 2)
+        logic.check_inputs([2, 2], ["FLOAT"] * 2, batched_w=False)
 
 
 def test_autotune_declares_one_dtype_for_all_io():

@@ -3,6 +3,8 @@ Triton's interpreter."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 from triton.runtime.jit import JITFunction
@@ -18,7 +20,7 @@ from yatdeploy.gpu.common import (
     output_saturation,
 )
 from yatdeploy.gpu.configs import TileConfig, cdiv, choose_config, split_k_slices
-from yatdeploy.ops.reference import check_operands, yat_gemm_reference
+from yatdeploy.ops.reference import check_operands, output_shape, yat_gemm_reference
 
 GPU_DTYPES = tuple(getattr(torch, name) for name in KERNEL_DTYPES)
 
@@ -83,34 +85,53 @@ def yat_gemm(
     config: TileConfig | None = None,
     float32_precision: Float32Precision = "ieee",
 ) -> Tensor:
-    """YatGemm (yatdeploy/spec.py) with the Triton kernels. X [..., K], W [N, K], B [N] or None.
+    """YatGemm (yatdeploy/spec.py) with the Triton kernels. X [..., K], W [N, K], B [N] or None; or batched,
+    X [..., M, K] and W [..., N, K] with the leading dims broadcast as matmul's (attention scores).
 
-    `w_sq`: row_sq_norms(w), when the caller keeps it for a constant W. `config`: a tile configuration
+    `w_sq`: row_sq_norms(w), when the caller keeps it for a constant W [N, K]. `config`: a tile configuration
     (default: choose_config by shape). `float32_precision`: "ieee" (exact float32 products) or "tf32x3"
     (three TF32 tensor-core products; its accuracy is still to be measured on a GPU).
     """
     check_operands(x, w, b)
     _check_dtype(x.dtype)
     device = _check_device(x, w, b, w_sq)
-    n, k = w.shape
-    x2d = x.reshape(-1, k)
-    m = x2d.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=device)
-    if m == 0 or n == 0:
-        return y.reshape(*x.shape[:-1], n)
+    n, k = w.shape[-2:]
+    y = torch.empty(output_shape(tuple(x.shape), tuple(w.shape)), dtype=x.dtype, device=device)
+    if y.numel() == 0:
+        return y
+    options = dict(config=config, float32_precision=float32_precision)
+    if w.dim() == 2:
+        _launch_2d(x.reshape(-1, k), w, b, w_sq, y.view(-1, n), eps, alpha, **options)
+        return y
+    if w_sq is not None:
+        raise ValueError("w_sq is kept for a W [N, K]; a batched W's norms are computed per slice")
+    # Batched W: the 2-D kernels once per slice of Y, on views of the broadcast operands (a broadcast dimension
+    # is a stride of 0: nothing is copied). A batched grid, all slices in one launch, is future work.
+    lead = y.shape[:-2]
+    xs = x.expand(*lead, *x.shape[-2:])
+    ws = w.expand(*lead, *w.shape[-2:])
+    for index in itertools.product(*map(range, lead)):
+        _launch_2d(xs[index], ws[index], b, None, y[index], eps, alpha, **options)
+    return y
+
+
+def _launch_2d(x2d: Tensor, w: Tensor, b: Tensor | None, w_sq: Tensor | None, y: Tensor, eps: float, alpha: float, *,
+               config: TileConfig | None, float32_precision: Float32Precision) -> None:
+    """Y [M, N] (a view, written in place) for X [M, K] and W [N, K], any strides, neither empty."""
+    m, (n, k) = x2d.shape[0], w.shape
     if w_sq is None:
         w_sq = row_sq_norms(w)
     elif w_sq.shape != (n,) or w_sq.dtype != torch.float32:
         raise ValueError(f"w_sq must be float32 of shape ({n},), got {w_sq.dtype} {tuple(w_sq.shape)}")
-    config = config or choose_config(m, n, k, x.dtype)
-    saturate, finite_max = output_saturation(x.dtype)
+    config = config or choose_config(m, n, k, x2d.dtype)
+    saturate, finite_max = output_saturation(x2d.dtype)
     has_bias = int(b is not None)
     # A stand-in pointer of X's dtype when there is no bias; the kernels never read it.
     b_arg = b if b is not None else x2d
     dot_constexprs = dict(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        INPUT_PRECISION=dot_input_precision(x.dtype, float32_precision),
-        UPCAST_DOT_OPERANDS=upcast_dot_operands(x.dtype),
+        INPUT_PRECISION=dot_input_precision(x2d.dtype, float32_precision),
+        UPCAST_DOT_OPERANDS=upcast_dot_operands(x2d.dtype),
     )
     launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     tiles = cdiv(m, config.block_m) * cdiv(n, config.block_n)
@@ -123,8 +144,8 @@ def yat_gemm(
             **dot_constexprs, SATURATE=saturate, FINITE_MAX=finite_max, **launch,
         )
     else:
-        partial_dot = torch.empty((k_slices, m, n), dtype=torch.float32, device=device)
-        partial_x_sq = torch.empty((k_slices, m), dtype=torch.float32, device=device)
+        partial_dot = torch.empty((k_slices, m, n), dtype=torch.float32, device=x2d.device)
+        partial_x_sq = torch.empty((k_slices, m), dtype=torch.float32, device=x2d.device)
         kernel.yat_gemm_split_k_partial_kernel[(tiles, k_slices)](
             x2d, w, partial_dot, partial_x_sq, m, n, k, k_per_slice,
             x2d.stride(0), x2d.stride(1), w.stride(0), w.stride(1),
@@ -136,7 +157,6 @@ def yat_gemm(
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP_M=config.group_m,
             SATURATE=saturate, FINITE_MAX=finite_max, num_warps=config.num_warps,
         )
-    return y.reshape(*x.shape[:-1], n)
 
 
 def op_cuda_kernel(x: Tensor, w: Tensor, b: Tensor | None, eps: float, alpha: float) -> Tensor:

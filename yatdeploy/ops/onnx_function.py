@@ -34,16 +34,19 @@ def _native() -> OnnxFunction:
     def YatGemm(X, W, B, eps: float = DEFAULT_EPS, alpha: float = 1.0):
         # W [..., N, K] as [..., K, N], for any rank >= 2: a Transpose's perm has a fixed length, so the leading
         # dims are flattened into one around it (for a constant W, a layer's weights, ONNX Runtime folds it all).
-        rows = op.Reshape(W, op.Concat(op.Constant(value_ints=[-1]), op.Shape(W, start=-2), axis=0))
+        # The shapes are written out (ReduceProd, not -1) and read with allowzero=1, so that a 0 in them (an empty
+        # past: N = 0) means 0, not "copy the input's dimension".
+        lead = op.ReduceProd(op.Shape(W, end=-2), keepdims=1)
+        rows = op.Reshape(W, op.Concat(lead, op.Shape(W, start=-2), axis=0), allowzero=1)
         kn = op.Concat(op.Shape(W, start=-1), op.Shape(W, start=-2, end=-1), axis=0)
-        w_t = op.Reshape(op.Transpose(rows, perm=[0, 2, 1]), op.Concat(op.Shape(W, end=-2), kn, axis=0))
+        w_t = op.Reshape(op.Transpose(rows, perm=[0, 2, 1]), op.Concat(op.Shape(W, end=-2), kn, axis=0), allowzero=1)
         dot = op.MatMul(X, w_t)  # [..., M, N]: MatMul broadcasts the leading dims (batched W)
         z = dot + B
         x_sq = op.ReduceSumSquare(X, [-1], keepdims=1)
         w_sq = op.Unsqueeze(op.ReduceSumSquare(W, [-1], keepdims=0), [-2])  # [..., 1, N]
         dist = op.Max(x_sq + w_sq - op.CastLike(2.0, X) * dot, op.CastLike(0.0, X))
         y = z * z / (dist + op.CastLike(eps, X)) * op.CastLike(alpha, X)
-        return op.Reshape(y, op.Shape(dot))  # a 1-D X: [N], as MatMul gives it
+        return op.Reshape(y, op.Shape(dot), allowzero=1)  # a 1-D X: [N], as MatMul gives it
 
     return YatGemm
 
@@ -53,15 +56,16 @@ def _float32_accumulated(finite_max: float) -> OnnxFunction:
     def YatGemm(X, W, B, eps: float = DEFAULT_EPS, alpha: float = 1.0):
         x = op.Cast(X, to=TensorProto.FLOAT)
         w = op.Cast(W, to=TensorProto.FLOAT)
-        rows = op.Reshape(w, op.Concat(op.Constant(value_ints=[-1]), op.Shape(w, start=-2), axis=0))
+        lead = op.ReduceProd(op.Shape(w, end=-2), keepdims=1)
+        rows = op.Reshape(w, op.Concat(lead, op.Shape(w, start=-2), axis=0), allowzero=1)
         kn = op.Concat(op.Shape(w, start=-1), op.Shape(w, start=-2, end=-1), axis=0)
-        w_t = op.Reshape(op.Transpose(rows, perm=[0, 2, 1]), op.Concat(op.Shape(w, end=-2), kn, axis=0))
+        w_t = op.Reshape(op.Transpose(rows, perm=[0, 2, 1]), op.Concat(op.Shape(w, end=-2), kn, axis=0), allowzero=1)
         dot = op.MatMul(x, w_t)
         z = dot + op.Cast(B, to=TensorProto.FLOAT)
         x_sq = op.ReduceSumSquare(x, [-1], keepdims=1)
         w_sq = op.Unsqueeze(op.ReduceSumSquare(w, [-1], keepdims=0), [-2])
         dist = op.Max(x_sq + w_sq - 2.0 * dot, 0.0)
-        y = op.Reshape(z * z / (dist + eps) * alpha, op.Shape(dot))
+        y = op.Reshape(z * z / (dist + eps) * alpha, op.Shape(dot), allowzero=1)
         return op.CastLike(op.Clip(y, -finite_max, finite_max), X)
 
     return YatGemm

@@ -1,6 +1,7 @@
 """The YatGemm TensorRT plugin, defined with `tensorrt.plugin`; importing this module registers it.
 
-- register: output shape [..., N] in X's dtype, after checking ranks and dtypes;
+- register: output shape [..., N] in X's dtype, after checking ranks and dtypes (W [N, K] only: a batched
+  W, attention's scores, needs a launch per slice, which an ahead-of-time plugin can't make; it is refused);
 - autotune: X, W, B and Y in X's dtype (float32, float16 or bfloat16), linear layout, and as tactics the
   tile configurations of the Triton kernels that fit this dtype and this GPU (plugin_logic.TACTICS);
 - aot_impl: for the tactic TensorRT is timing or has chosen, the PTX of the installed `yat_gemm_trt`
@@ -43,6 +44,11 @@ def _device() -> tuple[str, int]:
     return arch, logic.shared_memory_limit(arch, shared)
 
 
+def _check(x: trtp.TensorDesc, w: trtp.TensorDesc, b: trtp.TensorDesc) -> logic.PluginType:
+    # One kernel per node (an ahead-of-time plugin): W [N, K] only, a batched W is refused naming why.
+    return logic.check_inputs([x.ndim, w.ndim, b.ndim], [_type_name(t.dtype) for t in (x, w, b)], batched_w=False)
+
+
 def _constant(expr) -> int | None:
     return expr.constant_value() if expr.is_constant else None
 
@@ -50,14 +56,14 @@ def _constant(expr) -> int | None:
 @trtp.register(logic.PLUGIN_ID)
 def yat_gemm_desc(x: trtp.TensorDesc, w: trtp.TensorDesc, b: trtp.TensorDesc, eps: float,
                   alpha: float) -> trtp.TensorDesc:
-    logic.check_inputs([x.ndim, w.ndim, b.ndim], [_type_name(t.dtype) for t in (x, w, b)])
+    _check(x, w, b)
     return trtp.from_shape_expr(tuple(logic.output_dims(list(x.shape_expr), list(w.shape_expr))), dtype=x.dtype)
 
 
 @trtp.autotune(logic.PLUGIN_ID)
 def yat_gemm_autotune(x: trtp.TensorDesc, w: trtp.TensorDesc, b: trtp.TensorDesc,
                       outputs: tuple[trtp.TensorDesc]) -> list[trtp.AutoTuneCombination]:
-    kind = logic.check_inputs([x.ndim, w.ndim, b.ndim], [_type_name(t.dtype) for t in (x, w, b)])
+    kind = _check(x, w, b)
     _, manifest = logic.kernels()
     arch, shared = _device()
     tactics = logic.tactics(manifest, arch, kind.dtype, shared)
@@ -71,7 +77,7 @@ def yat_gemm_autotune(x: trtp.TensorDesc, w: trtp.TensorDesc, b: trtp.TensorDesc
 def yat_gemm_aot_impl(x: trtp.TensorDesc, w: trtp.TensorDesc, b: trtp.TensorDesc, eps: float, alpha: float,
                       outputs: tuple[trtp.TensorDesc],
                       tactic: int) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-    kind = logic.check_inputs([x.ndim, w.ndim, b.ndim], [_type_name(t.dtype) for t in (x, w, b)])
+    kind = _check(x, w, b)
     folder, manifest = logic.kernels()
     arch, _ = _device()
     x_dims = list(x.shape_expr)

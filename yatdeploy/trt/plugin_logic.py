@@ -22,10 +22,12 @@ from __future__ import annotations
 import ast
 import ctypes
 import functools
+import itertools
+import math
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -79,13 +81,14 @@ class PluginType:
     trt: str  # the tensorrt.DataType member
     autotune: str  # the spelling in tensorrt.plugin.AutoTuneCombination
     triton_pointer: str  # the manifest's type of X, W, B and Y
+    itemsize: int  # bytes per element (a batched W's slices are pointer offsets)
 
 
 # TensorRT's and Triton's spellings of each ONNX element type the GPU kernels could have.
 _SPELLINGS = {
-    ONNX_FLOAT: PluginType("float32", "FLOAT", "FP32", "*fp32"),
-    ONNX_FLOAT16: PluginType("float16", "HALF", "FP16", "*fp16"),
-    ONNX_BFLOAT16: PluginType("bfloat16", "BF16", "BF16", "*bf16"),
+    ONNX_FLOAT: PluginType("float32", "FLOAT", "FP32", "*fp32", 4),
+    ONNX_FLOAT16: PluginType("float16", "HALF", "FP16", "*fp16", 2),
+    ONNX_BFLOAT16: PluginType("bfloat16", "BF16", "BF16", "*bf16", 2),
 }
 # The plugin's kernels are the AOT GPU kernels: it takes the dtypes the spec's "cuda" implementation covers.
 PLUGIN_TYPES: tuple[PluginType, ...] = tuple(_SPELLINGS[t] for t in IMPLEMENTATIONS["cuda"].dtypes)
@@ -124,14 +127,21 @@ def plugin_type(trt_name: str) -> PluginType:
     raise PluginInputError(f"YatGemm's TensorRT plugin has no {trt_name} kernel (it has {supported})")
 
 
-def check_inputs(ranks: Sequence[int], trt_types: Sequence[str]) -> PluginType:
-    """The kernel type for these inputs (X, W, B), or an error naming what the plugin can't take."""
+def check_inputs(ranks: Sequence[int], trt_types: Sequence[str], *, batched_w: bool) -> PluginType:
+    """The kernel type for these inputs (X, W, B), or an error naming what the plugin can't take. `batched_w`:
+    whether this plugin takes a batched W [..., N, K] (attention scores), which it runs as one launch per slice."""
     if len(ranks) != len(INPUTS):
         raise PluginInputError(f"YatGemm's TensorRT plugin takes {len(INPUTS)} inputs ({', '.join(INPUTS)}), "
                                f"got {len(ranks)}")
     x_rank, w_rank, b_rank = ranks
-    if x_rank < 1 or w_rank != 2 or b_rank != 1:
-        raise PluginInputError(f"YatGemm takes X [..., K], W [N, K] and B [N]; got ranks {x_rank}, {w_rank}, {b_rank}")
+    if x_rank < 1 or w_rank < 2 or b_rank != 1 or (w_rank > 2 and x_rank < 2):
+        raise PluginInputError(f"YatGemm takes X [..., K], W [N, K] and B [N], or batched X [..., M, K] and "
+                               f"W [..., N, K]; got ranks {x_rank}, {w_rank}, {b_rank}")
+    if w_rank > 2 and not batched_w:
+        raise PluginInputError(
+            f"YatGemm's ahead-of-time TensorRT plugin takes W [N, K] only, not a batched W of rank {w_rank} "
+            "(attention scores): TensorRT launches one kernel per ahead-of-time plugin node, and the kernels have "
+            "no batched grid yet (docs/yatgemm.md)")
     if len(set(trt_types)) != 1:
         raise PluginInputError(f"YatGemm's inputs must share one dtype; got {', '.join(trt_types)}")
     return plugin_type(trt_types[0])
@@ -145,9 +155,70 @@ def io_types(t: PluginType) -> str:
 E = TypeVar("E")
 
 
-def output_dims(x_dims: Sequence[E], w_dims: Sequence[E]) -> list[E]:
-    """Y's shape: X's leading dimensions, then N (W's rows)."""
-    return [*x_dims[:-1], w_dims[0]]
+def broadcast_dim(a: int, b: int) -> int:
+    """One leading dimension of Y from X's and W's, as MatMul (numpy) broadcasts them."""
+    if a != b and a != 1 and b != 1:
+        raise PluginInputError(f"YatGemm: leading dimensions {a} and {b} of X and W do not broadcast")
+    return b if a == 1 else a
+
+
+def output_dims(x_dims: Sequence[E], w_dims: Sequence[E],
+                broadcast: Callable[[E, E], E] = broadcast_dim) -> list[E]:
+    """Y's shape (yatdeploy/ops/reference.py's output_shape). W [N, K]: X's leading dimensions, then N. Batched W
+    [..., N, K]: the leading dimensions of X and W, right-aligned, each pair joined by `broadcast` (broadcast_dim
+    on ints; a host's own on symbolic dimensions), then M and N."""
+    if len(w_dims) == 2:
+        return [*x_dims[:-1], w_dims[0]]
+    x_lead, w_lead = list(x_dims[:-2]), list(w_dims[:-2])
+    width = max(len(x_lead), len(w_lead))
+    lead = []
+    for i in range(width):
+        xd = x_lead[i - width + len(x_lead)] if i >= width - len(x_lead) else None
+        wd = w_lead[i - width + len(w_lead)] if i >= width - len(w_lead) else None
+        lead.append(wd if xd is None else xd if wd is None else broadcast(xd, wd))
+    return [*lead, x_dims[-2], w_dims[-2]]
+
+
+@dataclass(frozen=True)
+class Slices:
+    """A node's product as the 2-D kernel launches it: each slice is X [m, k] against W [n, k] into Y [m, n], at
+    these element offsets (X, W, Y) from the tensors' first elements."""
+
+    m: int
+    n: int
+    k: int
+    offsets: tuple[tuple[int, int, int], ...]
+
+
+def slices(x_dims: Sequence[int], w_dims: Sequence[int]) -> Slices:
+    """The launches of a node with these (actual) shapes: one for W [N, K] (or a batched W whose leading dimensions
+    are all 1), every row of X against it; one per slice of Y for a batched W, a broadcast dimension reading the
+    same slice of X or W again. No launch when Y is empty."""
+    n, k = w_dims[-2], w_dims[-1]
+    w_lead = list(w_dims[:-2])
+    if math.prod(w_lead) == 1:
+        m = rows(x_dims, 1)
+        return Slices(m, n, k, ((0, 0, 0),) if m and n else ())
+    m = x_dims[-2]
+    lead = output_dims(x_dims, w_dims)[:-2]
+    if m == 0 or n == 0 or math.prod(lead) == 0:
+        return Slices(m, n, k, ())
+
+    def strides(dims: Sequence[int]) -> list[int]:  # slice strides over Y's leading dims; 0 where broadcast
+        padded = [1] * (len(lead) - len(dims)) + list(dims)
+        out, step = [0] * len(lead), 1
+        for i in reversed(range(len(lead))):
+            out[i] = 0 if padded[i] == 1 else step
+            step *= padded[i]
+        return out
+
+    x_strides, w_strides = strides(x_dims[:-2]), strides(w_dims[:-2])
+    offsets = []
+    for s, index in enumerate(itertools.product(*map(range, lead))):
+        xi = sum(i * st for i, st in zip(index, x_strides))
+        wi = sum(i * st for i, st in zip(index, w_strides))
+        offsets.append((xi * m * k, wi * n * k, s * m * n))
+    return Slices(m, n, k, tuple(offsets))
 
 
 def rows(x_dims: Sequence[E], one: E) -> E:

@@ -1,7 +1,8 @@
 """YatGemm as a TensorRT-for-RTX plugin: an IPluginV3 with an IPluginCreatorV3One creator, `YatGemm` v1 in
 namespace `yat`, defined in Python (TensorRT for RTX has no `tensorrt.plugin` and no ahead-of-time plugins).
 
-Build time (any machine): output shape [..., N] in X's dtype; float32, float16 or bfloat16 in linear layout,
+Build time (any machine): output shape [..., N] in X's dtype ([..., M, N] for a batched W, the leading
+dimensions broadcast); float32, float16 or bfloat16 in linear layout,
 every tensor in X's type (the network is strongly typed); as tactics the tile configurations of the GPU
 kernels that fit every target's shared memory (plugin_logic.TACTICS); eps and alpha as FLOAT32 fields,
 serialized into the engine.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 import threading
 
 import numpy as np
@@ -72,8 +72,17 @@ class YatGemmPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, 
 
     def get_output_shapes(self, inputs, shape_inputs, expr_builder):
         x, w = inputs[0], inputs[1]
-        out = trt.DimsExprs(len(x))
-        for i, dim in enumerate(logic.output_dims([x[i] for i in range(len(x))], [w[0]])):
+
+        def broadcast(a, b):  # a leading dimension known to be 1 takes the other's; else the larger (MatMul's rule)
+            if a.is_constant() and a.get_constant_value() == 1:
+                return b
+            if b.is_constant() and b.get_constant_value() == 1:
+                return a
+            return expr_builder.operation(trt.DimensionOperation.MAX, a, b)
+
+        dims = logic.output_dims([x[i] for i in range(len(x))], [w[i] for i in range(len(w))], broadcast)
+        out = trt.DimsExprs(len(dims))
+        for i, dim in enumerate(dims):
             out[i] = dim
         return [out]
 
@@ -84,7 +93,7 @@ class YatGemmPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, 
 
     def configure_plugin(self, inputs, outputs):
         descs = [i.desc for i in inputs]
-        self.dtype = logic.check_inputs([len(d.dims) for d in descs], [d.type.name for d in descs]).dtype
+        self.dtype = logic.check_inputs([len(d.dims) for d in descs], [d.type.name for d in descs], batched_w=True).dtype
 
     def get_workspace_size(self, inputs, outputs):
         return 0
@@ -110,17 +119,24 @@ class YatGemmPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, 
         return self.clone()
 
     def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
-        x_dims, w_dims = list(input_desc[0].dims), list(input_desc[1].dims)
-        m, k, n = math.prod(x_dims[:-1]), x_dims[-1], w_dims[0]
-        if m == 0 or n == 0:
+        # One launch of the 2-D kernel per slice (W [N, K]: one), on the slices' pointers, in order on the stream.
+        # A batched grid, all slices in one launch, is future work.
+        work = logic.slices(list(input_desc[0].dims), list(input_desc[1].dims))
+        if not work.offsets:
             return
-        dtype = _FLOAT_TYPES[input_desc[0].type]
+        m, n, k = work.m, work.n, work.k
+        kind = logic.plugin_type(input_desc[0].type.name)
         _, manifest = logic.kernels()
-        tactic = self.tactic or logic.tactics(manifest, RUNTIME_ARCH, dtype, logic.DEFAULT_DYNAMIC_SHARED_LIMIT)[0]
-        entry = logic.select_entry(manifest, RUNTIME_ARCH, dtype, tactic, logic.variant_for(k, n))
+        tactic = self.tactic or logic.tactics(manifest, RUNTIME_ARCH, kind.dtype, logic.DEFAULT_DYNAMIC_SHARED_LIMIT)[0]
+        # Slice offsets are whole rows of K (X, W) or N (Y) elements: the aligned variant stays aligned per slice.
+        entry = logic.select_entry(manifest, RUNTIME_ARCH, kind.dtype, tactic, logic.variant_for(k, n))
         launch = logic.launch(entry, m, n, k)
         args = logic.extra_args(entry, m, n, k, self.eps, self.alpha)
-        _driver().launch(entry, launch, [*inputs[:3]], args, outputs[0], stream)
+        x, w, b = (int(p) for p in inputs[:3])
+        y = int(outputs[0])
+        for x_offset, w_offset, y_offset in work.offsets:
+            _driver().launch(entry, launch, [x + x_offset * kind.itemsize, w + w_offset * kind.itemsize, b], args,
+                             y + y_offset * kind.itemsize, stream)
 
 
 def native_manifest() -> dict | None:

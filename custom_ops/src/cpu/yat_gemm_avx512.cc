@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <thread>
 
 // Only the functions marked with this attribute use AVX-512; nothing else in this file (and no
@@ -78,6 +79,46 @@ YAT_AVX512 float SquaredNorm(const float* v, int64_t k) {
   return _mm512_reduce_add_ps(sum);
 }
 
+// Row j of W against the kRows rows of X: |w_j|² and the dot products, each summed over K in one register.
+template <int kRows>
+YAT_AVX512 void FewRows(const Problem& p, const float* x, const float* x_sq, const float* w, const float* b, float* y,
+                        int64_t ldy) {
+  const int64_t k = p.k;
+  const int64_t tail = k % 16;
+  const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1u);
+  for (int64_t j = 0; j < p.n; ++j) {
+    const float* row = w + j * k;
+    __m512 norm = _mm512_setzero_ps();
+    __m512 dot[kRows];
+    for (int i = 0; i < kRows; ++i) dot[i] = _mm512_setzero_ps();
+    int64_t kk = 0;
+    for (; kk + 16 <= k; kk += 16) {
+      const __m512 wv = _mm512_loadu_ps(row + kk);
+      norm = _mm512_fmadd_ps(wv, wv, norm);
+      for (int i = 0; i < kRows; ++i) dot[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i * k + kk), wv, dot[i]);
+    }
+    if (tail) {
+      const __m512 wv = _mm512_maskz_loadu_ps(tail_mask, row + kk);
+      norm = _mm512_fmadd_ps(wv, wv, norm);
+      for (int i = 0; i < kRows; ++i) {
+        dot[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, x + i * k + kk), wv, dot[i]);
+      }
+    }
+    const float w_sq = _mm512_reduce_add_ps(norm);
+    const float bias = b ? b[j] : 0.0f;
+    for (int i = 0; i < kRows; ++i) {
+      // The block kernel's epilogue, in scalar form: the same operations in the same order.
+      const float d = _mm512_reduce_add_ps(dot[i]);
+      const float z = d + bias;
+      const float dist = std::max(std::fma(-2.0f, d, x_sq[i] + w_sq), 0.0f);
+      y[i * ldy + j] = z * z / (dist + p.eps) * p.alpha;
+    }
+  }
+}
+
+using FewRowsFn = void (*)(const Problem&, const float*, const float*, const float*, const float*, float*, int64_t);
+constexpr FewRowsFn kFewRows[kAvx512FewRows + 1] = {nullptr, FewRows<1>, FewRows<2>, FewRows<3>, FewRows<4>};
+
 }  // namespace
 
 bool CpuHasAvx512() {
@@ -145,6 +186,12 @@ void YatGemmAvx512(const Problem& p, const float* x, const PackedWeights& w, con
       }
     }
   });
+}
+
+void YatGemmAvx512Rows(const Problem& p, const float* x, const float* w, const float* b, float* y, int64_t ldy) {
+  float x_sq[kAvx512FewRows];
+  for (int64_t i = 0; i < p.m; ++i) x_sq[i] = SquaredNorm(x + i * p.k, p.k);
+  kFewRows[p.m](p, x, x_sq, w, b, y, ldy);
 }
 
 }  // namespace yat

@@ -29,4 +29,13 @@ void PackWeights(const float* w, int64_t n, int64_t k, PackedWeights* out);
 void YatGemmAvx512(const Problem& p, const float* x, const PackedWeights& w, const float* b, float* y,
                    const ParallelFor& parallel_for);
 
+// The most rows of X YatGemmAvx512Rows takes.
+inline constexpr int64_t kAvx512FewRows = 4;
+
+// Y [m, n] (row stride ldy) for m <= kAvx512FewRows rows of X against W [n, k] read as it is, unpacked: each row of
+// W is read once, for |w_n|² and its m dot products together. For a W used once with few rows of X (a batched
+// W: attention's keys at decode, M = 1), where packing W would cost as much as the product. Requires
+// CpuHasAvx512(); single-threaded (the caller splits the columns). b may be null.
+void YatGemmAvx512Rows(const Problem& p, const float* x, const float* w, const float* b, float* y, int64_t ldy);
+
 }  // namespace yat

@@ -75,7 +75,7 @@ struct CudaKernel {
                       std::optional<const Tensor<T>*> b, Tensor<T>& y) {
     Operands<T> operands;
     if (Ort::Status status = BeginCompute(x, w, b, y, &operands); !status.IsOK() || operands.Empty()) return status;
-    auto [d, bias, out] = operands;
+    const auto& [d, bias, out] = operands;
     try {
       Ort::KernelContext kernel_context(context);
       const auto stream = static_cast<CUstream>(kernel_context.GetGPUComputeStream());
@@ -92,15 +92,37 @@ struct CudaKernel {
                            0,
                            attributes_.eps,
                            attributes_.alpha};
+      const Ort::ConstMemoryInfo memory = kernel_context.GetInput(0).GetTensorMemoryInfo();
+      if (d.batched) {
+        RunSlices(context, memory, d, problem, arch, stream);
+        return Ort::Status{nullptr};
+      }
       problem.w_sq = CachedRowNorms(problem, arch, stream);
       const size_t bytes = gpu::MakePlan(problem, arch, 0).workspace_bytes;
-      const Ort::ConstMemoryInfo memory = kernel_context.GetInput(0).GetTensorMemoryInfo();
       Workspace workspace(context, memory, bytes);
       gpu::RunPlan(gpu::MakePlan(problem, arch, workspace.pointer()), stream);
     } catch (const std::exception& error) {
       return Ort::Status((std::string("YatGemm (CUDA): ") + error.what()).c_str(), ORT_EP_FAIL);
     }
     return Ort::Status{nullptr};
+  }
+
+  // Batched W: the 2-D kernels launched once per slice of Y, on the slices' pointers (a broadcast dimension points
+  // at the same slice again), one after another on the stream, which orders their reuse of one workspace (|w|² of
+  // the slice and any split-K sums). Every slice has the same M, N and K, hence the same plan apart from its
+  // pointers (each plan still picks the aligned variant only where the slice's pointers allow it). A batched grid,
+  // all slices in one launch, is future work: the kernels take one 2-D problem (yatdeploy/gpu/kernel.py).
+  static void RunSlices(OrtKernelContext* context, const Ort::ConstMemoryInfo& memory, const Dims& d,
+                        gpu::Problem problem, gpu::ArchChoice arch, CUstream stream) {
+    const CUdeviceptr x = problem.x, w = problem.w, y = problem.y;
+    const auto bytes = [](int64_t elements) { return static_cast<CUdeviceptr>(elements) * sizeof(T); };
+    Workspace workspace(context, memory, gpu::MakePlan(problem, arch, 0).workspace_bytes);
+    for (int64_t s = 0; s < d.Batches(); ++s) {
+      problem.x = x + bytes(d.x_slice[static_cast<size_t>(s)] * d.m * d.k);
+      problem.w = w + bytes(d.w_slice[static_cast<size_t>(s)] * d.n * d.k);
+      problem.y = y + bytes(s * d.m * d.n);
+      gpu::RunPlan(gpu::MakePlan(problem, arch, workspace.pointer()), stream);
+    }
   }
 
   // |w|² of the constant W, computed once (on the first run's stream, then synchronised, so that runs on
