@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from nmn.torch import YatNMN
+from nmn.torch import MultiHeadYatAttention, YatEmbed, YatNMN
 from torch import nn
 
 # One entry per YatNMN option yatdeploy folds; values are constructor keyword arguments.
@@ -150,3 +150,54 @@ class ReusedAndUnused(nn.Module):
 def build_reused_and_unused() -> nn.Module:
     torch.manual_seed(0)
     return perturb(ReusedAndUnused()).eval()
+
+
+class YatGPTBlock(nn.Module):
+    """LayerNorm → causal MultiHeadYatAttention → residual → LayerNorm → YatNMN (or a Linear MLP) → residual."""
+
+    def __init__(self, width: int, heads: int, linear_mlp: bool = False, **attention) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = MultiHeadYatAttention(width, heads, **attention)
+        self.mlp = (nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)) if linear_mlp
+                    else YatNMN(width, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class YatGPT(nn.Module):
+    """A small Yat GPT as nmn's examples write one: YatEmbed tokens + nn.Embedding positions over arange (or none),
+    blocks of causal attention (mask tril) and YatNMN, a final LayerNorm and the tied `tok.attend` head.
+    `attention`: MultiHeadYatAttention's options (spherical, normalize_qk, constant_alpha, bias, ...)."""
+
+    def __init__(self, vocabulary: int = 53, width: int = 32, heads: int = 4, layers: int = 2, context: int = 40,
+                 positions: bool = True, linear_mlp: bool = False, **attention) -> None:
+        super().__init__()
+        self.tok = YatEmbed(vocabulary, width)
+        self.pos = nn.Embedding(context, width) if positions else None
+        self.blocks = nn.ModuleList(YatGPTBlock(width, heads, linear_mlp, **attention) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        x = self.tok(ids)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(length, device=ids.device))
+        mask = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()[None, None]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.tok.attend(self.norm(x))
+
+
+def yat_gpt(**options) -> nn.Module:
+    """A YatGPT with `options` (YatGPT's and MultiHeadYatAttention's keywords), seeded, alpha and biases moved
+    off their initial values as training would."""
+    torch.manual_seed(0)
+    return perturb(YatGPT(**options)).eval()
+
+
+def build_yat_gpt() -> nn.Module:
+    """The --arch entry point for yat_gpt's default architecture (weights come from the state_dict)."""
+    return yat_gpt()

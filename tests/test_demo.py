@@ -46,7 +46,8 @@ def test_the_lm_demo_trains_exports_validates_and_decodes_the_same_text(tmp_path
     assert main(["demo", "--lm", "--out", str(out), "--steps", "40"]) == EXIT_OK
     captured = capsys.readouterr()
     assert "step 40/40" in captured.err
-    for name in ("lm.pt", "lm.onnx", "validation.json", "repository/lm/config.pbtxt", "repository/lm/1/model.onnx"):
+    for name in ("lm.pt", "lm.onnx", "validation.json", "repository/lm/config.pbtxt", "repository/lm/1/model.onnx",
+                 "genai/model.onnx", "genai/genai_config.json", "genai/tokenizer.json", "genai/libyatdeploy_ort.so"):
         assert (out / name).is_file(), name
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"] is True
@@ -56,7 +57,13 @@ def test_the_lm_demo_trains_exports_validates_and_decodes_the_same_text(tmp_path
     torch_text = re.search(r"PyTorch\s+'(.*)'", captured.out).group(1)
     onnx_text = re.search(r"ONNX Runtime \(ort-cpu\s*\)\s+'(.*)'", captured.out).group(1)
     assert torch_text == onnx_text and len(torch_text.encode().decode("unicode_escape")) == 80
-    assert "identical" in captured.out
+    # To the context of 64 with the KV cache and without: the same characters, each timed.
+    full = re.search(r"PyTorch, no cache\s+'(.*)'", captured.out).group(1)
+    uncached, uncached_ms = re.search(r"ONNX Runtime, no cache\s+'(.*)'\s+([\d.]+) ms/token", captured.out).groups()
+    cached, cached_ms = re.search(r"ONNX Runtime, KV cache\s+'(.*)'\s+([\d.]+) ms/token", captured.out).groups()
+    assert full == uncached == cached and len(cached.encode().decode("unicode_escape")) == 64 - len("The yat neuron ")
+    assert float(uncached_ms) > 0 and float(cached_ms) > 0
+    assert captured.out.count("identical") == 2
 
 
 def test_the_lm_demo_refuses_what_is_for_the_digits_demo(tmp_path, capsys):

@@ -339,7 +339,7 @@ def test_the_exported_file_gets_the_usual_permissions(tmp_path):
 # The export is one pass: yatdeploy/exporting/__init__.py lists its stages, export_model calls them in that order,
 # and no stage reaches ahead to a later one.
 _STAGES = [("settle", "settle_inputs"), ("example", "run_example"), ("rewrite", "rewrite_model"),
-           ("torch_export", "export_onnx"), ("attach", "attach_yat_gemm_function"), ("check", "check_model")]
+           ("decoder", "cache_decoder"), ("torch_export", "export_onnx"), ("attach", "attach_yat_gemm_function"), ("check", "check_model")]
 
 
 def test_the_export_runs_its_stages_in_the_order_its_package_shows():

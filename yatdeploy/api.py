@@ -93,6 +93,8 @@ def export(
     kv_cache: bool = False,
     logits: str = "all",
     context_length: int | None = None,
+    tokenizer: str | Path | None = None,
+    genai_ops: str = "library",
     dynamic_axes: DynamicAxes | None = None,
     dtype: str | None = None,
     opset: int = OPSET,
@@ -129,8 +131,13 @@ def export(
     decoder that takes and gives its KV cache, with yatdeploy.decoder's inputs and outputs (`example_inputs` may
     then be left out: the token ids' example is drawn); `logits` "last": only the last position's logits;
     `context_length`: the longest sequence (default: the position table's rows, else 2048). `result.decoder` is
-    its layout. The stages, in order: yatdeploy.exporting. The declaration and the output paths are checked before
-    the model loads.
+    its layout; it is validated as `validate` validates a decoder, by greedy generation (`input_files` refused).
+    The stages, in order: yatdeploy.exporting. The declaration and the output paths are checked before the model
+    loads.
+
+    A decoder's folder is also made an ONNX Runtime GenAI model folder (yatdeploy.genai), right after the export:
+    genai_config.json, the `tokenizer` (a Hugging Face tokenizer.json, or "bytes": token id = UTF-8 byte) and, with
+    `genai_ops` "library", the custom-op library beside it ("function": no library, YatGemm as the ONNX function).
     """
     import torch
 
@@ -138,6 +145,10 @@ def export(
     from yatdeploy.inputs import InputSpec
 
     _check_seed(seed)
+    genai_tokenizer = _genai_options(kv_cache, tokenizer, genai_ops)
+    if kv_cache and validate and input_files:
+        raise YatDeployError(f"{option('input_files')} is for models validated on input batches: a decoder "
+                             f"({option('kv_cache', True)}) is validated by greedy generation from random prompts")
     declared = {"dtype": dtype, "int_ranges": int_ranges or {}, "opset": opset, "kv_cache": kv_cache,
                 "logits": logits, "context_length": context_length}
     if example_inputs is None:
@@ -179,13 +190,41 @@ def export(
         result.repository_entry = write_repository(
             repository, name or result.path.stem, result.path, op_library=native.ort_library_path(),
             max_batch_size=max_batch_size, op_library_root=op_library_root)
+    if result.decoder is not None:
+        _genai_folder(result, genai_tokenizer, genai_ops, progress)
     if validate and result.decoder is not None:
-        progress.say("validation of decoders is not written yet: run the checks in tests/test_decoder_export.py")
+        progress.say("validating the decoder by greedy generation")
+        result.report = _validation(result.path, result.reference, report, progress, decoder=True,
+                                    tolerance=tolerance, seed=seed)
     elif validate:
         progress.say("validating")
         result.report = _validation(result.path, result.reference, report, progress, input_files=input_files,
                                     tolerance=tolerance, int_ranges=result.int_ranges, seed=seed)
     return result
+
+
+def _genai_options(kv_cache: bool, tokenizer: str | Path | None, genai_ops: str):
+    """export's GenAI options checked before any work; the tokenizer read (a genai.Tokenizer), or None."""
+    from yatdeploy import genai
+
+    genai.check_ops(genai_ops)
+    if not kv_cache and (tokenizer is not None or genai_ops != "library"):
+        raise YatDeployError(f"{option('tokenizer')} and {option('genai_ops')} are for a decoder's ONNX Runtime "
+                             f"GenAI folder: add {option('kv_cache', True)}")
+    return None if tokenizer is None else genai.read_tokenizer(tokenizer)
+
+
+def _genai_folder(result: ExportResult, tokenizer, genai_ops: str, progress: Progress) -> None:
+    """The decoder export's folder made an ONNX Runtime GenAI model folder (yatdeploy.genai), said in a note."""
+    from yatdeploy import genai
+
+    progress.say("writing the ONNX Runtime GenAI files beside it")
+    written = genai.write_folder(result.path, result.decoder, tokenizer=tokenizer, ops=genai_ops)
+    kernel = "the custom-op library" if written.library else "the ONNX function"
+    result.notes.append(f"ONNX Runtime GenAI: {', '.join(p.name for p in written.written)} beside it, YatGemm as "
+                        f"{kernel} (onnxruntime_genai.Model({str(written.folder)!r}))")
+    if written.note:
+        result.notes.append(written.note)
 
 
 def validate(
@@ -196,7 +235,8 @@ def validate(
     inputs: Sequence[InputSpec | str] | None = None,
     int_ranges: Mapping[str, tuple[int, int]] | Sequence[str] | None = None,
     input_files: Sequence[str | Path] = (),
-    batches: Sequence[int] | str = DEFAULT_BATCHES,
+    batches: Sequence[int] | str | None = None,
+    tokens: int | None = None,
     tolerance: Tolerance | None = None,
     backends: Sequence[str] | None = None,
     engine: str | Path | None = None,
@@ -216,6 +256,12 @@ def validate(
     error. `engine`: an engine for a backend that runs one (backends.builders()). `inputs` (specs or their text, as
     export takes them) or `input_shape` (one input; or its text "1,784"): the example sizes, when the export's
     record is not to be used. `int_ranges`: as for export. Everything is checked before the model loads.
+
+    A decoder export (`export(..., kv_cache=True)`) is validated by greedy generation instead
+    (yatdeploy.validation_decoder): `tokens` per run (default 64, fewer where the context is shorter) on random
+    prompts of `seed`, at batch 1, batch 3 with ragged prompts and the full context; the options of input batches
+    (`input_shape`, `inputs`, `int_ranges`, `input_files`, `batches`, `engine`) are refused for it, and `tokens`
+    for other models.
     """
     from yatdeploy import backends as registry
     from yatdeploy.inputs import InputSpec, check_specs, parse_input, parse_int_ranges
@@ -225,7 +271,21 @@ def validate(
     _check_seed(seed)
     for name in backends or ():
         registry.get(name)
-    batches = option_numbers("batches", batches, example="1,7,32")
+    decoder = _is_decoder(onnx_path)
+    if decoder:
+        given = {"input_shape": input_shape, "inputs": inputs, "int_ranges": int_ranges, "input_files": input_files,
+                 "batches": batches, "engine": engine}
+        refused = [option(name) for name, value in given.items() if value not in (None, (), [], {})]
+        if refused:
+            raise YatDeployError(f"{' and '.join(refused)} {'is' if len(refused) == 1 else 'are'} for models "
+                                 f"validated on input batches: {Path(onnx_path).name} is a decoder export, validated "
+                                 "by greedy generation from random prompts", f"leave {' and '.join(refused)} out")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise YatDeployError(f"{option('tokens')} {tokens}: must be a whole number of at least 1")
+    elif tokens is not None:
+        raise YatDeployError(f"{option('tokens')} is for decoder exports (kv_cache): {Path(onnx_path).name} is not "
+                             "one")
+    batches = option_numbers("batches", DEFAULT_BATCHES if batches is None else batches, example="1,7,32")
     shape = None if input_shape is None else tuple(option_numbers("input_shape", input_shape, example="1,784",
                                                                   separators=",x"))
     specs = None if inputs is None else check_specs([s if isinstance(s, InputSpec) else parse_input(s)
@@ -246,14 +306,37 @@ def validate(
         if isinstance(model, (str, Path)):
             progress.say(f"loading {model}")
         reference = load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
+    if decoder:
+        return _validation(onnx_path, reference, report, progress, decoder=True, tolerance=tolerance,
+                           backend_names=backends, seed=seed, **({} if tokens is None else {"tokens": tokens}))
     return _validation(onnx_path, reference, report, progress, input_shape=shape, inputs=specs, int_ranges=ranges,
                        input_files=input_files, batches=batches, tolerance=tolerance, backend_names=backends,
                        seed=seed, engine=engine)
 
 
-def _validation(onnx_path, reference, report: str | Path | None, progress: Progress, **options) -> ValidationReport:
-    """validation.validate, its report also written to `report` (JSON)."""
-    from yatdeploy.validation import validate as run_validation
+def _is_decoder(onnx_path: str | Path) -> bool:
+    """Whether the file is a decoder export (its metadata records a KV-cache layout), read without parsing its
+    graph; False for a file that isn't there or can't be read, which validation then reports."""
+    from yatdeploy.decoder import META_DECODER
+    from yatdeploy.errors import OnnxModelError
+    from yatdeploy.inputs import file_metadata
+
+    if not Path(onnx_path).is_file():
+        return False
+    try:
+        return META_DECODER in file_metadata(onnx_path)
+    except OnnxModelError:
+        return False
+
+
+def _validation(onnx_path, reference, report: str | Path | None, progress: Progress, decoder: bool = False,
+                **options) -> ValidationReport:
+    """validation.validate, or validation_decoder.validate_decoder for a decoder export, its report also written to
+    `report` (JSON)."""
+    if decoder:
+        from yatdeploy.validation_decoder import validate_decoder as run_validation
+    else:
+        from yatdeploy.validation import validate as run_validation
 
     result = run_validation(onnx_path, reference, progress=progress, **options)
     if report is not None:
@@ -350,7 +433,9 @@ def demo(out: str | Path | None = None, *, lm: bool = False, epochs: int = 20, s
     repository entry, validate it on the held-out digits and compare test accuracy (DemoResult; `out` default
     ./yatdeploy-demo); `tensorrt`: also build an engine on the default engine backend and validate it. `lm`: the
     tiny character LM (yatdeploy.demo_lm) for `steps`, exported with dynamic batch and length, validated, and a
-    prompt decoded greedily in PyTorch and ONNX Runtime (LmDemoResult; `out` default ./yatdeploy-demo-lm). Every
+    prompt decoded greedily in PyTorch and ONNX Runtime; also exported with its KV cache into an ONNX Runtime GenAI
+    folder (`out`/genai/, its characters as tokenizer.json) and the prompt decoded to the context with the cache and
+    without, timed per token (LmDemoResult; `out` default ./yatdeploy-demo-lm). Every
     stage is this module's function."""
     _check_seed(seed)
     if epochs <= 0:
@@ -396,8 +481,12 @@ def _lm_demo(out: Path, steps: int, seed: int, progress: Progress) -> LmDemoResu
     loaded = load(trained.model_path, arch=demo_lm.ARCH)
     exported = export(loaded, [demo_lm.INPUT_SPEC], out / "lm.onnx", validate=False, repository=out / "repository",
                       name="lm", progress=progress)
+    folder = out / demo_lm.GENAI_FOLDER
+    progress.say(f"[2/4] exporting it with its KV cache to {folder}/ (an ONNX Runtime GenAI folder)")
+    cached = export(loaded, path=folder / "model.onnx", kv_cache=True, tokenizer=demo_lm.write_tokenizer(folder),
+                    validate=False, progress=progress)
     progress.say("[3/4] validating against PyTorch at several batch sizes and lengths")
     started = time.perf_counter()
     report = validate(exported.path, exported.reference, report=out / "validation.json", progress=progress)
     validate_seconds = time.perf_counter() - started
-    return demo_lm.decode_prompt(trained, loaded, exported, report, validate_seconds, progress)
+    return demo_lm.decode_prompt(trained, loaded, exported, cached, report, validate_seconds, progress)

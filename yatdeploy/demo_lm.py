@@ -1,6 +1,8 @@
 """`yatdeploy demo --lm`'s own parts: a tiny Yat character LM, the text it trains on (shipped with the package),
-training, and a prompt decoded greedily in PyTorch and ONNX Runtime. `yatdeploy.api.demo(lm=True)` runs it: these
-parts, and the API's export (dynamic batch and sequence length) and validate between them.
+training, its character vocabulary as a tokenizer.json, and a prompt decoded greedily in PyTorch and ONNX Runtime,
+then with the KV cache (yatdeploy.decoding) against the full recompute, each timed per token. `yatdeploy.api.demo(
+lm=True)` runs it: these parts, and the API's exports (dynamic batch and sequence length; a decoder with its KV
+cache in an ONNX Runtime GenAI folder) and validate between them.
 
 The model is what an nmn user writes: a YatEmbed lookup plus learned positions, causal MultiHeadYatAttention,
 a YatNMN block, and the tied head YatEmbed.attend, which becomes one YatGemm node like the YatNMN.
@@ -8,6 +10,7 @@ a YatNMN block, and the tied head YatEmbed.attend, which becomes one YatGemm nod
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -19,7 +22,8 @@ import torch
 from nmn.torch import MultiHeadYatAttention, YatEmbed, YatNMN
 from torch import nn
 
-from yatdeploy import backends
+from yatdeploy import backends, genai
+from yatdeploy.decoding import Decoder
 from yatdeploy.exporting import ExportResult
 from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import Progress
@@ -30,6 +34,7 @@ CONTEXT = 64  # the longest sequence the learned positions cover
 WIDTH, HEADS, WINDOW = 48, 4, 32
 INPUT = "ids"
 PROMPT = "The yat neuron "
+GENAI_FOLDER = "genai"  # the decoder export with its KV cache, an ONNX Runtime GenAI model folder
 ARCH = "yatdeploy.demo_lm:build_lm_model"  # how the saved state_dict is loaded (--arch)
 INPUT_SPEC = f"{INPUT}:int64[batch=1,seq={WINDOW}]"  # exported with dynamic batch and length
 
@@ -96,6 +101,14 @@ def train(model: nn.Module, steps: int, seed: int, progress: Progress) -> float:
     return float(loss.detach())
 
 
+def write_tokenizer(folder: Path) -> Path:
+    """The character vocabulary as a tokenizer.json ONNX Runtime GenAI loads (id = the character's index)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / genai.TOKENIZER_JSON
+    path.write_text(json.dumps(genai.character_tokenizer(vocabulary()).content), encoding="utf-8")
+    return path
+
+
 def greedy(step, prompt: str, length: int) -> str:
     """`length` characters after `prompt`, each the argmax of `step(ids)` at the last position, over the last
     WINDOW characters (the length it was trained on)."""
@@ -103,6 +116,36 @@ def greedy(step, prompt: str, length: int) -> str:
     for _ in range(length):
         ids.append(int(np.argmax(step(np.array([ids[-WINDOW:]], dtype=np.int64))[0, -1])))
     return decode(ids[len(encode(prompt)):])
+
+
+@dataclass(frozen=True)
+class Timed:
+    """A greedy continuation and the median time a new token took (ms; the run over the prompt left out)."""
+
+    text: str
+    ms_per_token: float
+
+
+def timed_full_recompute(run, prompt: str, length: int) -> Timed:
+    """`length` characters after `prompt`, `run(ids)` over the whole sequence so far at each step (no cache)."""
+    ids, seconds = encode(prompt), []
+    for _ in range(length):
+        started = time.perf_counter()
+        logits = run(np.array([ids], dtype=np.int64))
+        seconds.append(time.perf_counter() - started)
+        ids.append(int(np.argmax(logits[0, -1])))
+    return Timed(decode(ids[len(encode(prompt)):]), 1000 * float(np.median(seconds[1:])))
+
+
+def timed_with_cache(decoder: Decoder, prompt: str, length: int) -> Timed:
+    """`length` characters after `prompt`: the prompt run once into the cache, then one token per step."""
+    tokens, seconds = [int(np.argmax(decoder.prefill([encode(prompt)])[0]))], []
+    while len(tokens) < length:
+        started = time.perf_counter()
+        logits = decoder.step([tokens[-1]])
+        seconds.append(time.perf_counter() - started)
+        tokens.append(int(np.argmax(logits[0])))
+    return Timed(decode(tokens), 1000 * float(np.median(seconds)))
 
 
 @dataclass
@@ -120,6 +163,14 @@ class LmDemoResult:
     train_seconds: float
     export_seconds: float
     validate_seconds: float
+    cached_export: ExportResult  # the decoder with its KV cache, in the ONNX Runtime GenAI folder
+    cached_torch_text: str  # PyTorch, the whole sequence recomputed: the reference for the two below
+    with_cache: Timed  # ONNX Runtime, the KV cache
+    without_cache: Timed  # ONNX Runtime, the export without a cache, the whole sequence at each step
+
+    @property
+    def cache_agrees(self) -> bool:
+        return self.cached_torch_text == self.with_cache.text == self.without_cache.text
 
 
 @dataclass(frozen=True)
@@ -144,9 +195,11 @@ def train_and_save(out: Path, steps: int, seed: int, progress: Progress) -> Trai
     return Trained(model_path, final_loss, seconds)
 
 
-def decode_prompt(trained: Trained, loaded: LoadedModel, export: ExportResult, report: ValidationReport,
-                  validate_seconds: float, progress: Progress, continuation: int = 80) -> LmDemoResult:
-    """[4/4]: PROMPT continued greedily for `continuation` characters in PyTorch and on the default backend."""
+def decode_prompt(trained: Trained, loaded: LoadedModel, export: ExportResult, cached: ExportResult,
+                  report: ValidationReport, validate_seconds: float, progress: Progress,
+                  continuation: int = 80) -> LmDemoResult:
+    """[4/4]: PROMPT continued greedily for `continuation` characters in PyTorch and on the default backend (each
+    step over the last WINDOW characters), then up to the context with the KV cache and without, timed."""
     progress.say(f"[4/4] greedy decoding of {PROMPT!r}, {continuation} characters")
     backend = backends.default()
     runner = backend.open(export.path, backends.Options())
@@ -157,6 +210,14 @@ def decode_prompt(trained: Trained, loaded: LoadedModel, export: ExportResult, r
 
     torch_text = greedy(torch_step, PROMPT, continuation)
     onnx_text = greedy(lambda ids: runner.run({INPUT: ids})[0], PROMPT, continuation)
+    length = cached.decoder.context_length - len(PROMPT)
+    progress.say(f"[4/4] {length} characters to the context of {cached.decoder.context_length}, with the KV cache "
+                 "and without")
+    decoder = Decoder(backend.open(cached.path, backends.Options()), cached.decoder)
+    torch_full = timed_full_recompute(torch_step, PROMPT, length).text
+    with_cache = timed_with_cache(decoder, PROMPT, length)
+    without_cache = timed_full_recompute(lambda ids: runner.run({INPUT: ids})[0], PROMPT, length)
     return LmDemoResult(trained.model_path, export.path, export.repository_entry.parent, trained.final_loss, export,
-                        report, PROMPT, torch_text, onnx_text, backend.name, trained.seconds, export.seconds,
-                        validate_seconds)
+                        report, PROMPT, torch_text, onnx_text, backend.name, trained.seconds,
+                        export.seconds + cached.seconds, validate_seconds, cached, torch_full, with_cache,
+                        without_cache)

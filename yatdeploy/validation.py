@@ -94,8 +94,12 @@ def unit_roundoff(dtype: str) -> float:
     return float(torch.finfo(dtypes.by_name(dtype).torch).eps)
 
 
-def derived_rule(dtype: str, has_reference: bool) -> str:
-    """The default tolerance rule in words, for the report's header and JSON."""
+POOLED_OVER_BATCHES = "on the random batches, the largest relative to each batch's max|torch|"
+
+
+def derived_rule(dtype: str, has_reference: bool, pooled: str = POOLED_OVER_BATCHES) -> str:
+    """The default tolerance rule in words, for the report's header and JSON (`pooled`: what PyTorch's error is
+    measured on)."""
     if not has_reference:
         return (f"atol = {FALLBACK_FACTORS[dtype]:g} x max|torch|, rtol = 0 "
                 "(no float64 run of the model was possible)")
@@ -103,8 +107,7 @@ def derived_rule(dtype: str, has_reference: bool) -> str:
     if dtype == "float64":
         return f"atol = {floor:.2g} x max|torch|, rtol = 0 (the export's float32 attributes and distance forms)"
     return (f"atol = {ROUNDING_FACTOR:g} x torch err + {floor:.2g} x max|torch|, rtol = 0, where torch err = "
-            f"max|PyTorch {dtype} - PyTorch float64| is PyTorch's own rounding error (on the random batches, the "
-            "largest relative to each batch's max|torch|)")
+            f"max|PyTorch {dtype} - PyTorch float64| is PyTorch's own rounding error ({pooled})")
 
 
 @dataclass
@@ -133,6 +136,7 @@ class OutputComparison:
     # does, a value of torch 0 being off by more than the fixed atol).
     atol_alone: float | None = None
     rtol_alone: float | None = None
+    detail: str | None = None  # a line under the row: what the comparison was and found (decoder generation runs)
 
 
 @dataclass
@@ -671,6 +675,8 @@ def format_report(report: ValidationReport) -> str:
             lines.append(f"    {comp.output:<12} {comp.case:<22} {shape:<10} {abs_err:>11} {rel_err:>11} "
                          f"{_tolerance_cell(comp):>14} {torch_err:>9} {_top1_cell(comp):>9}  "
                          f"{'pass' if comp.passed else 'FAIL'}")
+            if comp.detail:
+                lines.append(f"      {comp.detail}")
     verdict = "PASSED" if report.passed else "FAILED"
     lines.append(f"\n  {verdict}")
     for failure in report.failures():

@@ -25,7 +25,9 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
     demo.add_argument("--lm", action="store_true",
                       help="instead: train a tiny Yat character LM (YatEmbed, causal attention, YatNMN, the tied "
                            "attend head) on text shipped with yatdeploy, export it with dynamic batch and length, "
-                           "validate it, and decode a prompt greedily in PyTorch and ONNX Runtime side by side")
+                           "validate it, and decode a prompt greedily in PyTorch and ONNX Runtime side by side; also "
+                           "export it with its KV cache as an ONNX Runtime GenAI folder (genai/, its characters as "
+                           "tokenizer.json) and time a token with the cache and without")
     demo.add_argument("--steps", type=int, default=1000, help="--lm: training steps (default 1000)")
     demo.add_argument("--tensorrt", action="store_true",
                       help="also build a TensorRT engine (model.plan) and validate it against PyTorch: the first "
@@ -67,7 +69,17 @@ def _lm(result) -> int:
     print(f"  PyTorch                 {result.torch_text!r}")
     print(f"  ONNX Runtime ({result.backend:<8}) {result.onnx_text!r}")
     print(f"  {'identical' if same else 'DIFFERENT'}")
-    print(f"\ntrained to loss {result.final_loss:.3f} in {result.train_seconds:.1f} s; export {result.export_seconds:.1f} s, "
-          f"validation {result.validate_seconds:.1f} s")
-    print(f"files in {result.model_path.parent}/: lm.pt, lm.onnx, validation.json, repository/lm/")
-    return EXIT_OK if result.report.passed and same else EXIT_VALIDATION_FAILED
+    layout, cached, full = result.cached_export.decoder, result.with_cache, result.without_cache
+    print(f"\nto the context of {layout.context_length}, the whole sequence each step or with the KV cache "
+          f"({result.cached_export.path}):")
+    print(f"  PyTorch, no cache       {result.cached_torch_text!r}")
+    print(f"  ONNX Runtime, no cache  {full.text!r}  {full.ms_per_token:.3f} ms/token (median)")
+    print(f"  ONNX Runtime, KV cache  {cached.text!r}  {cached.ms_per_token:.3f} ms/token (median, "
+          f"{full.ms_per_token / cached.ms_per_token:.1f}x faster)")
+    print(f"  {'identical' if result.cache_agrees else 'DIFFERENT'}")
+    print(f"\ntrained to loss {result.final_loss:.3f} in {result.train_seconds:.1f} s; exports "
+          f"{result.export_seconds:.1f} s, validation {result.validate_seconds:.1f} s")
+    print(f"files in {result.model_path.parent}/: lm.pt, lm.onnx, validation.json, repository/lm/, genai/ (model.onnx "
+          "with its KV cache, genai_config.json, tokenizer.json: onnxruntime_genai.Model runs it)")
+    agree = result.report.passed and same and result.cache_agrees
+    return EXIT_OK if agree else EXIT_VALIDATION_FAILED

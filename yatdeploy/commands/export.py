@@ -51,12 +51,25 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
         "--kv-cache", action="store_true",
         help="export a causal LM (token ids in, logits out) as a decoder that takes and gives its KV cache: inputs "
              "input_ids, attention_mask, position_ids (with learned positions), past_key_values.N.key/value; outputs "
-             "logits, present.N.key/value (Optimum's and ONNX Runtime GenAI's names). --input is then optional",
+             "logits, present.N.key/value (Optimum's and ONNX Runtime GenAI's names). --input is then optional. "
+             "The ONNX file's folder is also an ONNX Runtime GenAI model folder (genai_config.json beside it)",
     )
     export.add_argument("--logits", choices=("all", "last"), default="all",
                         help="with --kv-cache: every position's logits (default) or only the last one's")
     export.add_argument("--context-length", type=int, metavar="N",
                         help="with --kv-cache: the longest sequence (default: the position table's rows, else 2048)")
+    export.add_argument(
+        "--tokenizer", metavar="FILE|bytes",
+        help="with --kv-cache: the tokenizer ONNX Runtime GenAI's folder gets (copied beside the ONNX file): a Hugging "
+             "Face tokenizer.json (BPE or Unigram; a tokenizer_config.json beside it gives the bos/eos/pad tokens), "
+             "or 'bytes' (token id = UTF-8 byte value, for byte-level models of 256 tokens or more)",
+    )
+    export.add_argument(
+        "--genai-ops", choices=("library", "function"), default="library",
+        help="with --kv-cache: how ONNX Runtime GenAI runs YatGemm: 'library' (default) copies the custom-op library "
+             "and its OpenBLAS beside the ONNX file and names it in genai_config.json's session_options; 'function' "
+             "copies nothing, and YatGemm runs as the model's ONNX function",
+    )
     export.add_argument("--static-batch", action="store_true", help="fix the batch dimension to the example's")
     export.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset, 18 to 22 (default {OPSET})")
     export.add_argument("--no-validate", action="store_true", help="skip the validation after export")
@@ -87,6 +100,7 @@ def run(args: argparse.Namespace, progress) -> int:
     result = api.export(
         args.model, args.inputs_spec or args.input_shape, args.output, dynamic_axes={} if args.static_batch else None,
         kv_cache=args.kv_cache, logits=args.logits, context_length=args.context_length,
+        tokenizer=args.tokenizer, genai_ops=args.genai_ops,
         dtype=args.dtype, opset=args.opset, validate=not args.no_validate, int_ranges=args.int_range,
         arch=args.arch, trust_pickle=args.trust_pickle, state_key=args.state_key, tolerance=tolerance(args),
         input_files=args.inputs, seed=args.seed, report=args.report,

@@ -19,7 +19,11 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
     validate = subparsers.add_parser(
         NAME, parents=[common], help="compare an ONNX export with its PyTorch model",
         description="Run the PyTorch model and every available ONNX backend on random batches (and --inputs), "
-                    "and compare output names, shapes, dtypes and values. Exits 1 when they disagree.",
+                    "and compare output names, shapes, dtypes and values. A decoder export (export --kv-cache) is "
+                    "validated by greedy generation instead: --tokens tokens with the KV cache on every backend "
+                    "against PyTorch's full recompute, at batch 1, batch 3 with ragged prompts and the full context "
+                    "(--input-shape, --input, --inputs, --int-range, --batches and --engine are refused for it). "
+                    "Exits 1 when they disagree.",
     )
     validate.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
     validate.add_argument("--against", required=True, metavar="MODEL", help="the PyTorch model file")
@@ -33,8 +37,12 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
         help="the model's inputs with example sizes, as export takes them (default: recorded at export)",
     )
     validate.add_argument(
-        "--batches", default=default_batches, metavar="N,N,...",
+        "--batches", metavar="N,N,...",
         help=f"batch sizes of the random inputs (default {default_batches})",
+    )
+    validate.add_argument(
+        "--tokens", type=int, metavar="N",
+        help="a decoder export's tokens generated per run (default 64, fewer where the context is shorter)",
     )
     validate.add_argument(
         "--backend", action="append", metavar="NAME",
@@ -54,8 +62,9 @@ def run(args: argparse.Namespace, progress) -> int:
 
     report = api.validate(
         args.onnx_model, args.against, input_shape=args.input_shape, inputs=args.inputs_spec,
-        int_ranges=args.int_range, input_files=args.inputs, batches=args.batches, tolerance=tolerance(args),
-        backends=args.backend, engine=args.engine, arch=args.arch, trust_pickle=args.trust_pickle,
-        state_key=args.state_key, seed=args.seed, report=args.report, progress=progress,
+        int_ranges=args.int_range, input_files=args.inputs, batches=args.batches, tokens=args.tokens,
+        tolerance=tolerance(args), backends=args.backend, engine=args.engine, arch=args.arch,
+        trust_pickle=args.trust_pickle, state_key=args.state_key, seed=args.seed, report=args.report,
+        progress=progress,
     )
     return print_report(report, args)

@@ -34,11 +34,11 @@ from yatdeploy import files
 from yatdeploy.decoder import DecoderLayout
 from yatdeploy.exporting.attach import attach_yat_gemm_function
 from yatdeploy.exporting.check import check_model
-from yatdeploy.exporting.decoder import export_decoder
+from yatdeploy.exporting.decoder import cache_decoder, decoder_specs
 from yatdeploy.exporting.example import ExampleRun, run_example
 from yatdeploy.exporting.rewrite import RewriteResult, Rewritten, rewrite_model
 from yatdeploy.exporting.settle import INPUT_NAME, OPSET, ExportOptions, settle_inputs
-from yatdeploy.exporting.torch_export import export_onnx
+from yatdeploy.exporting.torch_export import export_decoder, export_onnx
 from yatdeploy.inputs import InputSpec
 from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import QUIET, Progress
@@ -77,12 +77,12 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
     rewritten = rewrite_model(loaded, run, progress)
     layout, kinds = None, _yat_gemm_kinds(run, rewritten)
     if options.kv_cache:
-        decoder = export_decoder(rewritten, settled, run, options.logits, options.context_length, progress)
-        model, layout = decoder.model, decoder.cached.layout
-        kinds["attention"] = decoder.cached.scores_as_yat_gemm
-        settled = dataclasses.replace(settled, specs=decoder.specs)
+        cached = cache_decoder(rewritten, settled, run, options.logits, options.context_length, progress)
+        model, layout = export_decoder(cached, settled, progress), cached.layout
+        kinds["attention"] = cached.scores_as_yat_gemm
+        settled = dataclasses.replace(settled, specs=decoder_specs(layout, settled.specs[0].dims[1].size))
         rewritten = dataclasses.replace(rewritten, yat_layers=rewritten.yat_layers + kinds["attention"],
-                                        notes=decoder.notes(rewritten))
+                                        notes=cached.notes(rewritten))
     else:
         model = export_onnx(rewritten, settled, run, progress)
     with progress.step("attaching the YatGemm function"):

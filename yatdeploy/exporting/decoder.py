@@ -18,13 +18,11 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-import onnx
 import torch
 import torch.nn.functional as F
 from nmn.torch.attention import MultiHeadYatAttention
 from torch import Tensor, nn
 
-from yatdeploy import dtypes
 from yatdeploy.decoder import (
     ATTENTION_MASK,
     BATCH,
@@ -39,7 +37,6 @@ from yatdeploy.errors import UnsupportedLayerError, YatDeployError
 from yatdeploy.exporting.example import ExampleRun
 from yatdeploy.exporting.rewrite import Rewritten, YatEmbedLayer, decomposed_note, is_nmn_layer
 from yatdeploy.exporting.settle import SettledInputs
-from yatdeploy.exporting.torch_export import export_decoder_onnx
 from yatdeploy.inputs import Dim, InputSpec
 from yatdeploy.ops.torch_op import yat_gemm
 from yatdeploy.progress import QUIET, Progress
@@ -182,6 +179,15 @@ class Cached:
     position_path: str | None
     scores_as_yat_gemm: int  # attention layers whose scores are one YatGemm node
     spherical: tuple[str, ...]  # attention layers whose scores stay decomposed (nmn's spherical 2 − 2q·k distance)
+
+    def notes(self, rewritten: Rewritten) -> tuple[str, ...]:
+        """The rewrite stage's notes, its list of decomposed layers without the attention now cached as YatGemm."""
+        assert rewritten.rewrite is not None
+        kept = [n for n in rewritten.notes if n != decomposed_note(rewritten.rewrite.decomposed_layers)]
+        scored = set(self.attention_paths) - set(self.spherical)
+        decomposed = [p for p in rewritten.rewrite.decomposed_layers if p not in scored]
+        named = [f"{p} (spherical scores)" if p in self.spherical else p for p in decomposed]
+        return (*kept, *([decomposed_note(named)] if named else []))
 
 
 @dataclass
@@ -377,30 +383,9 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-# The example the decoder is traced on: sizes that differ from each other and from 0 and 1, which torch.export
-# would specialise or unify (past + seq = 8).
-_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 5
-
-
-@dataclass(frozen=True)
-class DecoderExport:
-    model: onnx.ModelProto
-    cached: Cached
-    specs: tuple[InputSpec, ...]  # the decoder's inputs, as the check stage records them
-
-    def notes(self, rewritten: Rewritten) -> tuple[str, ...]:
-        """The rewrite stage's notes, its list of decomposed layers without the attention now cached as YatGemm."""
-        assert rewritten.rewrite is not None
-        kept = [n for n in rewritten.notes if n != decomposed_note(rewritten.rewrite.decomposed_layers)]
-        cached = set(self.cached.attention_paths) - set(self.cached.spherical)
-        decomposed = [p for p in rewritten.rewrite.decomposed_layers if p not in cached]
-        spherical = [f"{p} (spherical scores)" if p in self.cached.spherical else p for p in decomposed]
-        return (*kept, *([decomposed_note(spherical)] if spherical else []))
-
-
-def export_decoder(rewritten: Rewritten, settled: SettledInputs, run: ExampleRun, logits: str,
-                   context_length: int | None, progress: Progress = QUIET) -> DecoderExport:
-    """Stages 3b and 4 for a decoder: the cached model, checked against the model in full, exported."""
+def cache_decoder(rewritten: Rewritten, settled: SettledInputs, run: ExampleRun, logits: str,
+                  context_length: int | None, progress: Progress = QUIET) -> Cached:
+    """Stage 3b: the rewritten model given its KV cache, and checked against the model run in full."""
     if rewritten.rewrite is None:
         raise YatDeployError(f"a {settled.reference.loaded.format} keeps no module structure, so its attention "
                              "can't be given a KV cache", "save the model with torch.save(model), or its state_dict "
@@ -410,17 +395,7 @@ def export_decoder(rewritten: Rewritten, settled: SettledInputs, run: ExampleRun
     with progress.step("giving the attention layers a KV cache"):
         cached = cache_model(rewritten.rewrite.module, ids, logits, settled.reference.dtype, context_length)
         verify_cached(cached, settled.reference.module, ids[:1] if ids.shape[1] >= 4 else _longer(ids))
-    layout = cached.layout
-    dtype = dtypes.by_name(settled.reference.dtype).torch
-    trace_ids = torch.randint(0, layout.vocab_size, (_TRACE_BATCH, _TRACE_SEQ))
-    examples = decoder_inputs(layout, trace_ids, empty_past(layout, _TRACE_BATCH, dtype, _TRACE_PAST))
-    dynamic = [(0, 1), (0, 1), *([(0, 1)] if layout.position_ids else []), *[(0, 2)] * (2 * layout.layers)]
-    with progress.step(f"exporting the decoder to ONNX (opset {settled.opset}, {layout.layers} layers with a KV "
-                       "cache; dynamic batch, seq and past)"):
-        model = export_decoder_onnx(cached.module, examples, layout.input_names(), layout.output_names(), dynamic,
-                                    settled.opset)
-    _name_dims(model, layout)
-    return DecoderExport(model, cached, _specs(layout, trace_ids.shape[1], context_length=layout.context_length))
+    return cached
 
 
 def _longer(ids: Tensor) -> Tensor:
@@ -428,7 +403,9 @@ def _longer(ids: Tensor) -> Tensor:
     return ids[:1].repeat(1, -(-4 // ids.shape[1]))
 
 
-def _specs(layout: DecoderLayout, seq: int, context_length: int) -> tuple[InputSpec, ...]:
+def decoder_specs(layout: DecoderLayout, seq: int = 1) -> tuple[InputSpec, ...]:
+    """The decoder's inputs as the check stage records them (`seq`: the example's length), with their limits."""
+    context_length = layout.context_length
     batch = Dim(1, BATCH)
     specs = [InputSpec(INPUT_IDS, "int64", (batch, Dim(seq, SEQ, context_length))),
              InputSpec(ATTENTION_MASK, "int64", (batch, Dim(seq, TOTAL, context_length)))]
@@ -437,25 +414,3 @@ def _specs(layout: DecoderLayout, seq: int, context_length: int) -> tuple[InputS
     past = (batch, Dim(layout.heads), Dim(0, PAST, context_length), Dim(layout.head_dim))
     specs += [InputSpec(name, layout.dtype, past) for name in layout.past_names()]
     return tuple(specs)
-
-
-def _name_dims(model: onnx.ModelProto, layout: DecoderLayout) -> None:
-    """The exporter's symbols (s0, s1 + s3...) renamed as the contract's dims, wherever they appear."""
-    by_name = {v.name: v for v in (*model.graph.input, *model.graph.output)}
-
-    def symbol(name: str, axis: int) -> str:
-        return by_name[name].type.tensor_type.shape.dim[axis].dim_param
-
-    names = {symbol(INPUT_IDS, 0): BATCH, symbol(INPUT_IDS, 1): SEQ, symbol(ATTENTION_MASK, 1): TOTAL}
-    seq = symbol(INPUT_IDS, 1)
-    sums = set()
-    for name in layout.past_names():  # each layer's past may have a symbol of its own
-        past = symbol(name, 2)
-        names[past] = PAST
-        sums |= {f"{seq} + {past}", f"{past} + {seq}"}
-    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in names:
-                dim.dim_param = names[dim.dim_param]
-            elif dim.dim_param in sums:
-                dim.dim_param = TOTAL

@@ -1,4 +1,5 @@
-"""Stage 4, export: `torch.onnx.export` of the rewritten module, with bare YatGemm nodes.
+"""Stage 4, export: `torch.onnx.export` of the rewritten module (or the cache stage's decoder), with bare YatGemm
+nodes.
 
 The dynamo exporter (`torch.export`), dims dynamic as the settled inputs label them, the YatGemm op translated
 to a bare `yat.YatGemm` node (the function is attached by the next stage: docs/architecture.md says why); a
@@ -15,7 +16,10 @@ from contextlib import redirect_stderr, redirect_stdout
 import onnx
 import torch
 
+from yatdeploy import dtypes
+from yatdeploy.decoder import ATTENTION_MASK, BATCH, INPUT_IDS, PAST, SEQ, TOTAL, DecoderLayout
 from yatdeploy.errors import ConsistencyError, YatDeployError, first_line
+from yatdeploy.exporting.decoder import Cached, decoder_inputs, empty_past
 from yatdeploy.exporting.example import ExampleRun
 from yatdeploy.exporting.rewrite import Rewritten
 from yatdeploy.exporting.settle import MAX_DIM, SettledInputs
@@ -152,12 +156,50 @@ def _torch_export_to_onnx(module_or_program: object, xs: tuple[torch.Tensor, ...
     return _run_exporter(module_or_program, xs, dynamic_shapes, [s.name for s in specs], output_names, opset)
 
 
-def export_decoder_onnx(module: torch.nn.Module, xs: tuple[torch.Tensor, ...], input_names: list[str],
-                        output_names: list[str], dynamic: list[tuple[int, ...]], opset: int) -> onnx.ModelProto:
-    """A decoder (exporting/decoder.py) through the same exporter: `dynamic` lists each input's dynamic dims, left to
-    torch.export to relate (Dim.AUTO: the attention mask's length is the past's plus the input's)."""
-    shapes = ({i: torch.export.Dim.AUTO for i in dims} for dims in dynamic)
-    return _run_exporter(module, xs, (tuple(shapes),), input_names, output_names, opset)
+# The example a decoder is traced on: sizes that differ from each other and from 0 and 1, which torch.export
+# would specialise or unify (past + seq = 8).
+_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 5
+
+
+def export_decoder(cached: Cached, settled: SettledInputs, progress: Progress = QUIET) -> onnx.ModelProto:
+    """A decoder (the cache stage's DecoderModule) through the same exporter, every dim of the contract dynamic and
+    left to torch.export to relate (Dim.AUTO: the attention mask's length is the past's plus the input's), then
+    named as the contract names them."""
+    layout = cached.layout
+    ids = torch.randint(0, layout.vocab_size, (_TRACE_BATCH, _TRACE_SEQ))
+    past = empty_past(layout, _TRACE_BATCH, dtypes.by_name(settled.reference.dtype).torch, _TRACE_PAST)
+    dynamic = [(0, 1), (0, 1), *([(0, 1)] if layout.position_ids else []), *[(0, 2)] * (2 * layout.layers)]
+    shapes = tuple({i: torch.export.Dim.AUTO for i in dims} for dims in dynamic)
+    with progress.step(f"exporting the decoder to ONNX (opset {settled.opset}, {layout.layers} attention layer(s) "
+                       "with a KV cache; dynamic batch, seq and past)"):
+        model = _run_exporter(cached.module, decoder_inputs(layout, ids, past), (shapes,), layout.input_names(),
+                              layout.output_names(), settled.opset)
+    _name_dims(model, layout)
+    return model
+
+
+def _name_dims(model: onnx.ModelProto, layout: DecoderLayout) -> None:
+    """The exporter's symbols (s0, s1 + s3...) renamed as the contract's dims, wherever they appear."""
+    by_name = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+
+    def symbol(name: str, axis: int) -> str:
+        return by_name[name].type.tensor_type.shape.dim[axis].dim_param
+
+    names = {symbol(INPUT_IDS, 0): BATCH, symbol(INPUT_IDS, 1): SEQ, symbol(ATTENTION_MASK, 1): TOTAL}
+    seq = symbol(INPUT_IDS, 1)
+    sums = set()
+    for name in layout.past_names():  # each layer's past may have a symbol of its own
+        past = symbol(name, 2)
+        names[past] = PAST
+        sums |= {f"{seq} + {past}", f"{past} + {seq}"}
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in names:
+                dim.dim_param = names[dim.dim_param]
+            elif dim.dim_param in sums:
+                dim.dim_param = TOTAL
+
+
 
 
 def _run_exporter(module_or_program: object, xs: tuple[torch.Tensor, ...], dynamic_shapes: object,
