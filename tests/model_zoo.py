@@ -170,15 +170,18 @@ class YatGPTBlock(nn.Module):
 class YatGPT(nn.Module):
     """A small Yat GPT as nmn's examples write one: YatEmbed tokens + nn.Embedding positions over arange (or none),
     blocks of causal attention (mask tril) and YatNMN, a final LayerNorm and the tied `tok.attend` head.
-    `attention`: MultiHeadYatAttention's options (spherical, normalize_qk, constant_alpha, bias, ...)."""
+    `attention`: MultiHeadYatAttention's options (spherical, normalize_qk, constant_alpha, bias, ...); `tokens`
+    "embedding": an nn.Embedding (then `head` must not be "attend"); `head` "linear" or "yatnmn": an untied head."""
 
     def __init__(self, vocabulary: int = 53, width: int = 32, heads: int = 4, layers: int = 2, context: int = 40,
-                 positions: bool = True, linear_mlp: bool = False, **attention) -> None:
+                 positions: bool = True, linear_mlp: bool = False, tokens: str = "yat", head: str = "attend",
+                 **attention) -> None:
         super().__init__()
-        self.tok = YatEmbed(vocabulary, width)
+        self.tok = YatEmbed(vocabulary, width) if tokens == "yat" else nn.Embedding(vocabulary, width)
         self.pos = nn.Embedding(context, width) if positions else None
         self.blocks = nn.ModuleList(YatGPTBlock(width, heads, linear_mlp, **attention) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
+        self.head = {"attend": None, "linear": nn.Linear(width, vocabulary), "yatnmn": YatNMN(width, vocabulary)}[head]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         length = ids.shape[1]
@@ -188,7 +191,8 @@ class YatGPT(nn.Module):
         mask = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()[None, None]
         for block in self.blocks:
             x = block(x, mask)
-        return self.tok.attend(self.norm(x))
+        x = self.norm(x)
+        return self.tok.attend(x) if self.head is None else self.head(x)
 
 
 def yat_gpt(**options) -> nn.Module:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from nmn.torch import MultiHeadYatAttention, YatEmbed, YatNMN
+from nmn.torch import MultiHeadYatAttention, YatEmbed
 from torch import nn
 
 import yatdeploy
@@ -24,52 +24,18 @@ from yatdeploy.decoder import DecoderLayout, layout_of
 from yatdeploy.errors import YatDeployError
 from yatdeploy.graph import metadata, yat_gemm_nodes
 
-
-class Block(nn.Module):
-    def __init__(self, width: int, heads: int, linear_mlp: bool = False, **attention) -> None:
-        super().__init__()
-        self.n1, self.n2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.att = MultiHeadYatAttention(width, heads, **attention)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)) \
-            if linear_mlp else YatNMN(width, width)
-
-    def forward(self, x, mask):
-        x = x + self.att(self.n1(x), mask=mask)
-        return x + self.mlp(self.n2(x))
+from tests.model_zoo import yat_gpt
 
 
-class YatGPT(nn.Module):
-    """A GPT as nmn users write one; `head`: "attend" (tied), "linear" or "yatnmn"; `tokens`: "yat" or "embedding"."""
-
-    def __init__(self, vocab=61, width=32, heads=4, layers=2, context=48, positions=True, head="attend",
-                 tokens="yat", linear_mlp=False, **attention) -> None:
-        super().__init__()
-        self.tok = YatEmbed(vocab, width) if tokens == "yat" else nn.Embedding(vocab, width)
-        self.pos = nn.Embedding(context, width) if positions else None
-        self.blocks = nn.ModuleList(Block(width, heads, linear_mlp, **attention) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.head = {"attend": None, "linear": nn.Linear(width, vocab), "yatnmn": YatNMN(width, vocab)}[head]
-
-    def forward(self, ids):
-        t = ids.shape[1]
-        x = self.tok(ids)
-        if self.pos is not None:
-            x = x + self.pos(torch.arange(t, device=ids.device))
-        mask = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()[None, None]
-        for block in self.blocks:
-            x = block(x, mask)
-        x = self.norm(x)
-        return self.tok.attend(x) if self.head is None else self.head(x)
+VOCABULARY, CONTEXT = 53, 40  # tests.model_zoo.YatGPT's defaults
 
 
-def _gpt(seed: int = 0, **options) -> YatGPT:
-    torch.manual_seed(seed)
-    model = YatGPT(**options).eval()
-    with torch.no_grad():  # a trained model's alpha is not 1: make the fold visible
-        for module in model.modules():
-            if isinstance(module, MultiHeadYatAttention) and module.alpha is not None:
-                module.alpha.fill_(1.7)
-    return model
+def _gpt(**options) -> nn.Module:
+    return yat_gpt(**options)
+
+
+def _alphas(model: nn.Module) -> list[float]:
+    return [float(m.alpha) for m in model.modules() if isinstance(m, MultiHeadYatAttention)]
 
 
 def _session(path):
@@ -125,16 +91,17 @@ def test_a_decoder_with_its_cache_computes_what_the_model_computes_in_full(optio
     layout = result.decoder
     assert layout is not None and layout.layers == 2 and layout.heads == 4 and layout.head_dim == 8
     assert layout.position_ids == options.get("positions", True)
-    assert layout.context_length == (48 if layout.position_ids else 2048)
-    ids = np.random.default_rng(1).integers(0, 61, (2, 20)).astype(np.int64)
+    assert layout.context_length == (CONTEXT if layout.position_ids else 2048)
+    ids = np.random.default_rng(1).integers(0, VOCABULARY, (2, 20)).astype(np.int64)
     got = _cached_logits(_session(result.path), layout, ids, prompt=7)
     expected = _full(model, ids)
-    assert got.shape == expected.shape == (2, 20, 61)
+    assert got.shape == expected.shape == (2, 20, VOCABULARY)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 def test_attention_scores_are_one_batched_yat_gemm_per_layer_and_counted_per_kind(tmp_path):
-    result = _export(_gpt(), tmp_path / "lm.onnx")
+    torch_model = _gpt()
+    result = _export(torch_model, tmp_path / "lm.onnx")
     assert result.yat_gemm_kinds == {"YatNMN": 2, "attend head": 1, "attention": 2}
     model = onnx.load(result.path)
     nodes = yat_gemm_nodes(model)
@@ -144,7 +111,8 @@ def test_attention_scores_are_one_batched_yat_gemm_per_layer_and_counted_per_kin
     batched = [n for n in nodes if n.input[1] not in initializers]
     assert len(batched) == 2
     alphas = sorted(a.f for n in batched for a in n.attribute if a.name == "alpha")
-    assert alphas == pytest.approx([1.7 / math.sqrt(8)] * 2)  # alpha over √head_dim, folded
+    assert alphas == pytest.approx(sorted(a / math.sqrt(8) for a in _alphas(torch_model)))  # alpha over √head_dim, folded
+    assert len(set(alphas)) == 2  # each layer's own (tests.model_zoo.perturb moved them off 1)
     ops = [n.op_type for n in model.graph.node]
     assert "Einsum" not in ops and ops.count("Where") == 2  # one masking pass per layer (nmn's makes three)
 
@@ -152,7 +120,7 @@ def test_attention_scores_are_one_batched_yat_gemm_per_layer_and_counted_per_kin
 def test_spherical_scores_stay_decomposed_and_the_export_says_so(tmp_path, capsys):
     result = _export(_gpt(spherical=True), tmp_path / "lm.onnx")
     assert result.yat_gemm_kinds["attention"] == 0
-    assert any("blocks.0.att (spherical scores)" in note for note in result.notes)
+    assert any("blocks.0.attention (spherical scores)" in note for note in result.notes)
 
 
 def test_the_contract_s_names_dims_and_metadata(tmp_path):
@@ -170,19 +138,20 @@ def test_the_contract_s_names_dims_and_metadata(tmp_path):
     assert inputs["attention_mask"] == ["batch", "past + seq"]
     assert inputs["past_key_values.1.value"] == ["batch", 4, "past", 8]
     assert list(outputs) == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
-    assert outputs["logits"] == ["batch", "seq", 61] and outputs["present.0.key"] == ["batch", 4, "past + seq", 8]
+    assert outputs["logits"] == ["batch", "seq", VOCABULARY]
+    assert outputs["present.0.key"] == ["batch", 4, "past + seq", 8]
     assert layout_of(metadata(model)) == result.decoder
     recorded = {s.name: s for s in result.inputs}
-    assert recorded["input_ids"].values == (0, 61) and recorded["position_ids"].values == (0, 48)
+    assert recorded["input_ids"].values == (0, VOCABULARY) and recorded["position_ids"].values == (0, CONTEXT)
 
 
 def test_logits_last_gives_only_the_last_position(tmp_path):
     model = _gpt()
     result = _export(model, tmp_path / "lm.onnx", logits="last")
     session, layout = _session(result.path), result.decoder
-    ids = np.random.default_rng(2).integers(0, 61, (3, 12)).astype(np.int64)
+    ids = np.random.default_rng(2).integers(0, VOCABULARY, (3, 12)).astype(np.int64)
     got = _cached_logits(session, layout, ids, prompt=5)
-    assert got.shape == (3, 8, 61)  # the prompt's last position, then each step's
+    assert got.shape == (3, 8, VOCABULARY)  # the prompt's last position, then each step's
     np.testing.assert_allclose(got, _full(model, ids)[:, 4:], rtol=1e-4, atol=1e-5)
 
 
@@ -191,7 +160,7 @@ def test_left_padding_through_the_attention_mask_matches_each_prompt_alone(tmp_p
     result = _export(model, tmp_path / "lm.onnx")
     session, layout = _session(result.path), result.decoder
     rng = np.random.default_rng(3)
-    short, long = rng.integers(0, 61, 4), rng.integers(0, 61, 9)
+    short, long = rng.integers(0, VOCABULARY, 4), rng.integers(0, VOCABULARY, 9)
     pad = len(long) - len(short)
     ids = np.stack([np.concatenate([np.zeros(pad, np.int64), short]), long]).astype(np.int64)
     mask = np.ones_like(ids)
@@ -210,7 +179,7 @@ def test_a_16_bit_decoder_keeps_a_16_bit_cache_and_agrees(dtype, tmp_path):
     result = _export(model, tmp_path / "lm.onnx", dtype=dtype)
     layout = result.decoder
     assert layout.dtype == dtype
-    ids = np.random.default_rng(4).integers(0, 61, (1, 10)).astype(np.int64)
+    ids = np.random.default_rng(4).integers(0, VOCABULARY, (1, 10)).astype(np.int64)
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     got = _cached_logits(_session(result.path), layout, ids, prompt=4, dtype=np_dtype).astype(np.float32)
     assert got.dtype == np.float32 and np.isfinite(got).all()
@@ -290,7 +259,7 @@ def test_decoder_options_without_kv_cache_or_a_wrong_declaration_are_refused_bef
     with pytest.raises(YatDeployError, match="context_length. 0: from 1"):
         yatdeploy.export("no_such_model.pt", None, tmp_path / "m.onnx", kv_cache=True, context_length=0)
     model = _gpt()
-    with pytest.raises(YatDeployError, match="a context of 64 is longer than the position table 'pos' .48 rows."):
+    with pytest.raises(YatDeployError, match="a context of 64 is longer than the position table 'pos' .40 rows."):
         _export(model, tmp_path / "m.onnx", context_length=64)
 
 

@@ -9,7 +9,9 @@ What onnxruntime-genai 0.18 takes, as checked (docs/language-models.md):
 - model type "decoder" runs Optimum's names (yatdeploy.decoder); `past_key_names` are "%d" patterns.
 - `session_options.custom_ops_library` must be a path inside the model folder (no `..`): the library's file name.
 - `eos_token_id` must be an id of the vocabulary, or a list of them: an empty list when the tokenizer has no end
-  token (generation then runs to max_length); bos and pad ids default to 0, as GenAI's own defaults do.
+  token; bos and pad ids default to 0, as GenAI's own defaults do. GenAI 0.18 also ends a sequence when it picks
+  the pad id (benchmarks/bench_lm.py found it), so without an end token a generation stops at the first pad id the
+  model picks: name a pad token in the tokenizer, or set `min_length`, to run to max_length.
 - Its tokenizer reads tokenizer.json models "BPE" and "Unigram" (WordPiece and WordLevel fail to load) and needs a
   tokenizer_config.json beside it, which may be `{}`.
 
@@ -197,7 +199,7 @@ def genai_config(onnx_name: str, layout: DecoderLayout, tokenizer: Tokenizer | N
             "context_length": layout.context_length,
             "vocab_size": layout.vocab_size,
             "bos_token_id": 0 if bos is None else bos,
-            "eos_token_id": [] if eos is None else eos,  # no end token: generation runs to max_length
+            "eos_token_id": [] if eos is None else eos,  # no end token (GenAI still stops at the pad id)
             "pad_token_id": pad if pad is not None else eos if eos is not None else 0,
             "decoder": {
                 "filename": onnx_name,
