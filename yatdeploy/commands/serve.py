@@ -15,6 +15,7 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
     from yatdeploy import backends
     from yatdeploy.packaging import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_SIZE
     from yatdeploy.serving.repository import CONTROL_MODES, ModelSource
+    from yatdeploy.serving.generation import DEFAULT_KV_CACHE_MB, DEFAULT_MAX_RUNNING
     from yatdeploy.serving.server import LOG_LEVELS
 
     serve = subparsers.add_parser(
@@ -64,6 +65,12 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
     serve.add_argument("--threads", type=int,
                        help="ONNX Runtime intra-op threads per model (default: all cores but one, which the event "
                             "loop keeps)")
+    serve.add_argument("--kv-cache-mb", type=float, default=DEFAULT_KV_CACHE_MB,
+                       help="a language model's KV cache at most, per model version (default "
+                            f"{DEFAULT_KV_CACHE_MB} MB): past it prompts wait, then get 503")
+    serve.add_argument("--max-sequences", type=int, default=DEFAULT_MAX_RUNNING,
+                       help=f"the sequences a language model generates at once (default {DEFAULT_MAX_RUNNING}); "
+                            "more wait their turn")
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                        help="info (default) writes one JSON access-log line per inference request (time, id, "
                             "model, status, latency); warning keeps only problems")
@@ -80,6 +87,6 @@ def run(args: argparse.Namespace, progress) -> int:
         max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size, dynamic_batching=not args.no_batching, cors_origins=args.cors_origin,
         max_body_mb=args.max_body_mb, max_inflight_body_mb=args.max_inflight_body_mb, threads=args.threads,
-        log_level=args.log_level,
+        log_level=args.log_level, kv_cache_mb=args.kv_cache_mb, max_sequences=args.max_sequences,
     )
     return EXIT_OK

@@ -21,8 +21,10 @@ import numpy as np
 import orjson
 
 from yatdeploy import __version__
+from yatdeploy.decoding import Decoder
 from yatdeploy.errors import OnnxModelError, YatDeployError
 from yatdeploy.serving.batching import DynamicBatcher
+from yatdeploy.serving.generation import GenerationEngine, GenerationSettings
 from yatdeploy.serving.metrics import Metrics
 from yatdeploy.serving.model import ServedModel, UnavailableModel
 from yatdeploy.serving.protocol import (
@@ -36,6 +38,7 @@ from yatdeploy.serving.protocol import (
     Unavailable,
 )
 from yatdeploy.serving.repository import CONTROL_MODES, config_from_json
+from yatdeploy.serving.text import TextCodec
 
 log = logging.getLogger("yatdeploy.serving")
 
@@ -56,6 +59,7 @@ class Deployed:
 
     model: ServedModel
     batcher: DynamicBatcher
+    generator: GenerationEngine | None = None  # a decoder export's generation (serving.generation)
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -89,6 +93,7 @@ class ServerSettings:
     # Triton's --strict-readiness: ready only while every model asked for is served (True), or once started,
     # serving what could be loaded (False).
     strict_readiness: bool = True
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # for every decoder export
 
 
 class InferenceServer:
@@ -144,11 +149,18 @@ class InferenceServer:
         batcher = DynamicBatcher(model, self.metrics, max_batch_size=model.max_batch_size,
                                  max_queue_delay_s=model.max_queue_delay_us / 1e6, max_queue_size=model.max_queue_size)
         batcher.start()
-        deployed = Deployed(model, batcher)
+        deployed = Deployed(model, batcher, self._generator(model))
         deployed.drained.set()
         self._served.setdefault(model.name, {})[model.version] = deployed
         self.metrics.watch_pending(model.name, model.version, batcher.waiting)
         return deployed
+
+    def _generator(self, model: ServedModel) -> GenerationEngine | None:
+        if model.decoder is None:
+            return None
+        return GenerationEngine(Decoder(model.runner, model.decoder), TextCodec.beside(model.source.path),
+                                self.settings.generation, name=model.name,
+                                observer=self.metrics.generation_observer(model.name, model.version))
 
     # -- lookup ---------------------------------------------------------------------------------------------
 
@@ -173,6 +185,19 @@ class InferenceServer:
 
     def model(self, name: str, version: str | None = None) -> ServedModel:
         return self.deployed(name, version).model
+
+    def generator(self, name: str, version: str | None = None) -> GenerationEngine:
+        """The version's generation; InvalidInput for a model that is not a decoder export."""
+        deployed = self.deployed(name, version)
+        if deployed.generator is None:
+            raise InvalidInput(f"model '{name}' does not generate: it is not a language model exported with its KV "
+                               "cache (yatdeploy export --kv-cache)")
+        return deployed.generator
+
+    def generators(self) -> list[GenerationEngine]:
+        """Every served version's generation (the newest version's first for each model)."""
+        return [d.generator for versions in self._served.values()
+                for _, d in sorted(versions.items(), key=lambda item: -int(item[0])) if d.generator is not None]
 
     def _reasons(self, name: str) -> str:
         return "; ".join(m.reason for m in self._failed.get(name, []))
@@ -291,6 +316,8 @@ class InferenceServer:
     async def _close(self, deployed: Deployed) -> None:
         """A version no longer served: its batcher stopped, its pending gauge gone, its model closed."""
         await deployed.batcher.stop()
+        if deployed.generator is not None:
+            await asyncio.get_running_loop().run_in_executor(None, deployed.generator.stop)
         self.metrics.forget_pending(deployed.model.name, deployed.model.version)
         deployed.model.close()
 

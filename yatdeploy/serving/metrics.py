@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from yatdeploy.serving.generation import GenerationObserver
+
 _LABELS = ("model", "version")
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -113,6 +115,10 @@ class Metrics:
         self.stats: dict[tuple[str, str], ModelStats] = {}
         # Triton's nv_inference_pending_request_count: per served version, its requests awaiting execution.
         self._pending: dict[tuple[str, str], Callable[[], int]] = {}
+
+    def generation_observer(self, model: str, version: str) -> GenerationObserver:
+        """What a decoder's generation reports to (serving.generation): its latencies and token counts."""
+        return GenerationObserver()
 
     def watch_pending(self, model: str, version: str, count: Callable[[], int]) -> None:
         self._pending[model, version] = count

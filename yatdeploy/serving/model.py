@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from yatdeploy import backends, dtypes, graph
+from yatdeploy.decoder import DecoderLayout, layout_of
 from yatdeploy.errors import YatDeployError
 from yatdeploy.graph import TensorSignature
 from yatdeploy.inputs import InputLimits, file_metadata, recorded_limits
@@ -63,6 +64,9 @@ class ServedModel:
         if self._engine_max_batch is not None and self.max_batch_size > 0:
             self.max_batch_size = min(self.max_batch_size, self._engine_max_batch)
         self.dynamic_batching = source.dynamic_batching
+        # A decoder export (export --kv-cache) also generates (serving.generation); None for any other model.
+        self.decoder: DecoderLayout | None = (layout_of(file_metadata(source.path)) if source.path.suffix == ".onnx"
+                                              else None)
 
     def _limits(self, source: ModelSource) -> dict[str, InputLimits]:
         """Each input's limits: the export's record in the model's metadata, each overridden by the

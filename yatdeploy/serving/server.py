@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from yatdeploy import backends
 from yatdeploy.errors import YatDeployError, option
 from yatdeploy.progress import Progress
+from yatdeploy.serving.generation import DEFAULT_KV_CACHE_MB, DEFAULT_MAX_RUNNING
 from yatdeploy.serving.repository import CONTROL_MODES
 
 if TYPE_CHECKING:
@@ -220,6 +221,8 @@ class ServeSettings:
     max_body_mb: float = 64.0  # the largest request body
     max_inflight_body_mb: float = 256.0  # request bodies held at once, over HTTP and gRPC
     threads: int | None = None  # ONNX Runtime intra-op threads per model; None: all cores but one
+    kv_cache_mb: float = DEFAULT_KV_CACHE_MB  # each decoder's KV cache at most (serving.generation)
+    max_sequences: int = DEFAULT_MAX_RUNNING  # the sequences each decoder generates at once
     log_level: str = "info"  # info: one JSON access-log line per inference request
 
     def __post_init__(self) -> None:
@@ -252,6 +255,10 @@ class ServeSettings:
             raise YatDeployError(f"{option('load_models')} is for {option('model_control_mode')} explicit")
         if self.log_level not in LOG_LEVELS:
             raise YatDeployError(f"{option('log_level')} {self.log_level}: one of {', '.join(LOG_LEVELS)}")
+        if not 1 <= self.kv_cache_mb <= 1 << 20:  # NaN fails too
+            raise YatDeployError(f"{option('kv_cache_mb')} {self.kv_cache_mb}: must be at least 1 and at most 1048576")
+        if not 1 <= self.max_sequences <= 4096:
+            raise YatDeployError(f"{option('max_sequences')} {self.max_sequences}: must be from 1 to 4096")
         cores = len(os.sched_getaffinity(0))
         if self.threads is not None and not 1 <= self.threads <= 4 * cores:
             raise YatDeployError(f"{option('threads')} {self.threads}: must be between 1 and {4 * cores} (4 x the "
@@ -264,10 +271,13 @@ class ServeSettings:
     def server_settings(self):
         """The InferenceServer's part (serving.core.ServerSettings)."""
         from yatdeploy.serving.core import ServerSettings
+        from yatdeploy.serving.generation import GenerationSettings
 
         return ServerSettings(max_batch_size=self.max_batch_size, max_queue_delay_us=self.max_queue_delay_us,
                               max_queue_size=self.max_queue_size, dynamic_batching=self.dynamic_batching,
-                              control_mode=self.model_control_mode, strict_readiness=self.strict_readiness)
+                              control_mode=self.model_control_mode, strict_readiness=self.strict_readiness,
+                              generation=GenerationSettings(kv_cache_bytes=int(self.kv_cache_mb * 2**20),
+                                                            max_running=self.max_sequences))
 
     def http_settings(self):
         """The HTTP app's part (serving.app.HttpSettings)."""
