@@ -26,6 +26,8 @@ from yatdeploy.graph import metadata, yat_gemm_nodes
 
 from tests.model_zoo import yat_gpt
 
+pytestmark = pytest.mark.slow  # each test exports a model of its own
+
 
 VOCABULARY, CONTEXT = 53, 40  # tests.model_zoo.YatGPT's defaults
 

@@ -26,6 +26,8 @@ from yatdeploy.graph import metadata
 from yatdeploy.validation import TOL_DERIVED, CaseTolerances, Tolerance, format_report
 from yatdeploy.validation_decoder import STEPS, Expected, Run, compare_run, plan_runs
 
+pytestmark = pytest.mark.slow  # exports and generates on every backend
+
 CPU_BACKENDS = ["ort-cpu", "ort-function"]
 
 

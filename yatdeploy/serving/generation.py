@@ -418,9 +418,9 @@ class GenerationEngine:
                 stream.finish_reason = FINISH_STOP
                 stream._put(TokenEvent(token, pending[:cut], index, FINISH_STOP))
                 return True
-            keep = max(len(s) for s in stream.params.stop) - 1  # a stop string may still begin in these
-            text, sequence.held = (pending, "") if finish else (pending[:len(pending) - keep], pending[-keep:]
-                                                                if keep else "")
+            # The last characters are held back: a stop string may begin in them.
+            split = len(pending) if finish else max(0, len(pending) - (max(len(s) for s in stream.params.stop) - 1))
+            text, sequence.held = pending[:split], pending[split:]
         if finish is not None:
             text += sequence.text.flush() if sequence.text is not None else ""
             stream.finish_reason = finish
