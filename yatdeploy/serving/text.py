@@ -94,15 +94,17 @@ class IncrementalText:
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
         full = self.codec.decode(self.ids)
-        ready = full.rstrip(REPLACEMENT) if full.endswith(REPLACEMENT) else full
-        if not ready.startswith(self.text):  # the decoder rewrote earlier text: give only what extends it
+        ready = full.rstrip(REPLACEMENT)
+        if len(ready) <= len(self.text):
             return ""
+        # Past what was given out (a decoder that reads earlier text differently once more follows, which byte-level
+        # ones don't, would have that part differ: it was sent already).
         new, self.text = ready[len(self.text):], ready
         return new
 
     def flush(self) -> str:
         """At the end: whatever was held back."""
         full = self.codec.decode(self.ids)
-        new = full[len(self.text):] if full.startswith(self.text) else ""
+        new = full[len(self.text):]
         self.text += new
         return new
