@@ -152,9 +152,10 @@ class Session:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run on numpy inputs of any admitted dtype, bfloat16 and strings (object arrays of str) included."""
-        strings = any(a.dtype == object for a in feeds.values()) or any(o.dtype == "string" for o in self.outputs)
+        bfloat16 = (any(a.dtype == ml_dtypes.bfloat16 for a in feeds.values())
+                    or any(o.dtype == "bfloat16" for o in self.outputs))
         try:
-            if strings:  # OrtValues can't hold strings; ORT's numpy path can (and has no bfloat16)
+            if not bfloat16:  # ORT's numpy path: strings too, and no OrtValue made per input and output
                 return self.inner.run(None, dict(feeds))
             outputs = self.inner.run_with_ort_values(None, {n: _to_ort_value(a) for n, a in feeds.items()})
         except Exception as exc:
