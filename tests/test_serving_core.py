@@ -432,14 +432,16 @@ def test_a_response_encodes_json_and_binary_outputs():
 def test_the_http_endpoints_answer_through_the_core_in_process(mlp, exported_mlp):
     httpx = pytest.importorskip("httpx")
     from yatdeploy.serving.app import ROUTES, create_app
+    from yatdeploy.serving.lm_endpoints import LM_ROUTES
 
     x = rows(2)
 
     async def scenario():
         async with running(mlp) as core:
             app = create_app(core)
-            assert [(sorted(r.methods)[0], r.path) for r in app.routes if r.path.startswith(("/v2", "/metrics"))] == \
-                [(method, path) for method, path, _ in ROUTES]
+            v2 = ("/v2", "/metrics")
+            assert [(sorted(r.methods)[0], r.path) for r in app.routes if r.path.startswith(v2)] == \
+                [(method, path) for method, path, _ in [*ROUTES, *LM_ROUTES] if path.startswith(v2)]
             transport = httpx.ASGITransport(app=app)  # no socket: the ASGI app called directly
             async with httpx.AsyncClient(transport=transport, base_url="http://core") as client:
                 assert (await client.get("/v2/health/ready")).json() == {"ready": True}

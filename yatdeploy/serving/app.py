@@ -3,6 +3,8 @@
 V2Endpoints has one method per route (as KServe's V2Endpoints), ROUTES says which path each serves and
 register_endpoints puts them on the app; create_app wires the app: life cycle, CORS, error answers, routes.
 Every ProtocolError is answered as JSON {"error": message} with its kind's HTTP status (protocol.HTTP_STATUS).
+The language models' routes (the OpenAI API, Triton's generate extension) are lm_endpoints.py's, put on the app
+beside these.
 
 The event loop only moves bytes: a body larger than INLINE_BYTES, or compressed, is decompressed and
 decoded in a worker thread, and a large answer encoded and compressed in another, so health checks and small
@@ -32,6 +34,7 @@ from starlette.routing import Route
 
 from yatdeploy import __version__
 from yatdeploy.serving.core import InferenceServer, InferResult, off_loop_when
+from yatdeploy.serving.lm_endpoints import LmEndpoints, register_lm_endpoints
 from yatdeploy.serving.model import ServedModel
 from yatdeploy.serving.protocol import (
     HEADER_LENGTH,
@@ -274,6 +277,17 @@ class V2Endpoints:
         await self.server.unload(name)
         return _json({})
 
+    async def json_body(self, request: Request) -> dict:
+        """A JSON object body of at most the JSON limit, counted in the body budget while it is read and parsed
+        (the language-model routes' bodies)."""
+        claim = self.budget.claim()
+        try:
+            return json_object(await _read_body(request, self.json_limit, "JSON request body", claim))
+        except ClientDisconnect:
+            raise InvalidInput("the client disconnected before the end of its request") from None
+        finally:
+            claim.release()
+
     async def _optional_json(self, request: Request) -> dict:
         claim = self.budget.claim()
         try:
@@ -444,4 +458,5 @@ def create_app(server: InferenceServer, settings: HttpSettings | None = None,
     app.state.server = server
     _answer_errors(app)
     register_endpoints(app, endpoints)
+    register_lm_endpoints(app, LmEndpoints(server, endpoints.json_body))
     return app

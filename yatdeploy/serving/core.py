@@ -153,6 +153,8 @@ class InferenceServer:
         deployed.drained.set()
         self._served.setdefault(model.name, {})[model.version] = deployed
         self.metrics.watch_pending(model.name, model.version, batcher.waiting)
+        if deployed.generator is not None:
+            self.metrics.watch_generation(model.name, model.version, deployed.generator)
         return deployed
 
     def _generator(self, model: ServedModel) -> GenerationEngine | None:
@@ -314,11 +316,11 @@ class InferenceServer:
             await self._close(deployed)
 
     async def _close(self, deployed: Deployed) -> None:
-        """A version no longer served: its batcher stopped, its pending gauge gone, its model closed."""
+        """A version no longer served: its batcher stopped, its gauges gone, its model closed."""
         await deployed.batcher.stop()
         if deployed.generator is not None:
             await asyncio.get_running_loop().run_in_executor(None, deployed.generator.stop)
-        self.metrics.forget_pending(deployed.model.name, deployed.model.version)
+        self.metrics.forget(deployed.model.name, deployed.model.version)
         deployed.model.close()
 
     # -- inference ------------------------------------------------------------------------------------------

@@ -8,12 +8,22 @@ error (GRPC_CODES, the one mapping).
 A large request is decoded, and a large answer encoded, in worker threads, off the event loop; each message
 counts in the body budget HTTP shares (UNAVAILABLE past it, as Triton answers a full queue).
 Not served (UNIMPLEMENTED, as the base servicer answers): shared memory, trace and log settings.
+
+ModelStreamInfer streams a decoder export's generation as Triton streams a decoupled model's responses: a request
+of a decoder whose only input is `text_input` (BYTES) or `input_ids` (INT64/INT32), with the sampling parameters as
+request parameters (GENERATION_PARAMETERS), gets one response per generated token (`text_output`, `token_id`; the
+last one also `finish_reason`), each with the `triton_final_response` parameter, true on the last. Any other
+request (a raw decoder's v2 inputs too) is answered once, as Triton answers a non-decoupled model's. A call that
+ends (the client cancels or goes away) cancels its generations: their sequences leave the batch with their cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -23,11 +33,13 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from yatdeploy.serving.core import InferenceServer, InferResult, off_loop_when
+from yatdeploy.serving.core import Deployed, InferenceServer, InferResult, access_log, off_loop_when
 from yatdeploy.serving.datatypes import DATATYPES, datatype_of
+from yatdeploy.serving.generation import GenerationEngine, SamplingParams, TokenEvent
 from yatdeploy.serving.model import ServedModel
 from yatdeploy.serving.protocol import (
     BYTES,
+    HTTP_STATUS,
     INLINE_BYTES,
     SLICE,
     BodyBudget,
@@ -51,6 +63,8 @@ from yatdeploy.serving.protocol import (
     tensor_from_bytes,
     tensor_shape,
 )
+
+log = logging.getLogger("yatdeploy.serving")
 
 # The one mapping of the kinds of ProtocolError to gRPC status codes: the code Triton answers for that failure.
 GRPC_CODES: dict[type[ProtocolError], grpc.StatusCode] = {
@@ -165,6 +179,139 @@ def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
                         binary_default=True, parameters=parameters, timeout_us=timeout)
 
 
+# A generation over ModelStreamInfer: its inputs (one of them), its outputs, Triton's flag of the last response.
+TEXT_INPUT, IDS_INPUT = "text_input", "input_ids"
+TEXT_OUTPUT, TOKEN_OUTPUT, FINISH_OUTPUT = "text_output", "token_id", "finish_reason"
+FINAL_RESPONSE = "triton_final_response"
+# The request parameters a generation takes (SamplingParams' fields), and Triton's own it accepts beside them.
+GENERATION_PARAMETERS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+                         "ignore_eos")
+_TRITON_PARAMETERS = frozenset({"timeout", "priority", "sequence_id", "sequence_start", "sequence_end",
+                                "triton_enable_empty_final_response"})
+
+
+def _asks_to_generate(message: service_pb2.ModelInferRequest) -> bool:
+    """A request whose only input is a prompt (a raw decoder's requests have its mask and cache too)."""
+    names = {tensor.name for tensor in message.inputs}
+    return names == {TEXT_INPUT} or names == {IDS_INPUT}
+
+
+def _integer(parameters: dict, name: str) -> int:
+    value = parameters[name]
+    if type(value) is not int:
+        raise InvalidInput(f"parameter '{name}': a whole number, not {value!r}")
+    return value
+
+
+def _number(parameters: dict, name: str) -> float:
+    value = parameters[name]
+    if type(value) not in (int, float):
+        raise InvalidInput(f"parameter '{name}': a number, not {value!r}")
+    return float(value)
+
+
+def _listed(parameters: dict, name: str, kind: type) -> tuple:
+    """A parameter holding one value of `kind` or several: a JSON list of them in a string_param (InferParameter
+    holds one scalar)."""
+    value = parameters[name]
+    if isinstance(value, str) and value.startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = [value] if kind is str else None
+    values = value if isinstance(value, list) else [value]
+    if not all(type(v) is kind for v in values):
+        raise InvalidInput(f"parameter '{name}': a {kind.__name__} or a JSON list of them, not {parameters[name]!r}")
+    return tuple(values)
+
+
+def sampling_params(parameters: dict) -> SamplingParams:
+    """A stream request's parameters as the generation's SamplingParams (checked when submitted); InvalidInput
+    for a parameter a generation does not take."""
+    unknown = sorted(set(parameters) - set(GENERATION_PARAMETERS) - _TRITON_PARAMETERS)
+    if unknown:
+        raise InvalidInput(f"parameter '{unknown[0]}' is not one a generation takes "
+                           f"({', '.join(GENERATION_PARAMETERS)})")
+    fields: dict[str, object] = {}
+    for name in ("max_tokens", "top_k", "seed"):
+        if name in parameters:
+            fields[name] = _integer(parameters, name)
+    if fields.get("top_k") == -1:  # all, as vLLM spells it
+        fields["top_k"] = 0
+    for name in ("temperature", "top_p"):
+        if name in parameters:
+            fields[name] = _number(parameters, name)
+    if "stop" in parameters:
+        fields["stop"] = _listed(parameters, "stop", str)
+    if "stop_token_ids" in parameters:
+        fields["stop_token_ids"] = _listed(parameters, "stop_token_ids", int)
+    if "ignore_eos" in parameters:
+        if type(parameters["ignore_eos"]) is not bool:
+            raise InvalidInput(f"parameter 'ignore_eos': true or false, not {parameters['ignore_eos']!r}")
+        fields["ignore_eos"] = parameters["ignore_eos"]
+    return SamplingParams(**fields)
+
+
+def prompt_ids(request: InferRequest, engine: GenerationEngine) -> list[int]:
+    """The prompt of a generating request: `text_input` encoded by the model's tokenizer, or `input_ids`."""
+    (name, array), = request.inputs.items()
+    datatype = request.input_datatypes[name]
+    if name == TEXT_INPUT:
+        if datatype != BYTES or array.size != 1:
+            raise InvalidInput(f"input '{TEXT_INPUT}': one BYTES element (shape [1]), not {datatype} of shape "
+                               f"{list(array.shape)}")
+        if engine.codec is None:
+            raise InvalidInput(f"model '{engine.name}' has no tokenizer beside its export: send the prompt's token "
+                               f"ids as '{IDS_INPUT}'")
+        text = array.reshape(-1)[0]
+        return engine.codec.encode(text if isinstance(text, str) else bytes(text).decode("utf-8", "replace"))
+    if datatype not in ("INT64", "INT32") or array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[0] != 1):
+        raise InvalidInput(f"input '{IDS_INPUT}': INT64 or INT32 of shape [n] or [1, n], not {datatype} of shape "
+                           f"{list(array.shape)}")
+    return array.reshape(-1).tolist()
+
+
+def _generation_outputs(message: service_pb2.ModelInferRequest) -> frozenset[str] | None:
+    """The outputs a generating request asks for (None: all)."""
+    if not message.outputs:
+        return None
+    names = [output.name for output in message.outputs]
+    known = (TEXT_OUTPUT, TOKEN_OUTPUT, FINISH_OUTPUT)
+    unknown = next((n for n in names if n not in known), None)
+    if unknown is not None:
+        raise InvalidInput(f"output '{unknown}': a generation's outputs are {', '.join(known)}")
+    return frozenset(names)
+
+
+def _token_response(deployed: Deployed, request_id: str, event: TokenEvent,
+                    wanted: frozenset[str] | None) -> service_pb2.ModelStreamInferResponse:
+    """One generated token as a decoupled model's response: flagged final when it ends the generation."""
+    response = service_pb2.ModelInferResponse(model_name=deployed.model.name, model_version=deployed.model.version,
+                                              id=request_id)
+    tensors = [(TEXT_OUTPUT, np.array([event.text], dtype=object))]
+    if event.token_id is not None:
+        tensors.append((TOKEN_OUTPUT, np.array([event.token_id], np.int64)))
+    if event.finish_reason is not None:
+        tensors.append((FINISH_OUTPUT, np.array([event.finish_reason], dtype=object)))
+    for name, array in tensors:
+        if wanted is None or name in wanted:
+            response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=list(array.shape))
+            response.raw_output_contents.append(tensor_bytes(array))
+    response.parameters[FINAL_RESPONSE].bool_param = event.finish_reason is not None
+    return service_pb2.ModelStreamInferResponse(infer_response=response)
+
+
+def _error_response(message: service_pb2.ModelInferRequest, error: ProtocolError,
+                    final: bool | None = None) -> service_pb2.ModelStreamInferResponse:
+    """A failed request in the stream, as Triton sends it: the error and the request's id, model and version;
+    a failure of a request that had started also flagged final (None: a request that never started)."""
+    response = service_pb2.ModelInferResponse(model_name=message.model_name, model_version=message.model_version,
+                                              id=message.id)
+    if final is not None:
+        response.parameters[FINAL_RESPONSE].bool_param = final
+    return service_pb2.ModelStreamInferResponse(error_message=error.message, infer_response=response)
+
+
 def _decoded(message: service_pb2.ModelInferRequest, claim: BodyClaim) -> InferRequest:
     request = infer_request(message)
     claim.add(request.reference_bytes())
@@ -277,19 +424,26 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator:
         """Every request of the stream runs as it arrives (so that they can share batches); each response, or
-        its error, goes back as soon as it is ready."""
+        its error, goes back as soon as it is ready: a generation's tokens one by one, any other request's
+        answer once (flagged final, as Triton flags a non-decoupled model's). A call that ends cancels what it
+        still runs."""
         answers: asyncio.Queue = asyncio.Queue()
         done = object()
 
         async def one(message) -> None:
             try:
-                answer = service_pb2.ModelStreamInferResponse(infer_response=await self._infer(message))
+                if _asks_to_generate(message):
+                    deployed = self.server.deployed(message.model_name, message.model_version or None)
+                    if deployed.generator is not None:
+                        await self._generate(message, deployed, answers.put)
+                        return
+                    if TEXT_INPUT not in {i.name for i in deployed.model.inputs}:
+                        self.server.generator(message.model_name, message.model_version or None)  # says why not
+                response = await self._infer(message)
+                response.parameters[FINAL_RESPONSE].bool_param = True
+                answer = service_pb2.ModelStreamInferResponse(infer_response=response)
             except ProtocolError as exc:
-                answer = service_pb2.ModelStreamInferResponse(
-                    error_message=exc.message,
-                    infer_response=service_pb2.ModelInferResponse(model_name=message.model_name,
-                                                                  model_version=message.model_version,
-                                                                  id=message.id))
+                answer = _error_response(message, exc)
             await answers.put(answer)
 
         async def read() -> None:
@@ -302,6 +456,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 if running:
                     await asyncio.gather(*running)
             finally:
+                for task in running:  # the call ended first: its generations are cancelled
+                    task.cancel()
                 await answers.put(done)
 
         reader = asyncio.ensure_future(read())
@@ -310,6 +466,48 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 yield answer
         finally:
             reader.cancel()
+
+    async def _generate(self, message: service_pb2.ModelInferRequest, deployed: Deployed, put) -> None:
+        """One generation: its tokens `put` as responses, the last flagged final, or its error; cancelled with
+        the task that runs it (its sequence then leaves the batch), written once to the access log."""
+        started = time.perf_counter()
+        model, engine = deployed.model, deployed.generator
+        stream = None
+        try:
+            request = infer_request(message)
+            wanted = _generation_outputs(message)
+            params = sampling_params(request.parameters)
+            prompt = prompt_ids(request, engine)
+            if params.stop and engine.codec is None:
+                raise InvalidInput(f"model '{engine.name}' has no tokenizer: stop strings can't be matched (use "
+                                   "stop_token_ids)")
+        except ProtocolError as exc:  # not started: answered as Triton answers a request it could not issue
+            access_log(model.name, model.version, message.id or None, HTTP_STATUS[type(exc)], started,
+                       error=exc.message)
+            await put(_error_response(message, exc))
+            return
+        try:
+            stream = engine.submit(prompt, params)
+            async with asyncio.timeout(request.timeout_us / 1e6 if request.timeout_us else None):
+                async for event in stream:
+                    await put(_token_response(deployed, message.id, event, wanted))
+        except Exception as exc:  # its error ends this generation, never the stream's others
+            if isinstance(exc, ProtocolError):
+                error = exc
+            elif isinstance(exc, TimeoutError):
+                error = DeadlineExceeded(f"the request's timeout of {request.timeout_us} µs expired before its "
+                                         "generation ended")
+            else:
+                error = Internal(f"internal error: {type(exc).__name__}: {exc}")
+                log.exception("model %s: 500 %s", model.name, error.message)
+            access_log(model.name, model.version, message.id or None, HTTP_STATUS[type(error)], started,
+                       error=error.message)
+            await put(_error_response(message, error, final=True))
+            return
+        finally:
+            if stream is not None:
+                stream.cancel()  # nothing once it has ended; else (cancelled, timed out) its sequence leaves
+        access_log(model.name, model.version, message.id or None, 200, started)
 
 
 class GrpcFrontEnd:

@@ -3,22 +3,39 @@
 Triton's counters are exposed exactly as Triton names them (`nv_inference_request_success`, no `_total`:
 Prometheus' Python client would add that suffix to every counter, so dashboards and alerts written for
 Triton would not find them); yatdeploy's own histograms go through the client.
+
+A decoder's generation (serving.generation) is measured as vLLM's server measures it, under vLLM's names
+(`vllm:time_to_first_token_seconds`, ...: `GenerationMetrics`, its observer), with vLLM's `model_name` label
+and the served `version`; its running and waiting sequences and KV-cache use are read from the engines at
+scrape time (`GenerationGauges`), and its counts are added to the statistics (`generation_json`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
-from yatdeploy.serving.generation import GenerationObserver
+from yatdeploy.serving.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, GenerationObserver
 
 _LABELS = ("model", "version")
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# vLLM's labels are model_name and engine (its data-parallel engine's index); a served version has one engine.
+_LM_LABELS = ("model_name", "version")
+# vLLM's buckets (vllm/v1/metrics/loggers.py), with finer ones below its smallest: a small model on a CPU
+# answers in well under vLLM's first bucket (1 ms for the first token, 10 ms between tokens).
+_FINE = (0.0001, 0.00025, 0.0005)
+_TTFT_BUCKETS = (*_FINE, 0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (*_FINE, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5))  # vLLM's 1-2-5 series
 
 
 @dataclass
@@ -92,6 +109,60 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class GenerationMetrics(GenerationObserver):
+    """One served decoder version's generation, as vLLM's server reports it: an observer of its engine (called
+    on the engine's scheduler thread; prometheus_client's metrics are thread-safe)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        labels = (model, version)
+        self._ttft = metrics.time_to_first_token.labels(*labels)
+        self._itl = metrics.inter_token_latency.labels(*labels)
+        self._tpot = metrics.time_per_output_token.labels(*labels)
+        self._prompt_tokens = metrics.prompt_tokens.labels(*labels)
+        self._generation_tokens = metrics.generation_tokens.labels(*labels)
+        self._prompt_lengths = metrics.request_prompt_tokens.labels(*labels)
+        self._generation_lengths = metrics.request_generation_tokens.labels(*labels)
+        self._success = {reason: metrics.request_success.labels(*labels, reason)
+                         for reason in (FINISH_STOP, FINISH_LENGTH)}
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+        self._generation_tokens.inc()
+
+    def next_token(self, seconds: float) -> None:
+        self._itl.observe(seconds)
+        self._tpot.observe(seconds)
+        self._generation_tokens.inc()
+
+    def finished(self, prompt_tokens: int, generated: int, reason: str) -> None:
+        self._prompt_tokens.inc(prompt_tokens)
+        self._prompt_lengths.observe(prompt_tokens)
+        self._generation_lengths.observe(generated)
+        self._success[reason].inc()
+
+
+class GenerationGauges(Collector):
+    """vLLM's scheduler gauges, read from every watched engine when /metrics is scraped."""
+
+    def __init__(self, engines: dict[tuple[str, str], GenerationEngine]) -> None:
+        self.engines = engines
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = [
+            (GaugeMetricFamily("vllm:num_requests_running", "Number of requests in model execution batches.",
+                               labels=_LM_LABELS), lambda e: e.running),
+            (GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                               labels=_LM_LABELS), lambda e: e.waiting),
+            (GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                               labels=_LM_LABELS), lambda e: e.kv_cache_usage),
+        ]
+        engines = sorted(self.engines.items())
+        for family, read in families:
+            for (model, version), engine in engines:
+                family.add_metric([model, version], read(engine))
+            yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -112,19 +183,53 @@ class Metrics:
                                          _LABELS, buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("yatdeploy_batch_size", "Batch items per execution", _LABELS,
                                     buckets=_BATCH_BUCKETS, registry=r)
+        # vLLM's names, in a registry of their own, shown once a decoder has been served: Counter adds `_total`
+        # (vllm:prompt_tokens_total), as vLLM's prometheus_client does.
+        self.lm_registry = lm = CollectorRegistry()
+        self.time_to_first_token = Histogram("vllm:time_to_first_token_seconds",
+                                             "Histogram of time to first token in seconds.", _LM_LABELS,
+                                             buckets=_TTFT_BUCKETS, registry=lm)
+        self.inter_token_latency = Histogram("vllm:inter_token_latency_seconds",
+                                             "Histogram of inter-token latency in seconds.", _LM_LABELS,
+                                             buckets=_ITL_BUCKETS, registry=lm)
+        self.time_per_output_token = Histogram("vllm:time_per_output_token_seconds",
+                                               "Histogram of time per output token in seconds (the same "
+                                               "observations as vllm:inter_token_latency_seconds).", _LM_LABELS,
+                                               buckets=_ITL_BUCKETS, registry=lm)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", _LM_LABELS,
+                                     registry=lm)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                                         _LM_LABELS, registry=lm)
+        self.request_success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                                       (*_LM_LABELS, "finished_reason"), registry=lm)
+        self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+                                               _LM_LABELS, buckets=_TOKEN_COUNT_BUCKETS, registry=lm)
+        self.request_generation_tokens = Histogram("vllm:request_generation_tokens",
+                                                   "Number of generation tokens processed.", _LM_LABELS,
+                                                   buckets=_TOKEN_COUNT_BUCKETS, registry=lm)
         self.stats: dict[tuple[str, str], ModelStats] = {}
         # Triton's nv_inference_pending_request_count: per served version, its requests awaiting execution.
         self._pending: dict[tuple[str, str], Callable[[], int]] = {}
+        # Each served decoder version's generation, for vLLM's gauges and the statistics.
+        self._engines: dict[tuple[str, str], GenerationEngine] = {}
+        self._generated = False  # whether a decoder has been served (then vLLM's metrics are shown)
+        lm.register(GenerationGauges(self._engines))
 
     def generation_observer(self, model: str, version: str) -> GenerationObserver:
         """What a decoder's generation reports to (serving.generation): its latencies and token counts."""
-        return GenerationObserver()
+        return GenerationMetrics(self, model, version)
 
     def watch_pending(self, model: str, version: str, count: Callable[[], int]) -> None:
         self._pending[model, version] = count
 
-    def forget_pending(self, model: str, version: str) -> None:
+    def watch_generation(self, model: str, version: str, engine: GenerationEngine) -> None:
+        self._engines[model, version] = engine
+        self._generated = True
+
+    def forget(self, model: str, version: str) -> None:
+        """A version no longer served: its gauges go (its counters and histograms stay, as Triton's do)."""
         self._pending.pop((model, version), None)
+        self._engines.pop((model, version), None)
 
     def _render_pending(self) -> str:
         name = "nv_inference_pending_request_count"
@@ -135,9 +240,11 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def exposition(self) -> bytes:
-        """/metrics: Triton's counters and pending-request gauge, then yatdeploy's histograms."""
+        """/metrics: Triton's counters and pending-request gauge, yatdeploy's histograms, then vLLM's metrics
+        once a decoder has been served."""
         triton = "".join(c.render() for c in self.counters.values()) + self._render_pending()
-        return triton.encode() + generate_latest(self.registry)
+        language = generate_latest(self.lm_registry) if self._generated else b""
+        return triton.encode() + generate_latest(self.registry) + language
 
     def model_stats(self, model: str, version: str) -> ModelStats:
         return self.stats.setdefault((model, version), ModelStats())
@@ -198,4 +305,14 @@ class Metrics:
                 "batch_stats": [{"batch_size": size, **{p: d.as_json() for p, d in phases.items()}}
                                 for size, phases in sorted(s.batches.items())],
                 "memory_usage": [],
+                **self.generation_json(model, version),
             }
+
+    def generation_json(self, model: str, version: str) -> dict:
+        """A served decoder's generation, as a `generation` object beside Triton's fields (none for any other
+        model): the engine's counts since it started and its gauges now."""
+        engine = self._engines.get((model, version))
+        if engine is None:
+            return {}
+        return {"generation": {**asdict(engine.stats), "running": engine.running, "waiting": engine.waiting,
+                               "kv_cache_usage": engine.kv_cache_usage}}
