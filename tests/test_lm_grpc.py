@@ -226,6 +226,10 @@ def test_cancelling_the_stream_frees_the_sequence(server):
     generation = json.loads(body)["model_stats"][0]["generation"]
     assert status == 200 and generation["requests_cancelled"] >= 1
     assert generation["running"] == 0 and generation["kv_cache_usage"] == 0.0
+    status, body = server.get("/metrics")
+    aborted = [line for line in body.decode().splitlines()
+               if line.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in line]
+    assert status == 200 and aborted and float(aborted[0].rsplit(" ", 1)[1]) >= 1  # as vLLM counts a cancel
 
 
 def test_the_raw_decoder_still_answers_model_infer_and_a_stream_once(server):

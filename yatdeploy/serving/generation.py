@@ -118,6 +118,9 @@ class GenerationObserver:
     def finished(self, prompt_tokens: int, generated: int, reason: str) -> None:
         pass
 
+    def cancelled(self, prompt_tokens: int, generated: int) -> None:  # the client went away or gave up
+        pass
+
 
 class Stream:
     """One request's tokens, read with `async for` on the event loop that submitted it; `cancel()` ends it."""
@@ -222,6 +225,9 @@ class GenerationEngine:
     def submit(self, prompt: Sequence[int], params: SamplingParams) -> Stream:
         """A stream of the prompt's continuation; InvalidInput or Unavailable when it can't be served."""
         params.check()
+        if params.stop and self.codec is None:
+            raise InvalidInput(f"model '{self.name}' has no tokenizer: stop strings can't be matched (use "
+                               "stop_token_ids)")
         prompt = [int(t) for t in prompt]
         context = self.layout.context_length
         if not prompt:
@@ -318,14 +324,21 @@ class GenerationEngine:
             gone = [s for s in self._waiting if s.stream.cancelled]
             for sequence in gone:
                 self._waiting.remove(sequence)
-        self.stats.requests_cancelled += len(gone)
+        for sequence in gone:
+            self._cancelled(sequence)
         self._keep([s for s in self._running if not s.stream.cancelled])
+
+    def _cancelled(self, sequence: _Sequence) -> None:
+        self.stats.requests_cancelled += 1
+        self.observer.cancelled(len(sequence.stream.prompt), len(sequence.stream.generated))
 
     def _keep(self, kept: list[_Sequence]) -> None:
         """The batch reduced to `kept` (in their order in it), their caches with them."""
         if len(kept) == len(self._running):
             return
-        self.stats.requests_cancelled += sum(1 for s in self._running if s.stream.cancelled)
+        for sequence in self._running:
+            if sequence.stream.cancelled and sequence not in kept:
+                self._cancelled(sequence)
         rows = [i for i, s in enumerate(self._running) if s in kept]
         self._running = [self._running[i] for i in rows]
         self._cache = self._cache.select(rows) if self._cache is not None and rows else None

@@ -478,9 +478,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             wanted = _generation_outputs(message)
             params = sampling_params(request.parameters)
             prompt = prompt_ids(request, engine)
-            if params.stop and engine.codec is None:
-                raise InvalidInput(f"model '{engine.name}' has no tokenizer: stop strings can't be matched (use "
-                                   "stop_token_ids)")
         except ProtocolError as exc:  # not started: answered as Triton answers a request it could not issue
             access_log(model.name, model.version, message.id or None, HTTP_STATUS[type(exc)], started,
                        error=exc.message)

@@ -293,9 +293,6 @@ def prompt_ids(request: GenerationRequest, engine: GenerationEngine) -> tuple[li
     if codec is None and (request.messages is not None or isinstance(request.prompt, str)):
         raise InvalidInput(f"model '{engine.name}' has no tokenizer (no tokenizer.json beside it): send the prompt "
                            "as token ids" + (" to /v1/completions" if request.messages is not None else ""))
-    if codec is None and request.params.stop:
-        raise InvalidInput(f"model '{engine.name}' has no tokenizer: stop strings can't be matched (use "
-                           "stop_token_ids)")
     if request.messages is not None:
         try:
             text = codec.render_chat(request.messages)

@@ -23,6 +23,8 @@ from prometheus_client.registry import Collector
 
 from yatdeploy.serving.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, GenerationObserver
 
+FINISH_ABORT = "abort"  # vLLM's finished_reason for a request its client cancelled
+
 _LABELS = ("model", "version")
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -123,7 +125,7 @@ class GenerationMetrics(GenerationObserver):
         self._prompt_lengths = metrics.request_prompt_tokens.labels(*labels)
         self._generation_lengths = metrics.request_generation_tokens.labels(*labels)
         self._success = {reason: metrics.request_success.labels(*labels, reason)
-                         for reason in (FINISH_STOP, FINISH_LENGTH)}
+                         for reason in (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT)}
 
     def first_token(self, seconds: float) -> None:
         self._ttft.observe(seconds)
@@ -139,6 +141,10 @@ class GenerationMetrics(GenerationObserver):
         self._prompt_lengths.observe(prompt_tokens)
         self._generation_lengths.observe(generated)
         self._success[reason].inc()
+
+    def cancelled(self, prompt_tokens: int, generated: int) -> None:
+        """A cancelled request, as vLLM counts one: finished_reason "abort", its prompt tokens counted too."""
+        self.finished(prompt_tokens, generated, FINISH_ABORT)
 
 
 class GenerationGauges(Collector):
