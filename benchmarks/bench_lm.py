@@ -219,40 +219,6 @@ def _median(values: list[float]) -> float:
     return round(statistics.median(values), 4)
 
 
-# --------------------------------------------------------------------------------------------------- ORT GenAI
-
-
-def genai_folder(export: Path, threads: int, into: Path) -> Path:
-    """A copy of the export folder whose genai_config.json asks for `threads` intra-op threads (ORT GenAI's session
-    options have no spinning entry: its pool spins, as ORT's does by default)."""
-    folder = into / f"genai-{threads}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(export, folder)
-    config_path = folder / "genai_config.json"
-    config = json.loads(config_path.read_text())
-    options = config["model"]["decoder"].setdefault("session_options", {})
-    options["intra_op_num_threads"] = threads
-    options["inter_op_num_threads"] = 1
-    config_path.write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def genai_generate(og, model, prompt: np.ndarray, new_tokens: int) -> list[int]:
-    params = og.GeneratorParams(model)
-    # min_length = max_length: a fixed length. GenAI 0.18 ends a sequence at an end token, and with none
-    # (eos_token_id []) at the pad token; min_length keeps that token from being chosen instead.
-    length = prompt.shape[1] + new_tokens
-    params.set_search_options(max_length=length, min_length=length, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt.astype(np.int32))
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
-
-
 # --------------------------------------------------------------------------------------------------- profiling
 
 
@@ -578,6 +544,7 @@ def _genai(args, exports: Exports, threads: int, rng: np.random.Generator) -> di
 
     from yatdeploy import backends
     from yatdeploy.errors import YatDeployError
+    from yatdeploy.loadgen_lm import genai_folder, genai_generate
 
     folder = genai_folder(exports.genai, threads, exports.genai.parent)
     library = "custom_ops_library" in (folder / "genai_config.json").read_text()

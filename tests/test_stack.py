@@ -3,6 +3,7 @@ docker-compose, and the commands its services run are run here directly on 127.0
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -14,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from tests.model_zoo import yat_mlp
+import yatdeploy
+from tests.model_zoo import yat_gpt, yat_mlp
 from tests.servers import REPO, Server, free_port
 from yatdeploy.cli import main
 
@@ -36,7 +38,7 @@ def compose_config() -> dict:
 
 @needs_compose
 def test_the_compose_file_validates():
-    for extra in ([], ["--profile", "gpu"], ["--profile", "grpc"]):
+    for extra in ([], ["--profile", "gpu"], ["--profile", "grpc"], ["--profile", "lm"]):
         done = subprocess.run(["docker-compose", "-f", str(COMPOSE), *extra, "config", "-q"],
                               capture_output=True, text=True, timeout=60, cwd=REPO)
         assert done.returncode == 0, done.stderr
@@ -45,8 +47,11 @@ def test_the_compose_file_validates():
 @needs_compose
 def test_the_stack_has_its_services():
     services = compose_config()["services"]
-    assert set(services) == {"server", "server-gpu", "loadgen", "loadgen-grpc", "prometheus"}
+    assert set(services) == {"server", "server-gpu", "loadgen", "loadgen-grpc", "server-lm", "loadgen-lm",
+                             "prometheus"}
     assert services["loadgen-grpc"]["profiles"] == ["grpc"]
+    assert services["server-lm"]["profiles"] == services["loadgen-lm"]["profiles"] == ["lm"]
+    assert services["loadgen-lm"]["depends_on"]["server-lm"]["condition"] == "service_healthy"
     host_ports = [p.get("published") if isinstance(p, dict) else p.split(":")[0]
                   for s in services.values() for p in s.get("ports", [])]
     assert len(host_ports) == len(set(map(str, host_ports))), host_ports  # GPU and CPU servers can run together
@@ -100,6 +105,38 @@ def test_the_loadgen_command_runs_against_the_server(stack_server, tmp_path, ser
     args[args.index("--concurrency") + 1] = "1,4"
     assert main(["bench", "-q", *args, "--warmup", "0.1"]) == 0
     assert (tmp_path / "bench.csv").is_file() and (tmp_path / "bench.html").is_file()
+
+
+@pytest.fixture(scope="module")
+def lm_stack_server(tmp_path_factory):
+    """The lm profile's server command on a decoder export of the demo LM's context (64: the load generator's
+    default mix fits it) in place of /lm."""
+    command = _service_command("server-lm")
+    assert command[:3] == ["yatdeploy", "serve", "/lm/model.onnx"]
+    export = tmp_path_factory.mktemp("stack-lm") / "lm" / "model.onnx"
+    yatdeploy.export(yat_gpt(context=64), path=export, kv_cache=True, validate=False)
+    args = command[3:]
+    args[args.index("--host") + 1] = "127.0.0.1"
+    for flag in ("--port", "--grpc-port"):
+        index = args.index(flag)
+        del args[index:index + 2]
+    server = Server(export, *args)
+    yield server, export
+    server.stop()
+
+
+def test_the_lm_loadgen_command_runs_against_the_lm_server(lm_stack_server, tmp_path):
+    server, export = lm_stack_server
+    command = _service_command("loadgen-lm")
+    assert command[:3] == ["yatdeploy", "bench", "--lm"]
+    args = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in command[3:]]  # ${VAR:-default}: the default
+    args[0] = f"http://{server.url}"
+    args[args.index("--duration") + 1] = "0.5"
+    args[args.index("--concurrency") + 1] = "1,4"
+    args[args.index("--lm-export") + 1] = str(export)
+    args[args.index("--out") + 1] = str(tmp_path)
+    assert main(["bench", "-q", "--lm", *args, "--warmup", "0.1"]) == 0
+    assert (tmp_path / "bench.html").is_file() and (tmp_path / "bench.json").is_file()
 
 
 @needs_prometheus

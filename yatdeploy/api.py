@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from yatdeploy.exporting.settle import DynamicAxes
     from yatdeploy.inputs import InputSpec
     from yatdeploy.loadgen import BenchResult
+    from yatdeploy.loadgen_lm import LmBenchResult
     from yatdeploy.loading import LoadedModel
     from yatdeploy.reference import Reference
     from yatdeploy.serving.server import ServerHandle
@@ -372,9 +373,9 @@ def serve(path: str | Path, *, foreground: bool = False, progress: Progress = QU
 
 def bench(
     url: str,
-    model: str,
+    model: str | None = None,
     *,
-    concurrencies: Sequence[int] | str = (1, 4, 16, 32),
+    concurrencies: Sequence[int] | str | None = None,
     rates: Sequence[float] | str = (),
     duration: float = 5.0,
     warmup: float = 1.0,
@@ -382,25 +383,53 @@ def bench(
     json_payload: bool = False,
     max_inflight: int = 256,
     onnx: str | Path | None = None,
+    lm: bool = False,
+    prompt_tokens: Sequence[int] | str | None = None,
+    max_tokens: Sequence[int] | str | None = None,
+    requests: int | None = None,
+    lm_export: str | Path | None = None,
+    lm_threads: int | None = None,
     out: str | Path | None = None,
     progress: Progress = QUIET,
-) -> BenchResult:
+) -> BenchResult | LmBenchResult:
     """Load-test the model `model` at the Open Inference Protocol endpoint `url` (http://HOST:PORT or
-    grpc://HOST:PORT): a closed loop at each of `concurrencies` (clients), then an open loop at each of `rates`
-    (requests per second; either may be their text, "1,4,16"), `duration` measured seconds each after `warmup`
-    seconds, every request a batch of `batch`. `json_payload`: HTTP sends JSON tensors, not binary ones.
-    `max_inflight`: the open loop's connection limit. `onnx`: the model's file, also timed in-process for the
+    grpc://HOST:PORT): a closed loop at each of `concurrencies` (clients; default 1,4,16,32), then an open loop at
+    each of `rates` (requests per second; either may be their text, "1,4,16"), `duration` measured seconds each
+    after `warmup` seconds, every request a batch of `batch`. `json_payload`: HTTP sends JSON tensors, not binary
+    ones. `max_inflight`: the open loop's connection limit. `onnx`: the model's file, also timed in-process for the
     server's overhead. `out`: a folder to write bench.csv, bench.html and bench.json to. Failed requests are
-    counted per step (`result.steps[i].errors`), not raised."""
-    from yatdeploy.loadgen import run_bench, write_outputs
+    counted per step (`result.steps[i].errors`), not raised.
+
+    `lm`: a language model at an OpenAI-compatible server (yatdeploy.loadgen_lm; `model` default: the first of its
+    /v1/models): streamed /v1/completions at each of `concurrencies` (default 1,8,32), requests mixing
+    `prompt_tokens` (default 16,64,128) with `max_tokens` (default 16,64,128), for `duration` seconds or
+    `requests` requests per step; TTFT, TPOT, tokens/s and errors (LmBenchResult). `lm_export`: the served decoder
+    export's .onnx, also stepped in-process by yatdeploy's loop and ORT GenAI at `lm_threads` intra-op threads
+    (default: serve's). `out`: bench.html and bench.json."""
     from yatdeploy.parsing import option_numbers
 
-    concurrencies = option_numbers("concurrencies", concurrencies, allow_empty=True)
+    if not duration > 0 or not warmup >= 0:
+        raise YatDeployError(f"{option('duration')} must be > 0 and {option('warmup')} >= 0")
+    if lm:
+        return _bench_lm(url, model, concurrencies, prompt_tokens, max_tokens, duration, requests, warmup,
+                         lm_export, lm_threads, out, progress, rates=rates, batch=batch, json_payload=json_payload,
+                         onnx=onnx)
+    given = [name for name, value in (("prompt_tokens", prompt_tokens), ("max_tokens", max_tokens),
+                                      ("requests", requests), ("lm_export", lm_export), ("lm_threads", lm_threads))
+             if value is not None]
+    if given:
+        raise YatDeployError(f"{option(given[0])} is for {option('lm', True)} (a language model's completions)")
+    if model is None:
+        raise YatDeployError(f"give the model's name ({option('model')})")
+    from yatdeploy.loadgen import run_bench, write_outputs
+
+    concurrencies = option_numbers("concurrencies", (1, 4, 16, 32) if concurrencies is None else concurrencies,
+                                   allow_empty=True)
     rates = option_numbers("rates", rates, float, allow_empty=True)
     if not concurrencies and not rates:
         raise YatDeployError(f"nothing to run: give {option('concurrencies')} and/or {option('rates')}")
-    if not duration > 0 or not warmup >= 0 or batch < 1:
-        raise YatDeployError(f"{option('duration')} must be > 0, {option('warmup')} >= 0 and {option('batch')} >= 1")
+    if batch < 1:
+        raise YatDeployError(f"{option('batch')} must be >= 1")
     onnx = Path(onnx) if onnx else None
     if onnx is not None and not onnx.is_file():
         raise YatDeployError(f"{option('onnx')} {onnx}: no such file")
@@ -411,6 +440,81 @@ def bench(
     if out is not None:
         result.written = write_outputs(result, Path(out))
     return result
+
+
+def _bench_lm(url: str, model: str | None, concurrencies, prompt_tokens, max_tokens, duration: float,
+              requests: int | None, warmup: float, lm_export, lm_threads: int | None, out, progress: Progress,
+              **v2_only) -> LmBenchResult:
+    """bench(lm=True): its options checked (those of v2 endpoints refused), then yatdeploy.loadgen_lm's run."""
+    from yatdeploy.loadgen_lm import (
+        DEFAULT_CONCURRENCIES,
+        DEFAULT_MAX_TOKENS,
+        DEFAULT_PROMPT_TOKENS,
+        run_lm_bench,
+        write_lm_outputs,
+    )
+    from yatdeploy.parsing import option_numbers
+    from yatdeploy.serving.server import ServeSettings
+
+    defaults = {"rates": (), "batch": 1, "json_payload": False, "onnx": None}
+    given = [name for name, value in v2_only.items() if value not in (defaults[name], "")]
+    if given:
+        raise YatDeployError(f"{option(given[0])} is for v2 endpoints, not {option('lm', True)}")
+    if url.startswith("grpc://"):
+        raise YatDeployError(f"{option('lm', True)} drives an OpenAI-compatible HTTP server: give http://HOST:PORT")
+    concurrencies = option_numbers("concurrencies", DEFAULT_CONCURRENCIES if concurrencies is None else concurrencies)
+    prompt_tokens = option_numbers("prompt_tokens", DEFAULT_PROMPT_TOKENS if prompt_tokens is None else prompt_tokens)
+    max_tokens = option_numbers("max_tokens", DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens)
+    if requests is not None and (isinstance(requests, bool) or not isinstance(requests, int) or requests < 1):
+        raise YatDeployError(f"{option('requests')} {requests}: must be a whole number of at least 1")
+    export = Path(lm_export) if lm_export is not None else None
+    if export is not None and not export.is_file():
+        raise YatDeployError(f"{option('lm_export')} {export}: no such file", "give the served decoder export's .onnx")
+    if lm_threads is not None and (export is None or isinstance(lm_threads, bool) or not isinstance(lm_threads, int)
+                                   or lm_threads < 1):
+        raise YatDeployError(f"{option('lm_threads')} {lm_threads}: the in-process floor's threads, at least 1, "
+                             f"with {option('lm_export')}")
+    threads = lm_threads or ServeSettings().intra_op_threads  # serve's default
+    result = run_lm_bench(url, model, concurrencies=concurrencies, prompt_tokens=prompt_tokens,
+                          max_tokens=max_tokens, seconds=duration, requests=requests, warmup=warmup, export=export,
+                          threads=threads, progress=progress)
+    if out is not None:
+        result.written = write_lm_outputs(result, Path(out))
+    return result
+
+
+def fuse(model: str | Path | onnx.ModelProto, output: str | Path | None = None, *, report: str | Path | None = None,
+         check: bool = True, seed: int = 0, progress: Progress = QUIET) -> tuple[onnx.ModelProto, FusionReport]:
+    """`yatdeploy fuse`: the Yat products an exporter wrote as ordinary ops (jax2onnx, a plain torch.onnx.export)
+    as one YatGemm node each, with the YatGemm function attached (yatdeploy.fusion, docs/fusion.md).
+
+    `model` is an ONNX file or an onnx.ModelProto; the fused model is written to `output` when given (whole or not
+    at all) and returned with its FusionReport (per pattern what was fused, what was left decomposed and why, the
+    check), which `report` names a JSON file for. The fused model is checked against the unfused one on random
+    inputs (`seed`) in plain ONNX Runtime and refused when they disagree beyond float rounding; `check=False`
+    skips that. A model with nothing to fuse comes back unchanged."""
+    import json
+
+    import onnx
+
+    from yatdeploy.fusion import fuse_model
+    from yatdeploy.graph import load_onnx
+
+    _check_seed(seed)
+    target = files.check_output(output) if output is not None else None
+    report_path = files.check_output(report) if report is not None else None
+    if isinstance(model, onnx.ModelProto):
+        source = model
+    else:
+        with progress.step(f"reading {model}"):
+            source = load_onnx(model)
+    with progress.step("fusing"):
+        fused, fusion = fuse_model(source, check=check, seed=seed)
+    if target is not None:
+        files.write_atomically(target, fused.SerializeToString())
+    if report_path is not None:
+        files.write_atomically(report_path, (json.dumps(fusion.as_json(), indent=2) + "\n").encode())
+    return fused, fusion
 
 
 def doctor() -> dict:

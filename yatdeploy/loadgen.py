@@ -18,6 +18,7 @@ import json
 import statistics
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -62,13 +63,18 @@ class Step:
             self.errors += 1
 
     def percentile(self, q: float) -> float | None:
-        return float(np.percentile(self.latencies_us, q)) if self.latencies_us else None
+        return percentile(self.latencies_us, q)
 
     def summary(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if k != "latencies_us"}
         data.update({"inferences_per_second": self.inferences_per_second,
                      **{f"p{q}_us": self.percentile(q) for q in (50, 90, 95, 99)}})
         return data
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile of `values` (numpy's linear interpolation), None when there are none."""
+    return float(np.percentile(values, q)) if values else None
 
 
 # Request data the load generator sends: integers from 0 (an embedding's ids, an index) up to this, exclusive.
@@ -109,15 +115,28 @@ def endpoint(url: str, model: str, batch: int, binary: bool, seed: int = 0) -> E
     return Endpoint(url, model, batch, binary, seed)
 
 
+def http_address(url: str, expected: str) -> tuple[str, int]:
+    """(host, port) of an http:// URL (or a bare HOST:PORT); a YatDeployError saying `expected` otherwise."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise YatDeployError(f"{url}: expected {expected}")
+    return parts.hostname, parts.port or 80
+
+
+def get_json(base: str, path: str) -> dict:
+    """GET `base` + `path`, its JSON; a YatDeployError naming the address when it can't be had."""
+    try:
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            return json.loads(response.read())
+    except OSError as exc:
+        raise YatDeployError(f"{base}{path}: {exc}") from None
+
+
 class Endpoint:
     """A v2 endpoint: its model's signature, a prepared request, raw HTTP/1.1 keep-alive connections."""
 
     def __init__(self, url: str, model: str, batch: int, binary: bool, seed: int = 0) -> None:
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise YatDeployError(f"{url}: expected http://HOST:PORT or grpc://HOST:PORT")
-        self.host = parts.hostname
-        self.port = parts.port or 80
+        self.host, self.port = http_address(url, "http://HOST:PORT or grpc://HOST:PORT")
         self.base = f"http://{self.host}:{self.port}"
         self.model = model
         self.batch = batch
@@ -132,11 +151,7 @@ class Endpoint:
         self.request = head.encode() + b"\r\n" + body
 
     def get_json(self, path: str) -> dict:
-        try:
-            with urllib.request.urlopen(self.base + path, timeout=10) as response:
-                return json.loads(response.read())
-        except OSError as exc:
-            raise YatDeployError(f"{self.base}{path}: {exc}") from None
+        return get_json(self.base, path)
 
     @staticmethod
     def _payload(metadata: dict, batch: int, binary: bool, seed: int) -> tuple[bytes, int | None]:
@@ -164,37 +179,14 @@ class Endpoint:
         return await asyncio.open_connection(self.host, self.port)
 
     async def send(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
-        """One request on the connection and its whole answer read (a Content-Length body or a chunked one, as
-        KServe's server sends binary answers): the status. A ValueError when the answer is not HTTP/1.1."""
+        """One request on the connection and its whole answer read: the status. A ValueError when the answer is
+        not HTTP/1.1."""
         writer.write(self.request)
         await writer.drain()
-        status_line = await reader.readline()
-        if not status_line:
-            raise ConnectionError("the server closed the connection")
-        parts = status_line.split()
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            raise ValueError(f"not an HTTP status line: {status_line[:80]!r}")
-        length, chunked = 0, False
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            name = name.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "transfer-encoding":
-                chunked = "chunked" in value.lower()
-        if not chunked:
-            await reader.readexactly(length)
-            return int(parts[1])
-        while True:  # chunks: a hex size line, that many bytes and CRLF; a size of 0 ends them (then trailers)
-            size = int((await reader.readline()).split(b";")[0].strip() or b"x", 16)
-            if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                return int(parts[1])
-            await reader.readexactly(size + 2)
+        status, length, chunked = await read_head(reader)
+        async for _ in body_pieces(reader, length, chunked):
+            pass
+        return status
 
     def server_stats(self) -> tuple[int, int, int] | None:
         """(successful requests, queue ns, compute ns) from the statistics extension, if served."""
@@ -219,6 +211,44 @@ class Endpoint:
 
     async def close(self, connection: Connection) -> None:
         connection[1].close()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
+    """An HTTP/1.1 answer's status line and headers: (status, Content-Length, whether the body is chunked). A
+    ValueError when it is not HTTP/1.1, a ConnectionError when the server closed the connection."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("the server closed the connection")
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP status line: {status_line[:80]!r}")
+    length, chunked = 0, False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        name = name.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "transfer-encoding":
+            chunked = "chunked" in value.lower()
+    return int(parts[1]), length, chunked
+
+
+async def body_pieces(reader: asyncio.StreamReader, length: int, chunked: bool) -> AsyncIterator[bytes]:
+    """The body after `read_head`, as it arrives: a Content-Length body whole, a chunked one (as KServe's server
+    sends binary answers, and every streamed answer) chunk by chunk, its trailers read."""
+    if not chunked:
+        yield await reader.readexactly(length)
+        return
+    while True:  # chunks: a hex size line, that many bytes and CRLF; a size of 0 ends them (then trailers)
+        size = int((await reader.readline()).split(b";")[0].strip() or b"x", 16)
+        if size == 0:
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            return
+        yield (await reader.readexactly(size + 2))[:-2]
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -398,7 +428,9 @@ def _polyline(points: list[tuple[float, float]], x_max: float, y_max: float, wid
                     for x, y in points)
 
 
-def _chart(title: str, x_label: str, series: dict[str, list[tuple[float, float]]], unit: str) -> str:
+def chart(title: str, x_label: str, series: dict[str, list[tuple[float, float]]], unit: str) -> str:
+    """An SVG line chart of `series` (name: (x, y) points, each a line and its legend), the x values marked on
+    the axis and the largest y in `unit`."""
     width, height = 560, 320
     xs = [x for pts in series.values() for x, _ in pts] or [1]
     ys = [y for pts in series.values() for _, y in pts] or [1]
@@ -427,10 +459,14 @@ def write_plot(steps: list[Step], path: Path, title: str) -> None:
     x_label = "concurrency" if steps and steps[0].concurrency is not None else "request rate (1/s)"
     latency = {f"p{q}": [(x, (s.percentile(q) or 0) / 1e3) for x, s in zip(x_of, steps)] for q in (50, 90, 95, 99)}
     throughput = {"inferences/s": [(x, s.inferences_per_second) for x, s in zip(x_of, steps)]}
-    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
-            f"<h2>{title}</h2>{_chart('latency', x_label, latency, 'ms')}"
-            f"{_chart('throughput', x_label, throughput, '/s')}</body></html>\n")
-    path.write_text(html)
+    path.write_text(html_page(title, [chart("latency", x_label, latency, "ms"),
+                                      chart("throughput", x_label, throughput, "/s")]))
+
+
+def html_page(title: str, parts: list[str]) -> str:
+    """The report's page: its title, then `parts` (charts, tables) in order."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+            f"<h2>{title}</h2>{''.join(parts)}</body></html>\n")
 
 
 def format_steps(steps: list[Step]) -> str:
