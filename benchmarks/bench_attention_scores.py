@@ -27,9 +27,7 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -38,7 +36,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from bench_cpu_yatgemm import _cpu, _git_commit, session  # the CPU benchmark's session settings and machine facts
+from bench_cpu_yatgemm import _cpu, _git_commit, interleaved_medians, session  # its session settings, timing, machine facts
 from yatdeploy import native
 from yatdeploy.exporting.attach import attach_yat_gemm_function
 from yatdeploy.spec import DEFAULT_EPS, FUNCTION_OPSET, YAT_GEMM
@@ -98,24 +96,6 @@ def decomposed_model(heads: int, kv_len: int) -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", FUNCTION_OPSET)]).SerializeToString()
 
 
-def interleaved_medians(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], repeat: int,
-                        budget_s: float) -> dict[str, float]:
-    """Median ms per session, the sessions run in turn each round, so drifting machine load hits all alike."""
-    for sess in sessions.values():
-        for _ in range(5):
-            sess.run(None, feeds)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    started = time.perf_counter()
-    rounds = 0
-    while rounds < repeat and (rounds < 10 or time.perf_counter() - started < budget_s):
-        for name, sess in sessions.items():
-            t0 = time.perf_counter()
-            sess.run(None, feeds)
-            times[name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def cases() -> list[tuple[str, int, int, int]]:
     """(phase, heads, q_len, kv_len) of every case."""
     decode = [("decode", heads, 1, kv) for heads in HEADS for kv in DECODE_KV]
@@ -154,7 +134,7 @@ def main() -> int:
             agree = max(float(np.max(np.abs(out - outputs["decomposed_ms"]) / np.maximum(np.abs(outputs["decomposed_ms"]),
                                                                                           1e-3)))
                         for out in outputs.values())
-            timings = interleaved_medians(sessions, feeds, args.repeat, args.budget)
+            timings = interleaved_medians(sessions, feeds, args.repeat, args.budget, warmup=5, min_rounds=10)
             row = {"phase": phase, "batch": 1, "heads": heads, "q_len": q_len, "kv_len": kv_len, "head_dim": HEAD_DIM,
                    "threads": threads, **{key: round(v, 4) for key, v in timings.items()},
                    "decomposed_vs_library": round(timings["decomposed_ms"] / timings["library_ms"], 2),

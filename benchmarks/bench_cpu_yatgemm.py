@@ -71,17 +71,17 @@ def session(model: bytes, threads: int, library: Path | None) -> ort.InferenceSe
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def interleaved_medians(sessions: dict[str, ort.InferenceSession], x: np.ndarray, repeat: int,
-                        budget_s: float) -> dict[str, float]:
-    """Median ms per session, the sessions run in turn each round, so drifting machine load hits all alike."""
-    feeds = {"X": x}
+def interleaved_medians(sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], repeat: int,
+                        budget_s: float, warmup: int = 3, min_rounds: int = 5) -> dict[str, float]:
+    """Median ms per session, the sessions run in turn each round, so drifting machine load hits all alike
+    (bench_attention_scores.py times its sessions with it too)."""
     for sess in sessions.values():
-        for _ in range(3):
+        for _ in range(warmup):
             sess.run(None, feeds)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     started = time.perf_counter()
     rounds = 0
-    while rounds < repeat and (rounds < 5 or time.perf_counter() - started < budget_s):
+    while rounds < repeat and (rounds < min_rounds or time.perf_counter() - started < budget_s):
         for name, sess in sessions.items():
             t0 = time.perf_counter()
             sess.run(None, feeds)
@@ -135,7 +135,7 @@ def main() -> int:
             "library_ms": session(yat, args.threads, library),
             "function_ms": session(yat, args.threads, None),
         }
-        timings = interleaved_medians(sessions, x, args.repeat, args.budget)
+        timings = interleaved_medians(sessions, {"X": x}, args.repeat, args.budget)
         case = {"m": m, "k": k, "n": n, "dtype": "float32", **{key: round(v, 4) for key, v in timings.items()}}
         case["library_vs_matmul"] = round(timings["library_ms"] / timings["matmul_ms"], 3)
         case["function_vs_matmul"] = round(timings["function_ms"] / timings["matmul_ms"], 3)
