@@ -412,7 +412,7 @@ def test_every_command_is_one_module_registered_in_one_list_and_runs_the_api():
     modules = {p.stem for p in folder.glob("*.py")} - {"__init__", "common"}
     assert {c.__name__.rpartition(".")[2] for c in commands.COMMANDS} == modules
     names = [c.NAME for c in commands.COMMANDS]
-    assert names == ["export", "validate", "build-engine", "demo", "serve", "bench", "doctor"]  # --help's order
+    assert names == ["export", "fuse", "validate", "build-engine", "demo", "serve", "bench", "doctor"]  # --help's order
     subparsers = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(subparsers.choices) == names
     for command in commands.COMMANDS:

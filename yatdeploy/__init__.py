@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 # yatdeploy.api's functions offered here. `doctor` and `demo` are yatdeploy.api's only: yatdeploy.doctor and
 # yatdeploy.demo are modules, which an import would put in their place.
-_API = ("bench", "build_engine", "export", "load", "serve", "validate")
+_API = ("bench", "build_engine", "export", "fuse", "load", "serve", "validate")
 
 __all__ = ["__version__", *_API]
 

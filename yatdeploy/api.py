@@ -9,14 +9,16 @@
     engine = yatdeploy.build_engine("model.onnx", backend="tensorrt-rtx").engine    # yatdeploy.build
     with yatdeploy.serve("model.onnx", port=8080, grpc_port=0) as server:           # a background thread
         yatdeploy.bench(server.url, "model", concurrencies=(1, 8), duration=2)
+    fused, report = yatdeploy.fuse("jax_model.onnx", "fused.onnx")                 # decomposed Yat math → YatGemm
     yatdeploy.api.doctor()["backends"]
     yatdeploy.api.demo("out")                                                        # train, export, validate
 
 `model` is a torch.nn.Module built in this process (put in eval mode) or a model file, loaded as
-`yatdeploy export` loads one (`arch`, `trust_pickle`). Options are checked when a function is called, before any
+`yatdeploy export` loads one (`arch`, `trust_pickle`); or a flax.nnx.Module, or the checkpoint of one that `arch`
+builds (yatdeploy.jax_loading; docs/jax.md): the framework is told from the object `model` or `arch` gives. Options are checked when a function is called, before any
 work, with the command's checks; errors are yatdeploy.errors.YatDeployError, whose message names the function's
 keywords and says what to do. This module imports neither torch nor a runtime: build_engine, serve, bench and
-doctor run without importing torch, and export, validate, load and demo import it when called.
+doctor run without importing torch, and export, validate, load, fuse and demo import it when called.
 `doctor` and `demo` are this module's only: `yatdeploy.doctor` and `yatdeploy.demo` are modules.
 """
 
@@ -42,17 +44,21 @@ if TYPE_CHECKING:
     from yatdeploy.demo import DemoResult
     from yatdeploy.demo_lm import LmDemoResult
     from yatdeploy.exporting import ExportResult
+    import onnx
+
     from yatdeploy.exporting.settle import DynamicAxes
+    from yatdeploy.fusion.report import FusionReport
     from yatdeploy.inputs import InputSpec
     from yatdeploy.loadgen import BenchResult
     from yatdeploy.loadgen_lm import LmBenchResult
+    from yatdeploy.jax_loading import JaxLoadedModel
     from yatdeploy.loading import LoadedModel
-    from yatdeploy.reference import Reference
+    from yatdeploy.model_reference import ModelReference
     from yatdeploy.serving.server import ServerHandle
     from yatdeploy.validation import Tolerance, ValidationReport
 
 __all__ = ["BenchResult", "EngineBuild", "ExportResult", "ServeSettings", "ServerHandle", "Tolerance",
-           "ValidationReport", "bench", "build_engine", "demo", "doctor", "export", "load", "serve", "validate"]
+           "ValidationReport", "bench", "build_engine", "demo", "doctor", "export", "fuse", "load", "serve", "validate"]
 
 # The result and settings types, from their stages' modules when first asked for (they import torch or serving).
 _TYPES = {"BenchResult": "yatdeploy.loadgen", "ExportResult": "yatdeploy.exporting",
@@ -68,10 +74,28 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'yatdeploy.api' has no attribute {name!r}")
 
 
-def load(model: nn.Module | str | Path | LoadedModel, *, arch: str | None = None, trust_pickle: bool = False,
-         state_key: str | None = None) -> LoadedModel:
-    """`model` as export and validation take it: a module as it is, a file through yatdeploy.loading
-    (`arch` builds the module for a state_dict; `state_key` picks a training checkpoint's entry)."""
+def load(model: nn.Module | str | Path | LoadedModel | JaxLoadedModel | object | None, *, arch: str | None = None,
+         trust_pickle: bool = False, state_key: str | None = None) -> LoadedModel | JaxLoadedModel:
+    """`model` as export and validation take it: a module as it is (torch.nn or flax.nnx), a file through
+    yatdeploy.loading (`arch` builds the module for a state_dict; `state_key` picks a training checkpoint's entry).
+    When `arch` builds a flax.nnx.Module, `model` is its checkpoint (yatdeploy.jax_loading), or None: the module as
+    built. A Flax NNX model is loaded without importing torch."""
+    from yatdeploy import jax_loading
+
+    if isinstance(model, jax_loading.JaxLoadedModel):
+        return model
+    if jax_loading.is_nnx_module(model):
+        return jax_loading.from_module(model)
+    built = None
+    if arch is not None:
+        from yatdeploy.arch import build
+
+        built = build(arch)  # once: what it returns tells the framework
+        if jax_loading.is_nnx_module(built):
+            if state_key is not None:
+                raise YatDeployError(f"{option('state_key')} is for PyTorch training checkpoints: {arch} builds a "
+                                     "flax.nnx.Module")
+            return jax_loading.load_checkpoint(built, model, arch, trust_pickle=trust_pickle)
     from torch import nn
 
     from yatdeploy.loading import LoadedModel, from_module, load_model
@@ -80,14 +104,18 @@ def load(model: nn.Module | str | Path | LoadedModel, *, arch: str | None = None
         return model
     if isinstance(model, nn.Module):
         return from_module(model)
-    return load_model(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
+    if model is None:
+        if built is None:
+            raise YatDeployError(f"no model given: a model file, or {option('arch')} module:callable building one")
+        return from_module(built)
+    return load_model(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key, built=built)
 
 
 ExampleInputs = Union["torch.Tensor", Sequence["torch.Tensor"], Sequence[int], str, Sequence[Union["InputSpec", str]]]
 
 
 def export(
-    model: nn.Module | str | Path | LoadedModel,
+    model: nn.Module | str | Path | LoadedModel | JaxLoadedModel | object | None,
     example_inputs: ExampleInputs | None = None,
     path: str | Path | None = None,
     *,
@@ -125,7 +153,9 @@ def export(
     unless `dynamic_axes={}`), or input specs (`inputs.InputSpec` or "ids:int64[batch=1,seq=32]" strings).
     `dtype`: export in this dtype ("float32", "float16", "bfloat16", "float64"), default the model's. `opset`:
     the ONNX opset (18 to 22, default 20). `int_ranges`: [low, high) of integer inputs' random values, by name
-    (or "ids=0:256" strings). `tolerance`, `input_files`, `seed`: as for `validate`. `repository`: also write
+    (or "ids=0:256" strings). `tolerance`, `input_files`, `seed`: as for `validate`. A Flax NNX model (a flax.nnx.Module,
+    or `arch` building one and `model` its checkpoint or None) is exported through jax2onnx and validated against JAX
+    (docs/jax.md): its inputs declared as specs or a shape, in its own dtype, without `kv_cache`. `repository`: also write
     its entry `<repository>/<name>/1/model.onnx` (`name` default: the file's stem) with a config.pbtxt of
     `max_batch_size`, the custom-op library named under `op_library_root` (where Triton sees the repository).
     `kv_cache`: export a causal LM (token ids in, logits out, nmn's MultiHeadYatAttention with a causal mask) as a
@@ -230,7 +260,7 @@ def _genai_folder(result: ExportResult, tokenizer, genai_ops: str, progress: Pro
 
 def validate(
     onnx_path: str | Path,
-    model: nn.Module | str | Path | LoadedModel | Reference,
+    model: nn.Module | str | Path | LoadedModel | JaxLoadedModel | ModelReference | object | None,
     *,
     input_shape: Sequence[int] | str | None = None,
     inputs: Sequence[InputSpec | str] | None = None,
@@ -266,8 +296,8 @@ def validate(
     """
     from yatdeploy import backends as registry
     from yatdeploy.inputs import InputSpec, check_specs, parse_input, parse_int_ranges
+    from yatdeploy.model_reference import is_reference
     from yatdeploy.parsing import option_numbers
-    from yatdeploy.reference import Reference
 
     _check_seed(seed)
     for name in backends or ():
@@ -301,7 +331,7 @@ def validate(
             raise YatDeployError(f"{option('engine')} is for the {' or '.join(engine_backends)} backend: "
                                  f"add {option('backends')} {engine_backends[0]}")
     _check_outputs(None, report)
-    if isinstance(model, Reference):
+    if is_reference(model):
         reference = model
     else:
         if isinstance(model, (str, Path)):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import inspect
 import io
 import json
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from yatdeploy.arch import build, importable_cwd
 from yatdeploy.errors import ModelLoadError, option
 from yatdeploy.files import file_sha256
 
@@ -211,16 +211,9 @@ def _load_exported_program(path: Path, trust_pickle: bool) -> torch.export.Expor
         raise ModelLoadError(f"{path}: corrupt torch.export archive ({_first_line(str(exc))})") from exc
 
 
-def _importable_cwd() -> None:
-    """Make modules in the current directory importable, as `python train.py` had them (the console
-    script's sys.path starts at its own folder)."""
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-
-
 def _unpickle(path: Path, trust_pickle: bool) -> object:
     if trust_pickle:
-        _importable_cwd()
+        importable_cwd()
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # the file's own code may raise anything
@@ -272,25 +265,15 @@ def _first_line(text: str) -> str:
 
 
 def resolve_arch(spec: str) -> nn.Module:
-    """Build a module from 'package.module:callable' (the current directory is importable)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ModelLoadError(f"{option('arch')} {spec!r}: expected 'module:callable', e.g. 'mypkg.models:build_mlp'")
-    _importable_cwd()
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ModelLoadError(f"{option('arch')} {spec!r}: cannot import {module_name}: {exc}") from exc
-    target: object = module
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise ModelLoadError(f"{option('arch')} {spec!r}: {module_name} has no attribute {attr!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ModelLoadError(f"{option('arch')} {spec!r}: {attr} is not callable")
-    built = target()
+    """Build a torch module from 'package.module:callable' (the current directory is importable)."""
+    return _torch_module(build(spec), spec)
+
+
+def _torch_module(built: object, spec: str) -> nn.Module:
     if not isinstance(built, nn.Module):
-        raise ModelLoadError(f"{option('arch')} {spec!r}: {attr}() returned {type(built).__name__}, not a torch.nn.Module")
+        attr = spec.partition(":")[2]
+        raise ModelLoadError(f"{option('arch')} {spec!r}: {attr}() returned {type(built).__name__}, not a "
+                             "torch.nn.Module (or a flax.nnx.Module)")
     return built
 
 
@@ -375,9 +358,10 @@ def from_module(module: nn.Module) -> LoadedModel:
 
 
 def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False,
-               state_key: str | None = None) -> LoadedModel:
+               state_key: str | None = None, built: object = None) -> LoadedModel:
     """`state_key`: in a training checkpoint (a dict of the model's state_dict, the optimizer's, ...), the
-    entry holding the model (a state_dict, or a whole module)."""
+    entry holding the model (a state_dict, or a whole module). `built`: what `arch` built, when the caller has
+    already called it (yatdeploy.api.load, which tells the framework from it)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
@@ -421,7 +405,7 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
                     f"{path}: holds a state_dict (weights only), not a model",
                     f"pass {option('arch')} module:callable naming a function that builds the model",
                 )
-            module = resolve_arch(arch)
+            module = resolve_arch(arch) if built is None else _torch_module(built, arch)
             _load_state_dict(module, obj, path, arch)
             fmt = STATE_DICT
         else:

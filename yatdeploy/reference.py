@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -93,8 +94,10 @@ def _is_float(array: np.ndarray) -> bool:
 
 @dataclass
 class Reference:
-    """The PyTorch model as export and validation run it: `loaded`'s module in `dtype`."""
+    """The PyTorch model as export and validation run it: `loaded`'s module in `dtype` (a
+    model_reference.ModelReference)."""
 
+    framework: ClassVar[str] = "PyTorch"
     loaded: LoadedModel
     dtype: str
     module: nn.Module
@@ -131,6 +134,20 @@ class Reference:
     def run(self, arrays: Mapping[str, np.ndarray], what: str) -> list[np.ndarray]:
         """The outputs on named arrays (in the model's input order)."""
         return [to_numpy(t) for t in self.run_tensors([to_torch(a) for a in arrays.values()], what)]
+
+    def run_counting(self, arrays: Mapping[str, np.ndarray], what: str) -> tuple[list[np.ndarray], int]:
+        """`run`, and the Yat products it computed (yat_calls): the YatGemm nodes its export should have."""
+        outputs: list[list[np.ndarray]] = []
+        calls = yat_calls(self.module, lambda: outputs.append(self.run(arrays, what)))
+        return outputs[0], sum(calls.values())
+
+    def yat_gemm_check(self, nodes: int, calls: int) -> tuple[bool, str]:
+        """One YatGemm node per Yat layer call (YatNMN, YatEmbed.attend), where the layers are live objects; a
+        compiled archive keeps no YatNMN options, so its layers export decomposed."""
+        if self.loaded.layers_are_identifiable:
+            return nodes == calls, f"{nodes} YatGemm nodes for {calls} Yat layer calls"
+        layers = count_yat_layers(self.loaded.module)
+        return True, f"{nodes} YatGemm nodes; {self.loaded.format} keeps no YatNMN options ({layers} layers decomposed)"
 
     def int_range(self) -> tuple[int, int]:
         """Where integer inputs (token ids) are valid: [0, the smallest embedding table's size) when the model

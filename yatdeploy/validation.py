@@ -20,17 +20,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
-import torch
 
 from yatdeploy import backends, dtypes
 from yatdeploy.cases import DEFAULT_BATCHES, DEFAULT_INT_RANGE, InputCase, cases_for, load_input_cases, random_cases
 from yatdeploy.errors import InputSpecError, OnnxModelError, YatDeployError, option, render
 from yatdeploy.graph import META_SOURCE_SHA256, load_onnx, metadata, yat_gemm_nodes
 from yatdeploy.inputs import INTEGER_TYPES, InputSpec, from_shape, model_specs, precision
-from yatdeploy.loading import LoadedModel
 from yatdeploy.progress import QUIET, Progress
-from yatdeploy.reference import Reference, count_yat_layers, yat_calls
+from yatdeploy.model_reference import ModelReference, is_reference, reference_for
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,11 @@ TOL_MAGNITUDE = "magnitude"  # no float64 run: a multiple of max|torch|
 
 def unit_roundoff(dtype: str) -> float:
     """The dtype's machine epsilon: the spacing of its values just above 1."""
-    return float(torch.finfo(dtypes.by_name(dtype).torch).eps)
+    return float(_finfo(dtype).eps)
+
+
+def _finfo(dtype: str) -> ml_dtypes.finfo:
+    return ml_dtypes.finfo(dtypes.by_name(dtype).numpy)  # numpy's, with ml_dtypes' bfloat16
 
 
 POOLED_OVER_BATCHES = "on the random batches, the largest relative to each batch's max|torch|"
@@ -253,7 +256,7 @@ def _error_against(values: np.ndarray, reference: np.ndarray, dtype: str) -> flo
     """max |values - reference| where both are finite and the reference is within the dtype's range (a
     16-bit result that nmn and YatGemm clamp to the dtype's largest value is a saturation, not rounding)."""
     v, r = _float64(values), _float64(reference)
-    usable = np.isfinite(v) & np.isfinite(r) & (np.abs(r) <= float(torch.finfo(dtypes.by_name(dtype).torch).max))
+    usable = np.isfinite(v) & np.isfinite(r) & (np.abs(r) <= float(_finfo(dtype).max))
     return float(np.abs(v - r)[usable].max()) if usable.any() else 0.0
 
 
@@ -268,12 +271,12 @@ def derived_tolerance(
     atol already scales with the output.
     """
     scale = _finite_max(_float64(torch_out))
-    finfo = torch.finfo(dtypes.by_name(dtype).torch)
-    smallest = finfo.tiny * finfo.eps  # the subnormal spacing: an all-zero output is compared exactly
+    eps, tiny = float(_finfo(dtype).eps), float(_finfo(dtype).tiny)
+    smallest = tiny * eps  # the subnormal spacing: an all-zero output is compared exactly
     if float64_out is None:
         return Tolerance(FALLBACK_FACTORS[dtype] * scale + smallest, 0.0), None, TOL_MAGNITUDE
     torch_err = max(_error_against(torch_out, float64_out, dtype), relative_err * scale)
-    atol = ROUNDING_FACTOR * torch_err + (finfo.eps + EXPORT_APPROXIMATION) * scale + smallest
+    atol = ROUNDING_FACTOR * torch_err + (eps + EXPORT_APPROXIMATION) * scale + smallest
     return Tolerance(atol, 0.0), torch_err, TOL_DERIVED
 
 
@@ -486,7 +489,7 @@ def _ill_conditioned(dtype: str, cases: list[InputCase], expected: list[list[np.
 
 def validate(
     onnx_path: str | Path,
-    model: LoadedModel | Reference,
+    model: object,
     *,
     input_shape: tuple[int, ...] | None = None,
     inputs: Sequence[InputSpec] | None = None,
@@ -499,7 +502,8 @@ def validate(
     engine: str | Path | None = None,
     progress: Progress = QUIET,
 ) -> ValidationReport:
-    """`model`: the PyTorch model loaded, or as export prepared it (ExportResult.reference).
+    """`model`: the model loaded (loading.LoadedModel, PyTorch; jax_loading.JaxLoadedModel, Flax NNX), or as export
+    prepared it (ExportResult.reference: a model_reference.ModelReference).
 
     `inputs`: the model's inputs with example sizes (default: as the export recorded them, else as the graph
     says); `input_shape`: the shorthand for one input. `int_ranges`: per integer input, [low, high) of its
@@ -514,9 +518,10 @@ def validate(
     onnx_path = Path(onnx_path)
     onnx_model = load_onnx(onnx_path)
     dtype = precision(onnx_model)
-    if isinstance(model, Reference) and model.dtype != dtype:
-        raise YatDeployError(f"{onnx_path.name} is in {dtype}, the PyTorch model given was prepared in {model.dtype}")
-    reference = model if isinstance(model, Reference) else Reference.of(model, dtype)
+    if is_reference(model) and model.dtype != dtype:
+        raise YatDeployError(f"{onnx_path.name} is in {dtype}, the {model.framework} model given was prepared in "
+                             f"{model.dtype}")
+    reference: ModelReference = model if is_reference(model) else reference_for(model, dtype)
     loaded = reference.loaded
     if tolerance is not None:
         tolerance = tolerance.completed(dtype)
@@ -548,19 +553,13 @@ def validate(
     for name, (low, high) in ranges.items():
         checks.append(Check("integer input", True, f"'{name}' drawn from [{low}, {high}): {range_notes[name]}"))
 
-    with progress.step(f"running PyTorch on {len(cases)} input cases"):
+    with progress.step(f"running {reference.framework} on {len(cases)} input cases"):
         what = f"the inputs and {option('int_ranges')}" if ranges else "the inputs"
         # The first case's run also counts the Yat layer calls (the YatGemm nodes the export should have).
-        expected = []
-        calls = sum(yat_calls(reference.module, lambda: expected.append(reference.run(cases[0].arrays, what))).values())
-        expected += [reference.run(c.arrays, what) for c in cases[1:]]
-    if loaded.layers_are_identifiable:  # one YatGemm node per Yat layer call (YatNMN, YatEmbed.attend)
-        checks.insert(0, Check("YatGemm nodes", nodes == calls, f"{nodes} YatGemm nodes for {calls} Yat layer calls"))
-    else:
-        layers = count_yat_layers(loaded.module)
-        checks.insert(0, Check("YatGemm nodes", True, f"{nodes} YatGemm nodes; {loaded.format} keeps no YatNMN "
-                                                      f"options ({layers} layers decomposed)"))
-    with progress.step("running PyTorch in float64, for the tolerances"):
+        first, calls = reference.run_counting(cases[0].arrays, what)
+        expected = [first, *(reference.run(c.arrays, what) for c in cases[1:])]
+    checks.insert(0, Check("YatGemm nodes", *reference.yat_gemm_check(nodes, calls)))
+    with progress.step(f"running {reference.framework} in float64, for the tolerances"):
         float64_runs, reference_note = reference.float64_runs([c.arrays for c in cases], expected)
     defaults = derived_tolerances(dtype, expected, float64_runs, pooled=random_count)
     warnings.extend(_ill_conditioned(dtype, cases, expected, output_names, defaults))

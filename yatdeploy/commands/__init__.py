@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from yatdeploy.commands import bench, build_engine, demo, doctor, export, serve, validate
+from yatdeploy.commands import bench, build_engine, demo, doctor, export, fuse, serve, validate
 
-COMMANDS: tuple[ModuleType, ...] = (export, validate, build_engine, demo, serve, bench, doctor)
+COMMANDS: tuple[ModuleType, ...] = (export, fuse, validate, build_engine, demo, serve, bench, doctor)
 
 
 def by_name(name: str) -> ModuleType:

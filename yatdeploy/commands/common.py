@@ -21,7 +21,8 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loading the PyTorch model")
     group.add_argument(
         "--arch", metavar="MODULE:CALLABLE",
-        help="build the model with this callable, then load MODEL as its state_dict",
+        help="build the model with this callable, then load MODEL as its state_dict (a flax.nnx.Module: MODEL, if "
+             "given, is its checkpoint)",
     )
     group.add_argument(
         "--state-key", metavar="NAME",

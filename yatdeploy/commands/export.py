@@ -27,9 +27,13 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
     export = subparsers.add_parser(
         NAME, parents=[common], help="export a PyTorch Yat model to ONNX and validate it",
         description="Export MODEL (torch.save'd module, state_dict with --arch, TorchScript, or .pt2) to ONNX, "
-                    "then validate the result against PyTorch.",
+                    "then validate the result against PyTorch. A Flax NNX model (--arch building an nnx.Module, "
+                    "MODEL its checkpoint) is exported through jax2onnx, fused and validated against JAX.",
     )
-    export.add_argument("model", metavar="MODEL", help="the PyTorch model file")
+    export.add_argument("model", metavar="MODEL", nargs="?",
+                        help="the PyTorch model file; or, with --arch building a Flax NNX model, its checkpoint (an "
+                             "orbax folder, a msgpack of nnx.state(model).to_pure_dict()), left out for the model as "
+                             "built (docs/jax.md)")
     export.add_argument("-o", "--output", metavar="FILE", help="the ONNX file to write (default: MODEL with .onnx)")
     declared = export.add_mutually_exclusive_group()
     declared.add_argument(

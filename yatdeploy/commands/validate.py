@@ -26,7 +26,9 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
                     "Exits 1 when they disagree.",
     )
     validate.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
-    validate.add_argument("--against", required=True, metavar="MODEL", help="the PyTorch model file")
+    validate.add_argument("--against", metavar="MODEL",
+                          help="the PyTorch model file; or the checkpoint of the Flax NNX model --arch builds (an "
+                               "orbax folder, a msgpack of its state's pure dict), left out for the model as built")
     validate_declared = validate.add_mutually_exclusive_group()
     validate_declared.add_argument(
         "--input-shape", metavar="B,D1,...",

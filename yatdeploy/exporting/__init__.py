@@ -17,6 +17,10 @@ Each stage is one module and hands the next what it needs; none asks a fact an e
                                      the graph sets (limits.py), metadata, onnx.checker, CPU runnability
       save                           written whole or not at all (files.writing)
 
+A Flax NNX model (jax_loading.JaxLoadedModel) takes the same walk with its own stages where they differ
+(jax_export.py): settle (a JaxReference), the example run, no rewrite, jax2onnx's export and the fusion of its
+decomposed Yat math (yatdeploy.fusion), then the same attach, check and save.
+
 validation follows (yatdeploy.validation, through yatdeploy.api): it gets `ExportResult.reference`, so the
 model is prepared once, and `ExportResult.int_ranges`, the caller's as settled.
 """
@@ -36,13 +40,15 @@ from yatdeploy.exporting.attach import attach_yat_gemm_function
 from yatdeploy.exporting.check import check_model
 from yatdeploy.exporting.decoder import cache_decoder, decoder_specs
 from yatdeploy.exporting.example import ExampleRun, run_example
+from yatdeploy.exporting.jax_export import export_jax_onnx, fuse_yat, jax_versions, run_jax_example, settle_jax_inputs
 from yatdeploy.exporting.rewrite import RewriteResult, Rewritten, rewrite_model
 from yatdeploy.exporting.settle import INPUT_NAME, OPSET, ExportOptions, settle_inputs
 from yatdeploy.exporting.torch_export import export_decoder, export_onnx
 from yatdeploy.inputs import InputSpec
+from yatdeploy.jax_loading import JaxLoadedModel
 from yatdeploy.loading import LoadedModel
+from yatdeploy.model_reference import ModelReference
 from yatdeploy.progress import QUIET, Progress
-from yatdeploy.reference import Reference
 
 if TYPE_CHECKING:
     from yatdeploy.validation import ValidationReport
@@ -60,7 +66,7 @@ class ExportResult:
     rewrite: RewriteResult | None
     yat_gemm_nodes: int
     yat_layers: int  # the Yat products the model computes: YatNMN calls and YatEmbed.attend calls
-    reference: Reference  # the PyTorch model as exported, for validation
+    reference: ModelReference  # the model as exported (PyTorch's Reference, a JaxReference), for validation
     int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # the caller's, as settled, for validation
     notes: list[str] = field(default_factory=list)
     report: ValidationReport | None = None  # set by yatdeploy.export unless validate=False
@@ -70,8 +76,10 @@ class ExportResult:
     yat_gemm_kinds: dict[str, int] = field(default_factory=dict)  # YatGemm nodes per kind (YatNMN, attention...)
 
 
-def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions,
+def export_model(loaded: LoadedModel | JaxLoadedModel, output: str | Path, options: ExportOptions,
                  progress: Progress = QUIET) -> ExportResult:
+    if isinstance(loaded, JaxLoadedModel):
+        return export_jax_model(loaded, output, options, progress)
     settled = settle_inputs(loaded, output, options, progress)
     run = run_example(settled, progress)
     rewritten = rewrite_model(loaded, run, progress)
@@ -104,6 +112,39 @@ def export_model(loaded: LoadedModel, output: str | Path, options: ExportOptions
         int_ranges=settled.int_ranges,
         notes=[*rewritten.notes, *checked.notes],
         decoder=layout,
+        yat_gemm_kinds=kinds,
+    )
+
+
+def export_jax_model(loaded: JaxLoadedModel, output: str | Path, options: ExportOptions,
+                     progress: Progress = QUIET) -> ExportResult:
+    """The same walk for a Flax NNX model: its own settle, example, export and fuse stages (jax_export.py), then the
+    shared attach, check and save."""
+    settled = settle_jax_inputs(loaded, output, options, progress)
+    run = run_jax_example(settled, progress)
+    output_names = run.reference.output_names
+    model = export_jax_onnx(settled, output_names, progress)
+    model, kinds, notes = fuse_yat(model, run.calls, progress)
+    with progress.step("attaching the YatGemm function"):
+        attach_yat_gemm_function(model)
+    products = sum(kinds.values())
+    traced = Rewritten(loaded.module, None, products, ())  # nothing rewritten: jax2onnx traced the module as it is
+    checked = check_model(model, loaded, settled, traced, progress, versions=jax_versions())
+    with progress.step(f"saving {settled.output}"):
+        with files.writing(settled.output) as partial:
+            onnx.save_model(checked.model, str(partial))
+    return ExportResult(
+        path=settled.output,
+        model=checked.model,
+        inputs=checked.inputs,
+        dtype=settled.reference.dtype,
+        output_names=output_names,
+        rewrite=None,
+        yat_gemm_nodes=checked.yat_gemm_nodes,
+        yat_layers=products,
+        reference=run.reference,
+        int_ranges=settled.int_ranges,
+        notes=[*notes, *checked.notes],
         yat_gemm_kinds=kinds,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -48,7 +49,10 @@ class Checked:
 
 
 def check_model(model: onnx.ModelProto, loaded: LoadedModel, settled: SettledInputs, rewritten: Rewritten,
-                progress: Progress = QUIET, decoder: DecoderLayout | None = None) -> Checked:
+                progress: Progress = QUIET, decoder: DecoderLayout | None = None,
+                versions: Mapping[str, str] | None = None) -> Checked:
+    """`versions`: the source framework's packages and their versions, beside yatdeploy's own, in the metadata (a
+    JAX export's jax, flax, jax2onnx...)."""
     dtype = settled.reference.dtype
     nodes = len(yat_gemm_nodes(model))
     if rewritten.rewrite is not None and nodes != rewritten.yat_layers:  # a rewritten model's nodes are known
@@ -59,7 +63,7 @@ def check_model(model: onnx.ModelProto, loaded: LoadedModel, settled: SettledInp
         _check_dynamic_dims_kept(settled.specs, feeds)
     # ... and the limits its lookups set (an embedding's vocabulary, a position table's length), recorded with them.
     specs = with_graph_limits(fit_to_graph(list(settled.specs), feeds), model, feeds)
-    _set_metadata(model, _record(loaded, dtype, specs, rewritten.yat_layers))
+    _set_metadata(model, _record(loaded, dtype, specs, rewritten.yat_layers, versions or {}))
     if decoder is not None:
         _set_metadata(model, {META_DECODER: decoder.to_json()})
     model.producer_name = "yatdeploy"
@@ -103,10 +107,11 @@ def _check_dynamic_dims_kept(specs: tuple[InputSpec, ...], feeds: list[GraphInpu
                 )
 
 
-def _record(loaded: LoadedModel, dtype: str, specs: list[InputSpec], yat_layers: int) -> dict[str, str]:
+def _record(loaded: LoadedModel, dtype: str, specs: list[InputSpec], yat_layers: int,
+            versions: Mapping[str, str]) -> dict[str, str]:
     """The metadata yatdeploy writes into every export (validation and the server read it back)."""
     recorded = {
-        **{f"{META_PREFIX}version.{k}": v for k, v in _package_versions().items()},
+        **{f"{META_PREFIX}version.{k}": v for k, v in {**_package_versions(), **versions}.items()},
         META_SOURCE_SHA256: loaded.sha256,
         META_SOURCE_FORMAT: loaded.format,
         META_INPUTS: json.dumps([s.as_json() for s in specs]),
