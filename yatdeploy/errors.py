@@ -109,3 +109,11 @@ class ConsistencyError(Exception):
 
     Not a YatDeployError on purpose: the CLI reports it as an internal error (exit 3), asking for a report.
     """
+
+
+def cannot_run(shapes: list[str], exc: Exception, what: str) -> InputSpecError:
+    """A reference model (PyTorch's, JAX's) failing on its inputs (their shapes and dtypes as text), telling the user
+    to check `what`."""
+    plural = "inputs" if len(shapes) > 1 else "an input"
+    return InputSpecError(f"the model can't run on {plural} of shape {', '.join(shapes)}: {first_line(exc)}",
+                          f"check {what}")

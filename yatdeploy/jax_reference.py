@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 
 from yatdeploy import dtypes
-from yatdeploy.errors import InputSpecError, YatDeployError, first_line, option
+from yatdeploy.errors import YatDeployError, cannot_run, first_line, option
 from yatdeploy.jax_loading import JaxLoadedModel
 
 # The kinds of Yat product a run computes, as the export's report counts them (yatdeploy.exporting's kinds).
@@ -77,10 +77,7 @@ class JaxReference:
         try:
             out = self.module(*xs)
         except Exception as exc:
-            shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in xs)
-            plural = "inputs" if len(xs) > 1 else "an input"
-            raise InputSpecError(f"the model can't run on {plural} of shape {shapes}: {first_line(exc)}",
-                                 f"check {what}") from exc
+            raise cannot_run([f"{tuple(x.shape)} {x.dtype}" for x in xs], exc, what) from exc
         values, self.output_names = _flatten(out)
         return values
 

@@ -66,3 +66,4 @@ def reference_for(loaded: object, dtype: str | None = None) -> ModelReference:
     from yatdeploy.reference import Reference
 
     return Reference.of(loaded, dtype)
+

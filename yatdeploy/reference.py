@@ -19,7 +19,7 @@ from nmn.torch import YatEmbed, YatNMN
 from torch import Tensor, nn
 
 from yatdeploy import dtypes
-from yatdeploy.errors import InputSpecError, YatDeployError, first_line
+from yatdeploy.errors import YatDeployError, cannot_run, first_line
 from yatdeploy.loading import LoadedModel
 
 
@@ -121,10 +121,8 @@ class Reference:
             with torch.inference_mode():
                 out = self.module(*xs)
         except Exception as exc:
-            shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in xs)
-            plural = "inputs" if len(xs) > 1 else "an input"
-            raise InputSpecError(f"the model can't run on {plural} of shape {shapes}: {first_line(exc)}",
-                                 f"check {what}") from exc
+            raise cannot_run([f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in xs], exc,
+                             what) from exc
         values, self.output_names = _flatten(out)
         return values
 
