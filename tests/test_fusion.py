@@ -295,3 +295,112 @@ def test_nnx_yat_embed_attend_and_yat_attention_fuse_and_match_jax():
     assert alpha == pytest.approx(1 / np.sqrt(4), rel=1e-6)  # head_dim 4: nmn's 1/√d, times alpha 1
     np.testing.assert_allclose(fused_out, unfused_out, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fused_out, jax_out, rtol=1e-5, atol=1e-5)
+
+
+NNX_YATCONV = {"2d": ((1, 1), ("B", 5, 5, 3), {}), "2d_no_bias": ((1, 1), ("B", 5, 5, 3), {"use_bias": False}),
+               "2d_constant_alpha": ((1, 1), ("B", 4, 6, 3), {"constant_alpha": True}),
+               "1d": ((1,), ("B", 7, 3), {})}  # 3-D: jax2onnx 0.17 has no 5-D conv layout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(NNX_YATCONV))
+def test_a_pointwise_nnx_yatconv_fuses_into_one_yat_gemm_over_channels_and_matches_jax(case):
+    from flax import nnx
+    from nmn.nnx import YatConv
+
+    kernel, shape, options = NNX_YATCONV[case]
+    report, fused, jax_out, unfused_out, fused_out = _jax_case(
+        YatConv(3, 4, kernel_size=kernel, rngs=nnx.Rngs(0), **options), shape)
+    assert report.fused["yat_conv"] == 1 and report.total == 1 and report.left == [] and report.check.passed
+    assert [n.op_type for n in fused.graph.node] == ["YatGemm"]  # the Transposes, both Convs, the alpha: gone
+    np.testing.assert_allclose(fused_out, unfused_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fused_out, jax_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options, reason", [
+    ({"kernel_size": (3, 3)}, "kernel 3×3: a Yat product over 3×3×3 patches"),
+    ({"kernel_size": (1, 1), "strides": (2, 2)}, "strides [2, 2]"),
+])
+def test_a_yatconv_over_patches_stays_decomposed_and_the_report_says_why(options, reason):
+    from flax import nnx
+    from nmn.nnx import YatConv
+
+    report, fused, jax_out, unfused_out, fused_out = _jax_case(YatConv(3, 4, rngs=nnx.Rngs(0), **options),
+                                                               ("B", 5, 5, 3))
+    assert report.total == 0 and len(yat_gemm_nodes(fused)) == 0
+    (left,) = report.left
+    assert left.pattern == "yat_conv" and reason in left.reason
+    np.testing.assert_allclose(fused_out, jax_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rotary_yat_attention_scores_after_the_rotary_embedding_fuse_and_match_jax():
+    from flax import nnx
+    from nmn.nnx import RotaryYatAttention
+
+    class Attention(nnx.Module):
+        def __init__(self):
+            self.attention = RotaryYatAttention(8, 2, max_seq_len=16, use_bias=True, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.attention(x, deterministic=True)
+
+    report, fused, jax_out, unfused_out, fused_out = _jax_case(Attention(), ("B", 5, 8))
+    assert report.fused["yat_attention"] == 1 and report.fused["yat_scale"] == 1 and report.left == []
+    (node,) = yat_gemm_nodes(fused)
+    alpha = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "alpha")
+    assert alpha == pytest.approx(1 / np.sqrt(4), rel=1e-6)
+    np.testing.assert_allclose(fused_out, unfused_out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused_out, jax_out, rtol=1e-5, atol=1e-5)
+
+
+def _conv_graph(kernel: int) -> onnx.ModelProto:
+    """A YatConv2D as jax2onnx writes it (NHWC x, each Conv between Transposes, |x|² over the patches a Conv of x²
+    with a ones kernel, the bias added to the product, alpha a Mul after the division)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((N, 3, kernel, kernel)).astype(np.float32)  # OIHW
+    pads = [kernel // 2] * 4
+    inits = [numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.ones((1, 3, kernel, kernel), np.float32), "ones"),
+             numpy_helper.from_array((w**2).sum((1, 2, 3)).reshape(1, 1, 1, N), "w_sq"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(N)).astype(np.float32).reshape(1, 1, 1, N), "bias"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+             numpy_helper.from_array(np.full((1, 1, 1, 1), 1.25, np.float32), "alpha")]
+    to_first, to_last = [0, 3, 1, 2], [0, 2, 3, 1]
+    nodes = [helper.make_node("Transpose", ["x"], ["x_cf"], perm=to_first),
+             helper.make_node("Conv", ["x_cf", "w"], ["conv"], pads=pads),
+             helper.make_node("Transpose", ["conv"], ["dot"], perm=to_last),
+             helper.make_node("Pow", ["x", "two"], ["x2"]),
+             helper.make_node("Transpose", ["x2"], ["x2_cf"], perm=to_first),
+             helper.make_node("Conv", ["x2_cf", "ones"], ["patch"], pads=pads),
+             helper.make_node("Transpose", ["patch"], ["x_sq"], perm=to_last),
+             helper.make_node("Add", ["dot", "bias"], ["z"]),
+             helper.make_node("Add", ["x_sq", "w_sq"], ["norms"]),
+             helper.make_node("Mul", ["two", "dot"], ["twice"]),
+             helper.make_node("Sub", ["norms", "twice"], ["dist"]),
+             helper.make_node("Max", ["dist", "zero"], ["clamped"]),
+             helper.make_node("Pow", ["z", "two"], ["square"]),
+             helper.make_node("Add", ["clamped", "eps"], ["shifted"]),
+             helper.make_node("Div", ["square", "shifted"], ["ratio"]),
+             helper.make_node("Mul", ["ratio", "alpha"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 5, 3])
+    graph = helper.make_graph(nodes, "yat_conv", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_a_pointwise_yat_conv_fuses_into_one_yat_gemm_over_channels_and_a_3x3_one_stays_with_its_reason():
+    x = np.random.default_rng(1).standard_normal((2, 5, 5, 3)).astype(np.float32)
+    model = _conv_graph(1)
+    fused, report = fuse_model(model)
+    assert [n.op_type for n in fused.graph.node] == ["YatGemm"] and report.fused["yat_conv"] == 1
+    assert report.check.passed and report.left == []
+    np.testing.assert_allclose(_run(fused, {"x": x})[0], _run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+    fused, report = fuse_model(_conv_graph(3))
+    assert report.total == 0 and len(yat_gemm_nodes(fused)) == 0
+    (left,) = report.left
+    assert left.pattern == "yat_conv" and "kernel 3×3" in left.reason and "im2col" in left.reason

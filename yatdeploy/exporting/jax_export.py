@@ -120,11 +120,13 @@ def fuse_yat(model: onnx.ModelProto, calls: dict[str, int],
     with progress.step("fusing the Yat math into YatGemm nodes (yatdeploy.fusion)"):
         fused, report = fuse_model(model)
     dense = report.fused.get("yat_dense", 0) + report.fused.get("yat_dense_spherical", 0)
+    convs = report.fused.get("yat_conv", 0)  # pointwise YatConv: one YatGemm over the channels
     kinds = {"YatNMN": max(dense - calls[ATTEND], 0), ATTEND: min(calls[ATTEND], dense),
-             ATTENTION: report.fused.get("yat_attention", 0)}
+             ATTENTION: report.fused.get("yat_attention", 0), **({"YatConv": convs} if calls[CONV] else {})}
     notes = [f"left decomposed by the fusion: {item.pattern} at '{item.node}': {item.reason}" for item in report.left]
-    if calls[CONV]:
-        notes.append(f"{calls[CONV]} YatConv call(s) exported as plain ONNX ops (Conv and the Yat math around it)")
+    if calls[CONV] > convs:
+        notes.append(f"{calls[CONV] - convs} YatConv call(s) exported as plain ONNX ops (Conv and the Yat math "
+                     "around it: a Yat product over patches)")
     return fused, kinds, notes
 
 

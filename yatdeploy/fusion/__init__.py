@@ -8,7 +8,9 @@ onnxscript rewriter rules (`onnxscript.rewriter.pattern`), one module per patter
 in the order they are applied:
 
     dense.py      the Yat product of rows against a constant weight: YatNMN (torch, nnx; every option), YatEmbed.attend
-    attention.py  Yat attention scores, queries against keys: a batched YatGemm
+    attention.py  Yat attention scores, queries against keys (MultiHeadYatAttention, RotaryYatAttention after
+                  its rotary embedding): a batched YatGemm
+    conv.py       YatConv: a pointwise one as a YatGemm over channels; a larger kernel reported, left decomposed
     scale.py      a constant scalar multiplying or dividing a YatGemm, folded into its alpha (until none is left)
 
 Before the rules run, constants the exporter left as ops (|W|² of a constant W, a transposed or normalised W, a
@@ -31,7 +33,7 @@ from onnxscript.rewriter._basics import MatchStatus
 
 from yatdeploy.errors import OnnxModelError, YatDeployError
 from yatdeploy.exporting.attach import attach_yat_gemm_function
-from yatdeploy.fusion import attention, dense, scale
+from yatdeploy.fusion import attention, conv, dense, scale
 from yatdeploy.fusion.check import check_fusion
 from yatdeploy.fusion.report import FusionCheck, FusionReport, LeftDecomposed, format_report
 from yatdeploy.graph import yat_gemm_nodes
@@ -44,6 +46,7 @@ FAMILIES: tuple[tuple[str, Callable[[], list[pattern.RewriteRule]]], ...] = (
     ("yat_dense", lambda: dense.rules(spherical=False)),
     ("yat_dense_spherical", lambda: dense.rules(spherical=True)),
     ("yat_attention", attention.rules),
+    ("yat_conv", conv.rules),
     ("yat_scale", scale.rules),
 )
 # Ops whose constant inputs are folded before matching whatever their size (fold_constants' default skips large
