@@ -28,8 +28,10 @@ __all__ = ["EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_REQUESTS_FAILED
            "EXIT_VALIDATION_FAILED", "build_parser", "main"]
 
 _DESCRIPTION = """\
-Deploy PyTorch Yat (nmn) models through ONNX. Every nmn YatNMN layer becomes one yat.YatGemm node,
-and the model carries YatGemm as an ONNX function, so a plain onnxruntime runs it.
+Deploy Yat (nmn) models, PyTorch or Flax NNX, through ONNX. Every Yat product (YatNMN layers, the tied LM
+head, a decoder's attention scores) becomes one yat.YatGemm node, and the model carries YatGemm as an ONNX
+function, so a plain onnxruntime runs it. Language models export with their KV cache (export --kv-cache) and
+are served with generation (serve: OpenAI-compatible API, streaming).
 
 exit status: 0 success, 1 validation failed, 2 bad input or an output that can't be written (message on
 stderr), 3 internal error, 4 bench: some requests failed, 130 interrupted (Ctrl-C; no partial file is left)"""

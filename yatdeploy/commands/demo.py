@@ -14,7 +14,7 @@ TORCH = True
 
 def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     demo = subparsers.add_parser(
-        NAME, parents=[common], help="train, export and validate the bundled digits model",
+        NAME, parents=[common], help="train, export and validate the bundled digits model (--lm: a character LM)",
         description="Train a small Yat MLP on scikit-learn's bundled digits data (no download), save it, "
                     "export it, validate it, and compare test accuracy in PyTorch and ONNX Runtime.",
     )

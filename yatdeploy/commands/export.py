@@ -25,7 +25,7 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
     from yatdeploy.spec import FUNCTION_OPSET as OPSET
 
     export = subparsers.add_parser(
-        NAME, parents=[common], help="export a PyTorch Yat model to ONNX and validate it",
+        NAME, parents=[common], help="export a Yat model (PyTorch or Flax NNX) to ONNX and validate it",
         description="Export MODEL (torch.save'd module, state_dict with --arch, TorchScript, or .pt2) to ONNX, "
                     "then validate the result against PyTorch. A Flax NNX model (--arch building an nnx.Module, "
                     "MODEL its checkpoint) is exported through jax2onnx, fused and validated against JAX.",

@@ -17,7 +17,7 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
 
     default_batches = ",".join(str(b) for b in DEFAULT_BATCHES)
     validate = subparsers.add_parser(
-        NAME, parents=[common], help="compare an ONNX export with its PyTorch model",
+        NAME, parents=[common], help="compare an ONNX export with its PyTorch or JAX model",
         description="Run the PyTorch model and every available ONNX backend on random batches (and --inputs), "
                     "and compare output names, shapes, dtypes and values. A decoder export (export --kv-cache) is "
                     "validated by greedy generation instead: --tokens tokens with the KV cache on every backend "
