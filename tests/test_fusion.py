@@ -355,9 +355,10 @@ def test_rotary_yat_attention_scores_after_the_rotary_embedding_fuse_and_match_j
     np.testing.assert_allclose(fused_out, jax_out, rtol=1e-5, atol=1e-5)
 
 
-def _conv_graph(kernel: int) -> onnx.ModelProto:
+def _conv_graph(kernel: int, floor_input: bool = False) -> onnx.ModelProto:
     """A YatConv2D as jax2onnx writes it (NHWC x, each Conv between Transposes, |x|² over the patches a Conv of x²
-    with a ones kernel, the bias added to the product, alpha a Mul after the division)."""
+    with a ones kernel, the bias added to the product, alpha a Mul after the division). `floor_input`: the distance
+    clamped at a graph input instead of the constant 0."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((N, 3, kernel, kernel)).astype(np.float32)  # OIHW
     pads = [kernel // 2] * 4
@@ -381,13 +382,15 @@ def _conv_graph(kernel: int) -> onnx.ModelProto:
              helper.make_node("Add", ["x_sq", "w_sq"], ["norms"]),
              helper.make_node("Mul", ["two", "dot"], ["twice"]),
              helper.make_node("Sub", ["norms", "twice"], ["dist"]),
-             helper.make_node("Max", ["dist", "zero"], ["clamped"]),
+             helper.make_node("Max", ["dist", "floor" if floor_input else "zero"], ["clamped"]),
              helper.make_node("Pow", ["z", "two"], ["square"]),
              helper.make_node("Add", ["clamped", "eps"], ["shifted"]),
              helper.make_node("Div", ["square", "shifted"], ["ratio"]),
              helper.make_node("Mul", ["ratio", "alpha"], ["y"])]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 5, 3])
-    graph = helper.make_graph(nodes, "yat_conv", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 5, 3])]
+    if floor_input:
+        inputs.append(helper.make_tensor_value_info("floor", TensorProto.FLOAT, []))
+    graph = helper.make_graph(nodes, "yat_conv", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
@@ -404,3 +407,10 @@ def test_a_pointwise_yat_conv_fuses_into_one_yat_gemm_over_channels_and_a_3x3_on
     assert report.total == 0 and len(yat_gemm_nodes(fused)) == 0
     (left,) = report.left
     assert left.pattern == "yat_conv" and "kernel 3×3" in left.reason and "im2col" in left.reason
+
+
+def test_a_distance_clamped_at_a_non_constant_floor_is_left_saying_so():
+    fused, report = fuse_model(_conv_graph(1, floor_input=True))
+    assert report.total == 0 and len(yat_gemm_nodes(fused)) == 0
+    (left,) = report.left
+    assert left.pattern == "yat_conv" and left.reason == "the distance is clamped at a non-constant floor"

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from yatdeploy.fusion.common import YAT_DTYPES, constant, either, fail, scalar, yat_gemm
+from yatdeploy.fusion.common import YAT_DTYPES, constant, distance_eps, either, fail, scalar, yat_gemm
 
 
 def einsum_perms(equation: str, rank: int | None) -> tuple[list[int], list[int], list[str], list[str]] | None:
@@ -101,12 +101,9 @@ class AttentionScores(pattern.RewriteRuleClassBase):
         perm_x, perm_w, left, right = perms
         if q.dtype not in YAT_DTYPES or k.dtype != q.dtype:
             return fail(f"the scores' dtypes ({q.dtype}, {k.dtype}) are not one YatGemm admits", q)
-        eps_value = scalar(eps)
-        if eps_value is None or not eps_value > 0:
-            return fail("the distance is divided after adding a non-constant or non-positive eps", eps)
-        floor_value = 0.0 if floor is None else scalar(floor)
-        if floor_value != 0.0:
-            return fail(f"the distance is clamped at {floor_value}, not 0", floor)
+        eps_value = distance_eps(eps, floor)
+        if isinstance(eps_value, pattern.MatchResult):
+            return eps_value
         scale = 1.0 if s is None else scalar(s)
         if not scale:
             return fail("the denominator is scaled by a non-constant, non-scalar or zero factor", s)

@@ -48,6 +48,20 @@ def fail(reason: str, *sources) -> pattern.MatchResult:
     return pattern.MatchResult().fail(reason, [s for s in sources if s is not None])
 
 
+def distance_eps(eps: ir.Value, floor: ir.Value | None) -> float | pattern.MatchResult:
+    """YatGemm's eps: the constant added to the distance, which must be clamped at 0 (or not at all: a Relu); else
+    the failed match saying why (every rule family's denominator is checked here)."""
+    eps_value = scalar(eps)
+    if eps_value is None or not eps_value > 0:
+        return fail("the distance is divided after adding a non-constant or non-scalar eps"
+                    if eps_value is None else f"eps is {eps_value}, not > 0", eps)
+    floor_value = 0.0 if floor is None else scalar(floor)
+    if floor_value != 0.0:
+        return fail(f"the distance is clamped at {floor_value}, not 0 (a distance floor YatGemm does not have)"
+                    if floor_value is not None else "the distance is clamped at a non-constant floor", floor)
+    return eps_value
+
+
 def either(op_builder, a, b):
     """A commutative op (Add, Mul, Max) with its operands in either order, as exporters write one or the other."""
     return pattern.OrValue([op_builder(a, b), op_builder(b, a)])

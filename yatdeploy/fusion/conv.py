@@ -19,7 +19,16 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from yatdeploy.fusion.common import CONSTANT_RTOL, YAT_DTYPES, constant, either, fail, new_initializer, scalar, yat_gemm
+from yatdeploy.fusion.common import (
+    CONSTANT_RTOL,
+    YAT_DTYPES,
+    constant,
+    distance_eps,
+    either,
+    fail,
+    new_initializer,
+    yat_gemm,
+)
 
 # How the bias enters: none, or added to the product with the distance reading the product (nnx).
 BIAS_FORMS = ("none", "add")
@@ -89,13 +98,9 @@ class ConvYat(pattern.RewriteRuleClassBase):
         if x.dtype not in YAT_DTYPES or ir.DataType.from_numpy(kernel.dtype) != x.dtype:
             return fail(f"the product's dtypes ({x.dtype}, {kernel.dtype}) are not one YatGemm admits", x)
         w_nk = kernel.reshape(out_channels, channels)
-        eps_value = scalar(eps)
-        if eps_value is None or not eps_value > 0:
-            return fail("the distance is divided after adding a non-constant or non-scalar eps"
-                        if eps_value is None else f"eps is {eps_value}, not > 0", eps)
-        floor_value = 0.0 if floor is None else scalar(floor)
-        if floor_value != 0.0:
-            return fail(f"the distance is clamped at {floor_value}, not 0", floor)
+        eps_value = distance_eps(eps, floor)
+        if isinstance(eps_value, pattern.MatchResult):
+            return eps_value
         folded = constant(w_sq)
         expected = np.sum(w_nk.astype(np.float64) ** 2, axis=1)
         if folded is None or folded.size != out_channels or (folded.ndim and folded.shape[-1] != out_channels):

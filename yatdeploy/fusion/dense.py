@@ -26,6 +26,7 @@ from yatdeploy.fusion.common import (
     CONSTANT_RTOL,
     YAT_DTYPES,
     constant,
+    distance_eps,
     either,
     fail,
     new_initializer,
@@ -139,14 +140,9 @@ class DenseYat(pattern.RewriteRuleClassBase):
             return fail(f"the product's dtypes ({x.dtype}, {w_nk.dtype}) are not one YatGemm admits", x)
         if x.shape is not None and x.shape.rank() and isinstance(x.shape[-1], int) and x.shape[-1] != k:
             return fail(f"the input's last dim {x.shape[-1]} is not the weight's {k}", x)
-        eps_value = scalar(eps)
-        if eps_value is None or not eps_value > 0:
-            return fail("the distance is divided after adding a non-constant or non-scalar eps"
-                        if eps_value is None else f"eps is {eps_value}, not > 0", eps)
-        floor_value = 0.0 if floor is None else scalar(floor)
-        if floor_value != 0.0:
-            return fail(f"the distance is clamped at {floor_value}, not 0 (a distance floor YatGemm does not have)"
-                        if floor_value is not None else "the distance is clamped at a non-constant floor", floor)
+        eps_value = distance_eps(eps, floor)
+        if isinstance(eps_value, pattern.MatchResult):
+            return eps_value
         alpha_value = 1.0 if alpha is None else scalar(alpha)
         if alpha_value is None:
             return fail("the numerator is scaled by a non-constant or non-scalar alpha", alpha)
