@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,9 +100,12 @@ def _finfo(dtype: str) -> ml_dtypes.finfo:
 POOLED_OVER_BATCHES = "on the random batches, the largest relative to each batch's max|torch|"
 
 
-def derived_rule(dtype: str, has_reference: bool, pooled: str = POOLED_OVER_BATCHES) -> str:
-    """The default tolerance rule in words, for the report's header and JSON (`pooled`: what PyTorch's error is
-    measured on)."""
+def tolerance_rule(tolerance: Tolerance | None, dtype: str, has_reference: bool,
+                   pooled: str = POOLED_OVER_BATCHES) -> str:
+    """The tolerance rule in words, for the report's header and JSON: the user's, else the derived one (`pooled`:
+    what PyTorch's error is measured on)."""
+    if tolerance is not None:
+        return f"atol = {tolerance.atol:g}, rtol = {tolerance.rtol:g} (given)"
     if not has_reference:
         return (f"atol = {FALLBACK_FACTORS[dtype]:g} x max|torch|, rtol = 0 "
                 "(no float64 run of the model was possible)")
@@ -571,16 +574,10 @@ def validate(
                             f"{', '.join(output_names)}" + ("" if output_names == want_names
                                                              else f"; PyTorch's outputs map to {', '.join(want_names)}")))
 
-    reports: list[BackendReport] = []
     batch_sizes = [c.rows for c in cases]
-    for name in list(backend_names) if backend_names else backends.names():
-        backend = backends.get(name)
-        reason = backend.availability()
-        report = BackendReport(backend.name, backend.description, reason is None, reason)
-        reports.append(report)
-        if not reason:
-            _run_backend(report, backend, onnx_path, engine, batch_sizes, cases, expected, output_names,
-                         dtype, defaults, tolerance, nodes, progress)
+    reports = run_backends(backend_names, lambda report, backend: _run_backend(
+        report, backend, onnx_path, engine, batch_sizes, cases, expected, output_names, dtype, defaults, tolerance,
+        nodes, progress))
     return ValidationReport(
         model=str(onnx_path),
         against=str(loaded.path),
@@ -589,11 +586,25 @@ def validate(
         checks=checks,
         backends=reports,
         warnings=warnings,
-        tolerance_rule=(f"atol = {tolerance.atol:g}, rtol = {tolerance.rtol:g} (given)" if tolerance is not None
-                        else derived_rule(dtype, float64_runs is not None)),
+        tolerance_rule=tolerance_rule(tolerance, dtype, float64_runs is not None),
         reference=reference_note,
     )
 
+
+
+def run_backends(names: Sequence[str] | None,
+                 run: Callable[[BackendReport, backends.Backend], None]) -> list[BackendReport]:
+    """A report per backend (`names`, else every one registered): `run` fills each available one's, the others say
+    why they are not (for input batches here, for decoders in validation_decoder)."""
+    reports = []
+    for name in list(names) if names else backends.names():
+        backend = backends.get(name)
+        reason = backend.availability()
+        report = BackendReport(backend.name, backend.description, reason is None, reason)
+        reports.append(report)
+        if not reason:
+            run(report, backend)
+    return reports
 
 def _run_backend(report: BackendReport, backend: backends.Backend, onnx_path: Path, engine: str | Path | None,
                  batch_sizes: list[int], cases: list[InputCase], expected: list[list[np.ndarray]],

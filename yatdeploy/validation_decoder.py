@@ -42,9 +42,10 @@ from yatdeploy.validation import (
     Tolerance,
     ValidationReport,
     compare,
-    derived_rule,
     derived_tolerances,
+    run_backends,
     single_flag_needs,
+    tolerance_rule,
 )
 
 STEPS = 64  # tokens generated per run, unless the context is shorter
@@ -216,19 +217,12 @@ def validate_decoder(onnx_path: str | Path, model: LoadedModel | Reference, *, t
     tolerances = iter(derived)
     per_run = [[[next(tolerances) for _ in want.tokens] for want in row] for row in expected]
 
-    reports = []
-    for name in list(backend_names) if backend_names else backends.names():
-        backend = backends.get(name)
-        reason = backend.availability()
-        report = BackendReport(backend.name, backend.description, reason is None, reason)
-        reports.append(report)
-        if not reason:
-            _run_backend(report, backend, onnx_path, layout, runs, expected, per_run, tolerance, nodes, progress)
+    reports = run_backends(backend_names, lambda report, backend: _run_backend(
+        report, backend, onnx_path, layout, runs, expected, per_run, tolerance, nodes, progress))
     return ValidationReport(
         model=str(onnx_path), against=str(reference.loaded.path), dtype=dtype, tolerance=tolerance, checks=checks,
         backends=reports, warnings=warnings,
-        tolerance_rule=(f"atol = {tolerance.atol:g}, rtol = {tolerance.rtol:g} (given)" if tolerance is not None
-                        else derived_rule(dtype, has64, POOLED_OVER_STEPS)),
+        tolerance_rule=tolerance_rule(tolerance, dtype, has64, POOLED_OVER_STEPS),
         reference=reference_note,
     )
 
