@@ -442,6 +442,18 @@ class _Generation:
     def failed(self, error: ProtocolError) -> None:
         self.ended(HTTP_STATUS[type(error)], error.message)
 
+    async def wait(self, request: Request, work: Awaitable[Result]) -> Result | None:
+        """`work`'s result (the whole generation, or its first token) while the client stays; None once it has gone
+        (the stream cancelled, the generation logged as 499); a failure is logged, then raised."""
+        try:
+            result = await _while_connected(request, self.stream, work)
+        except ProtocolError as exc:
+            self.failed(exc)
+            raise
+        if result is None:
+            self.ended(CLIENT_GONE)
+        return result
+
 
 class _EventStream(StreamingResponse):
     """Server-sent events of one generation. Its stream is cancelled however the response ends: when the client
@@ -561,34 +573,27 @@ class LmEndpoints:
             return _openai_failure(exc)
         try:
             stream = generation.submit(asked)
-            if not asked.stream:
-                events = await _while_connected(request, stream, stream.collect())
-                if events is None:
-                    generation.ended(CLIENT_GONE)
-                    return Response(status_code=CLIENT_GONE)
-                generation.ended(200)
-                return _json(answer.whole(Generated.of(stream, events)))
-            first = await _while_connected(request, stream, anext(stream))
         except ProtocolError as exc:
             generation.failed(exc)
             return _openai_failure(exc)
-        if first is None:
-            generation.ended(CLIENT_GONE)
+        try:
+            result = await generation.wait(request, anext(stream) if asked.stream else stream.collect())
+        except ProtocolError as exc:
+            return _openai_failure(exc)
+        if result is None:
             return Response(status_code=CLIENT_GONE)
-        return _EventStream(generation, first, partial(_openai_chunks, answer, asked.include_usage, stream))
+        if not asked.stream:
+            generation.ended(200)
+            return _json(answer.whole(Generated.of(stream, result)))
+        return _EventStream(generation, result, partial(_openai_chunks, answer, asked.include_usage, stream))
 
     # -- Triton's generate extension --------------------------------------------------------------------------
 
     async def generate(self, request: Request, name: str, version: str | None = None) -> Response:
         asked, generation = await self._generation(request, name, version)
         stream = generation.stream
-        try:
-            events = await _while_connected(request, stream, stream.collect())
-        except ProtocolError as exc:
-            generation.failed(exc)
-            raise
+        events = await generation.wait(request, stream.collect())
         if events is None:
-            generation.ended(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)
         generation.ended(200)
         return _json(generate_answer(name, generation.model.version, Generated.of(stream, events),
@@ -596,13 +601,8 @@ class LmEndpoints:
 
     async def generate_stream(self, request: Request, name: str, version: str | None = None) -> Response:
         asked, generation = await self._generation(request, name, version)
-        try:
-            first = await _while_connected(request, generation.stream, anext(generation.stream))
-        except ProtocolError as exc:
-            generation.failed(exc)
-            raise
+        first = await generation.wait(request, anext(generation.stream))
         if first is None:
-            generation.ended(CLIENT_GONE)
             return Response(status_code=CLIENT_GONE)
         served = generation.model.version
 
