@@ -51,19 +51,23 @@ def _initializer(array: np.ndarray, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(array, name)
 
 
-def yat_gemm_model(w, b, x_shape, *, eps=1e-5, alpha=1.0, w_as_input=False, with_function=True) -> onnx.ModelProto:
-    elem = next(t.onnx for t in dtypes.FLOAT_TYPES if t.numpy == w.dtype)
-    n, k = w.shape
+def yat_gemm_model(w, b, x_shape, *, eps=1e-5, alpha=1.0, w_as_input=False, with_function=True, elem=None,
+                   w_shape=None, y_shape="rows") -> onnx.ModelProto:
+    """One YatGemm node: X a graph input, W an initializer (or, `w_as_input` or `w` None, an input of `w_shape`), B an
+    initializer when given. `y_shape` "rows": Y [..., N] of X's rows; None: left to inference (batched W)."""
+    elem = elem or next(t.onnx for t in dtypes.FLOAT_TYPES if t.numpy == w.dtype)
+    w_shape = list(w.shape) if w is not None else w_shape
     inputs = ["X", "W"] + (["B"] if b is not None else [])
     node = helper.make_node(YAT_GEMM.name, inputs, ["Y"], domain=YAT_GEMM.domain, eps=eps, alpha=alpha)
     graph_inputs = [helper.make_tensor_value_info("X", elem, x_shape)]
     initializers = [] if b is None else [_initializer(b, "B")]
-    if w_as_input:
-        graph_inputs.append(helper.make_tensor_value_info("W", elem, [n, k]))
+    if w_as_input or w is None:
+        graph_inputs.append(helper.make_tensor_value_info("W", elem, w_shape))
     else:
         initializers.append(_initializer(w, "W"))
-    graph = helper.make_graph([node], "yat_gemm", graph_inputs,
-                              [helper.make_tensor_value_info("Y", elem, [*x_shape[:-1], n])], initializers)
+    y = [*x_shape[:-1], w_shape[0]] if y_shape == "rows" else None
+    graph = helper.make_graph([node], "yat_gemm", graph_inputs, [helper.make_tensor_value_info("Y", elem, y)],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     if with_function:
         attach_yat_gemm_function(model)
@@ -279,23 +283,8 @@ def test_attribute_defaults_come_from_the_spec():
 def batched_model(x_shape, w_shape, dtype, *, b=None, w=None, eps=1e-3, alpha=1.25, with_function=True):
     """One YatGemm node with a batched W ([..., N, K]): X and W graph inputs (W an initializer when `w` is
     given), B an initializer when given (the function path needs it: docs/yatgemm.md)."""
-    elem = dtypes.by_name(dtype).onnx
-    inputs = ["X", "W"] + (["B"] if b is not None else [])
-    node = helper.make_node(YAT_GEMM.name, inputs, ["Y"], domain=YAT_GEMM.domain, eps=eps, alpha=alpha)
-    graph_inputs = [helper.make_tensor_value_info("X", elem, x_shape)]
-    initializers = [] if b is None else [_initializer(b, "B")]
-    if w is None:
-        graph_inputs.append(helper.make_tensor_value_info("W", elem, w_shape))
-    else:
-        initializers.append(_initializer(w, "W"))
-    graph = helper.make_graph([node], "yat_gemm_batched", graph_inputs,
-                              [helper.make_tensor_value_info("Y", elem, None)], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    if with_function:
-        attach_yat_gemm_function(model)
-    else:
-        model.opset_import.append(helper.make_opsetid(YAT_GEMM.domain, YAT_GEMM.version))
-    return model
+    return yat_gemm_model(w, b, x_shape, eps=eps, alpha=alpha, with_function=with_function,
+                          elem=dtypes.by_name(dtype).onnx, w_shape=w_shape, y_shape=None)
 
 
 # (X, W) shapes of a batched W: attention's queries [batch, heads, q_len, head_dim] against keys
