@@ -57,7 +57,8 @@ class ServedModel:
             shapes = check_signature(source, self.inputs, self.outputs)
             self.inputs = [replace(t, shape=shapes[t.name]) for t in self.inputs]
             self.outputs = [replace(t, shape=shapes[t.name]) for t in self.outputs]
-        self.limits = self._limits(source)
+        recorded = file_metadata(source.path) if source.path.suffix == ".onnx" else {}  # the export's record
+        self.limits = self._limits(source, recorded)
         batch_limits = [limit.max_dims[0] for limit in self.limits.values() if limit.max_dims and self.max_batch_size]
         if any(most is not None for most in batch_limits):  # a batch with a maximum ('batch=1:8'): merged ones too
             self._engine_max_batch = min(m for m in [*batch_limits, self._engine_max_batch] if m is not None)
@@ -65,13 +66,12 @@ class ServedModel:
             self.max_batch_size = min(self.max_batch_size, self._engine_max_batch)
         self.dynamic_batching = source.dynamic_batching
         # A decoder export (export --kv-cache) also generates (serving.generation); None for any other model.
-        self.decoder: DecoderLayout | None = (layout_of(file_metadata(source.path)) if source.path.suffix == ".onnx"
-                                              else None)
+        self.decoder: DecoderLayout | None = layout_of(recorded)
 
-    def _limits(self, source: ModelSource) -> dict[str, InputLimits]:
-        """Each input's limits: the export's record in the model's metadata, each overridden by the
+    def _limits(self, source: ModelSource, recorded: dict[str, str]) -> dict[str, InputLimits]:
+        """Each input's limits: the export's record in the model's metadata (`recorded`), each overridden by the
         config.pbtxt's limit parameters where it gives them (checked against the inputs here)."""
-        limits = recorded_limits(file_metadata(source.path)) if source.path.suffix == ".onnx" else {}
+        limits = recorded_limits(recorded)
         shapes = {t.name: t.shape for t in self.inputs}
         limits = {name: limit for name, limit in limits.items()
                   if name in shapes and len(limit.max_dims) == len(shapes[name])}
