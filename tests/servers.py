@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -173,24 +174,60 @@ def live_status(port: int) -> int:
     return response.status
 
 
-def liveness_during(port: int, send) -> tuple[float, int, object]:
-    """The slowest /v2/health/live round trip (each on a new connection, as a probe makes it) seen from another
-    thread while `send()` runs, the number of probes, and what `send()` returned."""
-    worst, probes, done = [0.0], [0], threading.Event()
+@dataclass(frozen=True)
+class Liveness:
+    """What /v2/health/live probes saw while one request ran: each probe's round trip (seconds, in order), how
+    long the request took, and what it returned."""
+
+    probe_s: list[float]
+    request_s: float
+    result: object
+
+    def not_blocked(self) -> bool:
+        """The event loop kept answering while the request was decoded, run and encoded: probes were answered
+        throughout (3 or more), their median is under the issue's 100 ms, and no probe waited as much as a third
+        of the request (a loop blocked by the work makes one probe wait for 70-98 % of it, measured with the work
+        moved onto the loop). The slowest probe is measured, not bounded, by benchmarks/bench_liveness.py: a
+        loaded 2-core CI machine can stall any single round trip past 100 ms for reasons not the server's."""
+        ordered = sorted(self.probe_s)
+        return (len(ordered) >= 3 and ordered[len(ordered) // 2] < LIVENESS_BOUND_S
+                and ordered[-1] < self.request_s / 3)
+
+    def __str__(self) -> str:
+        ordered = sorted(self.probe_s)
+        return (f"{len(ordered)} probes, median {ordered[len(ordered) // 2] if ordered else float('nan'):.4f} s, "
+                f"slowest {max(ordered, default=float('nan')):.4f} s, request {self.request_s:.3f} s")
+
+
+def liveness_during(port: int, send, tries: int = 3) -> Liveness:
+    """/v2/health/live round trips (each on a new connection, as a probe makes it) seen from another thread while
+    `send()` runs; `send()` is run again, up to `tries` times in all, while the probes saw the loop blocked. A
+    blocked loop is blocked on every try; a scheduler stall on a loaded machine is not."""
+    for _ in range(tries):
+        liveness = _probed(port, send)
+        if liveness.not_blocked():
+            break
+    return liveness
+
+
+def _probed(port: int, send) -> Liveness:
+    probe_s: list[float] = []
+    done = threading.Event()
 
     def probe() -> None:
         while not done.is_set():
             began = time.perf_counter()
             assert live_status(port) == 200
-            worst[0] = max(worst[0], time.perf_counter() - began)
-            probes[0] += 1
+            probe_s.append(time.perf_counter() - began)
             time.sleep(0.01)
 
     prober = threading.Thread(target=probe)
     prober.start()
+    began = time.perf_counter()
     try:
         result = send()
     finally:
+        request_s = time.perf_counter() - began
         done.set()
         prober.join()
-    return worst[0], probes[0], result
+    return Liveness(probe_s, request_s, result)

@@ -19,7 +19,6 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from tests.servers import (  # noqa: E402
-    LIVENESS_BOUND_S,
     REPO,
     Server,
     export_mlp,
@@ -277,7 +276,7 @@ def test_bench_sends_valid_strings_and_booleans(strings_server, tmp_path, scheme
     assert step["requests"] > 0 and step["errors"] == 0, step
 
 
-def test_liveness_answers_within_100_ms_while_a_large_grpc_request_is_decoded(strings_server):
+def test_liveness_answers_while_a_large_grpc_request_is_decoded(strings_server):
     """2 million BYTES elements as raw contents (9 MB): decoded off the event loop HTTP shares; the batch is far
     over max_batch_size, so the call ends INVALID_ARGUMENT once the decode ends."""
     blob = length_prefixed(mixed_strings(2_000_000).tolist())
@@ -291,6 +290,7 @@ def test_liveness_answers_within_100_ms_while_a_large_grpc_request_is_decoded(st
                 service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(message, timeout=300)
         return caught.value
 
-    worst, probes, error = liveness_during(strings_server.port, send)
+    liveness = liveness_during(strings_server.port, send)
+    error = liveness.result
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "exceeds the model's max_batch_size" in error.details()
-    assert probes >= 3 and worst < LIVENESS_BOUND_S, (worst, probes)
+    assert liveness.not_blocked(), str(liveness)

@@ -23,7 +23,6 @@ httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient is no
 
 
 from tests.servers import (  # noqa: E402
-    LIVENESS_BOUND_S,
     REPO,
     Server,
     free_port,
@@ -596,7 +595,7 @@ def identity_server(tmp_path_factory):
     running.stop()
 
 
-def test_liveness_answers_within_100_ms_while_bytes_are_decoded(strings_server):
+def test_liveness_answers_while_bytes_are_decoded(strings_server):
     """9 MB of 2 million BYTES elements (stalled liveness for seconds when decoded on the event loop); the batch
     is far over max_batch_size, so the answer is a 400 once the decode ends."""
     blob = length_prefixed(mixed_strings(2_000_000).tolist())
@@ -605,14 +604,14 @@ def test_liveness_answers_within_100_ms_while_bytes_are_decoded(strings_server):
         {"name": "flag", "shape": [1_000_000, 2], "datatype": "BOOL", "parameters": {"binary_data_size": 2_000_000}},
     ]}).encode()
     body, headers = header + blob + b"\x01" * 2_000_000, {"Inference-Header-Content-Length": str(len(header))}
-    worst, probes, (status, error) = liveness_during(strings_server.port,
-                                                      lambda: _strings_error(strings_server.port, body, headers))
+    liveness = liveness_during(strings_server.port, lambda: _strings_error(strings_server.port, body, headers))
+    status, error = liveness.result
     assert status == 400 and "batch size 1000000 exceeds the model's max_batch_size" in error, error
-    assert probes >= 3 and worst < LIVENESS_BOUND_S, (worst, probes)
+    assert liveness.not_blocked(), str(liveness)
 
 
 @pytest.mark.parametrize("case", ["bytes-binary", "bytes-json", "fp32-json-gzip"])
-def test_liveness_answers_within_100_ms_while_an_answer_is_encoded(identity_server, case):
+def test_liveness_answers_while_an_answer_is_encoded(identity_server, case):
     """A whole round trip of a large tensor (decode, run, encode, compress); every answer is checked. BYTES stays
     at 250,000 elements: ONNX Runtime's own conversion of a string tensor holds the GIL (~50 ns an element)."""
     import gzip
@@ -641,7 +640,8 @@ def test_liveness_answers_within_100_ms_while_an_answer_is_encoded(identity_serv
         connection.close()
         return answer
 
-    worst, probes, (status, answer_headers, payload) = liveness_during(identity_server.port, send)
+    liveness = liveness_during(identity_server.port, send)
+    status, answer_headers, payload = liveness.result
     assert status == 200, payload[:300]
     if answer_headers.get("content-encoding") == "gzip":
         payload = gzip.decompress(payload)
@@ -651,7 +651,7 @@ def test_liveness_answers_within_100_ms_while_an_answer_is_encoded(identity_serv
     else:
         (output,) = json.loads(payload)["outputs"]
         assert output["shape"] == [len(values)] and output["data"] == values.tolist()
-    assert probes >= 3 and worst < LIVENESS_BOUND_S, (worst, probes)
+    assert liveness.not_blocked(), str(liveness)
 
 
 def test_bytes_tensors_round_trip_through_the_binary_form():
