@@ -260,7 +260,7 @@ def _genai_folder(result: ExportResult, tokenizer, genai_ops: str, progress: Pro
 
 def validate(
     onnx_path: str | Path,
-    model: nn.Module | str | Path | LoadedModel | JaxLoadedModel | ModelReference | object | None,
+    model: nn.Module | str | Path | LoadedModel | JaxLoadedModel | ModelReference | object | None = None,
     *,
     input_shape: Sequence[int] | str | None = None,
     inputs: Sequence[InputSpec | str] | None = None,
@@ -276,6 +276,8 @@ def validate(
     state_key: str | None = None,
     seed: int = 0,
     report: str | Path | None = None,
+    explain: bool = False,
+    repro: str | Path | None = None,
     progress: Progress = QUIET,
 ) -> ValidationReport:
     """Compare the ONNX model at `onnx_path` with the PyTorch `model` on `backends` (default: every one available
@@ -293,6 +295,10 @@ def validate(
     prompts of `seed`, at batch 1, batch 3 with ragged prompts and the full context; the options of input batches
     (`input_shape`, `inputs`, `int_ranges`, `input_files`, `batches`, `engine`) are refused for it, and `tokens`
     for other models.
+
+    On a failure of values (and always, `explain`), the report's `first_divergence` names the first PyTorch module
+    whose output ONNX computes otherwise (yatdeploy.localize); `repro`: a folder to write its minimal reproduction
+    to. `onnx_path` may be such a folder: its model is then validated against its recorded outputs (`model` None).
     """
     from yatdeploy import backends as registry
     from yatdeploy.inputs import InputSpec, check_specs, parse_input, parse_int_ranges
@@ -302,6 +308,11 @@ def validate(
     _check_seed(seed)
     for name in backends or ():
         registry.get(name)
+    from yatdeploy.localize import is_reproduction
+
+    if is_reproduction(onnx_path):
+        return _validate_reproduction(onnx_path, model, tolerance, backends, report, progress, explain=explain,
+                                      repro=repro, arch=arch)
     decoder = _is_decoder(onnx_path)
     if decoder:
         given = {"input_shape": input_shape, "inputs": inputs, "int_ranges": int_ranges, "input_files": input_files,
@@ -338,11 +349,33 @@ def validate(
             progress.say(f"loading {model}")
         reference = load(model, arch=arch, trust_pickle=trust_pickle, state_key=state_key)
     if decoder:
+        if explain or repro is not None:
+            raise YatDeployError(f"{option('explain', True) if explain else option('repro')} is for models validated "
+                                 f"on input batches: {Path(onnx_path).name} is a decoder export")
         return _validation(onnx_path, reference, report, progress, decoder=True, tolerance=tolerance,
                            backend_names=backends, seed=seed, **({} if tokens is None else {"tokens": tokens}))
     return _validation(onnx_path, reference, report, progress, input_shape=shape, inputs=specs, int_ranges=ranges,
                        input_files=input_files, batches=batches, tolerance=tolerance, backend_names=backends,
-                       seed=seed, engine=engine)
+                       seed=seed, engine=engine, explain=explain, repro=repro)
+
+
+def _validate_reproduction(folder, model, tolerance, backends, report, progress, *, explain: bool,
+                           repro: str | Path | None, arch: str | None) -> ValidationReport:
+    """A reproduction folder (localize.write_reproduction) validated against its recorded outputs."""
+    from yatdeploy.localize import validate_reproduction
+
+    given = [name for name, value in (("model", model), ("arch", arch), ("repro", repro)) if value is not None]
+    if explain:
+        given.append("explain")
+    if given:
+        raise YatDeployError(f"{Path(folder)} is a reproduction, validated against the outputs it records: "
+                             f"{' and '.join(option(n) for n in given)} {'is' if len(given) == 1 else 'are'} for an "
+                             "ONNX model validated against its model", f"leave {' and '.join(option(n) for n in given)} out")
+    _check_outputs(None, report)
+    result = validate_reproduction(folder, tolerance=tolerance, backend_names=backends, progress=progress)
+    if report is not None:
+        result.write_json(report)
+    return result
 
 
 def _is_decoder(onnx_path: str | Path) -> bool:
@@ -367,8 +400,11 @@ def _validation(onnx_path, reference, report: str | Path | None, progress: Progr
     if decoder:
         from yatdeploy.validation_decoder import validate_decoder as run_validation
     else:
+        from yatdeploy.localize import localizer
         from yatdeploy.validation import validate as run_validation
 
+        # On a failure of values (always, `explain`): where ONNX first diverges (yatdeploy.localize).
+        options["localize"] = localizer(explain=options.pop("explain", False), reproduction=options.pop("repro", None))
     result = run_validation(onnx_path, reference, progress=progress, **options)
     if report is not None:
         result.write_json(report)  # whole or not at all

@@ -181,6 +181,24 @@ class Check:
 
 
 @dataclass
+class FirstDivergence:
+    """Where an export first computes something else (yatdeploy.localize): the first PyTorch module, in execution
+    order, whose output differs from ONNX's by more than its own derived tolerance."""
+
+    module: str  # the module's path in the PyTorch model ("" for the model's own forward)
+    onnx_node: str  # the node that computes the diverging value
+    op_type: str
+    backend: str
+    max_abs_err: float
+    tolerance: float  # derived_tolerance's atol for that value
+    torch_err: float | None  # PyTorch's own error there against its float64 run
+    case: str  # the input case compared
+    onnx_value: str
+    agreeing_before: list[str] = field(default_factory=list)  # the last modules before it that agree
+    reproduction: str | None = None  # the folder of its minimal reproduction, where one was written
+
+
+@dataclass
 class ValidationReport:
     model: str
     against: str
@@ -191,6 +209,9 @@ class ValidationReport:
     warnings: list[str] = field(default_factory=list)
     tolerance_rule: str = ""
     reference: str = ""  # what PyTorch's own rounding error was measured against
+    # Set by localization (on a failure, or asked for): where ONNX first diverges, and what it compared where.
+    first_divergence: FirstDivergence | None = None
+    localization: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -504,6 +525,7 @@ def validate(
     seed: int = 0,
     engine: str | Path | None = None,
     progress: Progress = QUIET,
+    localize: Callable[[ValidationRun], None] | None = None,
 ) -> ValidationReport:
     """`model`: the model loaded (loading.LoadedModel, PyTorch; jax_loading.JaxLoadedModel, Flax NNX), or as export
     prepared it (ExportResult.reference: a model_reference.ModelReference).
@@ -517,6 +539,9 @@ def validate(
     `tolerance`: the user's (|onnx - torch| <= atol + rtol * |torch|; one of the two left None is taken from
     FIXED_TOLERANCES for the model's dtype); None derives one per input case and output from PyTorch's own
     rounding error (`derived_tolerance`).
+
+    `localize`: called with what the validation computed once the report is whole (yatdeploy.localize's
+    `localizer`, which fills the report's first_divergence and localization).
     """
     onnx_path = Path(onnx_path)
     onnx_model = load_onnx(onnx_path)
@@ -578,7 +603,7 @@ def validate(
     reports = run_backends(backend_names, lambda report, backend: _run_backend(
         report, backend, onnx_path, engine, batch_sizes, cases, expected, output_names, dtype, defaults, tolerance,
         nodes, progress))
-    return ValidationReport(
+    report = ValidationReport(
         model=str(onnx_path),
         against=str(loaded.path),
         dtype=dtype,
@@ -588,6 +613,46 @@ def validate(
         warnings=warnings,
         tolerance_rule=tolerance_rule(tolerance, dtype, float64_runs is not None),
         reference=reference_note,
+    )
+    if localize is not None:
+        localize(ValidationRun(onnx_path, reference, dtype, cases, expected, report, progress))
+    return report
+
+
+@dataclass
+class ValidationRun:
+    """What a validation computed, for localization to start from (yatdeploy.localize)."""
+
+    onnx_path: Path
+    reference: ModelReference
+    dtype: str
+    cases: list[InputCase]
+    expected: list[list[np.ndarray]]  # PyTorch's outputs, per case
+    report: ValidationReport
+    progress: Progress = QUIET
+
+
+def validate_recorded(onnx_path: str | Path, case: InputCase, expected: list[np.ndarray],
+                      float64_outs: list[np.ndarray] | None, *, against: str, tolerance: Tolerance | None = None,
+                      backend_names: Sequence[str] | None = None, progress: Progress = QUIET) -> ValidationReport:
+    """An ONNX model against recorded outputs instead of a model (a reproduction yatdeploy.localize wrote): one
+    input case, compared on every backend by the same rule, the tolerance derived from the recorded float64 outputs
+    where there are some."""
+    onnx_path = Path(onnx_path)
+    onnx_model = load_onnx(onnx_path)
+    dtype = precision(onnx_model)
+    if tolerance is not None:
+        tolerance = tolerance.completed(dtype)
+    output_names = [o.name for o in onnx_model.graph.output]
+    defaults = derived_tolerances(dtype, [expected], None if float64_outs is None else [float64_outs], pooled=0)
+    nodes = len(yat_gemm_nodes(onnx_model))
+    reports = run_backends(backend_names, lambda report, backend: _run_backend(
+        report, backend, onnx_path, None, [case.rows], [case], [expected], output_names, dtype, defaults, tolerance,
+        nodes, progress))
+    return ValidationReport(
+        model=str(onnx_path), against=against, dtype=dtype, tolerance=tolerance, checks=[], backends=reports,
+        tolerance_rule=tolerance_rule(tolerance, dtype, float64_outs is not None, pooled="on the recorded inputs"),
+        reference="the recorded float64 outputs" if float64_outs is not None else "",
     )
 
 
@@ -691,4 +756,24 @@ def format_report(report: ValidationReport) -> str:
     lines.append(f"\n  {verdict}")
     for failure in report.failures():
         lines.append(f"    {failure}")
+    lines.extend(_localization_lines(report))
     return "\n".join(lines)
+
+
+def _localization_lines(report: ValidationReport) -> list[str]:
+    """The report's localization section: the first divergence, the modules before it that agree, the notes."""
+    if report.first_divergence is None and not report.localization:
+        return []
+    lines = ["", "  localization (intermediate values against PyTorch's module outputs):"]
+    first = report.first_divergence
+    if first is not None:
+        torch_err = "-" if first.torch_err is None else f"{first.torch_err:.3g}"
+        lines.append(f"    first divergence on {first.backend}, {first.case}: module '{first.module or '<model>'}', "
+                     f"ONNX node {first.onnx_node} ({first.op_type}) -> {first.onnx_value}: max abs err "
+                     f"{first.max_abs_err:.3g} > tolerance {first.tolerance:.3g} (torch err {torch_err})")
+        if first.agreeing_before:
+            lines.append(f"    agreeing before it: {', '.join(m or '<model>' for m in first.agreeing_before)}")
+        if first.reproduction:
+            lines.append(f"    reproduction: {first.reproduction} (yatdeploy validate {first.reproduction})")
+    lines.extend(f"    {note}" for note in report.localization)
+    return lines

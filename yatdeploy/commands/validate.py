@@ -23,9 +23,13 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
                     "validated by greedy generation instead: --tokens tokens with the KV cache on every backend "
                     "against PyTorch's full recompute, at batch 1, batch 3 with ragged prompts and the full context "
                     "(--input-shape, --input, --inputs, --int-range, --batches and --engine are refused for it). "
-                    "Exits 1 when they disagree.",
+                    "On a failure of values it also says where the export first diverges: the first PyTorch module "
+                    "whose output ONNX computes otherwise (--explain: always; --repro DIR: with a minimal "
+                    "reproduction). Exits 1 when they disagree.",
     )
-    validate.add_argument("onnx_model", metavar="ONNX", help="the exported ONNX model")
+    validate.add_argument("onnx_model", metavar="ONNX",
+                          help="the exported ONNX model; or a reproduction folder --repro wrote, validated against "
+                               "the PyTorch outputs it records (no --against)")
     validate.add_argument("--against", metavar="MODEL",
                           help="the PyTorch model file; or the checkpoint of the Flax NNX model --arch builds (an "
                                "orbax folder, a msgpack of its state's pure dict), left out for the model as built")
@@ -54,6 +58,18 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
         "--engine", metavar="PLAN",
         help="the TensorRT engine for the tensorrt backend (default: build one for the batches validated)",
     )
+    validate.add_argument(
+        "--explain", action="store_true",
+        help="localize even when validation passes: compare every PyTorch module's output with the ONNX value it "
+             "maps to and report the first that differs beyond its own derived tolerance (done anyway on a failure "
+             "of values)",
+    )
+    validate.add_argument(
+        "--repro", metavar="DIR",
+        help="write the first divergence's minimal reproduction to DIR: the ONNX subgraph of that node or module, its "
+             "inputs (inputs.npz) and PyTorch's outputs (expected.npz), runnable by onnxruntime and by "
+             "`yatdeploy validate DIR`",
+    )
     add_model_source_args(validate)
     add_tolerance_args(validate)
     return validate
@@ -67,6 +83,6 @@ def run(args: argparse.Namespace, progress) -> int:
         int_ranges=args.int_range, input_files=args.inputs, batches=args.batches, tokens=args.tokens,
         tolerance=tolerance(args), backends=args.backend, engine=args.engine, arch=args.arch,
         trust_pickle=args.trust_pickle, state_key=args.state_key, seed=args.seed, report=args.report,
-        progress=progress,
+        explain=args.explain, repro=args.repro, progress=progress,
     )
     return print_report(report, args)
