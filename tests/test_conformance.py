@@ -816,6 +816,27 @@ def test_explicit_model_control_config_override(explicit_server):
     client.unload_model("simple")
 
 
+def test_load_with_a_file_name_too_long_for_the_file_system_is_answered_as_triton(explicit_server):
+    """simple_grpc_model_control.py: a load whose sent file has a path component over 255 bytes fails as Triton's
+    does (it can't write that file into its copy of the model): gRPC INTERNAL / HTTP 500 saying "failed to poll
+    from model repository"; any other sent file is refused as unsupported (INVALID_ARGUMENT); the server lives on."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    client = grpcclient.InferenceServerClient(_grpc_url(explicit_server))
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("simple", config="{}", files={"file:" + "x" * 256: b"a"})
+    assert info.value.status() == "StatusCode.INTERNAL", info.value.status()
+    assert "failed to poll from model repository" in info.value.message(), info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("simple", config="{}", files={"file:1/" + "x" * 255: b"a"})
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value.status()
+    assert "not supported" in info.value.message(), info.value.message()
+    http = httpclient.InferenceServerClient(explicit_server.url)
+    with pytest.raises(InferenceServerException) as info:
+        http.load_model("simple", config="{}", files={"file:" + "x" * 256: b"a"})
+    assert info.value.status() == "500", info.value.status()
+    assert client.is_server_live()
+
+
 def _grpc_url(server: Server) -> str:
     url = server.grpc_url
     with socket.socket() as probe:

@@ -290,8 +290,13 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, str], None], list[str]]] = {
         name, extra="sequence_batching { }")), ["sequence_batching is not supported"]),
     "two_instances": (lambda repo, name: add_model(repo, name, "double", config_text(
         name, extra="instance_group [ { count: 2 kind: KIND_CPU } ]")), ["instance_group count > 1"]),
-    "response_cache": (lambda repo, name: add_model(repo, name, "double", config_text(
-        name, extra="response_cache { enable: true }")), ["response_cache is not supported"]),
+    "warmup_out_of_its_folder": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, extra='model_warmup [ { name: "w" batch_size: 1 inputs { key: "x" value: { data_type: TYPE_FP32 '
+                    'dims: [ 4 ] input_data_file: "../../config.pbtxt" } } } ]')),
+        ["model_warmup 'w' input 'x' input_data_file", "no '..'"]),
+    "warmup_that_does_not_fit": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, extra='model_warmup [ { name: "w" batch_size: 2 inputs { key: "x" value: { data_type: TYPE_FP32 '
+                    'dims: [ 5 ] zero_data: true } } } ]')), ["warmup sample 'w'", "input 'x': shape [2, 5]"]),
     "no_latest_version": (lambda repo, name: add_model(repo, name, "double", config_text(
         name, extra="version_policy { latest { num_versions: 0 } }")), ["latest num_versions 0: must be at least 1"]),
     "missing_specific_version": (lambda repo, name: add_model(repo, name, "double", config_text(

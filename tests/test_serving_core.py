@@ -26,6 +26,7 @@ from yatdeploy.serving.metrics import Metrics  # noqa: E402
 from yatdeploy.serving.model import ServedModel, UnavailableModel  # noqa: E402
 from yatdeploy.serving.protocol import (  # noqa: E402
     HTTP_STATUS,
+    AlreadyExists,
     DeadlineExceeded,
     InferRequest,
     Internal,
@@ -40,6 +41,7 @@ from yatdeploy.serving.protocol import (  # noqa: E402
     parse_raw_request,
     parse_request,
 )
+from yatdeploy.serving.queue_policy import QueuePolicies, QueuePolicy  # noqa: E402
 from yatdeploy.serving.repository import discover  # noqa: E402
 from yatdeploy.serving.server import load_models  # noqa: E402
 
@@ -175,7 +177,8 @@ def test_a_full_queue_is_unavailable_at_once_and_counted(mlp):
 
 def test_the_batcher_alone_refuses_past_its_queue_and_serves_what_it_queued(mlp):
     async def scenario():
-        batcher = DynamicBatcher(mlp, Metrics(), max_batch_size=8, max_queue_delay_s=0, max_queue_size=1)
+        batcher = DynamicBatcher(mlp, Metrics(), max_batch_size=8, max_queue_delay_s=0,
+                                 policies=QueuePolicies(QueuePolicy(max_queue_size=1)))
         feeds = {"input": np.zeros((1, 16), np.float32)}
         first = asyncio.ensure_future(batcher.submit(feeds, 1))  # the worker is not started: it stays queued
         await asyncio.sleep(0)
@@ -188,10 +191,10 @@ def test_the_batcher_alone_refuses_past_its_queue_and_serves_what_it_queued(mlp)
     run(scenario)
 
 
-def test_a_request_past_its_timeout_is_deadline_exceeded_and_counted(mlp):
+def test_a_request_past_its_timeout_is_rejected_as_triton_does_and_counted(mlp):
     async def scenario():
         async with running(mlp, max_queue_delay_us=10_000_000) as core:
-            with pytest.raises(DeadlineExceeded, match="timeout of 2000 µs expired"):
+            with pytest.raises(Unavailable, match="^Request timeout expired$"):
                 await infer(core, request(rows(1), timeout_us=2000))
             assert stats(core)["inference_stats"]["fail"]["count"] == 1
 
@@ -228,7 +231,8 @@ def test_each_kind_of_error_has_one_http_status_and_one_grpc_code():
     assert set(HTTP_STATUS) == kinds == set(GRPC_CODES)
     code = grpc.StatusCode
     assert {kind: (HTTP_STATUS[kind], GRPC_CODES[kind]) for kind in kinds} == {
-        InvalidInput: (400, code.INVALID_ARGUMENT), NotFound: (404, code.NOT_FOUND),
+        InvalidInput: (400, code.INVALID_ARGUMENT), AlreadyExists: (400, code.ALREADY_EXISTS),
+        NotFound: (404, code.NOT_FOUND),
         ResourceExhausted: (413, code.RESOURCE_EXHAUSTED), UnsupportedMediaType: (415, code.INVALID_ARGUMENT),
         Internal: (500, code.INTERNAL), Unavailable: (503, code.UNAVAILABLE),
         DeadlineExceeded: (504, code.DEADLINE_EXCEEDED),

@@ -425,7 +425,7 @@ def serve(path: str | Path, *, foreground: bool = False, progress: Progress = QU
     Protocol), as `yatdeploy serve` does. `settings`: the keywords of serving.server.ServeSettings (host, port,
     grpc_port, backend, model_control_mode, load_models, strict_readiness, exit_on_error, max_batch_size,
     max_queue_delay_us, max_queue_size, dynamic_batching, cors_origins, max_body_mb, max_inflight_body_mb, threads,
-    log_level), checked before anything loads.
+    log_level, cache_config), checked before anything loads.
 
     Returns a ServerHandle once the server answers: it serves from a background thread of this process (its own
     event loop; this thread stays free) until `handle.stop()` or the end of its `with` block; `handle.url` and

@@ -89,6 +89,8 @@ def _add_tensors(field, tensors: Sequence[TensorSignature], batching: bool) -> N
 def _dynamic_batching(config, max_queue_delay_us: int, max_queue_size: int) -> None:
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     config.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
+    # A request's `timeout` parameter is honoured (Triton's default policy ignores it): serving.queue_policy.
+    config.dynamic_batching.default_queue_policy.allow_timeout_override = True
     config.dynamic_batching.SetInParent()  # present even with every field at its default
 
 

@@ -52,7 +52,8 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
                        help="longest wait for a fuller batch, in µs "
                             f"(default: config.pbtxt, else {ModelSource.max_queue_delay_us})")
     serve.add_argument("--max-queue-size", type=int,
-                       help=f"queued requests per model before 503 (default: config.pbtxt, else {DEFAULT_MAX_QUEUE_SIZE})")
+                       help=f"queued requests per model and priority level before 503 (default: config.pbtxt, else "
+                            f"{DEFAULT_MAX_QUEUE_SIZE})")
     serve.add_argument("--no-batching", action="store_true", help="run every request on its own")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="allow browsers on ORIGIN (e.g. http://localhost:3000, or *) to call the service "
@@ -71,9 +72,25 @@ def add_parser(subparsers, common: argparse.ArgumentParser) -> argparse.Argument
     serve.add_argument("--max-sequences", type=int, default=DEFAULT_MAX_RUNNING,
                        help=f"the sequences a language model generates at once (default {DEFAULT_MAX_RUNNING}); "
                             "more wait their turn")
+    serve.add_argument("--cache-config", metavar="local,size=BYTES",
+                       help="a response cache of BYTES bytes (Triton's form), for the models whose config.pbtxt has "
+                            "response_cache { enable: true }: a repeated request is answered from it without "
+                            "running the model (default: no cache, whatever the models ask)")
     serve.add_argument("--log-level", default="info", choices=LOG_LEVELS,
                        help="info (default) writes one JSON access-log line per inference request (time, id, "
-                            "model, status, latency); warning keeps only problems")
+                            "model, status, latency); warning keeps only problems; clients may change it "
+                            "(POST /v2/logging, gRPC LogSettings: log_info, log_warning, log_error, "
+                            "log_verbose_level, log_format)")
+    serve.add_argument("--trace-config", action="append", default=[], metavar="[MODE,]SETTING=VALUE",
+                       help="tracing, as Triton's flag (repeatable; default: off): level=TIMESTAMPS|TENSORS|OFF, "
+                            "rate=N (one request in N), count=N (-1: no limit), file=PATH and log-frequency=N "
+                            "(mode triton: the spans as JSON lines), mode=triton|opentelemetry, "
+                            "opentelemetry,url=URL (the OTLP/HTTP collector, default http://localhost:4318/v1/traces); "
+                            "clients may change the settings (/v2/trace/setting, gRPC TraceSetting)")
+    serve.add_argument("--settings-file-dir", metavar="DIR",
+                       help="let clients name a log file or a trace file (log_file, trace_file) inside DIR, by a "
+                            "relative name (default: clients can't change either: naming any file would let them "
+                            "have the server write where they choose)")
     return serve
 
 
@@ -87,6 +104,7 @@ def run(args: argparse.Namespace, progress) -> int:
         max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
         max_queue_size=args.max_queue_size, dynamic_batching=not args.no_batching, cors_origins=args.cors_origin,
         max_body_mb=args.max_body_mb, max_inflight_body_mb=args.max_inflight_body_mb, threads=args.threads,
-        log_level=args.log_level, kv_cache_mb=args.kv_cache_mb, max_sequences=args.max_sequences,
+        log_level=args.log_level, trace_config=args.trace_config, settings_file_dir=args.settings_file_dir,
+        cache_config=args.cache_config, kv_cache_mb=args.kv_cache_mb, max_sequences=args.max_sequences,
     )
     return EXIT_OK

@@ -33,8 +33,8 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Route
 
 from yatdeploy import __version__
-from yatdeploy.serving.core import InferenceServer, InferResult, off_loop_when
-from yatdeploy.serving.lm_endpoints import LmEndpoints, register_lm_endpoints
+from yatdeploy.serving.core import CLIENT_GONE, InferenceServer, InferResult, off_loop_when
+from yatdeploy.serving.lm_endpoints import LmEndpoints, disconnected, register_lm_endpoints
 from yatdeploy.serving.model import ServedModel
 from yatdeploy.serving.protocol import (
     HEADER_LENGTH,
@@ -253,6 +253,54 @@ class V2Endpoints:
     async def metrics(self) -> Response:
         return Response(self.server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    # -- logging and trace settings (Triton's extensions; serving.tracing) ----------------------------------
+
+    async def log_settings(self) -> Response:
+        return _json(self.server.log.settings())
+
+    async def update_log_settings(self, request: Request) -> Response:
+        return _json(self.server.log.update(await self._optional_json(request)))
+
+    async def trace_settings(self, name: str | None = None) -> Response:
+        if name is not None:
+            self.server.model_ready(name)  # NotFound for a model never heard of
+        return _json(self.server.tracing.settings(name))
+
+    async def update_trace_settings(self, request: Request, name: str | None = None) -> Response:
+        if name is not None:
+            self.server.model_ready(name)
+        return _json(self.server.tracing.update(await self._optional_json(request), name))
+
+    # -- shared memory (Triton's extension; serving.shared_memory) ------------------------------------------
+
+    async def shm_status(self, region: str | None = None) -> Response:
+        return _json(self.server.shared_memory.status(region))
+
+    async def shm_register(self, region: str, request: Request) -> Response:
+        body = await self._optional_json(request)
+        unknown = sorted(set(body) - {"key", "offset", "byte_size"})
+        if unknown or "key" not in body or "byte_size" not in body:
+            raise InvalidInput(f"a shared memory register request has 'key', 'byte_size' and optionally 'offset'"
+                               + (f", not '{unknown[0][:100]}'" if unknown else ""))
+        self.server.shared_memory.register(region, body["key"], body.get("offset", 0), body["byte_size"])
+        return _json({})
+
+    async def shm_unregister(self, request: Request, region: str | None = None) -> Response:
+        await self._optional_json(request)
+        self.server.shared_memory.unregister(region)
+        return _json({})
+
+    async def cuda_shm_status(self, region: str | None = None) -> Response:
+        return _json(self.server.shared_memory.cuda_status(region))
+
+    async def cuda_shm_register(self, region: str, request: Request) -> Response:
+        await self._optional_json(request)
+        self.server.shared_memory.cuda_register(region)
+
+    async def cuda_shm_unregister(self, request: Request, region: str | None = None) -> Response:
+        await self._optional_json(request)  # no CUDA region is ever registered: nothing to do, as Triton
+        return _json({})
+
     # -- repository -----------------------------------------------------------------------------------------
 
     async def repository_index(self, request: Request) -> Response:
@@ -300,14 +348,25 @@ class V2Endpoints:
 
     async def infer(self, request: Request, name: str, version: str | None = None) -> Response:
         claim = self.budget.claim()  # released once the answer is sent
+        trace = self.server.tracing.begin(name, version, lambda: dict(request.headers), "http")
+        watch = _ClientWatch(request)
         try:
-            content, header_length = await self.server.infer(name, version, partial(self._decode, request, claim),
-                                                             self._encode)
+            try:
+                content, header_length = await self.server.infer(name, version,
+                                                                 partial(self._decode, request, claim, watch),
+                                                                 trace.encoder(self._encode))
+            finally:
+                watch.stop()
             content, encoding = await off_loop_when(len(content) > INLINE_BYTES, self._answer_pool, _compressed,
                                                     content, request.headers.get("accept-encoding", ""))
-        except BaseException:
+        except BaseException as exc:
             claim.release()
+            trace.end(exc)
+            if watch.gone and isinstance(exc, asyncio.CancelledError):  # counted by the server; nobody to answer
+                asyncio.current_task().uncancel()
+                return Response(status_code=CLIENT_GONE)
             raise
+        trace.end()
         claim.add(len(content), refuse=False)  # computed already: counted until sent, never refused
         headers = {} if encoding is None else {"Content-Encoding": encoding, "Vary": "Accept-Encoding"}
         if header_length is None:
@@ -316,9 +375,11 @@ class V2Endpoints:
         return _Answer(content, claim, media_type="application/octet-stream",
                        headers={**headers, HEADER_LENGTH: str(header_length)})
 
-    async def _decode(self, request: Request, claim: BodyClaim, model: ServedModel) -> InferRequest:
+    async def _decode(self, request: Request, claim: BodyClaim, watch: _ClientWatch, model: ServedModel,
+                      ) -> InferRequest:
         """The request's body for `model`: JSON with binary tensors after it, or a raw binary request (header
-        length 0); counted in `claim` as it is read, decompressed and decoded."""
+        length 0); counted in `claim` as it is read, decompressed and decoded. Once it is read, `watch` watches
+        the client."""
         header_length = request.headers.get(HEADER_LENGTH)
         limit, what = (self.json_limit, "JSON request body") if header_length is None else \
             (self.settings.max_body_bytes, "request body")
@@ -326,6 +387,7 @@ class V2Endpoints:
             body = await _read_body(request, limit, what, claim)
         except ClientDisconnect:
             raise InvalidInput("the client disconnected before the end of its request") from None
+        watch.start()
         encoding = request.headers.get("content-encoding")
 
         def decode() -> InferRequest:
@@ -335,7 +397,8 @@ class V2Endpoints:
                     raise InvalidInput(f"a raw binary request (header length 0) is for models with one input; model "
                                        f"'{model.name}' has {len(model.inputs)}")
                 tensor = model.inputs[0]
-                parsed = parse_raw_request(data, tensor.name, tensor.datatype, tuple(tensor.shape))
+                parsed = parse_raw_request(data, tensor.name, tensor.datatype, tuple(tensor.shape),
+                                           batched=model.max_batch_size > 0)
             else:
                 parsed = parse_request(data, header_length, self.json_limit)
             claim.add(parsed.reference_bytes())
@@ -347,7 +410,32 @@ class V2Endpoints:
     async def _encode(self, result: InferResult) -> tuple[bytes, int | None]:
         model = result.model
         return await off_loop_when(result.output_bytes() > INLINE_BYTES, self._answer_pool, encode_response,
-                                   model.name, model.version, result.request.id, result.outputs)
+                                   model.name, model.version, result.request.id, result.outputs, result.shared)
+
+
+class _ClientWatch:
+    """Cancels the task answering an inference request when its client disconnects (watched once the body is read:
+    the next ASGI message is then the disconnect), so that a request still queued leaves its queue unrun."""
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+        self._task = asyncio.current_task()
+        self._watcher: asyncio.Future | None = None
+        self.gone = False  # whether the client disconnected (and the task was cancelled)
+
+    def start(self) -> None:
+        self._watcher = asyncio.ensure_future(disconnected(self._request))
+        self._watcher.add_done_callback(self._cancel)
+
+    def _cancel(self, watcher: asyncio.Future) -> None:
+        if not watcher.cancelled() and watcher.exception() is None:
+            self.gone = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.remove_done_callback(self._cancel)
+            self._watcher.cancel()
 
 
 # Every route: (method, path, V2Endpoints' method), in the order they are matched: the request path first.
@@ -357,6 +445,7 @@ ROUTES = [
     ("GET", "/v2/health/live", "live"),
     ("GET", "/v2/health/ready", "ready"),
     ("GET", "/v2", "server_metadata"),
+    ("GET", "/v2/", "server_metadata"),  # as Triton answers it
     ("GET", "/v2/models/stats", "all_model_stats"),  # before /v2/models/{name}, which would take "stats"
     ("GET", "/v2/models/{name}", "model_metadata"),
     ("GET", "/v2/models/{name}/versions/{version}", "model_metadata"),
@@ -370,6 +459,22 @@ ROUTES = [
     ("GET", "/v2/models/{name}/stats", "model_stats"),
     ("GET", "/v2/models/{name}/versions/{version}/stats", "model_stats"),
     ("GET", "/metrics", "metrics"),
+    ("GET", "/v2/systemsharedmemory/status", "shm_status"),
+    ("GET", "/v2/systemsharedmemory/region/{region}/status", "shm_status"),
+    ("POST", "/v2/systemsharedmemory/region/{region}/register", "shm_register"),
+    ("POST", "/v2/systemsharedmemory/unregister", "shm_unregister"),
+    ("POST", "/v2/systemsharedmemory/region/{region}/unregister", "shm_unregister"),
+    ("GET", "/v2/cudasharedmemory/status", "cuda_shm_status"),
+    ("GET", "/v2/cudasharedmemory/region/{region}/status", "cuda_shm_status"),
+    ("POST", "/v2/cudasharedmemory/region/{region}/register", "cuda_shm_register"),
+    ("POST", "/v2/cudasharedmemory/unregister", "cuda_shm_unregister"),
+    ("POST", "/v2/cudasharedmemory/region/{region}/unregister", "cuda_shm_unregister"),
+    ("GET", "/v2/logging", "log_settings"),
+    ("POST", "/v2/logging", "update_log_settings"),
+    ("GET", "/v2/trace/setting", "trace_settings"),
+    ("POST", "/v2/trace/setting", "update_trace_settings"),
+    ("GET", "/v2/models/{name}/trace/setting", "trace_settings"),
+    ("POST", "/v2/models/{name}/trace/setting", "update_trace_settings"),
 ]
 
 

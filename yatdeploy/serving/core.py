@@ -9,6 +9,7 @@ the kinds of ProtocolError this object raises to their status codes.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,7 @@ from yatdeploy.serving.metrics import Metrics
 from yatdeploy.serving.model import ServedModel, UnavailableModel
 from yatdeploy.serving.protocol import (
     HTTP_STATUS,
-    DeadlineExceeded,
+    INLINE_BYTES,
     InferRequest,
     Internal,
     InvalidInput,
@@ -38,14 +39,20 @@ from yatdeploy.serving.protocol import (
     Unavailable,
 )
 from yatdeploy.serving.repository import CONTROL_MODES, config_from_json
+from yatdeploy.serving.response_cache import Lookup, ResponseCache, look_up
+from yatdeploy.serving.shared_memory import SharedMemoryRegions
 from yatdeploy.serving.text import TextCodec
+from yatdeploy.serving.tracing import ServerLog, TelemetrySettings, Tracing
 
 log = logging.getLogger("yatdeploy.serving")
 
 SERVER_NAME = "yatdeploy"
-EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "classification", "statistics", "model_configuration", "model_repository",
+              "logging", "trace", "system_shared_memory"]
+CLIENT_GONE = 499  # the status of an answer nobody reads any more (nginx's "client closed request")
 # How long an unload waits for the requests a version still holds before it stops the version's batcher.
 UNLOAD_DRAIN_S = 30.0
+NAME_MAX = 255  # the longest file name (a path component) in bytes, as Linux and Triton take it
 
 # Loads one model of the repository, with a ModelConfig to use instead of its config.pbtxt or None: the versions
 # that load and those that do not, with the reason.
@@ -62,6 +69,8 @@ class Deployed:
     generator: GenerationEngine | None = None  # a decoder export's generation (serving.generation)
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    # This loaded instance in the response cache's keys (a reloaded model never answers from its predecessor's).
+    cache_owner: int = field(default_factory=itertools.count().__next__)
 
 
 @dataclass
@@ -75,6 +84,8 @@ class InferResult:
     queue_s: float
     compute_s: float
     input_s: float
+    cache: Lookup | None = None  # the response cache's look-up, for a model that uses the cache
+    shared: dict[str, dict] = field(default_factory=dict)  # outputs written to shared memory: what the answer says
 
     def output_bytes(self) -> int:
         return sum(array.nbytes for _, array, _ in self.outputs)
@@ -94,6 +105,8 @@ class ServerSettings:
     # serving what could be loaded (False).
     strict_readiness: bool = True
     generation: GenerationSettings = field(default_factory=GenerationSettings)  # for every decoder export
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)  # logging and tracing (serving.tracing)
+    response_cache_bytes: int = 0  # serve --cache-config's size; 0: no response cache, whatever models ask
 
 
 class InferenceServer:
@@ -106,6 +119,11 @@ class InferenceServer:
         if self.settings.control_mode not in CONTROL_MODES:
             raise ValueError(f"control mode {self.settings.control_mode!r}")
         self.metrics = Metrics()
+        self.shared_memory = SharedMemoryRegions()  # the shared-memory extension's regions
+        self.log = ServerLog(self.settings.telemetry)  # Triton's log settings
+        self.tracing = Tracing(self.settings.telemetry)  # Triton's trace settings, the requests' spans
+        self.cache = ResponseCache(self.settings.response_cache_bytes) if self.settings.response_cache_bytes else None
+        self.metrics.response_cache = self.cache is not None
         self._initial = list(models)
         self._loader = loader
         self._known = sorted(set(repository_models or []) | {m.name for m in [*models, *(unavailable or [])]})
@@ -141,13 +159,16 @@ class InferenceServer:
             for versions in served.values():
                 for deployed in versions.values():
                     await self._close(deployed)
+        self.tracing.close()  # the trace files written, the exporters flushed
+        self.shared_memory.close()
+        self.log.close()
 
     def _deploy(self, model: ServedModel) -> Deployed:
         s = self.settings
         model.override_batching(max_batch_size=s.max_batch_size, max_queue_delay_us=s.max_queue_delay_us,
                                 max_queue_size=s.max_queue_size, dynamic_batching=s.dynamic_batching)
         batcher = DynamicBatcher(model, self.metrics, max_batch_size=model.max_batch_size,
-                                 max_queue_delay_s=model.max_queue_delay_us / 1e6, max_queue_size=model.max_queue_size)
+                                 max_queue_delay_s=model.max_queue_delay_us / 1e6, policies=model.queue_policy)
         batcher.start()
         deployed = Deployed(model, batcher, self._generator(model))
         deployed.drained.set()
@@ -268,9 +289,16 @@ class InferenceServer:
     async def load(self, name: str, config_json: str | None = None, files: list[str] | None = None) -> None:
         """Load (or reload) `name` from the repository: its versions are read again and swapped in once all have
         loaded; the versions they replace finish the requests they hold. `config_json`: a ModelConfig in JSON to
-        use instead of the model's config.pbtxt (Triton's load `config` parameter). InvalidInput says why not."""
+        use instead of the model's config.pbtxt (Triton's load `config` parameter). InvalidInput says why not
+        (Internal, as Triton's, for a sent file whose name no file system takes)."""
         self._controllable("load")
         if files:
+            unwritable = [f for f in files
+                          if any(len(part.encode()) > NAME_MAX for part in f.removeprefix("file:").split("/"))]
+            if unwritable:  # Triton fails writing such a file into its copy of the model: INTERNAL, in its words
+                raise Internal(f"failed to load '{name}': failed to poll from model repository: a file name sent "
+                               f"with the request has a path component longer than {NAME_MAX} bytes "
+                               f"({unwritable[0][:48]!r}...)")
             raise InvalidInput(f"failed to load '{name}': model files sent with the request ({files[0]!r}) are not "
                                "supported: put them in the repository")
         async with self._control:
@@ -321,6 +349,8 @@ class InferenceServer:
         if deployed.generator is not None:
             await asyncio.get_running_loop().run_in_executor(None, deployed.generator.stop)
         self.metrics.forget(deployed.model.name, deployed.model.version)
+        if self.cache is not None:
+            self.cache.forget(deployed.cache_owner)
         deployed.model.close()
 
     # -- inference ------------------------------------------------------------------------------------------
@@ -329,8 +359,8 @@ class InferenceServer:
                     encode: Callable[[InferResult], Awaitable[Answer]], *, request_id: str | None = None) -> Answer:
         """One inference request, from its transport's wire form to its answer's: the model `name` (`version`;
         None: the newest served), the request as `decode(model)` reads it, checked, queued in the model's
-        batcher (the request's `timeout` parameter: DeadlineExceeded), its outputs chosen (and classified),
-        and `encode(result)`'s answer.
+        batcher (its `priority` and `timeout` parameters as the model's queue policies take them), its outputs
+        chosen (and classified), and `encode(result)`'s answer.
 
         Counted once in the statistics and metrics, and written to the access log: input time is from the call
         to the checked request, output time is encode's. A model that is not served is NotFound or Unavailable
@@ -342,16 +372,25 @@ class InferenceServer:
         request: InferRequest | None = None
         try:
             request = await decode(deployed.model)
+            shared = SharedMemoryRegions.shared_bytes(request)
+            if shared:
+                await off_loop_when(shared > INLINE_BYTES, None, self.shared_memory.read_inputs, request)
             result = await self._run(deployed, request, started)
+            if shared:
+                result.shared = await off_loop_when(shared > INLINE_BYTES, None, self.shared_memory.write_outputs,
+                                                    request, result.outputs)
             writing = time.perf_counter()
             answer = await encode(result)
             output_s = time.perf_counter() - writing
+        except asyncio.CancelledError:  # the client went away or cancelled: its request left the queue
+            self._cancelled(deployed.model, request.id if request is not None else request_id, started)
+            raise
         except Exception as exc:
             raise self._failure(deployed.model, request.id if request is not None else request_id, exc,
                                 started) from None
         model = result.model
         self.metrics.record_request(model.name, model.version, True, time.perf_counter() - started, result.queue_s,
-                                    result.compute_s, result.input_s, output_s)
+                                    result.compute_s, result.input_s, output_s, cache=result.cache)
         access_log(model.name, model.version, request.id, 200, started, result.batch, result.queue_s, result.compute_s)
         return answer
 
@@ -359,18 +398,16 @@ class InferenceServer:
         model = deployed.model
         feeds, batch = model.check(request)
         input_s = time.perf_counter() - started
+        lookup = None
+        if self.cache is not None and model.source.response_cache:  # a hit skips the batcher and the model
+            lookup = await look_up(self.cache, deployed.cache_owner, model.name, model.version, request)
+            if lookup.hit:
+                return InferResult(model, request, list(lookup.outputs), batch, 0.0, 0.0, input_s, lookup)
         deployed.in_flight += 1
         deployed.drained.clear()
         try:
-            submitted = deployed.batcher.submit(feeds, batch)
-            if request.timeout_us:
-                try:
-                    result = await asyncio.wait_for(submitted, request.timeout_us / 1e6)
-                except asyncio.TimeoutError:
-                    raise DeadlineExceeded(f"the request's timeout of {request.timeout_us} µs expired before it was "
-                                           "answered") from None
-            else:
-                result = await submitted
+            result = await deployed.batcher.submit(feeds, batch, priority=request.priority,
+                                                   timeout_us=request.timeout_us)
         finally:
             deployed.in_flight -= 1
             if deployed.in_flight == 0:
@@ -385,7 +422,15 @@ class InferenceServer:
                 if asked.class_count:
                     array = classify(array, asked.class_count, has_batch=model.max_batch_size > 0, name=info.name)
                 outputs.append((info.name, array, asked.binary))
-        return InferResult(model, request, outputs, batch, result.queue_s, result.compute_s, input_s)
+        if lookup is not None:
+            lookup.store(outputs)
+        return InferResult(model, request, outputs, batch, result.queue_s, result.compute_s, input_s, lookup)
+
+    def _cancelled(self, model: ServedModel, request_id: str | None, started: float) -> None:
+        """A request whose caller was cancelled (an HTTP client gone, a gRPC call cancelled or past its deadline):
+        counted in the statistics' `cancel` and written to the access log as 499, nginx's "client closed"."""
+        self.metrics.record_cancel(model.name, model.version, time.perf_counter() - started)
+        access_log(model.name, model.version, request_id, CLIENT_GONE, started, error="the client went away")
 
     def _failure(self, model: ServedModel, request_id: str | None, exc: Exception, started: float) -> ProtocolError:
         """A failed inference as the error to answer, counted and logged once: a client's mistake in its
@@ -406,8 +451,10 @@ class InferenceServer:
         return error
 
 
-async def off_loop_when(large: bool, pool: ThreadPoolExecutor, function: Callable[..., Answer], *args) -> Answer:
-    """function(*args): in a worker thread of `pool` when `large` (the event loop goes on meanwhile), else here."""
+async def off_loop_when(large: bool, pool: ThreadPoolExecutor | None, function: Callable[..., Answer],
+                        *args) -> Answer:
+    """function(*args): in a worker thread of `pool` (None: the loop's default executor) when `large` (the event
+    loop goes on meanwhile), else here."""
     if not large:
         return function(*args)
     return await asyncio.get_running_loop().run_in_executor(pool, function, *args)

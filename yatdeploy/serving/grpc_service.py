@@ -7,7 +7,9 @@ Failures are the InferenceServer's ProtocolErrors, each kind given the gRPC stat
 error (GRPC_CODES, the one mapping).
 A large request is decoded, and a large answer encoded, in worker threads, off the event loop; each message
 counts in the body budget HTTP shares (UNAVAILABLE past it, as Triton answers a full queue).
-Not served (UNIMPLEMENTED, as the base servicer answers): shared memory, trace and log settings.
+LogSettings and TraceSetting are serving.tracing's settings, as HTTP's /v2/logging and /v2/trace/setting. The
+shared-memory calls are serving.shared_memory's, as HTTP's /v2/systemsharedmemory and /v2/cudasharedmemory; an
+input in shared memory has no raw_input_contents entry, an output written there an empty one (as Triton's).
 
 ModelStreamInfer streams a decoder export's generation as Triton streams a decoupled model's responses: a request
 of a decoder whose only input is `text_input` (BYTES) or `input_ids` (INT64/INT32), with the sampling parameters as
@@ -24,7 +26,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -42,6 +44,7 @@ from yatdeploy.serving.protocol import (
     HTTP_STATUS,
     INLINE_BYTES,
     SLICE,
+    AlreadyExists,
     BodyBudget,
     BodyClaim,
     DeadlineExceeded,
@@ -50,15 +53,17 @@ from yatdeploy.serving.protocol import (
     InvalidInput,
     NotFound,
     ProtocolError,
-    RequestedOutput,
     ResourceExhausted,
+    SharedTensor,
     Unavailable,
     UnsupportedMediaType,
     check_binary_size,
     check_int_range,
+    check_priority,
     check_timeout,
-    class_count,
     refuse_scheduling,
+    requested_output,
+    shared_tensor,
     tensor_bytes,
     tensor_from_bytes,
     tensor_shape,
@@ -68,7 +73,8 @@ log = logging.getLogger("yatdeploy.serving")
 
 # The one mapping of the kinds of ProtocolError to gRPC status codes: the code Triton answers for that failure.
 GRPC_CODES: dict[type[ProtocolError], grpc.StatusCode] = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT, AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    NotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED, UnsupportedMediaType: grpc.StatusCode.INVALID_ARGUMENT,
     Internal: grpc.StatusCode.INTERNAL, Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -131,8 +137,14 @@ def _infer_response(result: InferResult) -> service_pb2.ModelInferResponse:
     response = service_pb2.ModelInferResponse(model_name=result.model.name, model_version=result.model.version,
                                               id=result.request.id or "")
     for name, array, _ in result.outputs:
-        response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=list(array.shape))
-        response.raw_output_contents.append(tensor_bytes(array))
+        output = response.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=list(array.shape))
+        shared = result.shared.get(name)
+        if shared is not None:
+            output.parameters["shared_memory_region"].string_param = shared["shared_memory_region"]
+            output.parameters["shared_memory_byte_size"].int64_param = shared["shared_memory_byte_size"]
+            if "shared_memory_offset" in shared:
+                output.parameters["shared_memory_offset"].int64_param = shared["shared_memory_offset"]
+        response.raw_output_contents.append(b"" if shared is not None else tensor_bytes(array))
     return response
 
 
@@ -141,23 +153,37 @@ def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
     parameters = _parameters(message.parameters)
     refuse_scheduling(parameters)
     timeout = check_timeout(parameters.get("timeout", 0))
+    priority = check_priority(parameters.get("priority", 0))
     raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
-        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs (send every "
-                           "input raw, or none)")
+    places = [shared_tensor(_parameters(tensor.parameters), f"input '{tensor.name}'") for tensor in message.inputs]
+    sent = len(message.inputs) - len(places) + places.count(None)  # the inputs not in shared memory
+    if raw and len(raw) != sent:
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {sent} inputs (send every input raw, or "
+                           "none; none for an input in shared memory)")
     if not message.inputs:
         raise InvalidInput("the request has no inputs")
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
-    for index, tensor in enumerate(message.inputs):
+    shared_inputs: dict[str, tuple[tuple[int, ...], SharedTensor]] = {}
+    index = -1  # the raw entry of the input read last
+    for tensor, place in zip(message.inputs, places):
         name = tensor.name
         if not name:
             raise InvalidInput("every input needs a name")
-        if name in inputs:
+        if name in inputs or name in shared_inputs:
             raise InvalidInput(f"input '{name}' is given twice")
         if tensor.datatype not in DATATYPES:
             raise InvalidInput(f"input '{name}': unsupported datatype {tensor.datatype!r}")
         shape = tensor_shape(list(tensor.shape), name)
+        datatypes[name] = tensor.datatype
+        if place is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"input '{name}' has both contents and a shared memory region")
+            check_binary_size(place.byte_size, tensor.datatype, shape, name,
+                              f"shared_memory_byte_size is {place.byte_size} bytes")
+            shared_inputs[name] = (shape, place)
+            continue
+        index += 1
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(f"input '{name}' has both contents and raw_input_contents")
@@ -166,17 +192,15 @@ def infer_request(message: service_pb2.ModelInferRequest) -> InferRequest:
             inputs[name] = tensor_from_bytes(blob, tensor.datatype, shape, name)
         else:
             inputs[name] = _typed_contents(tensor, tensor.datatype, shape)
-        datatypes[name] = tensor.datatype
     outputs = None
     names = [o.name for o in message.outputs]
     if len(set(names)) != len(names):
         raise InvalidInput(f"output '{next(n for n in names if names.count(n) > 1)}' is requested twice")
     if message.outputs:
-        outputs = [RequestedOutput(o.name, True, class_count(_parameters(o.parameters).get("classification", 0),
-                                                               f"output '{o.name}'"))
-                   for o in message.outputs]
+        outputs = [requested_output(o.name, True, _parameters(o.parameters)) for o in message.outputs]
     return InferRequest(id=message.id or None, inputs=inputs, input_datatypes=datatypes, outputs=outputs,
-                        binary_default=True, parameters=parameters, timeout_us=timeout)
+                        binary_default=True, parameters=parameters, timeout_us=timeout,
+                        priority=priority, shared_inputs=shared_inputs)
 
 
 # A generation over ModelStreamInfer: its inputs (one of them), its outputs, Triton's flag of the last response.
@@ -375,6 +399,30 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse(),
                                      ignore_unknown_fields=True)
 
+    async def SystemSharedMemoryStatus(self, request, context):
+        regions = await self._answer(context, lambda: self.server.shared_memory.status(request.name or None))
+        status = service_pb2.SystemSharedMemoryStatusResponse.RegionStatus
+        return service_pb2.SystemSharedMemoryStatusResponse(regions={r["name"]: status(**r) for r in regions})
+
+    async def SystemSharedMemoryRegister(self, request, context):
+        await self._answer(context, lambda: self.server.shared_memory.register(request.name, request.key,
+                                                                                request.offset, request.byte_size))
+        return service_pb2.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.server.shared_memory.unregister(request.name or None)
+        return service_pb2.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request, context):
+        await self._answer(context, lambda: self.server.shared_memory.cuda_status(request.name or None))
+        return service_pb2.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(self, request, context):
+        await self._answer(context, lambda: self.server.shared_memory.cuda_register(request.name))
+
+    async def CudaSharedMemoryUnregister(self, request, context):
+        return service_pb2.CudaSharedMemoryUnregisterResponse()  # no CUDA region is ever registered (as Triton)
+
     async def RepositoryIndex(self, request, context):
         models = [service_pb2.RepositoryIndexResponse.ModelIndex(**entry) for entry in self.server.index(request.ready)]
         return service_pb2.RepositoryIndexResponse(models=models)
@@ -397,15 +445,53 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
         return service_pb2.RepositoryModelUnloadResponse()
 
-    async def _infer(self, message: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
-        """One inference (the InferenceServer's, counted and logged); a ProtocolError when it fails."""
+    async def LogSettings(self, request, context):
+        """Triton's log settings: those the request sets (a value each), then all of them."""
+        try:
+            changes = {key: _parameter(value) for key, value in request.settings.items()}
+            settings = self.server.log.update(changes) if changes else self.server.log.settings()
+        except ProtocolError as exc:
+            await _abort(context, exc)
+        response = service_pb2.LogSettingsResponse()
+        for key, value in settings.items():
+            kind = {bool: "bool_param", int: "uint32_param"}.get(type(value), "string_param")
+            setattr(response.settings[key], kind, value)
+        return response
+
+    async def TraceSetting(self, request, context):
+        """Triton's trace settings, global or of request.model_name: those the request sets (no value: back to
+        the global one), then all of them, each a list of strings."""
+        name = request.model_name or None
+        try:
+            if name is not None:
+                self.server.model_ready(name)  # NotFound for a model never heard of
+            changes = {key: list(value.value) or None for key, value in request.settings.items()}
+            # no settings: a get (gRPC has one call for both), never the removal HTTP's empty POST is
+            settings = self.server.tracing.update(changes, name) if changes else self.server.tracing.settings(name)
+        except ProtocolError as exc:
+            await _abort(context, exc)
+        response = service_pb2.TraceSettingResponse()
+        for key, value in settings.items():
+            response.settings[key].value.extend(value if isinstance(value, list) else [value])
+        return response
+
+    async def _infer(self, message: service_pb2.ModelInferRequest,
+                     metadata: Callable[[], dict] = dict) -> service_pb2.ModelInferResponse:
+        """One inference (the InferenceServer's, counted and logged, traced as the trace settings say with the
+        traceparent of the call's `metadata()`); a ProtocolError when it fails."""
+        trace = self.server.tracing.begin(message.model_name, message.model_version or None, metadata, "grpc")
         claim = self.budget.claim()  # until the answer is handed to gRPC
         try:
-            return await self.server.infer(message.model_name, message.model_version or None,
-                                           partial(self._decode, message, claim), self._encode,
-                                           request_id=message.id or None)
+            answer = await self.server.infer(message.model_name, message.model_version or None,
+                                             partial(self._decode, message, claim), trace.encoder(self._encode),
+                                             request_id=message.id or None)
+        except BaseException as exc:
+            trace.end(exc)
+            raise
         finally:
             claim.release()
+        trace.end()
+        return answer
 
     async def _decode(self, message: service_pb2.ModelInferRequest, claim: BodyClaim,
                       model: ServedModel) -> InferRequest:
@@ -418,7 +504,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            return await self._infer(request)
+            return await self._infer(request, lambda: dict(context.invocation_metadata()))
         except ProtocolError as exc:
             await _abort(context, exc)
 
@@ -439,7 +525,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                         return
                     if TEXT_INPUT not in {i.name for i in deployed.model.inputs}:
                         self.server.generator(message.model_name, message.model_version or None)  # says why not
-                response = await self._infer(message)
+                response = await self._infer(message, lambda: dict(context.invocation_metadata()))
                 response.parameters[FINAL_RESPONSE].bool_param = True
                 answer = service_pb2.ModelStreamInferResponse(infer_response=response)
             except ProtocolError as exc:

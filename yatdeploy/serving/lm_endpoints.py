@@ -34,7 +34,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from yatdeploy.errors import YatDeployError
-from yatdeploy.serving.core import Deployed, InferenceServer, access_log
+from yatdeploy.serving.core import CLIENT_GONE, Deployed, InferenceServer, access_log
 from yatdeploy.serving.generation import GenerationEngine, SamplingParams, Stream, TokenEvent
 from yatdeploy.serving.model import ServedModel
 from yatdeploy.serving.protocol import (
@@ -49,7 +49,6 @@ from yatdeploy.serving.protocol import (
 OWNER = "yatdeploy"  # /v1/models' owned_by
 DEFAULT_MAX_TOKENS = SamplingParams.max_tokens  # OpenAI's completions default (16); chat's: the rest of the context
 SSE_DONE = b"data: [DONE]\n\n"
-CLIENT_GONE = 499  # the status of an answer nobody reads any more (nginx's "client closed request")
 
 # OpenAI's error types, by the kind of failure.
 OPENAI_ERROR_TYPES: dict[type[ProtocolError], str] = {
@@ -497,7 +496,7 @@ def _openai_failure(error: ProtocolError) -> Response:
     return _json(openai_error(error), HTTP_STATUS[type(error)])
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
     """Returns once the client has gone (its body already read: the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -506,7 +505,7 @@ async def _disconnected(request: Request) -> None:
 async def _while_connected(request: Request, stream: Stream, work: Awaitable[Result]) -> Result | None:
     """`work`'s result, or None when the client disconnects first: then its stream is cancelled."""
     task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(disconnected(request))
     finished = False
     try:
         await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)

@@ -16,12 +16,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from yatdeploy.serving.generation import FINISH_LENGTH, FINISH_STOP, GenerationEngine, GenerationObserver
+
+if TYPE_CHECKING:
+    from yatdeploy.serving.response_cache import Lookup
 
 FINISH_ABORT = "abort"  # vLLM's finished_reason for a request its client cancelled
 
@@ -70,6 +74,9 @@ class ModelStats:
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0  # ms since the epoch of the last successful request
+    # requests whose caller was cancelled (an HTTP client gone, a gRPC call cancelled or past its deadline), and
+    # how long they had been in the server: yatdeploy's `cancel` beside Triton's fields
+    cancel: Duration = field(default_factory=Duration)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -84,6 +91,21 @@ TRITON_COUNTERS = {
     "nv_inference_compute_input_duration_us": "Cumulative compute input duration in microseconds",
     "nv_inference_compute_infer_duration_us": "Cumulative compute inference duration in microseconds",
     "nv_inference_compute_output_duration_us": "Cumulative inference compute output duration in microseconds",
+}
+# Triton's response-cache counters, shown when the server has a cache (serve --cache-config): name -> help.
+CACHE_COUNTERS = {
+    "nv_cache_num_hits_per_model": "Number of response cache hits per model",
+    "nv_cache_num_misses_per_model": "Number of response cache misses per model",
+    "nv_cache_hit_duration_per_model": "Total cache hit duration per model, in microseconds (the look-up)",
+    "nv_cache_miss_duration_per_model": "Total cache miss duration per model, in microseconds (the look-up and the "
+                                        "insertion)",
+}
+
+
+# yatdeploy's counters rendered as Triton's are (no `_total`): name -> help.
+OWN_COUNTERS = {
+    "yatdeploy_inference_request_cancelled": "Number of inference requests whose client cancelled or went away "
+                                             "before their answer (taken out of the queue unless running)",
 }
 
 
@@ -102,7 +124,8 @@ class TritonCounter:
     def render(self) -> str:
         with self.lock:
             values = sorted(self.values.items())
-        lines = [f"# HELP {self.name} {TRITON_COUNTERS[self.name]}", f"# TYPE {self.name} counter"]
+        help_text = (TRITON_COUNTERS | CACHE_COUNTERS | OWN_COUNTERS)[self.name]
+        lines = [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} counter"]
         lines += [f'{self.name}{{model="{_escape(m)}",version="{_escape(v)}"}} {value!r}' for (m, v), value in values]
         return "\n".join(lines) + "\n"
 
@@ -181,6 +204,9 @@ class Metrics:
         self.input_us = c["nv_inference_compute_input_duration_us"]
         self.compute_us = c["nv_inference_compute_infer_duration_us"]
         self.output_us = c["nv_inference_compute_output_duration_us"]
+        self.cache_counters = {name: TritonCounter(name) for name in CACHE_COUNTERS}
+        self.cancelled = TritonCounter("yatdeploy_inference_request_cancelled")
+        self.response_cache = False  # whether the server has a response cache (then its counters are shown)
         self.request_seconds = Histogram("yatdeploy_request_duration_seconds", "Request time, server side",
                                          _LABELS, buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_seconds = Histogram("yatdeploy_queue_duration_seconds", "Time in the batching queue", _LABELS,
@@ -248,7 +274,10 @@ class Metrics:
     def exposition(self) -> bytes:
         """/metrics: Triton's counters and pending-request gauge, yatdeploy's histograms, then vLLM's metrics
         once a decoder has been served."""
-        triton = "".join(c.render() for c in self.counters.values()) + self._render_pending()
+        triton = "".join(c.render() for c in self.counters.values()) + self._render_pending() + \
+            self.cancelled.render()
+        if self.response_cache:
+            triton += "".join(c.render() for c in self.cache_counters.values())
         language = generate_latest(self.lm_registry) if self._generated else b""
         return triton.encode() + generate_latest(self.registry) + language
 
@@ -273,32 +302,52 @@ class Metrics:
             phases["compute_output"].add(0.0)
 
     def record_request(self, model: str, version: str, ok: bool, total_s: float, queue_s: float = 0.0,
-                       compute_s: float = 0.0, input_s: float = 0.0, output_s: float = 0.0) -> None:
+                       compute_s: float = 0.0, input_s: float = 0.0, output_s: float = 0.0,
+                       cache: Lookup | None = None) -> None:
+        """A request answered (`ok`) or failed. `cache`: its response-cache look-up, for a model that uses the
+        cache; a hit counts as Triton counts one: in success and queue (no wait) and cache_hit, not in the compute
+        phases or their counters (it ran nothing); a miss also in cache_miss."""
         labels = (model, version)
         stats = self.model_stats(model, version)
+        hit = cache is not None and cache.hit
+        phases = (("success", total_s), ("queue", queue_s)) + (() if hit else (
+            ("compute_input", input_s), ("compute_infer", compute_s), ("compute_output", output_s)))
+        if cache is not None:
+            phases += (("cache_hit" if hit else "cache_miss", cache.seconds),)
+            counters = self.cache_counters
+            kind = "hits" if hit else "misses"
+            counters[f"nv_cache_num_{kind}_per_model"].inc(*labels)
+            counters[f"nv_cache_{'hit' if hit else 'miss'}_duration_per_model"].inc(*labels, cache.seconds * 1e6)
         if ok:
             self.success.inc(*labels)
             self.request_us.inc(*labels, total_s * 1e6)
             self.queue_us.inc(*labels, queue_s * 1e6)
-            self.compute_us.inc(*labels, compute_s * 1e6)
-            self.input_us.inc(*labels, input_s * 1e6)
-            self.output_us.inc(*labels, output_s * 1e6)
+            if not hit:
+                self.compute_us.inc(*labels, compute_s * 1e6)
+                self.input_us.inc(*labels, input_s * 1e6)
+                self.output_us.inc(*labels, output_s * 1e6)
             self.request_seconds.labels(*labels).observe(total_s)
             self.queue_seconds.labels(*labels).observe(queue_s)
         else:
             self.failure.inc(*labels)
         with stats.lock:
             if ok:
-                for phase, seconds in (("success", total_s), ("queue", queue_s), ("compute_input", input_s),
-                                       ("compute_infer", compute_s), ("compute_output", output_s)):
+                for phase, seconds in phases:
                     stats.phases[phase].add(seconds)
                 stats.last_inference_ms = int(time.time() * 1000)
             else:
                 stats.phases["fail"].add(total_s)
 
+    def record_cancel(self, model: str, version: str, seconds: float) -> None:
+        """A request whose caller was cancelled `seconds` after it came (neither a success nor a failure)."""
+        self.cancelled.inc(model, version)
+        stats = self.model_stats(model, version)
+        with stats.lock:
+            stats.cancel.add(seconds)
+
     def stats_json(self, model: str, version: str) -> dict:
-        """One entry of Triton's model_stats: every field its statistics extension has (the response cache,
-        which yatdeploy does not have, counts nothing)."""
+        """One entry of Triton's model_stats: every field its statistics extension has (cache_hit and cache_miss
+        count nothing for a model without the response cache)."""
         s = self.model_stats(model, version)
         with s.lock:
             return {
@@ -311,6 +360,7 @@ class Metrics:
                 "batch_stats": [{"batch_size": size, **{p: d.as_json() for p, d in phases.items()}}
                                 for size, phases in sorted(s.batches.items())],
                 "memory_usage": [],
+                "cancel": s.cancel.as_json(),
                 **self.generation_json(model, version),
             }
 

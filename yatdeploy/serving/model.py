@@ -33,7 +33,7 @@ class ServedModel:
         # 0: the first dimension is not a batch dimension (Triton's max_batch_size: 0).
         self.max_batch_size = source.max_batch_size
         self.max_queue_delay_us = source.max_queue_delay_us
-        self.max_queue_size = source.max_queue_size
+        self.queue_policy = source.queue_policy
         self.backend = backend
         try:
             backends.check_file(backend, source.path)
@@ -103,7 +103,7 @@ class ServedModel:
         if max_queue_delay_us is not None:
             self.max_queue_delay_us = max_queue_delay_us
         if max_queue_size is not None:
-            self.max_queue_size = max_queue_size
+            self.queue_policy = self.queue_policy.with_max_queue_size(max_queue_size)
         self.dynamic_batching = self.dynamic_batching and dynamic_batching
 
     @property
@@ -148,8 +148,10 @@ class ServedModel:
         if self.dynamic_batching:
             config["dynamic_batching"] = {
                 "max_queue_delay_microseconds": self.max_queue_delay_us,
-                "default_queue_policy": {"max_queue_size": self.max_queue_size},
+                **self.queue_policy.as_json(),
             }
+        if self.source.response_cache:
+            config["response_cache"] = {"enable": True}
         return config
 
     def check(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int]:

@@ -62,6 +62,10 @@ class UnsupportedMediaType(ProtocolError):
     """The body comes in an encoding the server does not read."""
 
 
+class AlreadyExists(ProtocolError):
+    """The name asked for is taken (a shared-memory region's)."""
+
+
 class Unavailable(ProtocolError):
     """Not now: the model is not ready or was unloaded, its queue is full, the server holds too many bodies."""
 
@@ -77,9 +81,19 @@ class Internal(ProtocolError):
 # The one mapping of the kinds to HTTP statuses: the v2 protocol's HTTP binding, what the HTTP app answers and
 # what the access log records for a request over either transport.
 HTTP_STATUS: dict[type[ProtocolError], int] = {
-    InvalidInput: 400, NotFound: 404, ResourceExhausted: 413, UnsupportedMediaType: 415, Internal: 500,
+    InvalidInput: 400, AlreadyExists: 400, NotFound: 404, ResourceExhausted: 413, UnsupportedMediaType: 415, Internal: 500,
     Unavailable: 503, DeadlineExceeded: 504,
 }
+
+
+@dataclass(frozen=True)
+class SharedTensor:
+    """Where a tensor lies in a registered shared-memory region (the shared-memory extension's parameters): its
+    `byte_size` bytes from `offset` within the region."""
+
+    region: str
+    byte_size: int
+    offset: int = 0
 
 
 @dataclass
@@ -87,6 +101,7 @@ class RequestedOutput:
     name: str
     binary: bool
     class_count: int = 0  # the classification extension: send the top class_count classes instead
+    shared: SharedTensor | None = None  # written into this shared memory instead of sent
 
 
 @dataclass
@@ -99,6 +114,9 @@ class InferRequest:
     binary_default: bool = False
     parameters: dict = field(default_factory=dict)
     timeout_us: int = 0  # the request's `timeout` parameter, microseconds; 0: none
+    priority: int = 0  # the request's `priority` parameter; 0: the model's default level (queue_policy)
+    # Inputs to read from shared memory (their shapes and where they lie), put into `inputs` by the server.
+    shared_inputs: dict[str, tuple[tuple[int, ...], SharedTensor]] = field(default_factory=dict)
 
     def reference_bytes(self) -> int:
         """What its BYTES tensors hold besides their text, a reference per element (counted in the body budget)."""
@@ -220,6 +238,30 @@ def _parameters(raw: dict, where: str) -> dict:
     return parameters
 
 
+SHM_REGION, SHM_BYTE_SIZE, SHM_OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
+
+
+def shared_tensor(parameters: dict, where: str) -> SharedTensor | None:
+    """A tensor's place in shared memory from its parameters (the same over HTTP and gRPC); None when it names no
+    region. InvalidInput for a region without a byte size, or sizes that are not byte counts."""
+    if SHM_REGION not in parameters:
+        for key in (SHM_BYTE_SIZE, SHM_OFFSET):
+            if key in parameters:
+                raise InvalidInput(f"{where}: '{key}' is given without '{SHM_REGION}'")
+        return None
+    region = parameters[SHM_REGION]
+    if not isinstance(region, str) or not region:
+        raise InvalidInput(f"{where}: '{SHM_REGION}' must be a region's name")
+    if SHM_BYTE_SIZE not in parameters:
+        raise InvalidInput(f"{where}: '{SHM_REGION}' needs '{SHM_BYTE_SIZE}'")
+    sizes = [parameters[SHM_BYTE_SIZE], parameters.get(SHM_OFFSET, 0)]
+    for key, value in zip((SHM_BYTE_SIZE, SHM_OFFSET), sizes):
+        if type(value) is not int or value < 0 or value > _INT64_MAX:
+            raise InvalidInput(f"{where}: '{key}' must be a number of bytes >= 0, not "
+                               f"{orjson.dumps(value, default=str).decode()[:40]}")
+    return SharedTensor(region, sizes[0], sizes[1])
+
+
 def json_object(text: bytes | memoryview) -> dict:
     """A request's JSON, which must be an object; InvalidInput otherwise."""
     try:
@@ -264,17 +306,28 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
     offset = 0
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
+    shared_inputs: dict[str, tuple[tuple[int, ...], SharedTensor]] = {}
     for raw in raw_inputs:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise InvalidInput("every input needs a 'name'")
         name = raw["name"]
-        if name in inputs:
+        if name in inputs or name in shared_inputs:
             raise InvalidInput(f"input '{name}' is given twice")
         datatype = raw.get("datatype")
         if datatype not in DATATYPES:
             raise InvalidInput(f"input '{name}': unsupported datatype {datatype!r}")
         shape = tensor_shape(raw.get("shape"), name)
-        size = _parameters(raw, f"input '{name}'").get("binary_data_size")
+        parameters_in = _parameters(raw, f"input '{name}'")
+        size = parameters_in.get("binary_data_size")
+        shared = shared_tensor(parameters_in, f"input '{name}'")
+        if shared is not None:
+            if "data" in raw or size is not None:
+                raise InvalidInput(f"input '{name}' must give one of 'data', 'binary_data_size' and "
+                                   f"'{SHM_REGION}', not several")
+            check_binary_size(shared.byte_size, datatype, shape, name, f"{SHM_BYTE_SIZE} is {shared.byte_size} bytes")
+            shared_inputs[name] = (shape, shared)
+            datatypes[name] = datatype
+            continue
         if size is not None:
             if "data" in raw:
                 raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size")
@@ -301,6 +354,7 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
     binary_default = _flag(parameters, "binary_data_output", False, "the request's parameters")
     refuse_scheduling(parameters)
     timeout = check_timeout(parameters.get("timeout", 0))
+    priority = check_priority(parameters.get("priority", 0))
     if "outputs" in header:
         if not isinstance(raw_outputs, list):
             raise InvalidInput("'outputs' must be a list")
@@ -314,8 +368,8 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
             parameters_out = _parameters(raw, where)
             # As Triton: binary_data_output is the default of the outputs not named; a named one is JSON unless
             # its own binary_data says otherwise.
-            outputs.append(RequestedOutput(raw["name"], _flag(parameters_out, "binary_data", False, where),
-                                           class_count(parameters_out.get("classification", 0), where)))
+            outputs.append(requested_output(raw["name"], _flag(parameters_out, "binary_data", False, where),
+                                            parameters_out))
     return InferRequest(
         id=request_id,
         inputs=inputs,
@@ -324,7 +378,21 @@ def parse_request(body: bytes, header_length: str | None, max_json_bytes: int | 
         binary_default=binary_default,
         parameters=parameters,
         timeout_us=timeout,
+        priority=priority,
+        shared_inputs=shared_inputs,
     )
+
+
+def requested_output(name: str, binary: bool, parameters: dict) -> RequestedOutput:
+    """An output asked for, with its parameters (classification, shared memory); InvalidInput for a shared-memory
+    output also asked to be classified or sent as binary (as Triton refuses them)."""
+    where = f"output '{name}'"
+    count = class_count(parameters.get("classification", 0), where)
+    shared = shared_tensor(parameters, where)
+    if shared is not None and (count or parameters.get("binary_data") is True):
+        raise InvalidInput(f"{where} can't be both written to shared memory and "
+                           + ("classified" if count else "sent as binary data"))
+    return RequestedOutput(name, binary, count, shared)
 
 
 def class_count(value: object, where: str) -> int:
@@ -341,10 +409,22 @@ def check_timeout(value: object) -> int:
     return value
 
 
-def parse_raw_request(body: bytes, name: str, datatype: str, dims: tuple[int, ...]) -> InferRequest:
+def check_priority(value: object) -> int:
+    """A request's `priority` parameter: an integer >= 0 (whether the model has that level: queue_policy)."""
+    if type(value) is not int or value < 0:
+        raise InvalidInput(f"the request's 'priority' parameter must be a priority level >= 0 (0: the model's "
+                           f"default), not {value!r}")
+    return value
+
+
+def parse_raw_request(body: bytes, name: str, datatype: str, dims: tuple[int, ...],
+                      batched: bool = False) -> InferRequest:
     """Triton's raw binary request (Inference-Header-Content-Length: 0): the whole body is the tensor of a
     model's only input, `name` of `datatype`, whose shape is its `dims` with the one free dimension (-1) deduced
-    from the body's size; BYTES: the body is one element."""
+    from the body's size; BYTES: the body is one element. `batched`: the first of `dims` is a batch dimension,
+    which is 1 when another dimension is free (as Triton makes it), else deduced."""
+    if batched and any(d < 0 for d in dims[1:]):
+        dims = (1, *dims[1:])
     free = [i for i, d in enumerate(dims) if d < 0]
     if datatype == BYTES:
         shape = tuple(1 if d < 0 else d for d in dims)
@@ -371,7 +451,6 @@ def parse_raw_request(body: bytes, name: str, datatype: str, dims: tuple[int, ..
 
 # Request parameters of Triton schedulers yatdeploy does not have, with their "not asked for" values.
 _SCHEDULING = {
-    "priority": ((0,), "request priorities (every request has one priority level here)"),
     "sequence_id": ((0, ""), "sequence batching (stateful models)"),
     "sequence_start": ((False,), "sequence batching (stateful models)"),
     "sequence_end": ((False,), "sequence batching (stateful models)"),
@@ -515,14 +594,19 @@ def _json_text(array: np.ndarray) -> bytes:
 
 
 def encode_response(
-    model_name: str, model_version: str, request_id: str | None, outputs: list[tuple[str, np.ndarray, bool]]
+    model_name: str, model_version: str, request_id: str | None, outputs: list[tuple[str, np.ndarray, bool]],
+    shared: dict[str, dict] | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary outputs follow it (else None)."""
+    """The response body, and the JSON header's length when binary outputs follow it (else None). `shared`: the
+    outputs written into shared memory, each with the parameters that say where (sent instead of its data)."""
     entries = []
     blobs = []
     for name, array, binary in outputs:
         entry: dict = {"name": name, "datatype": datatype_of(array.dtype), "shape": list(array.shape)}
-        if binary:
+        if shared and name in shared:
+            entry["parameters"] = shared[name]
+            entries.append(orjson.dumps(entry))
+        elif binary:
             blob = tensor_bytes(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

@@ -12,8 +12,15 @@ Inference Server; yatdeploy reads the fields it shares with Triton, with Triton'
 - `max_batch_size: 0`: the first dimension is not a batch dimension; the config's dims include it and
   requests are never merged. `max_batch_size > 0`: the model's first dimension must be a batch
   dimension (graph.has_batch_dim), the dims leave it out and a request may carry up to that many rows.
-- `dynamic_batching { max_queue_delay_microseconds, default_queue_policy { max_queue_size } }`: requests
-  are merged along the batch dimension; without the block each request runs on its own.
+- `dynamic_batching { max_queue_delay_microseconds, priority_levels, default_priority_level,
+  default_queue_policy { timeout_action, default_timeout_microseconds, allow_timeout_override, max_queue_size },
+  priority_queue_policy }`: requests are merged along the batch dimension; without the block each request runs
+  on its own. The queue policies' meaning: serving.queue_policy.
+- `response_cache { enable: true }`: the model's answers are kept in the server's response cache, when it has one
+  (`serve --cache-config`; serving.response_cache).
+- `model_warmup [{ name, batch_size, inputs { key, value { data_type, dims, zero_data | random_data |
+  input_data_file } }, count }]`: samples run when the model loads, before it is ready (serving.warmup);
+  `input_data_file` is a path in the version folder's `warmup/` folder, never out of it.
 - `backend`/`platform` (those of a backend that runs the model file as it is: backends.triton_names),
   `input`/`output` (names, data_type, dims) must match the model file.
 
@@ -50,6 +57,7 @@ from yatdeploy.packaging import (
     model_config_pb2,
     model_files,
 )
+from yatdeploy.serving.queue_policy import MAX_PRIORITY_LEVELS, TIMEOUT_ACTIONS, QueuePolicies, QueuePolicy
 
 # The longest max_queue_delay_microseconds a config.pbtxt may ask for: a batching delay is a few
 # milliseconds at most in practice; an hour (or 2**64-1 µs) is a mistake or an attack on the queue.
@@ -68,6 +76,33 @@ class ConfigTensor:
     dims: tuple[int, ...]  # as written: without the batch dimension when max_batch_size > 0
 
 
+# The most runs one warmup sample may ask for (its count): more is a mistake that would hold the load for ever.
+MAX_WARMUP_COUNT = 100_000
+WARMUP_FOLDER = "warmup"  # in a version folder: the warmup samples' input_data_file files, as Triton's
+
+
+@dataclass(frozen=True)
+class WarmupInput:
+    """One input of a warmup sample: its datatype (FP32, ...), its dims (without the batch dimension when the model
+    batches) and its data: "zero", "random", or a file's path in the version's warmup/ folder."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    data: str  # "zero_data", "random_data" or "input_data_file"
+    file: str = ""  # input_data_file's path, relative to the warmup/ folder
+
+
+@dataclass(frozen=True)
+class WarmupSample:
+    """A config.pbtxt model_warmup entry: run `count` times (at least once) at load, with `batch_size` rows."""
+
+    name: str
+    batch_size: int
+    inputs: tuple[WarmupInput, ...]
+    count: int
+
+
 @dataclass
 class ModelSource:
     name: str
@@ -79,7 +114,7 @@ class ModelSource:
     # Whether requests are merged into batches (config.pbtxt: a dynamic_batching block).
     dynamic_batching: bool = True
     max_queue_delay_us: int = 0
-    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    queue_policy: QueuePolicies = field(default_factory=QueuePolicies)  # the priority levels and their queues
     # yatdeploy's backend for this model (config.pbtxt parameter BACKEND_PARAMETER); None: the server's.
     backend: str | None = None
     config: Path | None = None  # the config.pbtxt read, if any
@@ -92,6 +127,8 @@ class ModelSource:
     # The model file as messages name it: its path in the repository (mlp/1/model.onnx), or a lone file's name.
     shown: str = ""
     repository: Path | None = None  # the repository folder it is in (None: a lone file)
+    response_cache: bool = False  # config.pbtxt response_cache { enable: true }
+    warmup: tuple[WarmupSample, ...] = ()  # config.pbtxt model_warmup
 
     def __post_init__(self) -> None:
         self.shown = self.shown or self.path.name
@@ -345,8 +382,7 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
                                                       "is not a batch dimension) or more")
     source.max_batch_size = config.max_batch_size
     for field, present in (("ensemble_scheduling", config.HasField("ensemble_scheduling")),
-                           ("sequence_batching", config.HasField("sequence_batching")),
-                           ("response_cache", config.response_cache.enable)):
+                           ("sequence_batching", config.HasField("sequence_batching"))):
         if present:
             raise _config_error(source, field, "is not supported by yatdeploy")
     if any(group.count > 1 for group in config.instance_group):
@@ -366,6 +402,8 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
             raise _config_error(source, f"parameters[{BACKEND_PARAMETER}]",
                                 f"{source.backend!r}: not a backend (known: {', '.join(registry.names())})")
     source.input_limits = read_limit_parameters(source, config.parameters)
+    source.response_cache = config.response_cache.enable
+    source.warmup = tuple(read_warmup_sample(source, sample) for sample in config.model_warmup)
     source.dynamic_batching = config.HasField("dynamic_batching")
     if source.dynamic_batching:
         delay = config.dynamic_batching.max_queue_delay_microseconds
@@ -373,9 +411,7 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
             raise _config_error(source, "dynamic_batching.max_queue_delay_microseconds",
                                 f"{delay}: more than the limit of {MAX_QUEUE_DELAY_US} (10 s)")
         source.max_queue_delay_us = int(delay)
-        queue = config.dynamic_batching.default_queue_policy.max_queue_size  # unsigned; 0: the default
-        if queue > 0:
-            source.max_queue_size = int(queue)
+        source.queue_policy = read_queue_policies(source, config.dynamic_batching)
     datatypes = {triton: name for name, triton in TRITON_TYPES.items()}
     pb2 = type(config).DESCRIPTOR.file.enum_types_by_name["DataType"]
     for field, entries in (("input", config.input), ("output", config.output)):
@@ -391,6 +427,44 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
                 raise _config_error(source, f"{field} '{entry.name}'", "reshape: not supported by yatdeploy")
             tensors.append(ConfigTensor(entry.name, datatypes[triton_type], tuple(int(d) for d in entry.dims)))
         setattr(source, f"{field}s", tuple(tensors))
+
+
+def _queue_policy(source: ModelSource, policy, field: str) -> QueuePolicy:
+    """A ModelQueuePolicy message as a QueuePolicy (its max_queue_size 0: the default)."""
+    action = type(policy).TimeoutAction.Name(policy.timeout_action) \
+        if policy.timeout_action in type(policy).TimeoutAction.values() else str(policy.timeout_action)
+    if action not in TIMEOUT_ACTIONS:
+        raise _config_error(source, f"{field}.timeout_action", f"{action}: must be {' or '.join(TIMEOUT_ACTIONS)}")
+    return QueuePolicy(max_queue_size=int(policy.max_queue_size) or DEFAULT_MAX_QUEUE_SIZE, timeout_action=action,
+                       default_timeout_us=int(policy.default_timeout_microseconds),
+                       allow_timeout_override=policy.allow_timeout_override)
+
+
+def read_queue_policies(source: ModelSource, batching) -> QueuePolicies:
+    """The queue policies a dynamic_batching message states (serving.queue_policy); yatdeploy's default where it
+    states none. A YatDeployError names a bad field."""
+    stated = batching.HasField("default_queue_policy") or batching.priority_levels or batching.priority_queue_policy
+    if not stated:
+        return QueuePolicies()
+    levels, default_level = int(batching.priority_levels), int(batching.default_priority_level)
+    where = "dynamic_batching"
+    if levels > MAX_PRIORITY_LEVELS:
+        raise _config_error(source, f"{where}.priority_levels", f"{levels}: more than the limit of "
+                                                                 f"{MAX_PRIORITY_LEVELS}")
+    if levels and not 1 <= default_level <= levels:
+        raise _config_error(source, f"{where}.default_priority_level", f"{default_level}: must be a level from 1 "
+                                                                       f"to priority_levels ({levels})")
+    if not levels and default_level:
+        raise _config_error(source, f"{where}.default_priority_level", f"{default_level}: the config states no "
+                                                                       "priority_levels")
+    by_level = {}
+    for level, policy in sorted(batching.priority_queue_policy.items()):
+        if not 1 <= level <= levels:
+            raise _config_error(source, f"{where}.priority_queue_policy[{level}]",
+                                f"is not a priority level (1 to priority_levels, {levels})")
+        by_level[int(level)] = _queue_policy(source, policy, f"{where}.priority_queue_policy[{level}]")
+    return QueuePolicies(_queue_policy(source, batching.default_queue_policy, f"{where}.default_queue_policy"),
+                         levels, default_level, by_level)
 
 
 def check_signature(source: ModelSource, inputs: Sequence[TensorSignature], outputs: Sequence[TensorSignature],
@@ -426,6 +500,47 @@ def check_signature(source: ModelSource, inputs: Sequence[TensorSignature], outp
                                     + (" (without the batch dimension, as max_batch_size > 0)" if batch else ""))
             shapes[tensor.name] = list(dims)
     return shapes
+
+
+def read_warmup_sample(source: ModelSource, sample) -> WarmupSample:
+    """A ModelWarmup message checked (what can be without the model: its inputs are checked against the model's
+    when it runs, serving.warmup), or a YatDeployError naming the sample and the field."""
+    if not sample.name.strip():
+        raise _config_error(source, "model_warmup", "name: each sample needs one (messages name it)")
+    field = f"model_warmup '{sample.name}'"
+    if sample.batch_size < 1 or (source.max_batch_size == 0 and sample.batch_size != 1):
+        raise _config_error(source, f"{field} batch_size", f"{sample.batch_size}: must be at least 1, and 1 for a "
+                                                           "model without a batch dimension (max_batch_size 0)")
+    if source.max_batch_size > 0 and sample.batch_size > source.max_batch_size:
+        raise _config_error(source, f"{field} batch_size", f"{sample.batch_size}: more than max_batch_size "
+                                                           f"{source.max_batch_size}")
+    if sample.count > MAX_WARMUP_COUNT:
+        raise _config_error(source, f"{field} count", f"{sample.count}: more than {MAX_WARMUP_COUNT}")
+    if not sample.inputs:
+        raise _config_error(source, f"{field} inputs", "none: a sample gives every input of the model")
+    datatypes = {triton: name for name, triton in TRITON_TYPES.items()}
+    pb2 = sample.DESCRIPTOR.file.enum_types_by_name["DataType"]
+    inputs = []
+    for name in sorted(sample.inputs):
+        entry = sample.inputs[name]
+        where = f"{field} input '{name}'"
+        triton_type = pb2.values_by_number[entry.data_type].name
+        if triton_type not in datatypes:
+            raise _config_error(source, f"{where} data_type", f"{triton_type}: not supported")
+        if any(d < 1 for d in entry.dims):
+            raise _config_error(source, f"{where} dims", f"{list(entry.dims)}: each must be at least 1 (a sample's "
+                                                         "dims are fixed)")
+        data = entry.WhichOneof("input_data_type")
+        if data is None:
+            raise _config_error(source, where, "gives no data: one of zero_data, random_data or input_data_file")
+        file = entry.input_data_file if data == "input_data_file" else ""
+        parts = file.replace("\\", "/").split("/")
+        if data == "input_data_file" and (not file.strip() or file.startswith("/") or "\x00" in file
+                                          or any(part in ("", ".", "..") for part in parts)):
+            raise _config_error(source, f"{where} input_data_file", f"{file!r}: must be a path in the version "
+                                f"folder's {WARMUP_FOLDER}/ folder (no '..', not absolute)")
+        inputs.append(WarmupInput(name, datatypes[triton_type], tuple(int(d) for d in entry.dims), data, file))
+    return WarmupSample(sample.name, int(sample.batch_size), tuple(inputs), int(sample.count))
 
 
 def read_limit_parameters(source: ModelSource, parameters) -> dict[str, InputLimits]:

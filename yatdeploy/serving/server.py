@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
-import logging
 import os
 import signal
 import socket
@@ -96,10 +95,18 @@ def _startup_models(path: str | Path, backend_name: str | None, intra_op_threads
 
 def _load_model(source: ModelSource, backend_name: str | None, intra_op_threads: int,
                 progress: Progress) -> ServedModel:
-    """The model `source` loaded, or a YatDeployError naming the model and its file as a client may read them
-    (repository paths, not the server's)."""
+    """The model `source` loaded and warmed up (its config's model_warmup, before it can be served), or a
+    YatDeployError naming the model and its file as a client may read them (repository paths, not the server's)."""
+    from yatdeploy.serving.warmup import warm_up
+
     try:
-        return _open_model(source, backend_name, intra_op_threads, progress)
+        model = _open_model(source, backend_name, intra_op_threads, progress)
+        try:
+            warm_up(model, progress)
+        except BaseException:
+            model.close()
+            raise
+        return model
     except YatDeployError as exc:
         raise YatDeployError(source.public(exc.message), exc.hint and source.public(exc.hint)) from None
 
@@ -176,13 +183,26 @@ def _http_protocol() -> type | str:
         began_in_this_read = False
         head_bytes = 0  # the head's bytes read after the read that began it
 
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            # A body framed both by Transfer-Encoding and by Content-Length is read as the Transfer-Encoding says
+            # (RFC 9112 section 6.3; Triton answers it so), not refused by llhttp: on_headers_complete then drops
+            # the Content-Length and closes the connection after the answer, as the RFC asks of a server.
+            self.parser.set_dangerous_leniencies(lenient_chunked_length=True)
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.reading_head, self.began_in_this_read, self.head_bytes = True, True, 0
 
         def on_headers_complete(self) -> None:
             self.reading_head = False
+            names = {name for name, _ in self.headers}
+            framed_twice = b"transfer-encoding" in names and b"content-length" in names
+            if framed_twice:
+                self.headers[:] = [(name, value) for name, value in self.headers if name != b"content-length"]
             super().on_headers_complete()
+            if framed_twice and self.cycle is not None:
+                self.cycle.keep_alive = False
 
         def data_received(self, data: bytes) -> None:
             self.began_in_this_read = False
@@ -224,6 +244,10 @@ class ServeSettings:
     kv_cache_mb: float = DEFAULT_KV_CACHE_MB  # each decoder's KV cache at most (serving.generation)
     max_sequences: int = DEFAULT_MAX_RUNNING  # the sequences each decoder generates at once
     log_level: str = "info"  # info: one JSON access-log line per inference request
+    # Triton's --trace-config entries (serving.tracing): mode=opentelemetry, opentelemetry,url=..., level=, rate=
+    trace_config: tuple[str, ...] = ()
+    settings_file_dir: str | None = None  # where clients may name the log and trace files; None: nowhere
+    cache_config: str | None = None  # Triton's local,size=BYTES: the response cache; None: none
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: the checked values replace the given ones
@@ -255,10 +279,21 @@ class ServeSettings:
             raise YatDeployError(f"{option('load_models')} is for {option('model_control_mode')} explicit")
         if self.log_level not in LOG_LEVELS:
             raise YatDeployError(f"{option('log_level')} {self.log_level}: one of {', '.join(LOG_LEVELS)}")
+        set_(self, "trace_config", _names(self.trace_config))
+        if self.settings_file_dir is not None and not Path(self.settings_file_dir).is_dir():
+            raise YatDeployError(f"{option('settings_file_dir')} {self.settings_file_dir}: no such folder")
+        try:
+            self.telemetry()
+        except ValueError as exc:
+            raise YatDeployError(f"{option('trace_config')} {exc}") from None
         if not 1 <= self.kv_cache_mb <= 1 << 20:  # NaN fails too
             raise YatDeployError(f"{option('kv_cache_mb')} {self.kv_cache_mb}: must be at least 1 and at most 1048576")
         if not 1 <= self.max_sequences <= 4096:
             raise YatDeployError(f"{option('max_sequences')} {self.max_sequences}: must be from 1 to 4096")
+        if self.cache_config is not None:
+            from yatdeploy.serving.response_cache import parse_cache_config
+
+            parse_cache_config(self.cache_config)
         cores = len(os.sched_getaffinity(0))
         if self.threads is not None and not 1 <= self.threads <= 4 * cores:
             raise YatDeployError(f"{option('threads')} {self.threads}: must be between 1 and {4 * cores} (4 x the "
@@ -268,14 +303,24 @@ class ServeSettings:
     def intra_op_threads(self) -> int:
         return self.threads if self.threads is not None else max(1, len(os.sched_getaffinity(0)) - 1)
 
+    def telemetry(self):
+        """The logging and tracing part (serving.tracing.TelemetrySettings)."""
+        from yatdeploy.serving.tracing import TelemetrySettings
+
+        files = Path(self.settings_file_dir).resolve() if self.settings_file_dir is not None else None
+        return TelemetrySettings.parse(self.log_level, files, self.trace_config)
+
     def server_settings(self):
         """The InferenceServer's part (serving.core.ServerSettings)."""
         from yatdeploy.serving.core import ServerSettings
         from yatdeploy.serving.generation import GenerationSettings
+        from yatdeploy.serving.response_cache import parse_cache_config
 
         return ServerSettings(max_batch_size=self.max_batch_size, max_queue_delay_us=self.max_queue_delay_us,
                               max_queue_size=self.max_queue_size, dynamic_batching=self.dynamic_batching,
                               control_mode=self.model_control_mode, strict_readiness=self.strict_readiness,
+                              response_cache_bytes=parse_cache_config(self.cache_config) if self.cache_config else 0,
+                              telemetry=self.telemetry(),
                               generation=GenerationSettings(kv_cache_bytes=int(self.kv_cache_mb * 2**20),
                                                             max_running=self.max_sequences))
 
@@ -412,7 +457,7 @@ def _prepare(path: str | Path, settings: ServeSettings, progress: Progress) -> S
         companions = (GrpcFrontEnd(server_core, host, grpc_port, http_settings.max_body_bytes,
                                    http_settings.body_budget),)
     app = create_app(server_core, http_settings, companions)
-    _access_log(settings.log_level)
+    server_core.log.apply()  # the serving log on stderr at --log-level (info: one JSON access-log line a request)
     names = ", ".join(m.name for m in models) or "no model yet (load them through the repository API)"
     progress.say(f"serving {names} on http://{host}:{port}" + (f" and grpc://{host}:{grpc_port}" if grpc_port else ""))
     config = uvicorn.Config(
@@ -422,18 +467,6 @@ def _prepare(path: str | Path, settings: ServeSettings, progress: Progress) -> S
         timeout_graceful_shutdown=30, access_log=False,
     )
     return ServerHandle(uvicorn.Server(config), sockets, settings, app, server_core)
-
-
-def _access_log(level: str) -> None:
-    """The serving log on stderr at `level` (info: one JSON access-log line per request), with one handler however
-    many servers the process starts."""
-    serving_log = logging.getLogger("yatdeploy.serving")
-    if not any(getattr(h, "yatdeploy_serving", False) for h in serving_log.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.yatdeploy_serving = True
-        serving_log.addHandler(handler)
-    serving_log.setLevel(level.upper())
 
 
 def start(path: str | Path, settings: ServeSettings, progress: Progress) -> ServerHandle:
