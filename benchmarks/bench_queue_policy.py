@@ -3,7 +3,9 @@ timeouts (issue 25's goal).
 
 Every client sends one request after another, half at priority 1 (high), half at priority 2 (low); a third of the
 requests carry a 50 ms `timeout` (the model's policy REJECTs). Reported: how many requests expired, how many of
-those were answered within their deadline + 5 ms, how many the model ran (its execution count against the
+those were answered within their deadline + 5 ms — as the server answered them (its access log's latency_us, from
+the request's arrival to its answer: the goal's figure) and as the clients saw them (64 Python threads of one
+process on the same 2 cores: their own scheduling adds to it), how many the model ran (its execution count against the
 successes: 0 expired requests run), and the latency of the successful high-priority requests (p99) against the
 low-priority ones (p50).
 
@@ -53,6 +55,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _access_lines(path: Path) -> list[dict]:
+    """The access log's JSON lines (other lines of the server's output skipped)."""
+    lines = []
+    for text in path.read_text().splitlines():
+        start = text.find("{")
+        if start >= 0:
+            try:
+                lines.append(json.loads(text[start:]))
+            except ValueError:
+                continue
+    return lines
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -71,9 +86,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         port = _free_port()
         repository = slow_repository(Path(folder), {"slow": BENCH_CONFIG})
-        server = subprocess.Popen([sys.executable, "-m", "yatdeploy", "serve", str(repository), "--port", str(port),
-                                   "--grpc-port", "0", "--threads", "1", "--log-level", "warning"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        access = Path(folder) / "access.log"  # the server's access log: each request's latency as it answered
+        with access.open("w") as log_file:
+            server = subprocess.Popen([sys.executable, "-m", "yatdeploy", "serve", str(repository), "--port",
+                                       str(port), "--grpc-port", "0", "--threads", "1", "--log-level", "info"],
+                                      stdout=log_file, stderr=subprocess.STDOUT)
         url = f"127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120
@@ -127,19 +144,27 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
+        served_expired = [line["latency_us"] / 1e6 for line in _access_lines(access)
+                          if line.get("error") == "Request timeout expired"]
     model = stats["model_stats"][0]
     ok = [r for r in rows if r[2] == "ok"]
     expired = [r for r in rows if r[2] == "expired"]
     other = [r for r in rows if r[2] not in ("ok", "expired")]
     in_time = [r for r in expired if r[3] <= TIMEOUT_US / 1e6 + SLACK_S]
+    served_in_time = [s for s in served_expired if s <= TIMEOUT_US / 1e6 + SLACK_S]
     high = [r[3] for r in ok if r[0] == 1]
     low = [r[3] for r in ok if r[0] == 2]
     executed = int(model["execution_count"]) - 2  # the two calibration runs
     figures = {
         "requests": len(rows), "succeeded": len(ok), "expired": len(expired), "other_errors": len(other),
-        "expired_within_deadline_plus_5ms_pct": 100.0 * len(in_time) / len(expired) if expired else None,
-        "expired_latency_p50_ms": 1e3 * _percentile([r[3] for r in expired], 0.5),
-        "expired_latency_max_ms": 1e3 * max((r[3] for r in expired), default=float("nan")),
+        "server_expired": len(served_expired),
+        "server_expired_within_deadline_plus_5ms_pct":
+            100.0 * len(served_in_time) / len(served_expired) if served_expired else None,
+        "server_expired_latency_p50_ms": 1e3 * _percentile(served_expired, 0.5),
+        "server_expired_latency_max_ms": 1e3 * max(served_expired, default=float("nan")),
+        "client_expired_within_deadline_plus_5ms_pct": 100.0 * len(in_time) / len(expired) if expired else None,
+        "client_expired_latency_p50_ms": 1e3 * _percentile([r[3] for r in expired], 0.5),
+        "client_expired_latency_max_ms": 1e3 * max((r[3] for r in expired), default=float("nan")),
         "executed": executed, "executed_after_expiry": executed - len(ok),
         "high_p50_ms": 1e3 * _percentile(high, 0.5), "high_p99_ms": 1e3 * _percentile(high, 0.99),
         "low_p50_ms": 1e3 * _percentile(low, 0.5), "low_p99_ms": 1e3 * _percentile(low, 0.99),
@@ -147,9 +172,10 @@ def main() -> int:
     }
     for key, value in figures.items():
         print(f"{key:40s} {value:.2f}" if isinstance(value, float) else f"{key:40s} {value}")
-    met = bool(expired) and len(in_time) == len(expired) and figures["executed_after_expiry"] == 0 and \
-        figures["high_p99_ms"] <= figures["low_p50_ms"]
-    print(f"goal (100 % of expired answered within deadline + 5 ms, 0 run after expiry, high p99 <= low p50): "
+    met = bool(served_expired) and len(served_in_time) == len(served_expired) == len(expired) and \
+        figures["executed_after_expiry"] == 0 and figures["high_p99_ms"] <= figures["low_p50_ms"]
+    print(f"goal (100 % of expired answered by the server within deadline + 5 ms, 0 run after expiry, high p99 <= "
+          f"low p50): "
           f"{'met' if met else 'missed'}")
     if args.json:
         args.json.write_text(json.dumps({
