@@ -69,12 +69,14 @@ def _perf_analyzer():
     return module.find()
 
 
-def _perf_analyzer_run(tool, url: str, protocol: str, model: str, concurrency: int, seconds: float) -> dict:
-    """perf_analyzer at one concurrency: its CSV row (throughput, latencies in µs) and the command."""
+def _perf_analyzer_run(tool, url: str, protocol: str, model: str, concurrency: int, seconds: float,
+                       extra: tuple[str, ...] = ()) -> dict:
+    """perf_analyzer at one concurrency (`extra`: more of its options): its CSV row (throughput, latencies in µs) and
+    the command."""
     report = Path(f"/tmp/yatdeploy-perf-analyzer-{os.getpid()}.csv")
     command = [str(tool.binary), "-m", model, "-u", url, "-i", protocol, "-f", str(report), "--concurrency-range",
                str(concurrency), "--measurement-mode", "time_windows", "--measurement-interval",
-               str(int(seconds * 1000)), "--stability-percentage", "50", "--max-trials", "6"]
+               str(int(seconds * 1000)), "--stability-percentage", "50", "--max-trials", "6", *extra]
     done = subprocess.run(command, env=tool.env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         return {"command": shlex.join(command), "error": (done.stdout + done.stderr)[-2000:]}
