@@ -175,6 +175,31 @@ def test_a_full_queue_is_unavailable_at_once_and_counted(mlp):
     run(scenario)
 
 
+def test_a_request_that_leaves_the_queue_lets_its_tensors_go(mlp):
+    """Cancelled and expired requests stay in their deque until the worker pops them: they must not keep their
+    tensors meanwhile (a flood of short timeouts during a long batch would hold them all)."""
+    async def scenario():
+        batcher = DynamicBatcher(mlp, Metrics(), max_batch_size=8, max_queue_delay_s=0,
+                                 policies=QueuePolicies(QueuePolicy(max_queue_size=8)))
+        feeds = {"input": np.zeros((1, 16), np.float32)}
+        cancelled = asyncio.ensure_future(batcher.submit(dict(feeds), 1))  # the worker is not started yet
+        expired = asyncio.ensure_future(batcher.submit(dict(feeds), 1, timeout_us=1000))
+        kept = asyncio.ensure_future(batcher.submit(dict(feeds), 1))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        with pytest.raises(Unavailable, match="Request timeout expired"):
+            await expired
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        left = [p for p in batcher._queues[0] if p.state == "left"]
+        assert len(left) == 2 and all(p.feeds == {} for p in left) and batcher.waiting() == 1
+        batcher.start()
+        assert (await kept).outputs[0].shape == (1, 5)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_the_batcher_alone_refuses_past_its_queue_and_serves_what_it_queued(mlp):
     async def scenario():
         batcher = DynamicBatcher(mlp, Metrics(), max_batch_size=8, max_queue_delay_s=0,

@@ -161,6 +161,9 @@ class DynamicBatcher:
                 return False
             pending.state = LEFT
             self._counts[pending.level] -= 1
+            # Its entry stays in the deque until the worker pops it: its tensors are let go now, so that requests
+            # expiring or cancelled by the thousand during a long batch hold no memory.
+            pending.feeds = {}
             return True
 
     def _expire(self, pending: Pending, action: str) -> None:
