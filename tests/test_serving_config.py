@@ -231,6 +231,31 @@ def test_sigterm_answers_requests_waiting_for_a_long_batching_delay(tmp_path):
 
 # --- bad configs and bad models -----------------------------------------------------------------------------
 
+def add_classifier(repo: Path, name: str, label_filename: str = "labels.txt", labels: bytes | None = b"zero\none\n\n",
+                   ) -> Path:
+    """tests.conformance_models.image_classifier with 4 classes (input data_0 [3, 224, 224] FORMAT_NCHW, output
+    fc6_1 [4], max_batch_size 0), its output's label_filename set to `label_filename` and that file (relative to
+    the model's folder) holding `labels` (None: no file). The default labels name class 0 and 1, leave class 2's
+    line empty, and stop before class 3."""
+    from tests.conformance_models import image_classifier
+
+    folder = image_classifier(repo, name, classes=4)
+    config = folder / "config.pbtxt"
+    config.write_text(config.read_text().replace('label_filename: "labels.txt"', f'label_filename: "{label_filename}"'))
+    (folder / "labels.txt").unlink()
+    if labels is not None:
+        (folder / label_filename).parent.mkdir(parents=True, exist_ok=True)
+        (folder / label_filename).write_bytes(labels)
+    return folder
+
+
+def add_classifier_with_a_link_out(repo: Path, name: str) -> None:
+    """A classifier whose labels.txt is a symbolic link to a file beside the repository (which exists)."""
+    outside = repo.parent / "outside-labels.txt"
+    outside.write_text("secret\n")
+    (add_classifier(repo, name, labels=None) / "labels.txt").symlink_to(outside)
+
+
 # model name -> (how its folder is made, what the error names besides the model)
 BAD_MODELS: dict[str, tuple[Callable[[Path, str], None], list[str]]] = {
     "negative_batch": (lambda repo, name: add_model(repo, name, "double", config_text(name, max_batch_size=-1)),
@@ -297,6 +322,21 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, str], None], list[str]]] = {
     "warmup_that_does_not_fit": (lambda repo, name: add_model(repo, name, "double", config_text(
         name, extra='model_warmup [ { name: "w" batch_size: 2 inputs { key: "x" value: { data_type: TYPE_FP32 '
                     'dims: [ 5 ] zero_data: true } } } ]')), ["warmup sample 'w'", "input 'x': shape [2, 5]"]),
+    # An input's format is an image's: 3 dims, as Triton checks (data_type carries the format into the input entry).
+    "format_without_3_dims": (lambda repo, name: add_model(repo, name, "double", config_text(
+        name, data_type="TYPE_FP32 format: FORMAT_NCHW")), ["input 'x' format", "FORMAT_NCHW: needs 3 dims", "[4]"]),
+    # A label file is read at load, from the model's folder and nowhere else.
+    "labels_missing": (lambda repo, name: add_classifier(repo, name, labels=None),
+                       ["output 'fc6_1' label_filename 'labels.txt'", "no such file in the model's folder"]),
+    "labels_up_and_out": (lambda repo, name: (add_classifier(repo, name, "../labels.txt", labels=None),
+                                              (repo / "labels.txt").write_text("there\n")),
+                          ["label_filename '../labels.txt'", "must be a path in the model's folder"]),
+    "labels_absolute": (lambda repo, name: add_classifier(repo, name, "/etc/hostname", labels=None),
+                        ["label_filename '/etc/hostname'", "must be a path in the model's folder"]),
+    "labels_link_out": (add_classifier_with_a_link_out,
+                        ["label_filename 'labels.txt'", "leads out of the model's folder: refused"]),
+    "labels_not_text": (lambda repo, name: add_classifier(repo, name, labels=b"\xff\xfeA\n"),
+                        ["label_filename 'labels.txt'", "not UTF-8"]),
     "no_latest_version": (lambda repo, name: add_model(repo, name, "double", config_text(
         name, extra="version_policy { latest { num_versions: 0 } }")), ["latest num_versions 0: must be at least 1"]),
     "missing_specific_version": (lambda repo, name: add_model(repo, name, "double", config_text(
@@ -526,3 +566,59 @@ def test_readiness_flags_take_triton_booleans_only(one_bad_repository, capsys):
     for flag in ("--strict-readiness", "--exit-on-error"):
         assert main(["serve", "-q", str(one_bad_repository), "--port", str(free_port()), flag, "maybe"]) == 2
         assert f"{flag} maybe: must be true or false" in capsys.readouterr().err
+
+
+# --- an input's format and an output's labels (image_client.py's needs) ---------------------------------------
+
+@pytest.fixture(scope="module")
+def labelled_server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("labelled") / "repo"
+    add_classifier(repo, "classifier", "labels/classes.txt")  # a path below the model's folder
+    add_model(repo, "double", "double", config_text("double"))  # no format, no label file
+    running = Server(repo)
+    yield running
+    running.stop()
+
+
+def test_the_served_config_shows_the_input_format_and_the_label_file(labelled_server):
+    """image_client.py reads the input's format from the config (FORMAT_NONE stops it): over HTTP (Triton's JSON,
+    defaults included) and gRPC."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.grpc import model_config_pb2
+
+    config = httpclient.InferenceServerClient(labelled_server.url).get_model_config("classifier")
+    assert [(i["name"], i["format"]) for i in config["input"]] == [("data_0", "FORMAT_NCHW")]
+    assert [(o["name"], o["label_filename"]) for o in config["output"]] == [("fc6_1", "labels/classes.txt")]
+    plain = httpclient.InferenceServerClient(labelled_server.url).get_model_config("double")
+    assert plain["input"][0]["format"] == "FORMAT_NONE" and plain["output"][0]["label_filename"] == ""
+    over_grpc = grpcclient.InferenceServerClient(labelled_server.grpc_url).get_model_config("classifier").config
+    assert over_grpc.input[0].format == model_config_pb2.ModelInput.FORMAT_NCHW
+    assert over_grpc.output[0].label_filename == "labels/classes.txt"
+
+
+def _check_classes(got: list, count: int) -> None:
+    """The classifier's `count` best classes for an input of ones, as Triton writes them: "value:index:label", and
+    "value:index" for class 2 (an empty line of the label file) and class 3 (beyond the file)."""
+    scores = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4).sum(axis=0)  # the mean of ones is 1 per channel
+    order = list(np.argsort(-scores)[:count])
+    labels = {0: "zero", 1: "one"}
+    parts = [(e.decode() if isinstance(e, bytes) else e).split(":") for e in got]
+    assert [p[1:] for p in parts] == [[str(i), labels[i]] if i in labels else [str(i)] for i in order], parts
+    np.testing.assert_allclose([float(p[0]) for p in parts], scores[order], rtol=1e-5)
+
+
+def test_classification_appends_the_labels_over_http_and_grpc(labelled_server):
+    import tritonclient.grpc as grpcclient
+
+    x = np.ones((3, 224, 224), np.float32)
+    tensor = httpclient.InferInput("data_0", [3, 224, 224], "FP32")
+    tensor.set_data_from_numpy(x)
+    for binary in (True, False):
+        result = httpclient.InferenceServerClient(labelled_server.url).infer(
+            "classifier", [tensor], outputs=[httpclient.InferRequestedOutput("fc6_1", binary, class_count=4)])
+        _check_classes(list(result.as_numpy("fc6_1")), 4)
+    grpc_tensor = grpcclient.InferInput("data_0", [3, 224, 224], "FP32")
+    grpc_tensor.set_data_from_numpy(x)
+    result = grpcclient.InferenceServerClient(labelled_server.grpc_url).infer(
+        "classifier", [grpc_tensor], outputs=[grpcclient.InferRequestedOutput("fc6_1", class_count=4)])
+    _check_classes(list(result.as_numpy("fc6_1")), 4)

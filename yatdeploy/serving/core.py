@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -420,7 +420,8 @@ class InferenceServer:
             elif info.name in wanted:
                 asked = wanted[info.name]
                 if asked.class_count:
-                    array = classify(array, asked.class_count, has_batch=model.max_batch_size > 0, name=info.name)
+                    array = classify(array, asked.class_count, has_batch=model.max_batch_size > 0, name=info.name,
+                                     labels=model.labels.get(info.name, ()))
                 outputs.append((info.name, array, asked.binary))
         if lookup is not None:
             lookup.store(outputs)
@@ -465,19 +466,21 @@ def unknown_model(name: str, version: str | None = None) -> str:
     return f"Request for unknown model: '{name}'" + (f" version {version}" if version else "") + " is not found"
 
 
-def classify(array: np.ndarray, count: int, *, has_batch: bool, name: str) -> np.ndarray:
+def classify(array: np.ndarray, count: int, *, has_batch: bool, name: str, labels: Sequence[str]) -> np.ndarray:
     """Triton's classification extension: the `count` largest values of each batch item (of the whole tensor
-    without a batch dimension) as BYTES "value:index", largest first."""
+    without a batch dimension) as BYTES "value:index", largest first; "value:index:label" where `labels` (the
+    output's label file, serving.labels) has a non-empty label for the index, as Triton's."""
     if array.dtype.kind not in "fiu" and array.dtype.name != "bfloat16":
         raise InvalidInput(f"output '{name}': classification needs a numeric output, not {array.dtype}")
     rows = array.reshape(array.shape[0], -1) if has_batch else array.reshape(1, -1)
     count = min(count, rows.shape[1])
     values = rows.astype(np.float64)
     order = np.argsort(-values, axis=1, kind="stable")[:, :count]
-    labels = np.empty(order.shape, dtype=object)
+    classes = np.empty(order.shape, dtype=object)
     for r, indices in enumerate(order):
-        labels[r] = [f"{values[r, i]:f}:{i}" for i in indices]
-    return labels if has_batch else labels.reshape(count)
+        classes[r] = [f"{values[r, i]:f}:{i}" + (f":{labels[i]}" if i < len(labels) and labels[i] else "")
+                      for i in indices]
+    return classes if has_batch else classes.reshape(count)
 
 
 def access_log(model: str, version: str, request_id: str | None, status: int, started: float, batch: int = 0,

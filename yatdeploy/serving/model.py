@@ -12,6 +12,7 @@ from yatdeploy.errors import YatDeployError
 from yatdeploy.graph import TensorSignature
 from yatdeploy.inputs import InputLimits, file_metadata, recorded_limits
 from yatdeploy.packaging import DEFAULT_MAX_BATCH_SIZE, LIMIT_PREFIX, limit_parameters
+from yatdeploy.serving.labels import read_labels
 from yatdeploy.serving.protocol import InferRequest, InvalidInput
 from yatdeploy.serving.repository import ModelSource, check_signature
 
@@ -35,6 +36,9 @@ class ServedModel:
         self.max_queue_delay_us = source.max_queue_delay_us
         self.queue_policy = source.queue_policy
         self.backend = backend
+        # Each output's classification labels (config.pbtxt label_filename), read once, before the model file is
+        # opened: serving.labels.
+        self.labels: dict[str, tuple[str, ...]] = read_labels(source)
         try:
             backends.check_file(backend, source.path)
         except YatDeployError as exc:
@@ -130,17 +134,20 @@ class ServedModel:
     def config(self) -> dict:
         """The model's configuration as served, in Triton's JSON form (what perf_analyzer reads)."""
         strip = 1 if self.max_batch_size > 0 else 0  # Triton's dims leave out a batch dimension
+        formats = {t.name: t.format for t in self.source.inputs}  # as config.pbtxt gives them, if it does
+        label_files = {t.name: t.label_filename for t in self.source.outputs}
 
         def tensor(t: TensorSignature) -> dict:
             return {"name": t.name, "data_type": dtypes.row(t.dtype).triton, "dims": list(t.shape[strip:])}
 
+        # Triton's JSON has an input's format and an output's label_filename, their defaults too: clients read them
         config = {
             "name": self.name,
             "platform": self.platform,
             "backend": self.backend.triton_backend,
             "max_batch_size": self.max_batch_size,
-            "input": [tensor(t) for t in self.inputs],
-            "output": [tensor(t) for t in self.outputs],
+            "input": [{**tensor(t), "format": formats.get(t.name, "FORMAT_NONE")} for t in self.inputs],
+            "output": [{**tensor(t), "label_filename": label_files.get(t.name, "")} for t in self.outputs],
         }
         parameters = limit_parameters(self.limits, batching=strip == 1)
         if parameters:

@@ -22,7 +22,9 @@ Inference Server; yatdeploy reads the fields it shares with Triton, with Triton'
   input_data_file } }, count }]`: samples run when the model loads, before it is ready (serving.warmup);
   `input_data_file` is a path in the version folder's `warmup/` folder, never out of it.
 - `backend`/`platform` (those of a backend that runs the model file as it is: backends.triton_names),
-  `input`/`output` (names, data_type, dims) must match the model file.
+  `input`/`output` (names, data_type, dims) must match the model file; an input's `format` (FORMAT_NCHW or
+  FORMAT_NHWC: 3 dims, as Triton's) and an output's `label_filename` (read at load: serving.labels) are kept and
+  shown in the served config.
 
 A config that breaks any of these makes its model unavailable (ModelSource.error), not the repository.
 
@@ -74,6 +76,8 @@ class ConfigTensor:
     name: str
     datatype: str  # the protocol's name (FP32, ...) of the config's data_type
     dims: tuple[int, ...]  # as written: without the batch dimension when max_batch_size > 0
+    format: str = "FORMAT_NONE"  # an input's data format (ModelInput.Format's name: FORMAT_NCHW, ...)
+    label_filename: str = ""  # an output's label file, relative to the model's folder (serving.labels reads it)
 
 
 # The most runs one warmup sample may ask for (its count): more is a mistake that would hold the load for ever.
@@ -425,7 +429,16 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
                                                                            "at least 1, or -1 for a free one")
             if entry.HasField("reshape"):
                 raise _config_error(source, f"{field} '{entry.name}'", "reshape: not supported by yatdeploy")
-            tensors.append(ConfigTensor(entry.name, datatypes[triton_type], tuple(int(d) for d in entry.dims)))
+            formats = type(entry).Format if field == "input" else None
+            if formats is not None and entry.format not in formats.values():
+                raise _config_error(source, f"input '{entry.name}' format", f"{entry.format}: not a format")
+            data_format = formats.Name(entry.format) if formats is not None else "FORMAT_NONE"
+            if data_format != "FORMAT_NONE" and len(entry.dims) != 3:  # Triton's rule: an image's C, H and W
+                raise _config_error(source, f"input '{entry.name}' format",
+                                    f"{data_format}: needs 3 dims (without the batch dimension), not "
+                                    f"{list(entry.dims)}")
+            tensors.append(ConfigTensor(entry.name, datatypes[triton_type], tuple(int(d) for d in entry.dims),
+                                        data_format, entry.label_filename if field == "output" else ""))
         setattr(source, f"{field}s", tuple(tensors))
 
 
