@@ -19,8 +19,6 @@ import http.client
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,14 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from served import free_port, yatdeploy_serve  # the sibling module: the server process
 
 GOAL_S = 0.1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _identity_repository(folder: Path) -> Path:
@@ -90,21 +83,10 @@ def main() -> int:
                          "outputs": [{"name": "y", "parameters": {"binary_data": False}}]}).encode()
     body, headers = header + values.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
     with tempfile.TemporaryDirectory() as folder:
-        port = _free_port()
-        command = [sys.executable, "-m", "yatdeploy", "serve", str(_identity_repository(Path(folder))), "--port",
-                   str(port), "--grpc-port", "0", "--threads", "1", "--log-level", "warning"]
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port = free_port()
+        server = yatdeploy_serve(_identity_repository(Path(folder)), "--threads", "1", "--log-level", "warning",
+                                 port=port)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if _request(port, "GET", "/v2/health/ready") == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not become ready")
-                time.sleep(0.2)
             busy, request_s, done = [], [], threading.Event()
 
             def probe() -> None:

@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere in the checkout
     sys.path.insert(0, str(ROOT))
 
 from bench_lm import _cpu, _git, _version, build_yat_gpt  # noqa: E402  (the sibling script: the model, the record)
+from served import free_port, yatdeploy_serve  # noqa: E402  (the sibling module: the server process)
 
 from yatdeploy.progress import Progress  # noqa: E402
 
@@ -341,11 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         # In a process of its own: torch stays out of this one, which measures (the floor, the engine alone).
         shape = [f"--{name}={getattr(args, name)}" for name in ("layers", "width", "heads", "vocab", "positions")]
         subprocess.run([sys.executable, __file__, "--export-to", str(export), *shape], check=True)
-        port = _free_port()
-        command = [sys.executable, "-m", "yatdeploy", "serve", str(export), "--port", str(port), "--grpc-port", "0",
-                   "--log-level", "warning", "--threads", str(threads)]
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ready(port, server)
+        port = free_port()
+        server = yatdeploy_serve(export, "--log-level", "warning", "--threads", str(threads), port=port)
         profile = StepProfile(server.pid)
         result = yatdeploy.bench(f"http://127.0.0.1:{port}", lm=True, concurrencies=concurrencies,
                                  duration=args.duration, warmup=args.warmup, lm_export=export, lm_threads=threads,
@@ -443,26 +440,6 @@ def _export(args: argparse.Namespace) -> int:
     model = build_yat_gpt(args.layers, args.width, args.heads, args.vocab, args.positions)
     yatdeploy.export(model, path=args.export_to, kv_cache=True, validate=False)
     return 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(port: int, process: subprocess.Popen) -> None:
-    for _ in range(300):
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("the server was not ready in 60 s")
 
 
 if __name__ == "__main__":

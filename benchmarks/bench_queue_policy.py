@@ -22,8 +22,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from served import free_port, yatdeploy_serve  # the sibling module: the server process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conformance_models
 
@@ -47,12 +46,6 @@ dynamic_batching {
   default_priority_level: 2
   default_queue_policy { timeout_action: REJECT allow_timeout_override: true max_queue_size: 1000 }
 }"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _access_lines(path: Path) -> list[dict]:
@@ -84,26 +77,12 @@ def main() -> int:
     from tritonclient.utils import InferenceServerException
 
     with tempfile.TemporaryDirectory() as folder:
-        port = _free_port()
+        port = free_port()
         repository = slow_repository(Path(folder), {"slow": BENCH_CONFIG})
         access = Path(folder) / "access.log"  # the server's access log: each request's latency as it answered
-        with access.open("w") as log_file:
-            server = subprocess.Popen([sys.executable, "-m", "yatdeploy", "serve", str(repository), "--port",
-                                       str(port), "--grpc-port", "0", "--threads", "1", "--log-level", "info"],
-                                      stdout=log_file, stderr=subprocess.STDOUT)
+        server = yatdeploy_serve(repository, "--threads", "1", "--log-level", "info", port=port, log=access)
         url = f"127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=1).status == 200:
-                        break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not become ready")
-                time.sleep(0.2)
-
             def one(client, value: float, **options) -> float:
                 tensor = httpclient.InferInput("x", [1, 1], "FP32")
                 tensor.set_data_from_numpy(np.full((1, 1), value, np.float32))

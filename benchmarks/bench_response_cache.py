@@ -24,8 +24,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,15 +32,10 @@ from pathlib import Path
 
 import numpy as np
 from bench_serving import _perf_analyzer, _perf_analyzer_run  # the sibling script: perf_analyzer found and run once
+from served import free_port, yatdeploy_serve  # the sibling module: the server process
 
 WIDTH = 1024
 LAYERS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _repository(folder: Path) -> Path:
@@ -69,21 +62,6 @@ def _repository(folder: Path) -> Path:
             f'input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {WIDTH} ] }} ]\n'
             f'output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {WIDTH} ] }} ]\n{extra}\n')
     return folder
-
-
-def _serve(repo: Path, port: int, grpc_port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "yatdeploy", "serve", str(repo), "--port", str(port),
-                                "--grpc-port", str(grpc_port), "--threads", "1", "--log-level", "warning",
-                                "--cache-config", f"local,size={64 << 20}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status == 200:
-                return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not start")
 
 
 def _latencies(client, module, model: str, requests: int, vary: bool) -> list[float]:
@@ -127,9 +105,10 @@ def main() -> int:
     import tritonclient.grpc as grpc_client
     import tritonclient.http as http_client
 
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as folder:
-        server = _serve(_repository(Path(folder)), port, grpc_port)
+        server = yatdeploy_serve(_repository(Path(folder)), "--threads", "1", "--log-level", "warning",
+                                 "--cache-config", f"local,size={64 << 20}", port=port, grpc_port=grpc_port)
         try:
             results: dict = {}
             for protocol, module, url in (("http", http_client, f"127.0.0.1:{port}"),

@@ -21,24 +21,16 @@ import json
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 
 from bench_cpu_yatgemm import _cpu  # the sibling script: one reading of /proc/cpuinfo
+from served import free_port, wait_ready  # the sibling module: the server process
 
 from yatdeploy.loadgen import format_steps, run_bench
 from yatdeploy.progress import Progress
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(model: Path, port: int, grpc_port: int, extra: list[str], kserve: bool = False) -> subprocess.Popen:
@@ -49,14 +41,8 @@ def _serve(model: Path, port: int, grpc_port: int, extra: list[str], kserve: boo
         command = [sys.executable, "-m", "yatdeploy", "serve", str(model), "--port", str(port), "--grpc-port",
                    str(grpc_port), "--log-level", "warning", *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status == 200:
-                return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not start")
+    wait_ready(process, port)
+    return process
 
 
 def _perf_analyzer():
@@ -109,7 +95,7 @@ def main() -> int:
     else:
         progress.say("kserve: not run (not installed: pip install 'yatdeploy[test]')")
     for label, extra, concurrencies, kserve in configurations:
-        port, grpc_port = _free_port(), _free_port()
+        port, grpc_port = free_port(), free_port()
         server = _serve(args.model, port, grpc_port, extra, kserve)
         try:
             for protocol, url in (("http", f"http://127.0.0.1:{port}"), ("grpc", f"grpc://127.0.0.1:{grpc_port}")):

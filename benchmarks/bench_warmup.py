@@ -24,27 +24,19 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import date
 from pathlib import Path
 
 import numpy as np
+from served import free_port, yatdeploy_serve  # the sibling module: the server process
 
 FEATURES, HIDDEN, CLASSES, MAX_BATCH = 512, 2048, 10, 8
 STEADY = 50
 WARMUP = ('model_warmup [ { name: "random" batch_size: 1 inputs { key: "input" value: { data_type: TYPE_FP32 '
           f'dims: [ {FEATURES} ] random_data: true }} }} }} ]')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _yat_mlp(path: Path) -> None:
@@ -95,21 +87,6 @@ def _repository(folder: Path, batches: list[int]) -> Path:
     return repo
 
 
-def _serve(repo: Path, port: int, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "yatdeploy", "serve", str(repo), "--port", str(port),
-                                    "--grpc-port", "0", "--threads", "1", "--log-level", "info"],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    for _ in range(900):
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status == 200:
-                return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
-
-
 def _access_log(log: Path) -> dict[str, list[dict]]:
     """The access log's lines by model, in order."""
     lines: dict[str, list[dict]] = {}
@@ -134,8 +111,8 @@ def _infer(connection, model: str, x: np.ndarray) -> float:
 def _round(repo: Path, models: list[str], log: Path) -> dict:
     import tritonclient.http as client
 
-    port = _free_port()
-    server = _serve(repo, port, log)
+    port = free_port()
+    server = yatdeploy_serve(repo, "--threads", "1", "--log-level", "info", port=port, log=log)
     try:
         connection = client.InferenceServerClient(f"127.0.0.1:{port}")
         rng = np.random.default_rng(1)

@@ -31,7 +31,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere in the checkout: tests.conformance_models
     sys.path.insert(0, str(ROOT))
+
+from served import free_port  # noqa: E402  (the sibling module: the server process)
 
 TIMEOUT_S = 120
 
@@ -85,15 +86,6 @@ class Row:
     last_line: str  # on a failure
 
 
-def _free_port(preferred: int = 0) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _repository(folder: Path) -> Path:
     from onnx import TensorProto
 
@@ -132,7 +124,7 @@ class _Serve:
     """`yatdeploy serve` on 127.0.0.1, its output in a file; waited for until live."""
 
     def __init__(self, repository: Path, log: Path, *args: str, port: int = 0, grpc_port: int = 0) -> None:
-        self.port, self.grpc_port = _free_port(port), _free_port(grpc_port)
+        self.port, self.grpc_port = free_port(port), free_port(grpc_port)
         self.log = log
         with log.open("w") as out:
             self.process = subprocess.Popen(
