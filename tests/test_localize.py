@@ -15,7 +15,7 @@ import pytest
 from tests.broken_exports import BROKEN, break_export, export
 from tests.model_zoo import build_tiny_lm, yat_gpt, yat_mlp
 from yatdeploy import api, backends, localize, validation
-from yatdeploy.cli import EXIT_OK, EXIT_VALIDATION_FAILED, main
+from yatdeploy.cli import EXIT_OK, EXIT_USAGE, EXIT_VALIDATION_FAILED, main
 from yatdeploy.loading import from_module
 
 pytestmark = pytest.mark.slow  # every test exports models of its own
@@ -167,3 +167,18 @@ def test_a_tensorrt_failure_is_localized_on_onnx_runtime_and_says_why(exports, t
     report, found = _localize(tmp_path / "broken.onnx", module, backend_names=("ort-cpu", "tensorrt"))
     assert any("an engine's outputs are fixed when it is built" in line for line in report.localization)
     assert report.first_divergence.module == "mid"
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_repro_folder_that_cant_be_written_is_refused_before_the_model_loads(exported_mlp, tmp_path, where,
+                                                                              capsys):
+    from yatdeploy.errors import YatDeployError
+
+    (tmp_path / "taken").write_text("a file, not a folder")
+    repro = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "repro"
+    # The model named does not exist: the refusal of --repro comes first, before anything is loaded or run.
+    with pytest.raises(YatDeployError, match=f"can't write {repro}"):
+        api.validate(exported_mlp.onnx, tmp_path / "no-such-model.pt", backends=["ort-cpu"], repro=repro)
+    assert main(["validate", "-q", str(exported_mlp.onnx), "--against", str(exported_mlp.source),
+                 "--backend", "ort-cpu", "--repro", str(repro)]) == EXIT_USAGE
+    assert f"can't write {repro}" in capsys.readouterr().err

@@ -342,6 +342,8 @@ def validate(
             raise YatDeployError(f"{option('engine')} is for the {' or '.join(engine_backends)} backend: "
                                  f"add {option('backends')} {engine_backends[0]}")
     _check_outputs(None, report)
+    if repro is not None:
+        files.check_output_folder(repro)  # before the model loads, not once the validation has failed
     if is_reference(model):
         reference = model
     else:
