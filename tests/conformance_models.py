@@ -131,8 +131,7 @@ SLOW_SIZE = 256  # the slow model's MatMul size: about 0.5 ms an iteration on on
 
 def slow_model():
     """An ONNX model x [N, 1] -> y = x that runs max(x) iterations of a SLOW_SIZE x SLOW_SIZE MatMul first."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     value = helper.make_tensor_value_info
     body = helper.make_graph(

@@ -280,7 +280,7 @@ class V2Endpoints:
         body = await self._optional_json(request)
         unknown = sorted(set(body) - {"key", "offset", "byte_size"})
         if unknown or "key" not in body or "byte_size" not in body:
-            raise InvalidInput(f"a shared memory register request has 'key', 'byte_size' and optionally 'offset'"
+            raise InvalidInput("a shared memory register request has 'key', 'byte_size' and optionally 'offset'"
                                + (f", not '{unknown[0][:100]}'" if unknown else ""))
         self.server.shared_memory.register(region, body["key"], body.get("offset", 0), body["byte_size"])
         return _json({})

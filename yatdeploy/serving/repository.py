@@ -385,10 +385,10 @@ def read_config(source: ModelSource, path: Path, config=None) -> None:
         raise _config_error(source, "max_batch_size", f"{config.max_batch_size}: must be 0 (the first dimension "
                                                       "is not a batch dimension) or more")
     source.max_batch_size = config.max_batch_size
-    for field, present in (("ensemble_scheduling", config.HasField("ensemble_scheduling")),
-                           ("sequence_batching", config.HasField("sequence_batching"))):
+    for unsupported, present in (("ensemble_scheduling", config.HasField("ensemble_scheduling")),
+                                 ("sequence_batching", config.HasField("sequence_batching"))):
         if present:
-            raise _config_error(source, field, "is not supported by yatdeploy")
+            raise _config_error(source, unsupported, "is not supported by yatdeploy")
     if any(group.count > 1 for group in config.instance_group):
         raise _config_error(source, "instance_group", "count > 1: yatdeploy runs one instance of a model (its "
                                                       "intra-op threads use the cores)")
