@@ -123,41 +123,23 @@ def module_calls(module, arrays: dict[str, np.ndarray], to_float64: bool = False
     """Every module call of `module` on the inputs, in completion order (a child before its parent), with the
     YatEmbed.attend calls; `to_float64`: float inputs as float64 (for a module cast to float64)."""
     import torch
-    from nmn.torch import YatEmbed
 
-    from yatdeploy.reference import to_numpy, to_torch
+    from yatdeploy.reference import observed, to_numpy, to_torch
 
     calls: list[Call] = []
 
-    def record(path: str) -> Callable:
-        def hook(_module, args, kwargs, output) -> None:
-            out = _first_tensor(output)
-            if out is not None:
-                calls.append(Call(path, to_numpy(out), [to_numpy(t) for t in _tensors(args, kwargs)]))
+    def on_module(path: str, _module, args, kwargs, output) -> None:
+        out = _first_tensor(output)
+        if out is not None:
+            calls.append(Call(path, to_numpy(out), [to_numpy(t) for t in _tensors(args, kwargs)]))
 
-        return hook
+    def on_attend(path: str, query, out) -> None:
+        calls.append(Call(f"{path}.{ATTEND}" if path else ATTEND, to_numpy(out), [to_numpy(query)]))
 
-    hooks = [m.register_forward_hook(record(path), with_kwargs=True) for path, m in module.named_modules()]
-    patched = []
-    for path, sub in module.named_modules():
-        if isinstance(sub, YatEmbed):
-            def attend(query, _bound=sub.attend, _path=f"{path}.{ATTEND}" if path else ATTEND):
-                out = _bound(query)
-                calls.append(Call(_path, to_numpy(out), [to_numpy(query)]))
-                return out
-
-            sub.attend = attend  # an instance attribute, removed below
-            patched.append(sub)
     xs = [torch.from_numpy(np.asarray(a, dtype=np.float64)) if to_float64 and _floating(a) else to_torch(a)
           for a in arrays.values()]
-    try:
-        with torch.inference_mode():
-            module(*xs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for sub in patched:
-            del sub.attend
+    with observed(module, on_module, on_attend), torch.inference_mode():
+        module(*xs)
     return calls
 
 

@@ -9,7 +9,8 @@ the Yat products a run computes (the YatGemm nodes an export must have, which va
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -186,36 +187,46 @@ class Reference:
         return runs, "a float64 run of the PyTorch model on the same inputs"
 
 
-def yat_calls(module: nn.Module, run: Callable[[], object]) -> dict[str, int]:
-    """The Yat dense products `run()` computes through `module`, per layer path: YatNMN calls and YatEmbed.attend
-    calls (a layer called twice counts twice, one never called 0). Their sum is the YatGemm nodes of an export."""
-    calls = {path: 0 for path, m in module.named_modules() if isinstance(m, (YatNMN, YatEmbed))}
-
-    def counter(path: str) -> Callable[..., None]:
-        def count(*_: object) -> None:
-            calls[path] += 1
-
-        return count
-
-    hooks = [m.register_forward_hook(counter(path)) for path, m in module.named_modules() if isinstance(m, YatNMN)]
+@contextmanager
+def observed(module: nn.Module, on_module: Callable[[str, nn.Module, tuple, dict, object], None] | None,
+             on_attend: Callable[[str, Tensor, Tensor], None], *, modules: tuple[type, ...] = (nn.Module,)
+             ) -> Iterator[None]:
+    """While the block runs, every call of a sub-module of `module` that is one of `modules` reports (path, module,
+    args, kwargs, output) to `on_module` (None: none), and every YatEmbed.attend (not a module call: the tied head)
+    reports (path, query, output) to `on_attend`; the hooks and the wrappers are removed after."""
+    hooks = [] if on_module is None else [
+        m.register_forward_hook(lambda m_, args, kwargs, out, _path=path: on_module(_path, m_, args, kwargs, out),
+                                with_kwargs=True)
+        for path, m in module.named_modules() if isinstance(m, modules)]
     patched = []
     for path, sub in module.named_modules():
         if isinstance(sub, YatEmbed):
-            count = counter(path)
-
-            def attend(query: Tensor, _bound=sub.attend, _count=count) -> Tensor:
-                _count()
-                return _bound(query)
+            def attend(query: Tensor, _bound=sub.attend, _path=path) -> Tensor:
+                out = _bound(query)
+                on_attend(_path, query, out)
+                return out
 
             sub.attend = attend  # an instance attribute, removed below
             patched.append(sub)
     try:
-        run()
+        yield
     finally:
         for hook in hooks:
             hook.remove()
         for sub in patched:
             del sub.attend
+
+
+def yat_calls(module: nn.Module, run: Callable[[], object]) -> dict[str, int]:
+    """The Yat dense products `run()` computes through `module`, per layer path: YatNMN calls and YatEmbed.attend
+    calls (a layer called twice counts twice, one never called 0). Their sum is the YatGemm nodes of an export."""
+    calls = {path: 0 for path, m in module.named_modules() if isinstance(m, (YatNMN, YatEmbed))}
+
+    def count(path: str, *_: object) -> None:
+        calls[path] += 1
+
+    with observed(module, count, count, modules=(YatNMN,)):
+        run()
     return calls
 
 
