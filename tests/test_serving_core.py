@@ -329,6 +329,22 @@ def test_a_failure_of_the_model_is_internal_and_logged_with_its_traceback(mlp, c
 
 # --- statistics, metrics, readiness -----------------------------------------------------------------------
 
+def test_a_served_model_has_its_metrics_at_zero_before_its_first_request(mlp):
+    """As Triton's: a loaded model's counters and histograms are shown at 0; they are made at load, not on the
+    first request (whose answer paid ~0.25 ms for making them)."""
+    async def scenario():
+        async with running(mlp) as core:
+            metrics = core.metrics.exposition().decode()
+            for line in ('nv_inference_request_success{model="mlp",version="1"} 0.0',
+                         'nv_inference_exec_count{model="mlp",version="1"} 0.0',
+                         'yatdeploy_request_duration_seconds_count{model="mlp",version="1"} 0.0',
+                         'yatdeploy_batch_size_count{model="mlp",version="1"} 0.0'):
+                assert line in metrics, line
+            assert stats(core)["inference_stats"]["success"]["count"] == 0
+
+    run(scenario)
+
+
 def test_statistics_and_metrics_count_every_request_once(mlp):
     async def scenario():
         async with running(mlp) as core:

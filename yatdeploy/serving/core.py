@@ -173,7 +173,7 @@ class InferenceServer:
         deployed = Deployed(model, batcher, self._generator(model))
         deployed.drained.set()
         self._served.setdefault(model.name, {})[model.version] = deployed
-        self.metrics.watch_pending(model.name, model.version, batcher.waiting)
+        self.metrics.deployed(model.name, model.version, batcher.waiting)
         if deployed.generator is not None:
             self.metrics.watch_generation(model.name, model.version, deployed.generator)
         return deployed
