@@ -413,17 +413,30 @@ class V2Endpoints:
                                    model.name, model.version, result.request.id, result.outputs, result.shared)
 
 
+WATCH_AFTER_S = 0.005  # when _ClientWatch starts watching a request's client, after its body is read
+
+
 class _ClientWatch:
     """Cancels the task answering an inference request when its client disconnects (watched once the body is read:
-    the next ASGI message is then the disconnect), so that a request still queued leaves its queue unrun."""
+    the next ASGI message is then the disconnect), so that a request still queued leaves its queue unrun.
+
+    The watching task starts WATCH_AFTER_S after the body is read, not at once: most requests are answered sooner,
+    and the event loop pays ~14 µs for a task (its start, its await on the connection, its cancellation) against
+    ~4.5 µs for a timer cancelled unfired (asyncio, measured on the 2-core CPU machine, 2026-12-08). A client gone
+    earlier is seen as soon as the watch starts (the disconnect waits in the connection's receive)."""
 
     def __init__(self, request: Request) -> None:
         self._request = request
         self._task = asyncio.current_task()
+        self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Future | None = None
         self.gone = False  # whether the client disconnected (and the task was cancelled)
 
     def start(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._watch)
+
+    def _watch(self) -> None:
+        self._timer = None
         self._watcher = asyncio.ensure_future(disconnected(self._request))
         self._watcher.add_done_callback(self._cancel)
 
@@ -433,6 +446,8 @@ class _ClientWatch:
             self._task.cancel()
 
     def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._watcher is not None:
             self._watcher.remove_done_callback(self._cancel)
             self._watcher.cancel()
