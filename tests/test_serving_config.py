@@ -3,6 +3,7 @@ server on 127.0.0.1 and the real tritonclient."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -337,6 +338,9 @@ BAD_MODELS: dict[str, tuple[Callable[[Path, str], None], list[str]]] = {
                         ["label_filename 'labels.txt'", "leads out of the model's folder: refused"]),
     "labels_not_text": (lambda repo, name: add_classifier(repo, name, labels=b"\xff\xfeA\n"),
                         ["label_filename 'labels.txt'", "not UTF-8"]),
+    "labels_too_large": (lambda repo, name: os.truncate(add_classifier(repo, name, labels=b"") / "labels.txt",
+                                                        (64 << 20) + 1),  # sparse: nothing written
+                         ["label_filename 'labels.txt'", "larger than 64 MiB: refused"]),
     "no_latest_version": (lambda repo, name: add_model(repo, name, "double", config_text(
         name, extra="version_policy { latest { num_versions: 0 } }")), ["latest num_versions 0: must be at least 1"]),
     "missing_specific_version": (lambda repo, name: add_model(repo, name, "double", config_text(

@@ -6,8 +6,8 @@ final '\\n'), label i naming class index i of the output. The classification ext
 "value:index:label" for an index with a non-empty label and "value:index" for one beyond the file or with an empty
 line, as Triton does.
 
-A label file is read once, at load; one that is missing, unreadable, not UTF-8, or a path that leads out of the
-model's folder (absolute, '..', or a symbolic link out) fails the load with a message naming the model, the output
+A label file is read once, at load; one that is missing, unreadable, not UTF-8, larger than MAX_LABEL_FILE_BYTES
+(a million classes of 60-byte names fit), or a path that leads out of the model's folder (absolute, '..', or a symbolic link out) fails the load with a message naming the model, the output
 and the label_filename as written, never a path of the server.
 """
 
@@ -18,6 +18,8 @@ import os
 from yatdeploy.errors import YatDeployError
 from yatdeploy.packaging import CONFIG
 from yatdeploy.serving.repository import ConfigTensor, ModelSource
+
+MAX_LABEL_FILE_BYTES = 64 << 20  # held in memory for the model's life: a larger file is refused at load
 
 
 def read_labels(source: ModelSource) -> dict[str, tuple[str, ...]]:
@@ -45,7 +47,11 @@ def _read(source: ModelSource, output: ConfigTensor) -> tuple[str, ...]:
     if not path.is_file():
         raise failed("no such file in the model's folder")
     try:
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_LABEL_FILE_BYTES + 1)
+        if len(data) > MAX_LABEL_FILE_BYTES:
+            raise failed(f"larger than {MAX_LABEL_FILE_BYTES >> 20} MiB: refused (one label a line)")
+        text = data.decode("utf-8")
     except OSError as exc:
         raise failed(f"can't be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
