@@ -7,6 +7,7 @@ import queue
 import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -185,6 +186,33 @@ def test_32_concurrent_async_requests_each_get_their_own_answer(client, exported
         assert error is None, error
         assert result.get_response().id == str(i)
         np.testing.assert_allclose(result.as_numpy("output")[0], expected[i], rtol=1e-5, atol=1e-6)
+
+
+def _pending(served: Server) -> int:
+    """The server's requests awaiting execution (Triton's pending-request gauge)."""
+    _, body = served.get("/metrics")
+    line = next(line for line in body.decode().splitlines() if line.startswith("nv_inference_pending_request_count{"))
+    return int(float(line.rsplit(" ", 1)[1]))
+
+
+def test_shutdown_answers_grpc_requests_in_flight(exported):
+    """SIGTERM while gRPC requests wait in a long batching delay: every one is answered, none cancelled (Triton's
+    gRPC shutdown cancels in-flight work: its issue #8253)."""
+    served = Server(exported / "mlp.onnx", "--max-queue-delay-us", "1500000")
+    answers: queue.Queue = queue.Queue()
+    with grpcclient.InferenceServerClient(served.grpc_url) as connected:
+        for i in range(8):
+            connected.async_infer("mlp", _inputs(np.full((1, 16), float(i), np.float32)),
+                                  callback=lambda result, error, i=i: answers.put((i, result, error)))
+        deadline = time.monotonic() + 30
+        while _pending(served) < 8:  # every request is in the server's queue before the signal
+            assert time.monotonic() < deadline, "the requests did not reach the queue"
+            time.sleep(0.05)
+        served.process.terminate()
+        got = [answers.get(timeout=60) for _ in range(8)]
+    assert [error for _, _, error in got] == [None] * 8
+    assert all(result.as_numpy("output").shape == (1, 5) for _, result, _ in got)
+    assert "Application shutdown complete" in served.stop()
 
 
 def test_a_stream_answers_every_request_and_reports_errors_in_band(server, exported):
