@@ -105,6 +105,15 @@ class Server:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
 
+    def pending(self, model: str) -> int | None:
+        """`model`'s requests awaiting execution, as /metrics gives them (Triton's pending-request gauge), or None
+        when it shows none for the model."""
+        prefix = f'nv_inference_pending_request_count{{model="{model}"'
+        for line in self.get("/metrics")[1].decode().splitlines():
+            if line.startswith(prefix):
+                return int(float(line.rsplit(" ", 1)[1]))
+        return None
+
 
 def export_mlp(folder: Path) -> Path:
     """tests.model_zoo.yat_mlp exported into `folder` by the CLI: mlp.onnx, its repository repo/mlp, and

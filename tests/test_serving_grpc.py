@@ -188,13 +188,6 @@ def test_32_concurrent_async_requests_each_get_their_own_answer(client, exported
         np.testing.assert_allclose(result.as_numpy("output")[0], expected[i], rtol=1e-5, atol=1e-6)
 
 
-def _pending(served: Server) -> int:
-    """The server's requests awaiting execution (Triton's pending-request gauge)."""
-    _, body = served.get("/metrics")
-    line = next(line for line in body.decode().splitlines() if line.startswith("nv_inference_pending_request_count{"))
-    return int(float(line.rsplit(" ", 1)[1]))
-
-
 def test_shutdown_answers_grpc_requests_in_flight(exported):
     """SIGTERM while gRPC requests wait in a long batching delay: every one is answered, none cancelled (Triton's
     gRPC shutdown cancels in-flight work: its issue #8253)."""
@@ -205,7 +198,7 @@ def test_shutdown_answers_grpc_requests_in_flight(exported):
             connected.async_infer("mlp", _inputs(np.full((1, 16), float(i), np.float32)),
                                   callback=lambda result, error, i=i: answers.put((i, result, error)))
         deadline = time.monotonic() + 30
-        while _pending(served) < 8:  # every request is in the server's queue before the signal
+        while served.pending("mlp") < 8:  # every request is in the server's queue before the signal
             assert time.monotonic() < deadline, "the requests did not reach the queue"
             time.sleep(0.05)
         served.process.terminate()

@@ -8,7 +8,6 @@ import json
 import shutil
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -165,25 +164,17 @@ def test_unload_answers_the_requests_in_flight_first(repository, tmp_path):
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 10
-        while _pending(server, "other") < 3 and time.monotonic() < deadline:
+        while server.pending("other") < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert _pending(server, "other") == 3  # waiting for the 1 s batching delay: Triton's pending count
+        assert server.pending("other") == 3  # waiting for the 1 s batching delay: Triton's pending count
         httpclient.InferenceServerClient(server.url).unload_model("other")
         for thread in threads:
             thread.join(30)
         assert len(answers) == 3 and all(isinstance(a, np.ndarray) for a in answers), answers
         assert not httpclient.InferenceServerClient(server.url).is_model_ready("other")
-        assert _pending(server, "other") is None  # the gauge leaves with the model
+        assert server.pending("other") is None  # the gauge leaves with the model
     finally:
         server.stop()
-
-
-def _pending(server: Server, model: str) -> int | None:
-    with urllib.request.urlopen(f"http://{server.url}/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(f'nv_inference_pending_request_count{{model="{model}"'):
-                return int(float(line.split()[-1]))
-    return None
 
 
 @pytest.mark.slow
