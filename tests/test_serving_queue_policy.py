@@ -8,9 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import queue
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +23,9 @@ from tests.conformance_models import slow_repository  # noqa: E402
 from tests.servers import Server  # noqa: E402
 
 LONG = 2000  # the slow model's iterations for a run of about a second
+# The occupying run (_occupy): every step a test takes while it runs (sends, waits on /metrics, cancels) must end
+# before it does, also on a loaded 2-core machine, where a run of about a second was once outlasted.
+OCCUPY = 4 * LONG
 POLICY = "default_queue_policy { timeout_action: %s allow_timeout_override: true max_queue_size: 8 }"
 CONFIGS = {
     "reject": "max_batch_size: 1\ndynamic_batching { %s }" % (POLICY % "REJECT"),
@@ -77,13 +78,6 @@ def _stats(server: Server, model: str) -> dict:
     return json.loads(server.get(f"/v2/models/{model}/stats")[1])["model_stats"][0]
 
 
-def _pending(server: Server, model: str) -> int:
-    text = server.get("/metrics")[1].decode()
-    line = next(line for line in text.splitlines()
-                if line.startswith(f'nv_inference_pending_request_count{{model="{model}"'))
-    return int(float(line.rsplit(" ", 1)[1]))
-
-
 def _wait_for(condition, what: str) -> None:
     deadline = time.monotonic() + 60
     while not condition():
@@ -96,19 +90,19 @@ def _occupy(server: Server, model: str) -> Calls:
     the other (which one, gRPC does not say), then both cancelled (the running one runs on). Its stats then
     count 2 cancels and, once it ends, 1 execution."""
     calls = Calls(server)
-    calls.send("first", model, LONG)
-    calls.send("second", model, LONG)
-    _wait_for(lambda: _pending(server, model) == 1, "one long call running, the other queued")
+    calls.send("first", model, OCCUPY)
+    calls.send("second", model, OCCUPY)
+    _wait_for(lambda: server.pending(model) == 1, "one long call running, the other queued")
     calls.contexts["first"].cancel()
     calls.contexts["second"].cancel()
-    _wait_for(lambda: _pending(server, model) == 0, "the queued long call out of the queue")
+    _wait_for(lambda: server.pending(model) == 0, "the queued long call out of the queue")
     assert sorted(calls.next()[0] for _ in range(2)) == ["first", "second"]  # the client's cancels
     return calls
 
 
 def _ran(server: Server, model: str, before: dict) -> int:
     """How many batches the model has run since `before`, once nothing is waiting or running."""
-    _wait_for(lambda: _pending(server, model) == 0 and int(_stats(server, model)["execution_count"]) >
+    _wait_for(lambda: server.pending(model) == 0 and int(_stats(server, model)["execution_count"]) >
               int(before["execution_count"]), "the long request's run ended")
     return int(_stats(server, model)["execution_count"]) - int(before["execution_count"])
 
@@ -148,10 +142,10 @@ def test_higher_priority_runs_first(queue_server):
     calls = _occupy(queue_server, "levels")
     for index in range(2):
         calls.send(f"low-{index}", "levels", 10)
-    _wait_for(lambda: _pending(queue_server, "levels") == 2, "the low requests queued")
+    _wait_for(lambda: queue_server.pending("levels") == 2, "the low requests queued")
     for index in range(2):
         calls.send(f"high-{index}", "levels", 10, priority=1)
-    _wait_for(lambda: _pending(queue_server, "levels") == 4, "the four requests queued behind the long run")
+    _wait_for(lambda: queue_server.pending("levels") == 4, "the four requests queued behind the long run")
     order = [calls.next()[0] for _ in range(4)]
     assert sorted(order[:2]) == ["high-0", "high-1"] and sorted(order[2:]) == ["low-0", "low-1"]
 
@@ -163,19 +157,19 @@ def test_max_queue_size_is_exact_per_level_and_cancelled_calls_leave_the_queue(q
     calls = _occupy(queue_server, "levels")
     for index in range(3):
         calls.send(f"low-{index}", "levels", LONG)
-    _wait_for(lambda: _pending(queue_server, "levels") == 3, "level 2 full")
+    _wait_for(lambda: queue_server.pending("levels") == 3, "level 2 full")
     calls.send("low-3", "levels", LONG)
     assert calls.next() == ("low-3", "StatusCode.UNAVAILABLE model 'levels' is overloaded: its queue of 3 requests "
                                      "is full (priority level 2)")
     for index in range(2):
         calls.send(f"high-{index}", "levels", LONG, priority=1)
-    _wait_for(lambda: _pending(queue_server, "levels") == 5, "level 1 full")
+    _wait_for(lambda: queue_server.pending("levels") == 5, "level 1 full")
     calls.send("high-2", "levels", LONG, priority=1)
     assert calls.next() == ("high-2", "StatusCode.UNAVAILABLE model 'levels' is overloaded: its queue of 2 requests "
                                       "is full (priority level 1)")
     for label in ("low-0", "low-1", "low-2", "high-0", "high-1"):
         calls.contexts[label].cancel()
-    _wait_for(lambda: _pending(queue_server, "levels") == 0, "the cancelled calls out of the queue")
+    _wait_for(lambda: queue_server.pending("levels") == 0, "the cancelled calls out of the queue")
     assert sorted(calls.next()[0] for _ in range(5)) == ["high-0", "high-1", "low-0", "low-1", "low-2"]
     assert _ran(queue_server, "levels", before) == 1
     assert _stats(queue_server, "levels")["cancel"]["count"] - before["cancel"]["count"] == 2 + 5
@@ -186,10 +180,10 @@ def test_max_queue_size_is_exact_per_level_and_cancelled_calls_leave_the_queue(q
 def test_delay_runs_an_expired_request_after_the_others_of_its_level(queue_server):
     calls = _occupy(queue_server, "delay")
     calls.send("expired", "delay", 10, timeout=1_000)
-    _wait_for(lambda: _pending(queue_server, "delay") == 1, "the expiring request queued")
+    _wait_for(lambda: queue_server.pending("delay") == 1, "the expiring request queued")
     calls.send("on-time-0", "delay", 10)
     calls.send("on-time-1", "delay", 10)
-    _wait_for(lambda: _pending(queue_server, "delay") == 3, "the others queued")
+    _wait_for(lambda: queue_server.pending("delay") == 3, "the others queued")
     answers = [calls.next() for _ in range(3)]
     assert sorted(answers[:2]) == [("on-time-0", "ok"), ("on-time-1", "ok")] and answers[2] == ("expired", "ok")
 
@@ -216,9 +210,9 @@ def test_an_http_client_that_disconnects_leaves_the_queue(queue_server):
     body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [LONG]}]}).encode()
     connection = http.client.HTTPConnection("127.0.0.1", queue_server.port, timeout=30)
     connection.request("POST", "/v2/models/cancel/infer", body=body)
-    _wait_for(lambda: _pending(queue_server, "cancel") == 1, "the request queued")
+    _wait_for(lambda: queue_server.pending("cancel") == 1, "the request queued")
     connection.close()
-    _wait_for(lambda: _pending(queue_server, "cancel") == 0, "the request out of the queue")
+    _wait_for(lambda: queue_server.pending("cancel") == 0, "the request out of the queue")
     assert _stats(queue_server, "cancel")["cancel"]["count"] - before["cancel"]["count"] == 3
     assert _ran(queue_server, "cancel", before) == 1
 
