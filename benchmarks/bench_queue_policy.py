@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from served import free_port, yatdeploy_serve  # the sibling module: the server process
+from served import access_lines, free_port, yatdeploy_serve  # the sibling module: the server process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conformance_models
 
@@ -46,19 +46,6 @@ dynamic_batching {
   default_priority_level: 2
   default_queue_policy { timeout_action: REJECT allow_timeout_override: true max_queue_size: 1000 }
 }"""
-
-
-def _access_lines(path: Path) -> list[dict]:
-    """The access log's JSON lines (other lines of the server's output skipped)."""
-    lines = []
-    for text in path.read_text().splitlines():
-        start = text.find("{")
-        if start >= 0:
-            try:
-                lines.append(json.loads(text[start:]))
-            except ValueError:
-                continue
-    return lines
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -123,7 +110,7 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
-        served_expired = [line["latency_us"] / 1e6 for line in _access_lines(access)
+        served_expired = [line["latency_us"] / 1e6 for line in access_lines(access)
                           if line.get("error") == "Request timeout expired"]
     model = stats["model_stats"][0]
     ok = [r for r in rows if r[2] == "ok"]

@@ -31,7 +31,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-from served import free_port, yatdeploy_serve  # the sibling module: the server process
+from served import access_lines, free_port, yatdeploy_serve  # the sibling module: the server process
 
 FEATURES, HIDDEN, CLASSES, MAX_BATCH = 512, 2048, 10, 8
 STEADY = 50
@@ -87,17 +87,6 @@ def _repository(folder: Path, batches: list[int]) -> Path:
     return repo
 
 
-def _access_log(log: Path) -> dict[str, list[dict]]:
-    """The access log's lines by model, in order."""
-    lines: dict[str, list[dict]] = {}
-    for text in log.read_text().splitlines():
-        start = text.find('{"time"')
-        if start >= 0:
-            line = json.loads(text[start:])
-            lines.setdefault(line["model"], []).append(line)
-    return lines
-
-
 def _infer(connection, model: str, x: np.ndarray) -> float:
     import tritonclient.http as client
 
@@ -127,7 +116,9 @@ def _round(repo: Path, models: list[str], log: Path) -> dict:
     finally:
         server.terminate()
         server.wait(30)
-    lines = _access_log(log)
+    lines: dict[str, list[dict]] = {}  # the access log's lines by model, in order
+    for line in access_lines(log):
+        lines.setdefault(line["model"], []).append(line)
     for model in models:
         served = lines[model]
         assert len(served) == 1 + STEADY and all(line["status"] == 200 for line in served), served[:2]

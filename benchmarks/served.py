@@ -1,10 +1,11 @@
 """The server a benchmark measures, as a process of its own on 127.0.0.1: free ports, `yatdeploy serve` started
 with the benchmark's options, and the wait until /v2/health/ready answers 200 (for any server of the v2
-protocol: KServe's too). Shared by the benchmark scripts beside it (imported as a sibling: `from served import ...`).
+protocol: KServe's too), and the access log it writes with `--log-level info`. Shared by the benchmark scripts beside it (imported as a sibling: `from served import ...`).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -56,3 +57,17 @@ def yatdeploy_serve(path: Path, *options: str, port: int, grpc_port: int | str =
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     wait_ready(process, port, log, seconds)
     return process
+
+
+def access_lines(log: Path) -> list[dict]:
+    """The access log's JSON lines in the server's output `log` (`--log-level info`: one per inference request, in
+    order), the server's other lines skipped."""
+    lines = []
+    for text in log.read_text(errors="replace").splitlines():
+        start = text.find('{"time"')
+        if start >= 0:
+            try:
+                lines.append(json.loads(text[start:]))
+            except ValueError:  # a line cut short (the server killed while writing it)
+                continue
+    return lines
