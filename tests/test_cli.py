@@ -204,23 +204,19 @@ def test_a_bad_npz_member_is_bad_input(exported_mlp, tmp_path, capsys, member, m
 
 # ---- outputs: written whole or not at all; a place that can't take them is the user's to change (exit 2)
 
-def _file_size_limit(max_bytes: int):
-    """preexec_fn: writes past `max_bytes` fail with EFBIG (SIGXFSZ ignored), as on a full disk, for any user."""
-
-    def limit() -> None:
-        import resource
-        import signal
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-
-    return limit
+# `python -c` with this, then `yatdeploy ARGS...`: writes past the limit fail with EFBIG (SIGXFSZ ignored), as on a
+# full disk, for any user. The limit is set by the child itself, not by a preexec_fn: a preexec_fn makes Python
+# fork() (not vfork) and run code in the child, where the atfork handlers of what this test process has loaded
+# (grpc's event engine, from earlier tests) run too; one aborted such a child once (SIGABRT, "epoll_wait error").
+_LIMITED = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "limit = int(sys.argv.pop(1)); resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+            "sys.argv[0] = 'yatdeploy'; runpy.run_module('yatdeploy', run_name='__main__', alter_sys=True)")
 
 
 def _run_limited(max_bytes: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-m", "yatdeploy", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=300, preexec_fn=_file_size_limit(max_bytes))
+    return subprocess.run([sys.executable, "-c", _LIMITED, str(max_bytes), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
